@@ -1,0 +1,10 @@
+"""The `arbor` command line. Each command group lives in agent/commands/<name>.py and registers on `app`."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arbor: a self-improving problem solver.")
+
+# command modules register themselves on `app` when imported
+from agent.commands import run as _run  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""`arbor run`: the self-improvement loop (filled in by the loop)."""

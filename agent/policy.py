@@ -1,0 +1,245 @@
+"""The policy: any local transformers causal LM, or the built-in tiny Llama-style model.
+
+The built-in model is an ordinary causal LM to the rest of Arbor (input ids and an attention mask in,
+logits out; `save_pretrained`, Auto classes, `generate`, TRL). For arithmetic it can use *position
+coupling* (Cho et al. 2024) and a *coupled-causal mask*, both derived from its own input ids:
+
+    a0 a1 .. a(d-1) + b0 b1 .. b(d-1) = s0 s1 .. sd <eos>      (digits least significant first)
+    ids: 1  2 ..  d  d+1 1  2  ..  d   1  2  3 .. d+2
+
+Digit i of both operands and the token that predicts answer digit i share one position id, and a query
+with coupled id p may not see operand tokens whose id is above p. The same relative geometry holds at
+every length, which is what lets a model trained on 1-4 digits add longer numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    PreTrainedTokenizerFast,
+)
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+DEFAULT_CHARSET = "0123456789+-*/=()<>.,:;?!'\" \n#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_|[]{}%&@$^~`\\"
+
+
+class ArborConfig(LlamaConfig):
+    model_type = "arbor"
+
+    def __init__(
+        self,
+        position_scheme: str = "sequential",
+        digit_token_ids: list[int] | None = None,
+        plus_token_id: int | None = None,
+        equals_token_id: int | None = None,
+        **kwargs,
+    ):
+        if position_scheme not in ("sequential", "coupled"):
+            raise ValueError(f"position_scheme must be 'sequential' or 'coupled' (got {position_scheme!r})")
+        self.position_scheme = position_scheme
+        self.digit_token_ids = list(digit_token_ids or [])
+        self.plus_token_id = plus_token_id
+        self.equals_token_id = equals_token_id
+        super().__init__(**kwargs)
+
+
+def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch.Tensor):
+    """Coupled position ids and operand flags for a batch, vectorised over [B, T] (no Python loop over tokens).
+
+    `valid` is 1 for real tokens, 0 for padding. Returns (position_ids [B, T], is_operand [B, T] bool).
+    """
+    B, T = input_ids.shape
+    device = input_ids.device
+    lut = torch.zeros(config.vocab_size, dtype=torch.bool, device=device)
+    lut[torch.tensor(config.digit_token_ids, device=device)] = True
+    is_digit = lut[input_ids] & valid.bool()
+    is_eq = (input_ids == config.equals_token_id) & valid.bool()
+    is_plus = (input_ids == config.plus_token_id) & valid.bool()
+    t = torch.arange(T, device=device).expand(B, T)
+    # position of the nearest non-digit at or before t (-1 if none): digits count from there
+    last_nondigit = torch.where(is_digit, torch.full_like(t, -1), t).cummax(dim=1).values
+    run_index = t - last_nondigit - 1
+    after_eq = is_eq.gather(1, last_nondigit.clamp(min=0)) & (last_nondigit >= 0)
+    digit_pos = run_index + 1 + after_eq.long()
+    pos = torch.zeros_like(t)
+    pos = torch.where(is_digit, digit_pos, pos)
+    pos = torch.where(is_eq, torch.ones_like(pos), pos)
+    prev_pos = torch.cat([torch.zeros_like(pos[:, :1]), pos[:, :-1]], dim=1)
+    prev_digit = torch.cat([torch.zeros_like(is_digit[:, :1]), is_digit[:, :-1]], dim=1)
+    pos = torch.where(is_plus, torch.where(prev_digit, prev_pos + 1, torch.ones_like(pos)), pos)
+    before_eq = is_eq.long().cumsum(dim=1) == 0
+    is_operand = before_eq & (is_digit | is_plus)
+    return pos, is_operand
+
+
+def coupled_attention_mask(pos, is_operand, valid, n_queries: int, dtype) -> torch.Tensor:
+    """Float 4D mask [B, 1, n_queries, T] for the last `n_queries` positions: causal, no padding keys, and no
+    operand key whose coupled id exceeds the query's. A float mask because a bool one is wrong under eager."""
+    B, T = pos.shape
+    q_index = torch.arange(T - n_queries, T, device=pos.device)
+    k_index = torch.arange(T, device=pos.device)
+    causal = k_index[None, :] <= q_index[:, None]  # [Q, T]
+    q_pos = pos[:, -n_queries:]  # [B, Q]
+    hidden_operand = is_operand[:, None, :] & (pos[:, None, :] > q_pos[:, :, None])  # [B, Q, T]
+    allowed = causal[None] & valid.bool()[:, None, :] & ~hidden_operand
+    allowed |= k_index[None, None, :] == q_index[None, :, None]  # a padding query still sees itself: no NaN rows
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=pos.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class ArborModel(LlamaModel):
+    """The Llama backbone, deriving coupled positions wherever it sees the whole sequence (no cache yet):
+    training and scoring, including TRL's fused LM head, which calls the backbone directly."""
+
+    config_class = ArborConfig
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
+        coupled = self.config.position_scheme == "coupled"
+        if coupled and input_ids is not None and (cache is None or cache.get_seq_length() == 0):
+            valid = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else torch.ones_like(input_ids)
+            pos, is_operand = coupled_positions(self.config, input_ids, valid)
+            position_ids = pos
+            attention_mask = coupled_attention_mask(pos, is_operand, valid, input_ids.shape[1], self.dtype)
+        elif coupled and (attention_mask is None or attention_mask.dim() != 4 or position_ids is None):
+            raise ValueError(
+                "a position-coupled model needs the whole sequence to place new tokens: decode through "
+                "prepare_inputs_for_generation (as generate and arbor's search engine do)"
+            )
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs)
+
+
+class ArborForCausalLM(LlamaForCausalLM):
+    """Llama with optional position coupling: the backbone derives it on whole sequences, and
+    `prepare_inputs_for_generation` (which sees the whole sequence) derives it when decoding with a cache."""
+
+    config_class = ArborConfig
+
+    def __init__(self, config: ArborConfig):
+        super().__init__(config)
+        self.model = ArborModel(config)
+        self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask, **kwargs
+        )
+        if self.config.position_scheme != "coupled" or cache is None or cache.get_seq_length() == 0:
+            return inputs  # without a cache forward sees everything and derives positions itself
+        valid = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        pos, is_operand = coupled_positions(self.config, input_ids, valid)
+        n_new = inputs["input_ids"].shape[1]
+        inputs["position_ids"] = pos[:, -n_new:]
+        inputs["attention_mask"] = coupled_attention_mask(pos, is_operand, valid, n_new, self.dtype)
+        return inputs
+
+
+AutoConfig.register("arbor", ArborConfig)
+AutoModelForCausalLM.register(ArborConfig, ArborForCausalLM)
+
+
+def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer: one token per character, round-trips text exactly."""
+    chars = sorted(set(charset))
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left")
+
+
+@dataclass
+class BuiltinConfig:
+    """Shape of the built-in policy; 1.06M parameters at these defaults."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    max_positions: int = 512
+    position_scheme: str = "coupled"
+    seed: int = 0
+
+
+def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DEFAULT_CHARSET):
+    """A fresh (untrained) built-in model and its tokenizer."""
+    tokenizer = build_char_tokenizer(charset)
+    vocab = tokenizer.get_vocab()
+    coupled = cfg.position_scheme == "coupled" and all(c in vocab for c in "0123456789+=")
+    config = ArborConfig(
+        position_scheme="coupled" if coupled else "sequential",
+        digit_token_ids=[vocab[c] for c in "0123456789"] if coupled else [],
+        plus_token_id=vocab.get("+") if coupled else None,
+        equals_token_id=vocab.get("=") if coupled else None,
+        vocab_size=len(vocab),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(cfg.seed)
+    model = ArborForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, tokenizer
+
+
+class PolicyLoadError(ValueError):
+    pass
+
+
+def load_policy(path: str | Path, device: str = "cpu"):
+    """Load a model folder (any transformers causal LM with its tokenizer) for inference."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PolicyLoadError(f"{path} is not a model folder (no config.json): pass a save_pretrained directory")
+    try:
+        json.loads((path / "config.json").read_text())
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types; the user needs one clear line
+        raise PolicyLoadError(f"{path} could not be loaded as a causal LM: {type(exc).__name__}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Policy:
+    """A loaded policy: what search and training need, plus which version it is."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    version: str = "unversioned"
+    path: str | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, version: str | None = None, device: str = "cpu") -> "Policy":
+        model, tokenizer = load_policy(path, device)
+        return cls(model, tokenizer, version or Path(path).name, str(path))

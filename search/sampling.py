@@ -1,0 +1,41 @@
+"""Shared core of the sampling strategies: decode, score, verify, rank."""
+
+from __future__ import annotations
+
+from agent.tasks import Problem, verify
+from search.engine import DecodeStats, decode
+from search.scores import confidence, rank
+from search.types import Candidate, SearchConfig, SearchResult
+
+
+def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, temperature: float, strategy: str) -> list[SearchResult]:
+    stats = DecodeStats()
+    decoded = decode(
+        policy.model,
+        policy.tokenizer,
+        [p.prompt for p in problems],
+        n=n,
+        temperature=temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        max_rows=cfg.max_rows,
+        seed=cfg.seed,
+        stats=stats,
+    )
+    results = []
+    for problem, outs in zip(problems, decoded):
+        candidates = []
+        for d in outs:
+            text = policy.tokenizer.decode(d.token_ids, skip_special_tokens=True)
+            candidates.append(
+                Candidate(
+                    completion=text,
+                    token_ids=d.token_ids,
+                    finished=d.finished,
+                    verified=verify(problem, text),
+                    **confidence(d.logprobs, d.entropies),
+                )
+            )
+        generated = sum(len(d.token_ids) + int(d.finished) for d in outs)
+        steps = 1 + max(len(d.token_ids) + int(d.finished) for d in outs)
+        results.append(SearchResult(problem, rank(candidates, cfg), strategy, policy.version, generated, steps))
+    return results
