@@ -1,0 +1,39 @@
+"""Solving one problem: search, verify, record every candidate with the best one marked.
+
+Plain functions, callable without a broker; the Celery tasks in workers/ are thin wrappers over them.
+"""
+
+from __future__ import annotations
+
+from agent.store import Store
+from agent.tasks import Problem
+from search import SearchConfig, SearchResult, run_search
+
+
+def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int | None = None, round: int = 0) -> list[dict]:
+    rows = []
+    for i, c in enumerate(result.candidates):
+        rows.append(dict(
+            problem_id=result.problem.id, job_id=job_id, cycle=cycle, round=round, completion=c.completion,
+            token_count=len(c.token_ids), mean_logprob=c.mean_logprob, min_logprob=c.min_logprob,
+            mean_entropy=c.mean_entropy, score=c.score if c.score != float("-inf") else -1e9, verified=c.verified,
+            policy_version=result.policy_version, strategy=result.strategy, is_best=(i == 0),
+            search_stats={"generated_tokens": result.generated_tokens, "forward_passes": result.forward_passes, **result.stats},
+        ))
+    return rows
+
+
+def best_summary(result: SearchResult) -> dict:
+    b = result.best
+    return {"completion": b.completion, "score": b.score if b.score != float("-inf") else None, "verified": b.verified,
+            "mean_logprob": b.mean_logprob, "policy_version": result.policy_version}
+
+
+def solve(problems: list[Problem], policy, cfg: SearchConfig, store: Store | None = None, job_id: str | None = None,
+          cycle: int | None = None) -> list[SearchResult]:
+    """Search every problem; with a store, record all candidates (the best per problem marked)."""
+    results = run_search(problems, cfg, policy)
+    if store is not None:
+        rows = [r for res in results for r in trajectory_rows(res, job_id=job_id, cycle=cycle)]
+        store.add_trajectories(rows)
+    return results
