@@ -64,6 +64,10 @@ class TrajectoryRow(Base):
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
     cycle: Mapped[int | None] = mapped_column(Integer, nullable=True)
     round: Mapped[int] = mapped_column(Integer, default=0)  # refinement round
+    # refinement links: the prompt a round searched (None: the problem's own prompt) and the best attempt of the
+    # previous round that this round's prompt was built from
+    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("trajectories.id"), nullable=True)
     completion: Mapped[str] = mapped_column(Text)
     token_count: Mapped[int] = mapped_column(Integer)
     mean_logprob: Mapped[float] = mapped_column(Float)
