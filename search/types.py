@@ -7,12 +7,12 @@ from typing import Literal
 
 from agent.tasks import Problem
 
-Strategy = Literal["greedy", "best_of_n"]
+Strategy = Literal["greedy", "best_of_n", "beam", "step_beam", "diverse_beam", "mcts"]
 
 
 @dataclass
 class SearchConfig:
-    strategy: str = "greedy"
+    strategy: Strategy = "greedy"
     # sampling
     n: int = 8  # candidates per problem for best_of_n
     temperature: float = 1.0
@@ -23,12 +23,30 @@ class SearchConfig:
     # batching
     max_rows: int = 2048  # sequences decoded at once
     seed: int = 0
+    # tree search (issue 3): beam, step_beam, diverse_beam, mcts
+    beams: int = 4  # beam width (token beam, step beam, diverse beam)
+    length_penalty: float = 1.0  # beam score = sum logprob / length**length_penalty, as in generate
+    early_stopping: bool | str = False  # generate's beam early_stopping: False, True or "never"
+    groups: int = 2  # diverse beam: groups of beams // groups beams each
+    diversity_penalty: float = 1.0  # diverse beam: Hamming penalty per earlier-group use of a token
+    step_delimiter: str = "\n"  # a tree step ends after a token containing this text ...
+    max_step_tokens: int = 4  # ... or after this many tokens
+    children: int = 4  # step_beam / mcts: sampled children per expanded node
+    simulations: int = 8  # mcts: selection-expansion-backup rounds per problem
+    c_puct: float = 1.0  # mcts: exploration weight of the prior
+    scorer: str | None = None  # e.g. "mean_logprob", "verifier+min_logprob"; None: from confidence/use_verifier
+    reuse_prefix: bool = True  # False recomputes every node's prefix (the benchmark's baseline)
+    keep_tree: bool = False  # attach the search tree to each result (for `arbor search --tree`)
 
     def __post_init__(self):
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (got n={self.n})")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.beams < 1 or self.children < 1 or self.simulations < 1 or self.max_step_tokens < 1:
+            raise ValueError("beams, children, simulations and max_step_tokens must be at least 1")
+        if self.strategy == "diverse_beam" and self.beams % self.groups:
+            raise ValueError(f"groups must divide beams (got beams={self.beams}, groups={self.groups})")
 
 
 @dataclass
@@ -41,6 +59,8 @@ class Candidate:
     finished: bool
     verified: bool | None = None  # the checker's verdict; None when the problem has no answer
     score: float = 0.0
+    logprobs: list[float] = field(default_factory=list)  # per token, for scorers that need more than summaries
+    visits: int = 0  # mcts: visits of the node the candidate ends in
 
 
 @dataclass
@@ -52,6 +72,7 @@ class SearchResult:
     generated_tokens: int = 0
     forward_passes: int = 0
     stats: dict = field(default_factory=dict)
+    tree: object = None  # the root search.tree.Node when cfg.keep_tree (key/values released)
 
     @property
     def best(self) -> Candidate:

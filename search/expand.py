@@ -1,0 +1,223 @@
+"""The expansion engine of the tree strategies: many frontier nodes grown by one step in one batched decode.
+
+A node keeps the key/values of its own tokens; a parent's cache is rebuilt by concatenating the segments on
+its path (`gather_prefix_kv`), so a shared prefix is computed once however many descendants it has. Every
+forward goes through the model's own `prepare_inputs_for_generation` (search/engine.py `_step`), so any
+transformers causal LM works, the position-coupled built-in policy included.
+
+Budget: every sampled token counts as one generated token and every batched forward as one forward pass,
+both in total (`DecodeStats`) and per problem (`tokens_of`, `passes_of`), so strategies compare fairly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from transformers import DynamicCache
+
+from search.engine import DecodeStats, _sample_no_sync, _step
+from search.tree import Node
+
+_DELIMITER_IDS: dict[tuple[int, str], frozenset[int]] = {}
+
+
+def delimiter_ids(tokenizer, delimiter: str) -> frozenset[int]:
+    """Ids of the tokens whose text contains `delimiter` (decoded once per tokenizer)."""
+    key = (id(tokenizer), delimiter)
+    if key not in _DELIMITER_IDS:
+        if not delimiter:
+            _DELIMITER_IDS[key] = frozenset()
+        else:
+            texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+            _DELIMITER_IDS[key] = frozenset(i for i, t in enumerate(texts) if delimiter in t)
+    return _DELIMITER_IDS[key]
+
+
+def _cache_from_kv(model, kv: torch.Tensor) -> DynamicCache:
+    """A DynamicCache holding kv [L, 2, B, H, T, D]."""
+    cache = DynamicCache(config=model.config)
+    for layer in range(kv.shape[0]):
+        cache.update(kv[layer, 0], kv[layer, 1], layer)
+    return cache
+
+
+def _slice_kv(cache: DynamicCache, rows: torch.Tensor, last: int) -> torch.Tensor:
+    """The last `last` positions of some batch rows, all layers: [L, 2, R, H, last, D]."""
+    return torch.stack([torch.stack([layer.keys[rows, :, -last:], layer.values[rows, :, -last:]]) for layer in cache.layers])
+
+
+def _left_pad_ids(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class Expander:
+    """Grows search trees for a batch of problems on one policy."""
+
+    def __init__(self, model, tokenizer, stats: DecodeStats | None = None, reuse_prefix: bool = True, delimiter: str = "\n", max_rows: int = 2048):
+        self.model, self.tokenizer = model, tokenizer
+        self.stats = stats if stats is not None else DecodeStats()
+        self.reuse_prefix = reuse_prefix
+        self.delims = delimiter_ids(tokenizer, delimiter)
+        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.max_rows = max_rows
+        self.tokens_of: Counter = Counter()  # id(root) -> generated tokens
+        self.passes_of: Counter = Counter()  # id(root) -> forward passes it took part in
+
+    def _count_pass(self, roots: list[Node]) -> None:
+        self.stats.forward_passes += 1
+        for r in {id(r): r for r in roots}:
+            self.passes_of[r] += 1
+
+    @torch.inference_mode()
+    def roots(self, prompts: list[str]) -> list[Node]:
+        """One root per prompt, prefilled in one batched forward (skipped when prefixes are recomputed)."""
+        enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        nodes = [Node(token_ids=list(ids)) for ids in enc]
+        if self.reuse_prefix:
+            self._forward_pending(nodes, [len(n.token_ids) for n in nodes])
+        return nodes
+
+    def gather_prefix_kv(self, nodes: list[Node]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, list[list[int]]]:
+        """The cache of every node's cached prefix, left-padded into one batch, with the matching full ids.
+
+        Returns (cache, ids [B, T_cached + pending], mask, pending tokens per row)."""
+        paths = [n.path() for n in nodes]
+        segs = [[p.kv for p in path if p.kv is not None] for path in paths]
+        cached = [sum(s.shape[3] for s in row) for row in segs]
+        full = [[t for p in path for t in p.token_ids] for path in paths]
+        pending = [f[c:] for f, c in zip(full, cached)]
+        width = max(cached)
+        L, _, H, _, D = next(s for row in segs for s in row).shape
+        ref = segs[0][0]
+        buf = torch.zeros((L, 2, len(nodes), H, width, D), dtype=ref.dtype, device=ref.device)
+        for i, row in enumerate(segs):
+            buf[:, :, i, :, width - cached[i] :] = torch.cat(row, dim=3)
+        # pending tokens must line up at the right end: all rows carry the same number of them
+        if len({len(p) for p in pending}) != 1:
+            raise RuntimeError(f"rows have different pending token counts {sorted({len(p) for p in pending})}")
+        ids, mask = _left_pad_ids([f[: c] + p for f, c, p in zip(full, cached, pending)], self.pad, self.model.device)
+        if ids.shape[1] != width + len(pending[0]):
+            raise RuntimeError("cache and ids disagree on the padded width")
+        return _cache_from_kv(self.model, buf), ids, mask, pending
+
+    def _forward_pending(self, nodes: list[Node], n_pending: list[int]):
+        """Forward the not-yet-cached tokens of `nodes` (equal counts, or no cache at all: roots), append their
+        key/values to each node's segment and store the next-token log-probs. Returns (cache, ids, mask, logp)."""
+        roots = [n.path()[0] for n in nodes]
+        if all(n.kv is None and n.parent is None for n in nodes):  # roots: plain left-padded prefill
+            cache = DynamicCache(config=self.model.config)
+            ids, mask = _left_pad_ids([n.token_ids for n in nodes], self.pad, self.model.device)
+            q = ids.shape[1]
+        else:
+            cache, ids, mask, pending = self.gather_prefix_kv(nodes)
+            q = len(pending[0])
+        logits = _step(self.model, ids, mask, cache, q)
+        self._count_pass(roots)
+        logp = torch.log_softmax(logits, dim=-1)
+        for i, (node, n_new) in enumerate(zip(nodes, n_pending)):
+            new = _slice_kv(cache, torch.tensor([i]), n_new)[:, :, 0]
+            node.kv = new if node.kv is None else torch.cat([node.kv, new], dim=3)
+            node.next_logprobs = logp[i]
+        return cache, ids, mask, logp
+
+    def _prefill_from_scratch(self, parents: list[Node]):
+        """The baseline without reuse: every parent's whole path recomputed in one left-padded prefill."""
+        cache = DynamicCache(config=self.model.config)
+        ids, mask = _left_pad_ids([p.full_ids() for p in parents], self.pad, self.model.device)
+        logits = _step(self.model, ids, mask, cache, ids.shape[1])
+        self._count_pass([p.path()[0] for p in parents])
+        return cache, ids, mask, torch.log_softmax(logits, dim=-1)
+
+    @torch.inference_mode()
+    def expand(self, parents: list[Node], counts: list[int], temperature: float, max_step_tokens: int, max_new_tokens: int, generator=None) -> list[list[Node]]:
+        """Grow `counts[i]` children of `parents[i]` by one step each (sampled, or greedy at temperature 0).
+        Children are attached to their parents and returned per parent."""
+        out: list[list[Node]] = []
+        start = 0
+        while start < len(parents):  # chunks of at most max_rows decoded rows
+            stop, rows = start, 0
+            while stop < len(parents) and (stop == start or rows + counts[stop] <= self.max_rows):
+                rows += counts[stop]
+                stop += 1
+            out += self._expand_chunk(parents[start:stop], counts[start:stop], temperature, max_step_tokens, max_new_tokens, generator)
+            start = stop
+        return out
+
+    def _expand_chunk(self, parents, counts, temperature, max_step_tokens, max_new_tokens, generator):
+        if any(p.terminal for p in parents):
+            raise RuntimeError("cannot expand a finished node")
+        if self.reuse_prefix:
+            need = [p for p in parents if p.next_logprobs is None]
+            if need:
+                res = self._forward_pending(need, [len(p.token_ids) - p.kv_len for p in need])
+            if len(need) == len(parents):  # the cache just built is exactly the parents' cache
+                cache, ids, mask, logp = res
+            else:
+                cache, ids, mask, _ = self.gather_prefix_kv(parents)
+                if ids.shape[1] != cache.get_seq_length():
+                    raise RuntimeError("a fully forwarded parent still has pending tokens")
+                logp = torch.stack([p.next_logprobs for p in parents])
+        else:
+            cache, ids, mask, logp = self._prefill_from_scratch(parents)
+        index = torch.repeat_interleave(torch.arange(len(parents)), torch.tensor(counts))
+        cache.batch_select_indices(index.to(ids.device))
+        ids, mask, logp = ids[index], mask[index], logp[index]
+        owner = index.tolist()  # row -> parent index
+        roots = [p.path()[0] for p in parents]
+        budget = [max_new_tokens - p.depth_tokens() for p in parents]
+        new_ids: list[list[int]] = [[] for _ in owner]
+        new_lps: list[list[float]] = [[] for _ in owner]
+        new_ents: list[list[float]] = [[] for _ in owner]
+        children: list[list[Node]] = [[] for _ in parents]
+        alive_rows = list(range(len(owner)))  # batch row -> decoded row
+        step = 0
+        while True:
+            token = _sample_no_sync(logp / temperature, generator) if temperature > 0 else logp.argmax(-1)
+            tok_lp = logp.gather(1, token[:, None])[:, 0]
+            ent = -(logp.exp() * logp).sum(-1)
+            self.stats.generated_tokens += len(alive_rows)
+            stopped = []
+            for b, (r, t, lp, e) in enumerate(zip(alive_rows, token.tolist(), tok_lp.tolist(), ent.tolist())):
+                new_ids[r].append(t)
+                new_lps[r].append(lp)
+                new_ents[r].append(e)
+                self.tokens_of[id(roots[owner[r]])] += 1
+                n = step + 1
+                if t == self.eos or t in self.delims or n >= max_step_tokens or n >= budget[owner[r]]:
+                    stopped.append(b)
+            if stopped:
+                keep_kv = self.reuse_prefix and step > 0
+                seg = _slice_kv(cache, torch.tensor(stopped, device=ids.device), step) if keep_kv else None
+                for j, b in enumerate(stopped):
+                    r = alive_rows[b]
+                    parent = parents[owner[r]]
+                    finished = new_ids[r][-1] == self.eos
+                    child = Node(new_ids[r], new_lps[r], new_ents[r], parent=parent, finished=finished)
+                    child.truncated = not finished and len(new_ids[r]) >= budget[owner[r]]
+                    if keep_kv and not child.terminal:
+                        child.kv = seg[:, :, j]
+                    parent.children.append(child)
+                    children[owner[r]].append(child)
+            alive = torch.ones(len(alive_rows), dtype=torch.bool)
+            alive[stopped] = False
+            if not bool(alive.any()):
+                break
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            if stopped:
+                keep = alive.nonzero()[:, 0].to(ids.device)
+                cache.batch_select_indices(keep)
+                ids, mask = ids[keep], mask[keep]
+                alive_rows = [r for r, a in zip(alive_rows, alive.tolist()) if a]
+            logits = _step(self.model, ids, mask, cache, 1)
+            self._count_pass([roots[owner[r]] for r in alive_rows])
+            logp = torch.log_softmax(logits, dim=-1)
+            step += 1
+        return children
