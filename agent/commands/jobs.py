@@ -1,0 +1,300 @@
+"""Queue-facing commands: submit problems, follow jobs, read results, train, manage policy versions.
+
+    arbor submit problems.jsonl [--refine 3] [--wait]   # job ids printed once the problems are in the store
+    arbor status [JOB]
+    arbor results [--json]
+    arbor train                                          # one train cycle (queued when a broker is configured)
+    arbor policies [--json]
+    arbor policies add ./my-model                        # a local transformers folder becomes the promoted version
+    arbor requeue                                        # send jobs still marked queued to the broker again
+
+With ARBOR_BROKER_URL set, jobs go to Redis and `arbor worker` processes run them; without it, `submit` runs
+them in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from agent.cli import app
+
+console = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _settings(device: str | None = None):
+    from agent.settings import Settings
+
+    # the device matters only where a model is loaded here; "cpu" keeps torch out of queue-only commands
+    return Settings(device=device or os.environ.get("ARBOR_DEVICE") or "cpu")
+
+
+def _store(settings):
+    from agent.store import Store
+
+    try:
+        return Store(settings.db_url)
+    except Exception as exc:
+        _fail(f"cannot open the store at {settings.db_url}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
+              "(check ARBOR_DATABASE_URL and that the database is running)")
+
+
+def _check_broker(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
+    except Exception as exc:
+        _fail(f"cannot reach the broker at {url} ({type(exc).__name__}): start Redis, or unset ARBOR_BROKER_URL "
+              "to run jobs in this process; nothing was submitted")
+
+
+def _enqueue(job_ids: list[str], kinds: list[str]) -> None:
+    from workers.app import app as celery_app
+
+    sent = 0
+    try:
+        for job_id, kind in zip(job_ids, kinds):
+            # the job id is the task id: logs, task state and the store agree on one name
+            celery_app.send_task(f"arbor.{kind}", args=[job_id], task_id=job_id)
+            sent += 1
+    except Exception as exc:
+        _fail(f"{len(job_ids) - sent} of {len(job_ids)} jobs are in the store but not queued ({type(exc).__name__}: {exc}): "
+              "run `arbor requeue` once the broker is back")
+
+
+def _run_in_process(settings, store, job_ids: list[str]) -> None:
+    from agent.registry import PolicyRegistry
+    from workers.cache import PolicyCache
+    from workers.jobs import run_job
+
+    registry = PolicyRegistry(settings.policies_dir, store)
+    if registry.promoted() is None:
+        from agent.loop import ensure_policy
+
+        console.print("no promoted policy yet: creating and warm-starting the built-in one")
+        ensure_policy(settings, store, registry)
+    cache = PolicyCache(registry, settings.device)
+    with _progress() as bar:
+        task = bar.add_task("solving", total=len(job_ids))
+        for job_id in job_ids:
+            run_job(store, job_id, cache.get, worker="in-process")
+            bar.advance(task)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)
+
+
+def _wait(store, job_ids: list[str], timeout: float | None) -> None:
+    start = time.monotonic()
+    pending = set(job_ids)
+    with _progress() as bar:
+        task = bar.add_task("waiting for jobs", total=len(job_ids))
+        while pending:
+            done = {j for j in pending if store.get_job(j).status in ("done", "failed")}
+            pending -= done
+            bar.update(task, completed=len(job_ids) - len(pending))
+            if pending and timeout is not None and time.monotonic() - start > timeout:
+                _fail(f"{len(pending)} jobs still unfinished after {timeout:.0f} s: see `arbor status` (are workers running?)")
+            if pending:
+                time.sleep(0.2)
+
+
+@app.command()
+def submit(
+    file: Path = typer.Argument(..., help="problems, one JSON object a line"),
+    refine: int = typer.Option(1, help="refinement rounds (1: search once)"),
+    wait: bool = typer.Option(False, "--wait", help="return once every job is finished"),
+    strategy: str = typer.Option("greedy", help="search strategy"),
+    n: int = typer.Option(8, help="candidates per problem (sampling strategies)"),
+    max_new_tokens: int = typer.Option(64, help="longest completion"),
+    use_verifier: bool = typer.Option(False, help="let the checker rank candidates"),
+    timeout: float = typer.Option(None, help="with --wait: give up after this many seconds"),
+):
+    """Submit problems: they are stored, then one job per problem is queued (or run here without a broker)."""
+    from agent.tasks import TASKS
+    from agent.tasks.jsonl import read_problems
+    from search import SearchConfig, STRATEGIES
+    from workers.jobs import submit_jobs
+
+    if not file.is_file():
+        _fail(f"{file} does not exist: pass a JSONL file of problems")
+    if refine < 1:
+        _fail(f"--refine must be at least 1 (got {refine})")
+    if strategy not in STRATEGIES:
+        _fail(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    try:
+        search = SearchConfig(strategy=strategy, n=n, max_new_tokens=max_new_tokens, use_verifier=use_verifier)
+    except ValueError as exc:
+        _fail(str(exc))
+    problems, errors = read_problems(file, known_tasks=set(TASKS))
+    if errors:
+        for e in errors:
+            typer.echo(f"error: {e}", err=True)
+        _fail(f"{len(errors)} bad line(s) in {file}; nothing was submitted: fix them and submit again")
+    if not problems:
+        _fail(f"{file} holds no problems")
+    settings = _settings()
+    if settings.broker_url:
+        _check_broker(settings.broker_url)
+    store = _store(settings)
+    search_params = {k: getattr(search, k) for k in ("strategy", "n", "max_new_tokens", "use_verifier")}
+    job_ids = submit_jobs(store, problems, rounds=refine, search=search_params)
+    for job_id in job_ids:  # the problems and jobs are committed: only now are the ids shown
+        typer.echo(job_id)
+    if settings.broker_url:
+        _enqueue(job_ids, ["refine" if refine > 1 else "solve"] * len(job_ids))
+        if wait:
+            _wait(store, job_ids, timeout)
+    else:
+        _run_in_process(_settings(os.environ.get("ARBOR_DEVICE", "auto")), store, job_ids)
+
+
+@app.command()
+def requeue():
+    """Send every job the store still marks queued to the broker again (after a broker outage)."""
+    settings = _settings()
+    if not settings.broker_url:
+        _fail("no broker configured (ARBOR_BROKER_URL): there is no queue to send to")
+    _check_broker(settings.broker_url)
+    store = _store(settings)
+    jobs = [j for j in store.list_jobs() if j.status == "queued" and j.kind in ("solve", "refine")]
+    _enqueue([j.id for j in jobs], [j.kind for j in jobs])
+    typer.echo(f"requeued {len(jobs)} job(s)")
+
+
+@app.command()
+def status(job: str = typer.Argument(None, help="a job id (default: a summary of all jobs)")):
+    """Where jobs stand: counts by status, or one job in detail."""
+    settings = _settings()
+    store = _store(settings)
+    if job is None:
+        counts: dict = {}
+        for row in store.list_jobs():
+            counts.setdefault(row.kind, {}).setdefault(row.status, 0)
+            counts[row.kind][row.status] += 1
+        if not counts:
+            typer.echo("no jobs yet: arbor submit FILE.jsonl")
+        for kind, by_status in counts.items():
+            typer.echo(f"{kind}: " + ", ".join(f"{s} {c}" for s, c in sorted(by_status.items())))
+        return
+    row = store.get_job(job)
+    if row is None:
+        _fail(f"no job {job!r} in the store: `arbor status` lists what there is")
+    info = {"job_id": row.id, "kind": row.kind, "problem_id": row.problem_id, "status": row.status,
+            "attempts": row.attempts, "rounds": row.rounds, "worker": row.worker, "result": row.result, "error": row.error}
+    if settings.broker_url and row.status not in ("done", "failed"):
+        from workers.app import app as celery_app
+
+        res = celery_app.AsyncResult(row.id)
+        info["task_state"] = res.state
+        if isinstance(res.info, dict):
+            info["progress"] = res.info
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@app.command()
+def results(as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
+    """Every solve/refine job with its best attempt."""
+    store = _store(_settings())
+    out = []
+    for row in store.list_jobs():
+        if row.kind not in ("solve", "refine"):
+            continue
+        best = (row.result or {}).get("best")
+        out.append({"job_id": row.id, "problem_id": row.problem_id, "status": row.status, "attempts": row.attempts,
+                    "best": {k: best[k] for k in ("completion", "score", "verified")} if best else None})
+    if as_json:
+        typer.echo(json.dumps(out, indent=2))
+        return
+    for r in out:
+        b = r["best"] or {}
+        typer.echo(f"{r['job_id']}  {r['problem_id']}  {r['status']:7}  {b.get('verified')!s:5}  {b.get('completion', '')!r}")
+
+
+@app.command()
+def train(
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="with a broker: wait for the cycle's result"),
+    timeout: float = typer.Option(None, help="with a broker: give up waiting after this many seconds"),
+):
+    """One train cycle: fine-tune on new best trajectories, evaluate against the promoted version, promote if better."""
+    settings = _settings()
+    if settings.broker_url:
+        _check_broker(settings.broker_url)
+        from workers.app import app as celery_app
+
+        res = celery_app.send_task("arbor.train_cycle", queue="train")
+        typer.echo(res.id)
+        if wait:
+            with console.status("train cycle queued (a worker on the train queue runs it)"):
+                try:
+                    out = res.get(timeout=timeout, propagate=False)
+                except Exception as exc:
+                    _fail(f"no result for train cycle {res.id} ({type(exc).__name__}): see `arbor status {res.id}`")
+            if res.failed():
+                _fail(f"train cycle {res.id} failed: {out}")
+            typer.echo(json.dumps(out, indent=2, default=str))
+        return
+    import uuid
+
+    from agent.loop import ensure_policy
+    from agent.registry import PolicyRegistry
+    from workers.training import run_train_cycle
+
+    settings = _settings(os.environ.get("ARBOR_DEVICE", "auto"))
+    store = _store(settings)
+    registry = PolicyRegistry(settings.policies_dir, store)
+    ensure_policy(settings, store, registry)
+    with console.status("training"):
+        out = run_train_cycle(settings, store, registry, job_id=uuid.uuid4().hex, worker="in-process")
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+policies_app = typer.Typer(help="Policy versions: list them, or register your own model.", no_args_is_help=False)
+app.add_typer(policies_app, name="policies")
+
+
+@policies_app.callback(invoke_without_command=True)
+def policies(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="print a JSON list")):
+    """List policy versions (the promoted one marked)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    store = _store(_settings())
+    rows = [{"version": r.version, "path": r.path, "status": r.status, "metrics": r.metrics} for r in store.policies()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        typer.echo("no policy versions yet: `arbor policies add PATH` or `arbor run`")
+    for r in rows:
+        typer.echo(f"{'*' if r['status'] == 'promoted' else ' '} {r['version']:6} {r['status']:9} {r['path']}")
+
+
+@policies_app.command("add")
+def policies_add(path: Path = typer.Argument(..., help="a local transformers model folder (save_pretrained)")):
+    """Register a local model folder as a new version and promote it: workers move to it between jobs."""
+    from agent.policy import PolicyLoadError
+    from agent.registry import PolicyRegistry
+
+    if not path.is_dir():
+        _fail(f"{path} is not a folder: pass a directory written by save_pretrained (config.json, weights, tokenizer)")
+    settings = _settings()
+    store = _store(settings)
+    try:
+        version = PolicyRegistry(settings.policies_dir, store).add_external(path, promote=True)
+    except PolicyLoadError as exc:
+        _fail(f"{exc}; nothing was registered")
+    typer.echo(version)

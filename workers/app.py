@@ -1,0 +1,16 @@
+"""The Celery app. Importing it loads no model and no torch: the worker's parent process stays free of CUDA,
+and each pool child loads the promoted policy in `worker_process_init` (workers/tasks.py).
+
+    arbor worker --queues search --device cuda:0     # one per GPU (prefork, one child)
+    arbor worker --queues train,default              # the trainer
+    arbor beat                                        # exactly one per deployment
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from workers.config import QueueConfig, celery_settings
+
+app = Celery("arbor", include=["workers.tasks"])
+app.conf.update(celery_settings(QueueConfig()))

@@ -1,0 +1,124 @@
+"""Celery tasks: a few lines each around the plain functions in workers/jobs.py, agent/refine.py and agent/loop.py.
+
+Messages carry only job ids (JSON): the problem, the search config and the rounds come from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery import Task
+from celery.signals import worker_process_init
+
+from workers.app import app
+from workers.config import QueueConfig
+
+log = logging.getLogger("arbor.workers")
+
+_state: dict = {}  # per pool child: settings, store, registry, policy cache, redis client
+
+
+def _context() -> dict:
+    """The child's settings, store, registry and policy cache, built once (after fork: engines never cross it)."""
+    if not _state:
+        import redis
+
+        from agent.registry import PolicyRegistry
+        from agent.settings import Settings
+        from agent.store import Store
+        from workers.cache import PolicyCache
+
+        threads = os.environ.get("ARBOR_TORCH_THREADS")
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        settings = Settings()
+        store = Store(settings.db_url)
+        registry = PolicyRegistry(settings.policies_dir, store)
+        cfg = QueueConfig()
+        _state.update(settings=settings, store=store, registry=registry, cfg=cfg,
+                      cache=PolicyCache(registry, settings.device),
+                      redis=redis.Redis.from_url(cfg.broker_url) if cfg.broker_url else None,
+                      worker=f"{socket.gethostname()}:{os.getpid()}")
+    return _state
+
+
+@worker_process_init.connect
+def _load_policy_once(**_):
+    ctx = _context()
+    if ctx["registry"].promoted() is not None:  # a fresh deployment may have none yet: the first job reports it
+        ctx["cache"].get()
+
+
+def _run(task: Task, job_id: str) -> dict:
+    from workers.jobs import LeaseBusy, run_job
+    from workers.lease import RedisLease
+
+    ctx = _context()
+    cfg = ctx["cfg"]
+    lease = RedisLease(ctx["redis"], f"arbor:lease:{job_id}", cfg.lease_ttl) if ctx["redis"] else None
+
+    def progress(r, result):
+        task.update_state(state="PROGRESS", meta={"job_id": job_id, "round": r + 1, "verified": result.best.verified})
+
+    try:
+        out = run_job(ctx["store"], job_id, ctx["cache"].get, ctx["worker"], lease=lease,
+                      max_deliveries=cfg.max_deliveries, on_round=progress)
+    except LeaseBusy as exc:
+        # a second delivery while the first still runs: come back later; by then the job is finished (nothing to
+        # do) or its holder died and the lease expired (take over)
+        raise task.retry(exc=exc, countdown=max(1, cfg.lease_ttl // 3))
+    _maybe_start_training(ctx)
+    return out
+
+
+def _maybe_start_training(ctx: dict) -> None:
+    cfg = ctx["cfg"]
+    if cfg.train_threshold <= 0 or ctx["redis"] is None:
+        return
+    if ctx["store"].count_untrained_best() < cfg.train_threshold:
+        return
+    # one pending cycle at a time: the train cycle clears the flag when it starts
+    if ctx["redis"].set("arbor:train-pending", ctx["worker"], nx=True, ex=cfg.visibility_timeout):
+        train_cycle.apply_async(queue="train")
+
+
+@app.task(name="arbor.solve", bind=True, max_retries=None)
+def solve(self, job_id: str) -> dict:
+    return _run(self, job_id)
+
+
+@app.task(name="arbor.refine", bind=True, max_retries=None)
+def refine(self, job_id: str) -> dict:
+    return _run(self, job_id)
+
+
+@app.task(name="arbor.train_cycle", bind=True, max_retries=None)
+def train_cycle(self) -> dict:
+    from workers.jobs import LeaseBusy
+    from workers.lease import RedisLease
+    from workers.training import run_train_cycle
+
+    ctx = _context()
+    if ctx["redis"] is not None:
+        ctx["redis"].delete("arbor:train-pending")
+        lock = RedisLease(ctx["redis"], "arbor:lock:train", ctx["cfg"].lease_ttl, holder=self.request.id)
+    else:
+        lock = None
+    self.update_state(state="PROGRESS", meta={"stage": "training"})
+    try:
+        return run_train_cycle(ctx["settings"], ctx["store"], ctx["registry"], job_id=self.request.id,
+                               worker=ctx["worker"], lock=lock)
+    except LeaseBusy as exc:  # this very cycle is still running on another delivery
+        raise self.retry(exc=exc, countdown=max(1, ctx["cfg"].lease_ttl // 3))
+
+
+@app.task(name="arbor.evaluate", bind=True)
+def evaluate(self, version: str | None = None) -> dict:
+    from workers.training import evaluate_version
+
+    ctx = _context()
+    return evaluate_version(ctx["store"], ctx["registry"], version, device=ctx["settings"].device)

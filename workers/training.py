@@ -1,0 +1,74 @@
+"""A train cycle as a job: recorded in the store under its id, run under the train lock so that never two
+run at once. Plain functions; `arbor train` calls them in process when no broker is configured."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from agent.store import ProblemRow, Store
+from workers.jobs import FINISHED, LeaseBusy, record_once
+
+log = logging.getLogger("arbor.workers")
+
+
+def _ensure_job(store: Store, job_id: str) -> None:
+    if store.get_job(job_id) is None:
+        try:
+            store.create_job("train", job_id=job_id)
+        except IntegrityError:
+            pass  # another delivery created it a moment ago
+
+
+def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None) -> dict:
+    """Fine-tune the promoted policy on the store's new best trajectories, evaluate, promote or reject.
+
+    `lock` is a RedisLease (with a broker) or a FileLease; a cycle that finds another cycle running is
+    finished as skipped. A delivery of a finished cycle returns its stored result and trains nothing."""
+    from agent.loop import train_from_store
+    from workers.lease import FileLease
+
+    _ensure_job(store, job_id)
+    job = store.get_job(job_id)
+    if job.status in FINISHED:
+        return job.result or {"error": job.error}
+    lock = lock if lock is not None else FileLease(settings.home / "train.lock", holder=job_id)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if not lock.acquire():
+        if lock.current_holder() == job_id:
+            raise LeaseBusy(f"train cycle {job_id} is running elsewhere")
+        result = {"skipped": "another train cycle is running"}
+        record_once(store, job_id, result, [])
+        return result
+    try:
+        if not store.start_job(job_id, worker):
+            return store.get_job(job_id).result or {}
+        try:
+            if store.count_untrained_best() == 0:
+                result = {"skipped": "no new best trajectories to train on"}
+            else:
+                result = train_from_store(settings, store, registry, cfg)
+        except Exception as exc:
+            log.exception("train cycle %s failed", job_id)
+            record_once(store, job_id, None, [], error=f"{type(exc).__name__}: {exc}")
+            raise
+        record_once(store, job_id, result, [])
+        return result
+    finally:
+        lock.release()
+
+
+def evaluate_version(store: Store, registry, version: str | None = None, device: str = "cpu") -> dict:
+    """Accuracy of a version (default: the promoted one) on the store's held-out problems, by difficulty."""
+    from agent.loop import evaluate_policy
+    from search import SearchConfig
+
+    policy = registry.load(version, device=device)
+    with store.session() as s:
+        heldout = [row.to_problem() for row in s.scalars(select(ProblemRow).where(ProblemRow.split == "heldout"))]
+    by_difficulty: dict = {}
+    for p in heldout:
+        by_difficulty.setdefault(p.difficulty, []).append(p)
+    return {"version": policy.version, "metrics": evaluate_policy(policy, by_difficulty, SearchConfig(strategy="greedy"))}
