@@ -10,3 +10,4 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arbor: a sel
 from agent.commands import run as _run  # noqa: E402,F401
 from agent.commands import jobs as _jobs  # noqa: E402,F401
 from agent.commands import worker as _worker  # noqa: E402,F401
+from agent.commands import search as _search  # noqa: E402,F401

@@ -1,10 +1,21 @@
 """Search over a policy's completions. Every strategy: fn(problems, cfg, policy) -> list[SearchResult]."""
 
+from search.beam import beam
 from search.best_of_n import best_of_n
+from search.diverse_beam import diverse_beam
 from search.greedy import greedy
+from search.mcts import mcts
+from search.step_beam import step_beam
 from search.types import Candidate, SearchConfig, SearchResult
 
-STRATEGIES = {"greedy": greedy, "best_of_n": best_of_n}
+STRATEGIES = {
+    "greedy": greedy,
+    "best_of_n": best_of_n,
+    "beam": beam,
+    "step_beam": step_beam,
+    "diverse_beam": diverse_beam,
+    "mcts": mcts,
+}
 
 
 def run_search(problems, cfg: SearchConfig, policy) -> list[SearchResult]:

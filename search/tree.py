@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from agent.tasks import Problem, verify
+from search.scores import confidence
+from search.types import Candidate
 
-@dataclass
+
+@dataclass(eq=False)  # identity: nodes hold tensors, and two equal-looking steps are still two nodes
 class Node:
     token_ids: list[int]  # this step's tokens (the prompt at the root); EOS included when finished
     logprobs: list[float] = field(default_factory=list)
@@ -94,3 +98,25 @@ def release_kv(root: Node) -> None:
 def mark_path(node: Node) -> None:
     for n in node.path():
         n.on_best_path = True
+
+
+def to_candidate(node: Node, problem: Problem, tokenizer) -> Candidate:
+    """The completion from the root to `node` (partial or finished) as a Candidate (score unset)."""
+    ids, lps, ents = node.completion()
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    verified = verify(problem, text) if node.finished else None
+    return Candidate(text, ids, finished=node.finished, verified=verified, logprobs=lps, visits=node.visits, **confidence(lps, ents))
+
+
+def dedupe_children(parent: Node, new: list[Node]) -> list[Node]:
+    """Merge sampled children with identical tokens (keeping the first): a tree has one node per distinct step."""
+    fresh = {id(c) for c in new}
+    seen = {tuple(c.token_ids) for c in parent.children if id(c) not in fresh}
+    kept = []
+    for c in new:
+        if tuple(c.token_ids) in seen:
+            parent.children.remove(c)
+            continue
+        seen.add(tuple(c.token_ids))
+        kept.append(c)
+    return kept

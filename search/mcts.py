@@ -1,0 +1,117 @@
+"""MCTS with PUCT over steps (a step ends at cfg.step_delimiter or after cfg.max_step_tokens tokens).
+
+One simulation per problem per round, all problems batched:
+  select   from the root by PUCT: normalised mean value + c_puct * prior * sqrt(N_parent) / (1 + N_child);
+  expand   the leaf into cfg.children sampled steps (identical samples merged); a child's prior is its step
+           probability exp(sum of log-probs), normalised over its siblings;
+  evaluate each new child: a finished answer by the scorer (the verifier counts when cfg.use_verifier), any
+           other child by the scorer's value of one greedy rollout to the end (the rollout is a candidate too);
+  backup   each child's value to the child and every ancestor.
+A terminal leaf reached by selection backs up its value again without cost. The answer: every finished
+completion the search produced, ranked by the scorer (same rule as the other strategies).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from agent.tasks import Problem
+from search.expand import Expander
+from search.scorers import load_scorer, rank_by
+from search.tree import Node, dedupe_children, mark_path, puct, release_kv, to_candidate
+from search.types import SearchConfig, SearchResult
+
+
+def _select(root: Node, c_puct: float, lo: float, hi: float) -> Node:
+    node = root
+    while node.children and not node.terminal:
+        node = max(node.children, key=lambda c: puct(node, c, c_puct, lo, hi))
+    return node
+
+
+def _backup(node: Node, value: float) -> None:
+    while node is not None:
+        node.visits += 1
+        node.value_sum += value
+        node = node.parent
+
+
+def mcts(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+    scorer = load_scorer(cfg)
+    tok = policy.tokenizer
+    ex = Expander(policy.model, tok, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    roots = ex.roots([p.prompt for p in problems])
+    bounds = [[math.inf, -math.inf] for _ in problems]  # min/max value seen per tree
+    answers: list[list[Node]] = [[] for _ in problems]  # finished or truncated completions (tree leaves, rollouts)
+
+    def value_of(i: int, nodes: list[Node]) -> list[float]:
+        cands = [to_candidate(n, problems[i], tok) for n in nodes]
+        values = [s if n.finished else s - 1.0 for n, s in zip(nodes, scorer.score([problems[i]], [cands])[0])]
+        bounds[i] = [min([bounds[i][0], *values]), max([bounds[i][1], *values])]
+        return values
+
+    for _ in range(cfg.simulations):
+        leaves, owners = [], []
+        for i, root in enumerate(roots):
+            leaf = _select(root, cfg.c_puct, *bounds[i])
+            if leaf.terminal:
+                _backup(leaf, leaf.score)
+            else:
+                leaves.append(leaf)
+                owners.append(i)
+        if not leaves:
+            break
+        kids = ex.expand(leaves, [cfg.children] * len(leaves), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator)
+        new_by_owner = []
+        for leaf, i, new in zip(leaves, owners, kids):
+            new = dedupe_children(leaf, new)
+            step_lp = [sum(c.logprobs) for c in new]
+            top = max(step_lp)
+            z = sum(math.exp(lp - top) for lp in step_lp)
+            for c, lp in zip(new, step_lp):
+                c.prior = math.exp(lp - top) / z
+            new_by_owner.append((i, new))
+        # one batched greedy rollout from every new non-terminal child; the rollout hangs off the tree
+        open_kids = [c for _, new in new_by_owner for c in new if not c.terminal]
+        rollouts = {}
+        if open_kids:
+            outs = ex.expand(open_kids, [1] * len(open_kids), 0.0, cfg.max_new_tokens, cfg.max_new_tokens)
+            for c, (r,) in zip(open_kids, outs):
+                c.children.remove(r)  # a rollout is an estimate, not a tree node
+                rollouts[id(c)] = r
+        for i, new in new_by_owner:
+            ends = [rollouts.get(id(c), c) for c in new]
+            values = value_of(i, ends)
+            for c, end, v in zip(new, ends, values):
+                end.score = v
+                c.score = v
+                answers[i].append(end)
+                _backup(c, v)
+    results = []
+    for i, (problem, root) in enumerate(zip(problems, roots)):
+        ends = answers[i]
+        cands = [to_candidate(n, problem, tok) for n in ends]
+        index = {id(c): j for j, c in enumerate(cands)}
+        unique, seen = [], set()
+        for cand in rank_by(scorer, problem, cands):
+            if tuple(cand.token_ids) not in seen:
+                seen.add(tuple(cand.token_ids))
+                cand.visits = _tree_visits(ends[index[id(cand)]])
+                unique.append((cand, index[id(cand)]))
+        mark_path(ends[unique[0][1]])
+        release_kv(root)
+        results.append(
+            SearchResult(problem, [c for c, _ in unique], "mcts", policy.version, ex.tokens_of[id(root)], ex.passes_of[id(root)],
+                         tree=root if cfg.keep_tree else None)
+        )
+    return results
+
+
+def _tree_visits(node: Node) -> int:
+    """Visits of the deepest tree node on the path (a rollout itself is never visited)."""
+    while node.parent is not None and node not in node.parent.children:
+        node = node.parent
+    return node.visits

@@ -1,0 +1,85 @@
+"""Scorers: how tree strategies value a (partial or finished) completion. Higher is better.
+
+`Scorer.score(problems, candidates) -> list[list[float]]` sees the problem and the candidate (text, token ids,
+per-token log-probs, summaries), so a reward model can implement it later; `load_scorer(cfg)` builds one from
+`cfg.scorer`: a name, or names joined by "+" (a sum), e.g. "verifier+mean_logprob".
+
+    mean_logprob   length-normalised log-prob of the path
+    min_logprob    its least likely token (one bad digit sinks an answer)
+    neg_entropy    minus the mean entropy of the policy along the path
+    verifier       1 for a finished answer the checker accepts, else 0 (used only when cfg.use_verifier)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from agent.tasks import Problem
+from search.types import Candidate, SearchConfig
+
+
+class Scorer:
+    name = "scorer"
+
+    def score(self, problems: list[Problem], candidates: list[list[Candidate]]) -> list[list[float]]:
+        raise NotImplementedError
+
+
+class Confidence(Scorer):
+    KINDS = ("mean_logprob", "min_logprob", "neg_entropy")
+
+    def __init__(self, kind: str):
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown confidence {kind!r}: use one of {', '.join(self.KINDS)}")
+        self.name = kind
+
+    def score(self, problems, candidates):
+        if self.name == "neg_entropy":
+            return [[-c.mean_entropy for c in cs] for cs in candidates]
+        return [[getattr(c, self.name) for c in cs] for cs in candidates]
+
+
+class Verifier(Scorer):
+    name = "verifier"
+
+    def score(self, problems, candidates):
+        return [[1.0 if (c.finished and c.verified) else 0.0 for c in cs] for cs in candidates]
+
+
+class Sum(Scorer):
+    def __init__(self, parts: list[Scorer]):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+
+    def score(self, problems, candidates):
+        tables = [p.score(problems, candidates) for p in self.parts]
+        return [[sum(t[i][j] for t in tables) for j in range(len(cs))] for i, cs in enumerate(candidates)]
+
+
+def load_scorer(cfg: SearchConfig) -> Scorer:
+    spec = cfg.scorer or (f"verifier+{cfg.confidence}" if cfg.use_verifier else cfg.confidence)
+    parts = []
+    for name in spec.split("+"):
+        if name == "verifier":
+            if not cfg.use_verifier:
+                raise ValueError("scorer 'verifier' needs use_verifier=True (the run must be allowed to use answers)")
+            parts.append(Verifier())
+        else:
+            parts.append(Confidence(name))
+    return parts[0] if len(parts) == 1 else Sum(parts)
+
+
+def rank_by(scorer: Scorer, problem: Problem, candidates: list[Candidate]) -> list[Candidate]:
+    """Set each candidate's score and sort best first; an unfinished completion never beats a finished one."""
+    scores = scorer.score([problem], [candidates])[0]
+    for c, s in zip(candidates, scores):
+        c.score = s if c.finished else s - 1e6
+    return sorted(candidates, key=lambda c: c.score, reverse=True)
+
+
+def majority_vote(candidates: list[Candidate]) -> Candidate:
+    """Self-consistency: the most frequent finished completion (ties: the first in the given order)."""
+    finished = [c for c in candidates if c.finished] or candidates
+    counts = Counter(c.completion.strip() for c in finished)
+    top = max(counts.values())
+    return next(c for c in finished if counts[c.completion.strip()] == top)

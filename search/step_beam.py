@@ -1,0 +1,53 @@
+"""Step-level beam search: each of the `beams` best partial completions grows `children` sampled steps (a step
+ends at cfg.step_delimiter or after cfg.max_step_tokens tokens); the scorer ranks all new steps and the best
+`beams` survive. A finished step leaves the beam and becomes a candidate. All problems advance together: one
+expansion per depth for the whole batch, on shared-prefix key/values (search/expand.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from agent.tasks import Problem
+from search.expand import Expander
+from search.scorers import load_scorer, rank_by
+from search.tree import Node, dedupe_children, mark_path, release_kv, to_candidate
+from search.types import SearchConfig, SearchResult
+
+
+def step_beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+    scorer = load_scorer(cfg)
+    ex = Expander(policy.model, policy.tokenizer, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    roots = ex.roots([p.prompt for p in problems])
+    frontier: list[list[Node]] = [[r] for r in roots]
+    done: list[list[Node]] = [[] for _ in problems]
+    while any(frontier):
+        parents = [n for f in frontier for n in f]
+        kids = ex.expand(parents, [cfg.children] * len(parents), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator)
+        by_parent = dict(zip(map(id, parents), kids))
+        for i, problem in enumerate(problems):
+            new = [c for p in frontier[i] for c in dedupe_children(p, by_parent[id(p)])]
+            if not new:
+                frontier[i] = []
+                continue
+            cands = [to_candidate(c, problem, policy.tokenizer) for c in new]
+            scores = scorer.score([problem], [cands])[0]
+            for c, s in zip(new, scores):
+                c.score = s
+            best = sorted(new, key=lambda c: c.score, reverse=True)[: cfg.beams]
+            done[i] += [c for c in best if c.terminal]
+            frontier[i] = [c for c in best if not c.terminal]
+    results = []
+    for i, (problem, root) in enumerate(zip(problems, roots)):
+        leaves = done[i]
+        cands = [to_candidate(n, problem, policy.tokenizer) for n in leaves]
+        index = {id(c): j for j, c in enumerate(cands)}
+        ranked = rank_by(scorer, problem, cands)
+        mark_path(leaves[index[id(ranked[0])]])
+        release_kv(root)
+        results.append(
+            SearchResult(problem, ranked, "step_beam", policy.version, ex.tokens_of[id(root)], ex.passes_of[id(root)],
+                         tree=root if cfg.keep_tree else None)
+        )
+    return results
