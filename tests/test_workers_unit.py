@@ -1,0 +1,222 @@
+"""The plain functions under the Celery tasks, without a broker: refinement, exactly-once recording, leases,
+the policy cache, the Celery settings, and the queue CLI's in-process path and error messages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.refine import refine, refine_rows, round_prompt
+from agent.tasks import Problem
+from search import Candidate, SearchConfig, SearchResult
+from workers.config import QueueConfig, celery_settings
+from workers.testing import RedisServer, free_port
+
+
+def _cand(text, verified, score):
+    return Candidate(text, [1] * len(text), score, score, 0.5, True, verified=verified, score=score)
+
+
+class _Scripted:
+    """Stands in for agent.refine.solve: returns one scripted best attempt per round and records the prompts."""
+
+    def __init__(self, attempts):
+        self.attempts, self.prompts = list(attempts), []
+
+    def __call__(self, problems, policy, cfg):
+        self.prompts.append(problems[0].prompt)
+        text, verified, score = self.attempts.pop(0)
+        return [SearchResult(problems[0], [_cand(text, verified, score), _cand("x", False, -9.0)], "greedy", "v0")]
+
+
+def test_refine_stops_when_verified_and_links_rounds(monkeypatch):
+    scripted = _Scripted([("12", False, -1.0), ("13", False, -2.0), ("579", True, -0.5), ("never", True, 0.0)])
+    monkeypatch.setattr("agent.refine.solve", scripted)
+    problem = Problem("123+456=", "579", id="p1")
+    results = refine(problem, policy=None, cfg=SearchConfig(), rounds=5)
+    assert len(results) == 3  # stopped at the verified attempt, not after 5 rounds
+    assert scripted.prompts[0] == "123+456="
+    # round 2 shows the best attempt so far (round 0's, higher score than round 1's) and the checker's verdict
+    assert scripted.prompts[2] == "# attempt: 12\n# feedback: rejected by the exact checker\n123+456="
+    rows, parents = refine_rows(problem, results, job_id=None)
+    assert parents == [None, 0, 0]
+    assert [r["is_best"] for rr in rows for r in rr].count(True) == 1 and rows[2][0]["is_best"]
+    assert rows[0][0]["prompt"] is None and rows[1][0]["prompt"].startswith("# attempt: 12")
+
+
+def test_refine_without_checker_feeds_back_confidence(monkeypatch):
+    monkeypatch.setattr("agent.refine.solve", _Scripted([("a", None, -1.25), ("b", None, -0.5)]))
+    results = refine(Problem("say hi"), policy=None, cfg=SearchConfig(), rounds=2)
+    assert len(results) == 2  # nothing to verify: all R rounds
+    assert "confidence -1.25" in round_prompt(Problem("say hi"), results[0].best)
+    assert "579" not in round_prompt(Problem("1+2=", "579"), _cand("3", False, -1.0))  # the answer never leaks
+
+
+def test_celery_settings_follow_the_notes(monkeypatch):
+    monkeypatch.setenv("ARBOR_VISIBILITY_TIMEOUT", "21600")
+    s = celery_settings(QueueConfig())
+    assert s["task_acks_late"] and s["task_reject_on_worker_lost"] and s["worker_prefetch_multiplier"] == 1
+    assert s["accept_content"] == ["json"] and s["task_serializer"] == "json"
+    vts = {s["visibility_timeout"], s["broker_transport_options"]["visibility_timeout"],
+           s["result_backend_transport_options"]["visibility_timeout"]}
+    assert vts == {21600} and s["task_time_limit"] == 21600 - 900 and s["task_soft_time_limit"] == 21600 - 1800
+    assert s["worker_proc_alive_timeout"] >= 60
+    monkeypatch.setenv("ARBOR_VISIBILITY_TIMEOUT", "4")
+    short = celery_settings(QueueConfig())
+    assert short["task_time_limit"] < 4 and short["broker_transport_options"]["unacked_restore_interval"] == 1
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """An ARBOR_HOME with a SQLite store and the untrained built-in policy promoted as v0."""
+    from workers.testing import seed_policy
+
+    path = tmp_path_factory.mktemp("home")
+    seed_policy(path, f"sqlite:///{path / 'arbor.db'}")
+    return path
+
+
+@pytest.fixture()
+def store_registry(home):
+    from agent.registry import PolicyRegistry
+    from agent.store import Store
+
+    store = Store(f"sqlite:///{home / 'arbor.db'}")
+    return store, PolicyRegistry(home / "policies", store)
+
+
+def test_run_job_twice_writes_once_and_cache_reloads_between_jobs(store_registry):
+    from agent.policy import build_builtin_policy
+    from workers.cache import PolicyCache
+    from workers.jobs import run_job, submit_jobs
+
+    store, registry = store_registry
+    cache = PolicyCache(registry)
+    a, b = submit_jobs(store, [Problem("12+34=", "640", id="u1"), Problem("5+5=", "01", id="u2")], rounds=2,
+                       search={"strategy": "greedy", "max_new_tokens": 4})
+    first = run_job(store, a, cache.get, "t")
+    assert first["status"] == "done" and first["result"]["policy_version"] == "v0"
+    n = len(store.trajectories(job_id=a))
+    assert run_job(store, a, cache.get, "t") == first  # delivered again after it finished: nothing changes
+    assert len(store.trajectories(job_id=a)) == n and store.get_job(a).attempts == 1
+    # a new promoted version is picked up by the next job, never inside one
+    model, tok = build_builtin_policy()
+    v1 = registry.save(model, tok, parent="v0", trained_on={})
+    registry.promote(v1, {})
+    assert run_job(store, b, cache.get, "t")["result"]["policy_version"] == v1 and cache.loads == 2
+    registry.promote("v0", {})
+
+
+def test_a_second_delivery_while_the_first_runs_does_not_write_twice(store_registry, tmp_path):
+    from workers.cache import PolicyCache
+    from workers.jobs import LeaseBusy, run_job, submit_jobs
+    from workers.lease import RedisLease
+    import redis
+
+    server = RedisServer(tmp_path, appendonly=False).start()
+    try:
+        client = redis.Redis(port=server.port)
+        store, registry = store_registry
+        cache = PolicyCache(registry)
+        (job,) = submit_jobs(store, [Problem("7+8=", "51", id="u3")], search={"max_new_tokens": 4})
+        started = threading.Event()
+
+        def slow_policy():
+            started.set()
+            time.sleep(1.0)  # the first delivery is mid-job while the second arrives
+            return cache.get()
+
+        out = {}
+        first = threading.Thread(target=lambda: out.update(a=run_job(store, job, slow_policy, "w1", lease=RedisLease(client, f"lease:{job}", 5))))
+        first.start()
+        started.wait(10)
+        with pytest.raises(LeaseBusy):
+            run_job(store, job, cache.get, "w2", lease=RedisLease(client, f"lease:{job}", 5))
+        first.join()
+        assert out["a"]["status"] == "done" and store.get_job(job).attempts == 1
+        assert run_job(store, job, cache.get, "w2", lease=RedisLease(client, f"lease:{job}", 5)) == out["a"]
+        assert len(store.trajectories(job_id=job)) == 1 and client.get(f"lease:{job}") is None
+    finally:
+        server.stop()
+
+
+def test_a_job_that_keeps_killing_its_worker_gives_up(store_registry):
+    from workers.jobs import run_job, submit_jobs
+
+    store, registry = store_registry
+    (job,) = submit_jobs(store, [Problem("1+1=", "20", id="u4")])
+    for _ in range(2):  # two deliveries that died mid-job (counted, never finished)
+        store.start_job(job, "dead")
+    out = run_job(store, job, lambda: None, "w", max_deliveries=2)
+    assert out["status"] == "failed" and "gave up after 2 deliveries" in out["error"]
+
+
+# CLI ---------------------------------------------------------------------------------------------------------
+
+def _cli(env: dict, *args):
+    from agent.cli import app
+
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+@pytest.fixture()
+def cli_env(home):
+    return {"ARBOR_HOME": str(home), "ARBOR_DATABASE_URL": "", "ARBOR_BROKER_URL": "", "ARBOR_DEVICE": "cpu"}
+
+
+def test_cli_submit_in_process_and_results_json(cli_env, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "21+43=", "answer": "640", "id": "c1"}\n{"prompt": "9+9=", "answer": "81", "id": "c2"}\n')
+    res = _cli(cli_env, "submit", str(f), "--refine", "2", "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    ids = [line for line in res.stdout.split() if len(line) == 32]
+    assert len(ids) == 2
+    rows = {r["job_id"]: r for r in json.loads(_cli(cli_env, "results", "--json").stdout)}
+    for job_id in ids:
+        r = rows[job_id]
+        assert r["status"] == "done" and r["attempts"] == 1 and set(r["best"]) == {"completion", "score", "verified"}
+    assert '"status": "done"' in _cli(cli_env, "status", ids[0]).stdout
+
+
+def test_cli_errors_are_one_clear_line(cli_env, tmp_path, store_registry):
+    store, _ = store_registry
+    before = len(store.list_jobs())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "20"}\n{"prompt": 3}\nnot json\n{"prompt": "x", "task": "chess"}\n')
+    res = _cli(cli_env, "submit", str(bad))
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "bad.jsonl:2: field 'prompt'" in res.output and "bad.jsonl:3: not valid JSON" in res.output
+    assert "bad.jsonl:4: field 'task' is 'chess'" in res.output and "nothing was submitted" in res.output
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "1+1=", "answer": "20"}\n')
+    down = {**cli_env, "ARBOR_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    res = _cli(down, "submit", str(good))
+    assert res.exit_code == 1 and "cannot reach the broker" in res.output and "Traceback" not in res.output
+    assert len(store.list_jobs()) == before  # nothing accepted, nothing half-accepted
+    not_model = tmp_path / "not-a-model"
+    not_model.mkdir()
+    res = _cli(cli_env, "policies", "add", str(not_model))
+    assert res.exit_code == 1 and "is not a model folder" in res.output and "Traceback" not in res.output
+    res = _cli(cli_env, "worker")
+    assert res.exit_code == 1 and "no broker configured" in res.output
+
+
+def test_cli_policies_add_promotes_a_local_model(cli_env, tmp_path, store_registry):
+    from agent.policy import build_builtin_policy
+
+    _, registry = store_registry
+    model, tok = build_builtin_policy()
+    model.save_pretrained(tmp_path / "mine")
+    tok.save_pretrained(tmp_path / "mine")
+    res = _cli(cli_env, "policies", "add", str(tmp_path / "mine"))
+    assert res.exit_code == 0, res.output
+    version = res.stdout.strip().splitlines()[-1]
+    assert registry.promoted()[0] == version
+    listed = json.loads(_cli(cli_env, "policies", "--json").stdout)
+    assert {"version", "path", "status", "metrics"} <= set(listed[0])
+    assert [p["version"] for p in listed if p["status"] == "promoted"] == [version]
+    registry.promote("v0", {})
