@@ -74,6 +74,8 @@ def celery_settings(cfg: QueueConfig) -> dict:
     }
     return dict(
         broker_url=cfg.broker_url,
+        # kombu's Redis transport, except that a malformed queue entry is set aside instead of killing the worker
+        broker_transport="workers.transport:Transport",
         result_backend=cfg.broker_url,
         # JSON only: a message never carries code
         task_serializer="json",
