@@ -283,6 +283,21 @@ def policies(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", h
         typer.echo(f"{'*' if r['status'] == 'promoted' else ' '} {r['version']:6} {r['status']:9} {r['path']}")
 
 
+@policies_app.command("init")
+def policies_init():
+    """Create the store's schema and, when no version is promoted yet, warm-start the built-in policy as v0."""
+    from agent.loop import ensure_policy
+    from agent.registry import PolicyRegistry
+
+    settings = _settings(os.environ.get("ARBOR_DEVICE", "auto"))
+    store = _store(settings)
+    registry = PolicyRegistry(settings.policies_dir, store)
+    if registry.promoted() is None:
+        with console.status("warm-starting the built-in policy"):
+            ensure_policy(settings, store, registry)
+    typer.echo(registry.promoted()[0])
+
+
 @policies_app.command("add")
 def policies_add(path: Path = typer.Argument(..., help="a local transformers model folder (save_pretrained)")):
     """Register a local model folder as a new version and promote it: workers move to it between jobs."""
