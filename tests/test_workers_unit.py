@@ -220,3 +220,21 @@ def test_cli_policies_add_promotes_a_local_model(cli_env, tmp_path, store_regist
     assert {"version", "path", "status", "metrics"} <= set(listed[0])
     assert [p["version"] for p in listed if p["status"] == "promoted"] == [version]
     registry.promote("v0", {})
+
+
+def test_never_two_train_cycles_at_once(home, store_registry, monkeypatch):
+    from agent.settings import Settings
+    from workers.lease import FileLease
+    from workers.training import run_train_cycle
+
+    store, registry = store_registry
+    settings = Settings(home=home, device="cpu")
+    monkeypatch.setattr("agent.loop.train_from_store", lambda *a, **k: pytest.fail("trained while another cycle ran"))
+    running = FileLease(home / "train.lock", holder="cycle-1")
+    assert running.acquire()
+    try:
+        out = run_train_cycle(settings, store, registry, job_id="cycle-2", worker="t")
+        assert out == {"skipped": "another train cycle is running"} and store.get_job("cycle-2").status == "done"
+        assert run_train_cycle(settings, store, registry, job_id="cycle-2", worker="t") == out  # redelivered: same
+    finally:
+        running.release()

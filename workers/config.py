@@ -9,6 +9,8 @@ Every number comes from the environment so that tests can shrink the visibility 
     ARBOR_MAX_DELIVERIES        deliveries after which a job is marked failed instead of run again (5)
     ARBOR_TRAIN_EVERY_S         beat period of the train cycle (3600)
     ARBOR_TRAIN_THRESHOLD       new best trajectories that start a train cycle (200; 0 turns it off)
+    ARBOR_TORCH_THREADS         torch threads per worker process (unset: torch's default)
+    ARBOR_TRAIN_BUDGET_S, ARBOR_PROMOTE_MARGIN, ARBOR_HELDOUT_PER_DIFFICULTY: the train cycle (workers/training.py)
 """
 
 from __future__ import annotations

@@ -22,6 +22,25 @@ def _ensure_job(store: Store, job_id: str) -> None:
             pass  # another delivery created it a moment ago
 
 
+def loop_config_from_env():
+    """The train cycle's LoopConfig, with the few knobs a deployment sets from the environment:
+    ARBOR_TRAIN_BUDGET_S (fine-tune wall clock), ARBOR_PROMOTE_MARGIN (how much the candidate must beat the
+    promoted version by on held-out problems), ARBOR_HELDOUT_PER_DIFFICULTY (built-in held-out set size)."""
+    import os
+    from dataclasses import replace
+
+    from agent.loop import LoopConfig
+
+    cfg = LoopConfig()
+    if os.environ.get("ARBOR_TRAIN_BUDGET_S"):
+        cfg.train = replace(cfg.train, time_budget_s=float(os.environ["ARBOR_TRAIN_BUDGET_S"]))
+    if os.environ.get("ARBOR_PROMOTE_MARGIN"):
+        cfg.promote_margin = float(os.environ["ARBOR_PROMOTE_MARGIN"])
+    if os.environ.get("ARBOR_HELDOUT_PER_DIFFICULTY"):
+        cfg.heldout_per_difficulty = int(os.environ["ARBOR_HELDOUT_PER_DIFFICULTY"])
+    return cfg
+
+
 def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None) -> dict:
     """Fine-tune the promoted policy on the store's new best trajectories, evaluate, promote or reject.
 
@@ -49,7 +68,7 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
             if store.count_untrained_best() == 0:
                 result = {"skipped": "no new best trajectories to train on"}
             else:
-                result = train_from_store(settings, store, registry, cfg)
+                result = train_from_store(settings, store, registry, cfg or loop_config_from_env())
         except Exception as exc:
             log.exception("train cycle %s failed", job_id)
             record_once(store, job_id, None, [], error=f"{type(exc).__name__}: {exc}")
