@@ -1,0 +1,134 @@
+"""The expansion engine, step beam, MCTS, scorers and the tree view, on tiny real models."""
+
+import pytest
+import torch
+
+from agent.policy import BuiltinConfig, Policy, build_builtin_policy
+from agent.tasks import get_task
+from search import SearchConfig, run_search
+from search.engine import decode
+from search.expand import Expander
+from search.scorers import Confidence, Sum, Verifier, load_scorer, majority_vote
+from search.tree import walk
+from search.tree_html import tree_from_candidates, tree_to_html
+from search.types import Candidate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # 2 torch threads on a shared 2-core machine spin against each other: 1 thread ran these 5x faster
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _policy(scheme="coupled", eos_boost=4.0) -> Policy:
+    model, tok = build_builtin_policy(BuiltinConfig(position_scheme=scheme, seed=3))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.eos_token_id] *= eos_boost
+    return Policy(model.eval(), tok, "tiny")
+
+
+PROMPTS = ["12+34=", "123+456=", "9+9=", "1234+5678=", "55+55="]
+
+
+def _grow_greedy(ex, prompts, step_tokens, max_new):
+    """Expand every root greedily step by step; returns the terminal leaf of each root."""
+    roots = ex.roots(prompts)
+    frontier, leaves = list(roots), {}
+    while frontier:
+        kids = ex.expand(frontier, [1] * len(frontier), 0.0, step_tokens, max_new)
+        frontier = [k[0] for k in kids if not k[0].terminal]
+        leaves.update({id(k[0].path()[0]): k[0] for k in kids if k[0].terminal})
+    return roots, [leaves[id(r)] for r in roots]
+
+
+@pytest.mark.parametrize("scheme", ["coupled", "sequential"])
+def test_step_expansion_with_reused_prefix_equals_plain_greedy(scheme):
+    policy = _policy(scheme, eos_boost=1.0)
+    ref = decode(policy.model, policy.tokenizer, PROMPTS, max_new_tokens=9)
+    for reuse in (True, False):
+        ex = Expander(policy.model, policy.tokenizer, reuse_prefix=reuse)
+        roots, leaves = _grow_greedy(ex, PROMPTS, 2, 9)
+        for leaf, d in zip(leaves, ref):
+            ids, lps, _ = leaf.completion()
+            assert ids == d[0].token_ids
+            assert max(abs(a - b) for a, b in zip(lps, d[0].logprobs)) < 1e-4
+        assert ex.stats.generated_tokens == 9 * len(PROMPTS)
+        assert all(ex.tokens_of[id(r)] == 9 for r in roots)
+        if reuse:  # every expanded node caches exactly its own tokens: nothing on a path is computed twice
+            for r in roots:
+                for n in walk(r):
+                    if n.children:
+                        assert n.kv_len == len(n.token_ids)
+
+
+def test_sampled_children_share_the_parent_cache():
+    policy = _policy()
+    ex = Expander(policy.model, policy.tokenizer)
+    roots = ex.roots(PROMPTS[:2])
+    passes = ex.stats.forward_passes
+    kids = ex.expand(roots, [6, 3], 1.0, 3, 12, torch.Generator().manual_seed(0))
+    assert [len(k) for k in kids] == [6, 3]
+    assert all(c.parent is r and c in r.children for r, ks in zip(roots, kids) for c in ks)
+    # roots were prefilled once: the expansion spends at most one forward per decoded token position
+    assert ex.stats.forward_passes - passes <= 2
+    grandkids = ex.expand([k[0] for k in kids if not k[0].terminal], [2] * sum(not k[0].terminal for k in kids), 1.0, 3, 12)
+    for ks in grandkids:
+        for g in ks:
+            assert g.full_ids()[: len(g.parent.full_ids())] == g.parent.full_ids()
+
+
+@pytest.mark.parametrize("strategy", ["step_beam", "mcts"])
+def test_tree_strategies_reuse_and_recompute_agree(strategy):
+    policy = _policy()
+    problems = get_task("addition").generate(3, 4, seed=1)
+    kw = dict(strategy=strategy, max_new_tokens=6, beams=2, children=3, simulations=4, max_step_tokens=2, keep_tree=True)
+    fast = run_search(problems, SearchConfig(**kw), policy)
+    slow = run_search(problems, SearchConfig(reuse_prefix=False, **kw), policy)
+    for a, b in zip(fast, slow):
+        assert [c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates]
+        assert a.generated_tokens == b.generated_tokens > 0
+        assert a.best.finished or all(not c.finished for c in a.candidates)
+        assert a.tree is not None and a.tree.on_best_path and a.tree.kv is None  # key/values released
+        assert len({tuple(c.token_ids) for c in a.candidates}) == len(a.candidates)
+    if strategy == "mcts":
+        root = fast[0].tree
+        assert root.visits == sum(c.visits for c in root.children) > 0
+        assert abs(sum(c.prior for c in root.children) - 1.0) < 1e-6
+
+
+def test_verifier_scorer_steers_mcts_to_checked_answers():
+    model, tok = build_builtin_policy(BuiltinConfig(seed=3))
+    policy = Policy(model.eval(), tok, "tiny")
+    problems = get_task("addition").generate(1, 3, seed=2)
+    cfg = SearchConfig(strategy="mcts", use_verifier=True, max_new_tokens=3, simulations=3, children=2)
+    results = run_search(problems, cfg, policy)
+    for r in results:  # an untrained model is never right: the verifier term is 0 everywhere
+        assert all(c.score < 0 for c in r.candidates)
+    with pytest.raises(ValueError, match="use_verifier"):
+        load_scorer(SearchConfig(scorer="verifier+mean_logprob"))
+
+
+def test_scorers_and_majority_vote():
+    def cand(text, mean, mn, ent, verified):
+        return Candidate(text, [1], mean, mn, ent, finished=True, verified=verified)
+
+    cs = [cand("12", -0.1, -0.5, 1.0, False), cand("13", -0.3, -0.3, 0.2, True), cand("13", -0.4, -0.4, 0.3, True)]
+    assert Confidence("mean_logprob").score([None], [cs]) == [[-0.1, -0.3, -0.4]]
+    assert Confidence("min_logprob").score([None], [cs]) == [[-0.5, -0.3, -0.4]]
+    assert Confidence("neg_entropy").score([None], [cs]) == [[-1.0, -0.2, -0.3]]
+    assert Sum([Verifier(), Confidence("mean_logprob")]).score([None], [cs]) == [[-0.1, 0.7, 0.6]]
+    assert load_scorer(SearchConfig(use_verifier=True)).name == "verifier+mean_logprob"
+    assert majority_vote(cs).completion == "13"
+
+
+def test_tree_html_marks_the_chosen_path(tmp_path):
+    policy = _policy()
+    problems = get_task("addition").generate(2, 2, seed=0)
+    tree = run_search(problems, SearchConfig(strategy="step_beam", max_new_tokens=4, beams=2, children=2, keep_tree=True), policy)
+    beams = run_search(problems, SearchConfig(strategy="beam", max_new_tokens=4, beams=3), policy)
+    trie = tree_from_candidates(policy.tokenizer(problems[0].prompt).input_ids, beams[0].candidates)
+    page = tree_to_html([tree[0].tree, trie], policy.tokenizer, ["step_beam", "beam"])
+    assert page.count('class="best"') >= 2 and "visits=" in page and "conf=" in page
