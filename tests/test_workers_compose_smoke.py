@@ -9,6 +9,7 @@ no better on held-out problems; ARBOR_PROMOTE_MARGIN=-1 lets it through, which i
 from __future__ import annotations
 
 import json
+import re
 
 from agent.registry import PolicyRegistry
 from agent.store import Store
@@ -67,7 +68,9 @@ def test_compose_topology_submit_solve_train_promote_reload(tmp_path):
             # the same worker processes moved to the new version between jobs, without a restart
             assert {store.get_job(j).worker for j in second.stdout.split()} & served
             logs = procs[0].text() + procs[1].text()
-            assert f"loaded policy {new} (was v0)" in logs
+            # (later cycles may promote again while the second batch runs: the second batch's own trajectories
+            # cross the threshold too)
+            assert re.search(r"loaded policy v[1-9]\d* \(was v0\)", logs)
             wait_for(lambda: "Sending due task train-cycle" in beat.text(), 30, "beat to send a train cycle")
             assert all(p.proc.poll() is None for p in procs)
     finally:
