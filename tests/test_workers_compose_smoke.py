@@ -58,13 +58,16 @@ def test_compose_topology_submit_solve_train_promote_reload(tmp_path):
             trains = store.list_jobs(kind="train")
             assert trains and all(t.status == "done" for t in trains if t.result and t.result.get("promoted"))
 
-            second = arbor("submit", str(_jsonl(tmp_path / "b.jsonl", "b", 6)), "--max-new-tokens", "8", "--wait",
+            second = arbor("submit", str(_jsonl(tmp_path / "b.jsonl", "b", 6)), "--refine", "2", "--max-new-tokens", "8", "--wait",
                            "--timeout", "120", env=env)
             assert second.returncode == 0, second.stderr
             versions = {store.get_job(j).result["policy_version"] for j in second.stdout.split()}
             assert "v0" not in versions and new in versions | {v.version for v in store.policies()}
-            for j in second.stdout.split():
-                assert {t.policy_version for t in store.trajectories(job_id=j)} == {store.get_job(j).result["policy_version"]}
+            for j in second.stdout.split():  # refinement through the queue: two rounds, linked, one version per job
+                rows = store.trajectories(job_id=j)
+                assert {t.policy_version for t in rows} == {store.get_job(j).result["policy_version"]}
+                assert store.get_job(j).kind == "refine" and store.get_job(j).result["rounds"] == 2
+                assert {t.round for t in rows} == {0, 1} and all(t.parent_id for t in rows if t.round == 1)
             # the same worker processes moved to the new version between jobs, without a restart
             assert {store.get_job(j).worker for j in second.stdout.split()} & served
             logs = procs[0].text() + procs[1].text()
