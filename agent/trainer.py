@@ -7,6 +7,7 @@ predictable on a CPU; the learning rate is constant because the number of steps 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -27,21 +28,35 @@ class TrainConfig:
     max_length: int = 512
     seed: int = 0
     bf16: bool | None = None  # None: bf16 autocast where the hardware supports it
+    schedule: str = "constant"  # constant | time_cosine (warm-up and cosine decay over the time budget)
 
     def __post_init__(self):
         if self.time_budget_s <= 0 and self.max_steps <= 0:
             raise ValueError("a fine-tune needs a positive time_budget_s or max_steps")
 
 
-class _StopAfter(TrainerCallback):
-    """Stops training once the time budget is spent (checked after every optimizer step)."""
+class _TimeBudget(TrainerCallback):
+    """Stops training once the time budget is spent and, optionally, anneals the learning rate over *time*
+    (linear warm-up, cosine decay to 10%): the step count of a time-bounded run is not known in advance."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, max_steps: int, base_lr: float, cosine: bool, warmup_fraction: float = 0.05):
+        self.seconds, self.max_steps, self.base_lr, self.cosine, self.warmup = seconds, max_steps, base_lr, cosine, warmup_fraction
         self.start = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if not self.cosine or optimizer is None:
+            return
+        # progress through whichever bound ends the run first: time or steps
+        progress = min(1.0, max((time.monotonic() - self.start) / self.seconds, state.global_step / self.max_steps))
+        if progress < self.warmup:
+            scale = max(progress / self.warmup, 0.01)
+        else:
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (progress - self.warmup) / (1 - self.warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = self.base_lr * scale
 
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.start >= self.seconds:
@@ -71,7 +86,7 @@ class SFTFineTuner:
         use_cuda = torch.cuda.is_available() and model.device.type == "cuda"
         bf16 = _bf16_supported() if cfg.bf16 is None else cfg.bf16
         dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        _quiet_libraries()
         with tempfile.TemporaryDirectory(prefix="arbor-sft-") as out:
             args = SFTConfig(
                 output_dir=out,
@@ -84,10 +99,11 @@ class SFTFineTuner:
                 max_length=cfg.max_length,
                 bf16=bf16,
                 use_cpu=not use_cuda,
-                gradient_checkpointing=False,  # 1.5x faster for tiny models (notes/measured.md)
+                activation_checkpointing=False,  # TRL turns it on; off is 1.5x faster for tiny models (notes/measured.md)
                 report_to="none",
                 save_strategy="no",
                 logging_steps=10,
+                log_level="error",
                 disable_tqdm=True,
                 seed=cfg.seed,
                 dataset_num_proc=None,
@@ -98,7 +114,7 @@ class SFTFineTuner:
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                callbacks=[_StopAfter(cfg.time_budget_s)],
+                callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cfg.schedule == "time_cosine")],
             )
             start = time.monotonic()
             result = trainer.train()
@@ -112,6 +128,17 @@ class SFTFineTuner:
             "examples": len(examples),
             "seconds": round(seconds, 2),
         }
+
+
+def _quiet_libraries() -> None:
+    """Per-map progress bars from datasets and transformers would drown Arbor's own progress display."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

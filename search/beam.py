@@ -196,10 +196,15 @@ def _drop_done(done, nb, st, active, cache, prompt_ids, prompt_mask):
     return st.select(keep), active[keep], cache, prompt_ids[rows], prompt_mask[rows]
 
 
-def beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+def run_in_chunks(chunk_fn, problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+    """Problems in chunks of at most cfg.max_rows decoded rows (beams rows each)."""
     stats = DecodeStats()
     per_chunk = max(1, cfg.max_rows // cfg.beams)
     results = []
     for start in range(0, len(problems), per_chunk):
-        results += _beam_chunk(problems[start : start + per_chunk], cfg, policy, stats)
+        results += chunk_fn(problems[start : start + per_chunk], cfg, policy, stats)
     return results
+
+
+def beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+    return run_in_chunks(_beam_chunk, problems, cfg, policy)

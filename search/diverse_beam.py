@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from agent.tasks import Problem
-from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done
+from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done, run_in_chunks
 from search.engine import DecodeStats, _step
 from search.types import SearchConfig, SearchResult
 
@@ -68,9 +68,4 @@ def _true_scores(st: BeamState, length_penalty: float) -> BeamState:
 
 
 def diverse_beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
-    stats = DecodeStats()
-    per_chunk = max(1, cfg.max_rows // cfg.beams)
-    results = []
-    for start in range(0, len(problems), per_chunk):
-        results += _diverse_chunk(problems[start : start + per_chunk], cfg, policy, stats)
-    return results
+    return run_in_chunks(_diverse_chunk, problems, cfg, policy)

@@ -1,1 +1,96 @@
-"""`arbor run`: the self-improvement loop (filled in by the loop)."""
+"""`arbor run`: the self-improvement loop in one process, with a live per-cycle table."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agent.cli import app
+
+console = Console(stderr=True)
+
+
+def _cycle_row(record) -> list[str]:
+    shown = sorted(record.heldout, key=lambda k: int(k) if k.isdigit() else -1)
+    if len(shown) > 8:
+        shown = [k for k in shown if not k.isdigit() or int(k) % 4 == 0 or k == record.frontier]
+    accs = " ".join(f"{k}:{record.heldout[k]:.2f}" for k in shown)
+    loss = record.train.get("train_loss")
+    status = "yes" if record.promoted else ("-" if record.candidate is None else "no")
+    return [str(record.cycle), f"{record.elapsed_s:.0f}", record.policy_version, str(record.frontier), accs,
+            str(record.accepted), "" if loss is None else f"{loss:.3f}", status]
+
+
+@app.command("run")
+def run(
+    model: Optional[Path] = typer.Option(None, help="A local transformers causal-LM folder to start from (default: the built-in policy)."),
+    demos: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} pairs for the warm start."),
+    problems: Optional[Path] = typer.Option(None, help="JSONL of problems (default: the built-in addition task)."),
+    cycles: int = typer.Option(20, help="Self-training cycles after the warm start."),
+    time_budget: Optional[float] = typer.Option(None, help="Stop starting cycles after this many seconds (warm start included)."),
+    strategy: str = typer.Option("best_of_n", help="Search strategy used to find trajectories."),
+    samples: int = typer.Option(8, help="Candidates per problem (best_of_n)."),
+    select: str = typer.Option("label_free", help="label_free (answers never used) or verifier (train on verified answers)."),
+    problems_per_cycle: int = typer.Option(1000),
+    train_seconds: float = typer.Option(60.0, help="Fine-tune time per cycle."),
+    warm_start_seconds: float = typer.Option(150.0, help="Warm-start time for a new built-in policy."),
+    heldout: int = typer.Option(100, help="Held-out problems per difficulty (built-in task)."),
+    run_name: Optional[str] = typer.Option(None, help="Folder name under $ARBOR_HOME/runs."),
+    home: Optional[Path] = typer.Option(None, envvar="ARBOR_HOME", help="Checkpoints, store and runs."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on the last line."),
+):
+    """Run the self-improvement loop: search, select, fine-tune, evaluate, promote."""
+    from agent.loop import LoopConfig, WarmStartConfig
+    from agent.policy import PolicyLoadError
+    from agent.runner import RunError, RunInputs, run_main
+    from agent.select import SelectConfig
+    from agent.settings import Settings
+    from agent.trainer import TrainConfig
+    from search import STRATEGIES, SearchConfig
+
+    if strategy not in STRATEGIES:
+        raise typer.BadParameter(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}", param_hint="--strategy")
+    settings = Settings() if home is None else Settings(home=home)
+    base = LoopConfig()
+    cfg = replace(
+        base,
+        cycles=cycles,
+        time_budget_s=time_budget,
+        problems_per_cycle=problems_per_cycle,
+        heldout_per_difficulty=heldout,
+        search=SearchConfig(strategy=strategy, n=samples, temperature=1.0),
+        select=SelectConfig(mode=select),
+        train=replace(base.train, time_budget_s=train_seconds),
+        warm_start=WarmStartConfig(train=TrainConfig(learning_rate=base.warm_start.train.learning_rate,
+                                                     time_budget_s=warm_start_seconds, schedule=base.warm_start.train.schedule)),
+    )
+    table = Table(title="Arbor self-improvement", show_lines=False)
+    for col in ["cycle", "s", "policy", "frontier", "held-out accuracy (difficulty:acc)", "accepted", "loss", "promoted"]:
+        table.add_column(col)
+
+    def on_event(kind: str, payload) -> None:
+        if kind == "warning":
+            console.print(f"[yellow]warning:[/] {payload}")
+        elif kind == "phase":
+            console.print(f"[cyan]{payload}[/]")
+        elif kind == "cycle":
+            row = _cycle_row(payload)
+            table.add_row(*row)
+            console.print("  ".join(f"{c}={v}" for c, v in zip(["cycle", "t", "policy", "frontier", "acc", "accepted", "loss", "promoted"], row)))
+
+    try:
+        with console.status("running the self-improvement loop (each cycle: search, select, train, evaluate)"):
+            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name), on_event)
+    except (RunError, PolicyLoadError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    console.print(table)
+    console.print(f"report: {report['run_dir']}/report.md, learning curve: {report['run_dir']}/learning_curve.png")
+    if json_out:
+        print(json.dumps({"cycles": report["cycles"], "final_policy": report["final_policy"], "run_dir": report["run_dir"]}, default=str))

@@ -1,0 +1,334 @@
+"""The self-improvement loop, one cycle at a time:
+
+    frontier -> search -> select (verifier or label-free filters) -> fine-tune a candidate (TRL)
+             -> evaluate candidate vs current on held-out problems -> promote only if better
+
+Everything runs in one process; workers/ calls the same functions from Celery tasks.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from agent.curriculum import Curriculum, ProblemSource
+from agent.policy import BuiltinConfig, Policy
+from agent.registry import PolicyRegistry
+from agent.select import Pseudo, SelectConfig, select
+from agent.solve import trajectory_rows
+from agent.store import Store
+from agent.tasks import Problem, Task
+from agent.trainer import SFTFineTuner, TrainConfig
+from search import SearchConfig, run_search
+
+
+@dataclass
+class WarmStartConfig:
+    difficulties: tuple[int, ...] = (1, 2, 3, 4)  # the built-in task is warm-started on these only
+    examples_per_difficulty: int = 8000
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=2e-3, time_budget_s=150.0))
+
+
+@dataclass
+class LoopConfig:
+    cycles: int = 20
+    time_budget_s: float | None = None  # stop starting cycles once the run (warm start included) has used this
+    problems_per_cycle: int = 1000
+    heldout_per_difficulty: int = 100
+    report_difficulties: tuple[int, ...] = (4, 8, 12, 16, 20, 24)
+    eval_ahead: int = 3  # also evaluate this many difficulties past the frontier
+    max_difficulty: int = 40
+    threshold: float = 0.9  # held-out metric at which a difficulty counts as mastered
+    promote_margin: float = 0.0  # candidate must beat current by more than this
+    examples_per_cycle: int = 8000  # training mix size (replay included)
+    replay_seed_fraction: float = 0.3  # warm-start (true-labelled) data in every mix
+    replay_newest_fraction: float = 0.35  # the rest is split between this cycle's and earlier cycles' labels
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=8, temperature=1.0))
+    eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"))
+    select: SelectConfig = field(default_factory=SelectConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=60.0))
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)  # shape of a new built-in policy
+    seed: int = 0
+    stop_when: dict | None = None  # e.g. {"difficulty": 20, "accuracy": 0.9}: stop once reached (benchmarks)
+
+
+def greedy_solver(policy, cfg: SearchConfig) -> Callable[[list[Problem]], list[str]]:
+    """The label filters' access to the policy: greedy answers to sub-problems, batched."""
+
+    def solve(problems: list[Problem]) -> list[str]:
+        greedy = SearchConfig(strategy="greedy", max_new_tokens=cfg.max_new_tokens, max_rows=cfg.max_rows)
+        return [r.best.completion for r in run_search(problems, greedy, policy)]
+
+    return solve
+
+
+def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task | None = None) -> dict:
+    """Held-out accuracy per difficulty (ground truth) and, when the task declares label filters, the
+    self-verified rate: the share of greedy answers that pass them (no ground truth)."""
+    problems = [p for ps in by_difficulty.values() for p in ps]
+    results = run_search(problems, cfg, policy) if problems else []
+    accuracy, self_verified = {}, {}
+    by_key = {}
+    for r in results:
+        by_key.setdefault(_key(r.problem), []).append(r)
+    for key, rs in by_key.items():
+        judged = [r for r in rs if r.best.verified is not None]
+        if judged:
+            accuracy[key] = sum(bool(r.best.verified) for r in judged) / len(judged)
+    if task is not None and task.label_filters():
+        items = []
+        for r in results:
+            answer = task.extract(r.problem, r.best.completion)
+            if answer is not None:
+                items.append(Pseudo(r, answer=answer, completion=r.best.completion))
+        solve = greedy_solver(policy, cfg)
+        for f in task.label_filters():
+            items = f(items, task, solve)
+        passed = {}
+        for p in items:
+            passed[_key(p.result.problem)] = passed.get(_key(p.result.problem), 0) + 1
+        self_verified = {key: passed.get(key, 0) / len(rs) for key, rs in by_key.items()}
+    return {"accuracy": accuracy, "self_verified": self_verified, "generated_tokens": sum(r.generated_tokens for r in results)}
+
+
+def _key(problem: Problem) -> str:
+    return str(problem.difficulty) if problem.difficulty is not None else "all"
+
+
+def gate_metric(evaluation: dict, mode: str) -> dict:
+    """What promotion and the curriculum look at: ground-truth accuracy in verifier mode; in label-free mode
+    the self-verified rate when the task has label filters (no ground truth used), else accuracy."""
+    if mode == "label_free" and evaluation["self_verified"]:
+        return evaluation["self_verified"]
+    return evaluation["accuracy"]
+
+
+def gate_score(metric: dict, keys: list[str]) -> float:
+    common = [k for k in keys if k in metric]
+    return sum(metric[k] for k in common) / len(common) if common else 0.0
+
+
+@dataclass
+class CycleRecord:
+    cycle: int
+    policy_version: str
+    candidate: str | None
+    promoted: bool
+    frontier: str | None
+    heldout: dict
+    self_verified: dict
+    gate: dict
+    accepted: int
+    filters: list
+    train: dict
+    seconds: dict
+    elapsed_s: float
+
+
+class SelfImprovementLoop:
+    def __init__(self, cfg: LoopConfig, store: Store, registry: PolicyRegistry, source: ProblemSource,
+                 seed_examples: list[dict], device: str = "cpu", on_cycle: Callable[[CycleRecord], None] | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.registry = registry
+        self.source = source
+        self.task = source.task
+        self.seed_examples = seed_examples
+        self.device = device
+        self.on_cycle = on_cycle
+        self.accepted: list[list[dict]] = []  # labels accepted per cycle, for replay
+        self.rng = random.Random(cfg.seed)
+        self.curriculum = Curriculum(source.difficulties(), cfg.threshold)
+
+    def _heldout(self, frontier_index: int | None) -> dict:
+        return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self.cfg.eval_ahead, self.cfg.report_difficulties))
+
+    def evaluate(self, policy, frontier_index: int | None) -> dict:
+        return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task)
+
+    def training_mix(self) -> list[dict]:
+        cfg, rng = self.cfg, self.rng
+        newest = self.accepted[-1] if self.accepted else []
+        older = [e for batch in self.accepted[:-1] for e in batch]
+        n = cfg.examples_per_cycle
+        n_seed = int(n * cfg.replay_seed_fraction) if self.seed_examples else 0
+        n_newest = int(n * cfg.replay_newest_fraction) if older else n - n_seed
+        n_older = n - n_seed - n_newest if older else 0
+        mix = [rng.choice(self.seed_examples) for _ in range(n_seed)]
+        mix += [rng.choice(newest) for _ in range(n_newest)] if newest else []
+        mix += [rng.choice(older) for _ in range(n_older)]
+        rng.shuffle(mix)
+        return mix
+
+    def run(self, start_version: str, start_time: float, warm_start_seconds: float = 0.0) -> list[CycleRecord]:
+        cfg = self.cfg
+        current = self.registry.load(start_version, self.device)
+        records = []
+        # cycle 0: the warm-started policy, before any self-training
+        t = time.monotonic()
+        evaluation = self.evaluate(current, self.curriculum.frontier_index)
+        metric = gate_metric(evaluation, cfg.select.mode)
+        self.curriculum.update(metric)
+        records.append(self._record(0, current.version, None, False, evaluation, metric, [], 0, {},
+                                    {"warm_start": warm_start_seconds, "eval": time.monotonic() - t}, start_time))
+        for cycle in range(1, cfg.cycles + 1):
+            if self._should_stop(records[-1], start_time):
+                break
+            record, current, evaluation, metric = self.cycle(cycle, current, evaluation, metric, start_time)
+            records.append(record)
+        return records
+
+    def _should_stop(self, last: CycleRecord, start_time: float) -> bool:
+        cfg = self.cfg
+        if cfg.time_budget_s is not None and time.monotonic() - start_time >= cfg.time_budget_s:
+            return True
+        if cfg.stop_when:
+            acc = last.heldout.get(str(cfg.stop_when["difficulty"]))
+            if acc is not None and acc >= cfg.stop_when["accuracy"]:
+                return True
+        return self.curriculum.frontier_index is None and self.source.builtin  # everything mastered
+
+    def cycle(self, cycle: int, current: Policy, current_eval: dict, current_metric: dict, start_time: float):
+        cfg, timings = self.cfg, {}
+        frontier_index = self.curriculum.frontier_index
+        frontier = self.curriculum.key(frontier_index)
+        t = time.monotonic()
+        problems = self.source.train_problems(frontier, cfg.problems_per_cycle, seed=cfg.seed * 1000 + cycle)
+        self.store.add_problems(problems)
+        search_cfg = replace(cfg.search, max_new_tokens=self.source.max_new_tokens(problems), seed=cfg.seed * 1000 + cycle)
+        results = run_search(problems, search_cfg, current)
+        timings["search"] = time.monotonic() - t
+
+        t = time.monotonic()
+        selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg))
+        accepted_ids = {e["problem_id"] for e in selection.examples}
+        rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
+        for row in rows:
+            row["trained_on"] = row["is_best"] and row["problem_id"] in accepted_ids
+        self.store.add_trajectories(rows)
+        timings["select"] = time.monotonic() - t
+        if selection.examples:
+            self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in selection.examples])
+
+        if not self.accepted:
+            record = self._record(cycle, current.version, None, False, current_eval, current_metric, selection.filters, 0, {}, timings, start_time)
+            return record, current, current_eval, current_metric
+
+        t = time.monotonic()
+        model = copy.deepcopy(current.model)
+        train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, self.training_mix())
+        timings["train"] = time.monotonic() - t
+        t = time.monotonic()
+        candidate = Policy(model, current.tokenizer, "candidate")
+        cand_eval = self.evaluate(candidate, frontier_index)
+        cand_metric = gate_metric(cand_eval, cfg.select.mode)
+        keys = [k for k in self.curriculum.keys_up_to(frontier_index, cfg.eval_ahead) if k in cand_metric]
+        cur_missing = {k: v for k, v in self._heldout(frontier_index).items() if k not in current_metric}
+        if cur_missing:  # the current policy was not evaluated at some difficulty yet (frontier moved)
+            extra = evaluate_policy(current, cur_missing, cfg.eval_search, self.task)
+            for part in ("accuracy", "self_verified"):
+                current_eval[part].update(extra[part])
+            current_metric = gate_metric(current_eval, cfg.select.mode)
+        cand_score, cur_score = gate_score(cand_metric, keys), gate_score(current_metric, keys)
+        promoted = cand_score > cur_score + cfg.promote_margin
+        timings["eval"] = time.monotonic() - t
+        metrics = {"heldout": cand_eval["accuracy"], "self_verified": cand_eval["self_verified"],
+                   "gate_score": cand_score, "current_gate_score": cur_score, "gate_keys": keys}
+        trained_on = {"cycle": cycle, "frontier": frontier, "examples": len(selection.examples), "filters": selection.filters,
+                      "train": train_stats, "mode": cfg.select.mode}
+        version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on, metrics=metrics)
+        if promoted:
+            self.registry.promote(version, metrics)
+            current = Policy(model, current.tokenizer, version, str(self.registry.root / version))
+            current_eval, current_metric = cand_eval, cand_metric
+            self.curriculum.update(current_metric)
+        else:
+            self.registry.reject(version, metrics)
+        record = self._record(cycle, current.version, version, promoted, current_eval, current_metric, selection.filters,
+                              len(selection.examples), train_stats, timings, start_time, gate={"candidate": cand_score, "current": cur_score})
+        return record, current, current_eval, current_metric
+
+    def _record(self, cycle, version, candidate, promoted, evaluation, metric, filters, accepted, train, timings, start_time, gate=None):
+        record = CycleRecord(
+            cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
+            frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation["accuracy"]),
+            self_verified=dict(evaluation["self_verified"]), gate=gate or {}, accepted=accepted, filters=filters,
+            train=train, seconds={k: round(v, 2) for k, v in timings.items()}, elapsed_s=round(time.monotonic() - start_time, 1),
+        )
+        if self.on_cycle:
+            self.on_cycle(record)
+        return record
+
+
+def warm_start_examples(task: Task, cfg: WarmStartConfig, seed: int = 0) -> list[dict]:
+    """True-labelled easy problems: the only ground truth the label-free loop ever trains on."""
+    examples = [{"prompt": p.prompt, "completion": p.answer}
+                for d in cfg.difficulties for p in task.generate(d, cfg.examples_per_difficulty, seed=seed, split="train")]
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def ensure_policy(settings, store: Store, registry: PolicyRegistry, cfg: LoopConfig | None = None,
+                  demos: list[dict] | None = None, charset: str | None = None, task: Task | None = None) -> str:
+    """The promoted version; when there is none, create the built-in policy and warm-start it as v0."""
+    from agent.policy import DEFAULT_CHARSET, build_builtin_policy
+    from agent.tasks import get_task
+
+    promoted = registry.promoted()
+    if promoted is not None:
+        return promoted[0]
+    cfg = cfg or LoopConfig()
+    model, tokenizer = build_builtin_policy(replace(cfg.builtin, seed=cfg.seed), charset or DEFAULT_CHARSET)
+    model.to(settings.device)
+    examples = demos if demos is not None else warm_start_examples(task or get_task("addition"), cfg.warm_start, cfg.seed)
+    stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, examples) if examples else {}
+    trained_on = {"warm_start": True, "examples": len(examples), "train": stats,
+                  "difficulties": list(cfg.warm_start.difficulties) if demos is None else "demos"}
+    version = registry.save(model, tokenizer, parent=None, trained_on=trained_on)
+    registry.promote(version, {"warm_start": stats})
+    return version
+
+
+def train_from_store(settings, store: Store, registry: PolicyRegistry, cfg: LoopConfig | None = None) -> dict:
+    """One train cycle over what the workers found: fine-tune the promoted policy on the best not-yet-trained
+    trajectories (verified ones where a checker exists), evaluate candidate vs current on held-out problems,
+    promote only if better. The store's held-out problems are used, else the built-in task's."""
+    from agent.curriculum import BuiltinSource
+    from agent.tasks import get_task
+
+    cfg = cfg or LoopConfig()
+    current = registry.load(device=settings.device)
+    rows = [r for r in store.trajectories(best_only=True) if not r.trained_on and r.verified is not False]
+    if not rows:
+        return {"candidate": None, "promoted": False, "reason": "no new best trajectories", "metrics": {}}
+    examples = []
+    for r in rows:
+        problem = store.get_problem(r.problem_id)
+        examples.append({"prompt": problem.prompt, "completion": r.completion})
+    heldout = {}
+    for p in store.heldout_problems():
+        heldout.setdefault(_key(p), []).append(p)
+    task = None
+    if not heldout:
+        task = get_task("addition")
+        heldout = BuiltinSource(task, cfg.heldout_per_difficulty, 8, cfg.seed).heldout_set([str(d) for d in range(1, 7)])
+    model = copy.deepcopy(current.model)
+    train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
+    candidate = Policy(model, current.tokenizer, "candidate")
+    cur_eval = evaluate_policy(current, heldout, cfg.eval_search, task)
+    cand_eval = evaluate_policy(candidate, heldout, cfg.eval_search, task)
+    keys = sorted(heldout)
+    cur_score = gate_score(gate_metric(cur_eval, cfg.select.mode), keys)
+    cand_score = gate_score(gate_metric(cand_eval, cfg.select.mode), keys)
+    promoted = cand_score > cur_score + cfg.promote_margin
+    metrics = {"heldout": cand_eval["accuracy"], "current_heldout": cur_eval["accuracy"],
+               "gate_score": cand_score, "current_gate_score": cur_score}
+    version = registry.save(model, current.tokenizer, parent=current.version,
+                            trained_on={"source": "store", "trajectories": len(rows), "train": train_stats}, metrics=metrics)
+    (registry.promote if promoted else registry.reject)(version, metrics)
+    store.mark_trained([r.id for r in rows])
+    return {"candidate": version, "promoted": promoted, "parent": current.version, "metrics": metrics, "train": train_stats}

@@ -1,0 +1,66 @@
+"""A run's results as report.json, report.md and a learning-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _difficulty_sort(keys):
+    return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
+
+
+def write_report(run_dir: Path, records: list, final_policy: str, config: dict, extra: dict | None = None) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cycles = [asdict(r) for r in records]
+    report = {"cycles": cycles, "final_policy": final_policy, "config": config, **(extra or {})}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "report.md").write_text(_markdown(cycles, final_policy))
+    _plot(cycles, run_dir / "learning_curve.png")
+    return report
+
+
+def _markdown(cycles: list[dict], final_policy: str) -> str:
+    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
+    shown = keys if len(keys) <= 12 else [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
+    head = "| cycle | time (s) | policy | frontier | " + " | ".join(f"d={k}" for k in shown) + " | accepted | train loss | promoted |"
+    lines = ["# Arbor run", "", f"Final policy: `{final_policy}`", "", "Held-out greedy accuracy per difficulty:", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for c in cycles:
+        accs = " | ".join(f"{c['heldout'][k]:.2f}" if k in c["heldout"] else "" for k in shown)
+        loss = c["train"].get("train_loss")
+        lines.append(f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {c['accepted']} | "
+                     f"{'' if loss is None else f'{loss:.3f}'} | {'yes' if c['promoted'] else ('-' if c['candidate'] is None else 'no')} |")
+    lines += ["", "Label filters per cycle (kept fraction / pseudo-label precision; ground truth read only for this report):", ""]
+    for c in cycles:
+        if c["filters"]:
+            parts = [f"{f['name']} {f['kept_fraction']:.2f}/{'-' if f['precision'] is None else format(f['precision'], '.3f')}" for f in c["filters"]]
+            lines.append(f"- cycle {c['cycle']} (difficulty {c['frontier']}): " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def _plot(cycles: list[dict], path: Path) -> None:
+    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
+    if len(keys) > 8:
+        keys = [k for k in keys if k.isdigit() and int(k) % 4 == 0] or keys[:8]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    minutes = [c["elapsed_s"] / 60 for c in cycles]
+    for k in keys:
+        points = [(m, c["heldout"][k]) for m, c in zip(minutes, cycles) if k in c["heldout"]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=f"difficulty {k}")
+    ax.set_xlabel("minutes (warm start included)")
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Arbor self-improvement: accuracy per difficulty")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

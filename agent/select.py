@@ -1,0 +1,177 @@
+"""Which searched trajectories become training data.
+
+Verifier mode: verified-correct candidates, the most confident one per problem.
+Label-free mode (answers never used): a pipeline of filters over each problem's group of candidates, as in
+Lee et al. 2025: format/length -> vote share -> the task's own consistency checks -> confidence. Every
+filter reports the fraction of problems it keeps and, when ground truth exists, the precision of what
+survives it (ground truth is read only for that report).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from agent.tasks import Problem, Task, verify
+from agent.tasks.addition import make_problem, operands
+from search import SearchResult
+
+# solve(prompts-as-problems) -> greedy completion text per problem; the filters' only access to the policy
+Solver = Callable[[list[Problem]], list[str]]
+
+
+@dataclass
+class Pseudo:
+    """A problem's pseudo-label as it passes through the filters."""
+
+    result: SearchResult
+    answer: str | None = None  # the label the filters vote for
+    completion: str | None = None  # the candidate text to train on
+    share: float = 0.0
+    confidence: float = float("-inf")
+
+
+@dataclass
+class SelectConfig:
+    mode: str = "label_free"  # label_free | verifier
+    min_vote_share: float = 0.75
+    min_confidence: float | None = None  # mean token log-prob of the chosen candidate; None: filter off
+    use_task_filters: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("label_free", "verifier"):
+            raise ValueError(f"selection mode must be 'label_free' or 'verifier' (got {self.mode!r})")
+
+
+@dataclass
+class Selection:
+    examples: list[dict]  # {"prompt", "completion", "problem_id"}
+    filters: list[dict] = field(default_factory=list)  # name, kept, kept_fraction, precision
+
+
+def _precision(items: list[Pseudo], task: Task) -> float | None:
+    judged = [p for p in items if p.result.problem.answer is not None]
+    if not judged:
+        return None
+    # before the vote, a problem's label is its best-ranked candidate
+    labels = [p.completion if p.completion is not None else p.result.best.completion for p in judged]
+    return sum(bool(verify(p.result.problem, text)) for p, text in zip(judged, labels)) / len(judged)
+
+
+class VoteShare:
+    name = "vote_share"
+
+    def __init__(self, min_share: float):
+        self.min_share = min_share
+
+    def __call__(self, items: list[Pseudo], task: Task, solve: Solver) -> list[Pseudo]:
+        kept = []
+        for p in items:
+            answers = [task.extract(p.result.problem, c.completion) for c in p.result.candidates]
+            answers = [a for a in answers if a is not None]
+            if not answers:
+                continue
+            answer, votes = Counter(answers).most_common(1)[0]
+            p.share = votes / len(p.result.candidates)
+            if p.share >= self.min_share:
+                best = max((c for c in p.result.candidates if task.extract(p.result.problem, c.completion) == answer),
+                           key=lambda c: c.mean_logprob)
+                p.answer, p.completion, p.confidence = answer, best.completion, best.mean_logprob
+                kept.append(p)
+        return kept
+
+
+class FormatCheck:
+    """At least one candidate is well formed (the task's own parser accepts it)."""
+
+    name = "format"
+
+    def __call__(self, items, task, solve):
+        return [p for p in items if any(task.extract(p.result.problem, c.completion) is not None for c in p.result.candidates)]
+
+
+class ConfidenceFloor:
+    name = "confidence"
+
+    def __init__(self, floor: float):
+        self.floor = floor
+
+    def __call__(self, items, task, solve):
+        return [p for p in items if p.confidence >= self.floor]
+
+
+class CommuteCheck:
+    """Addition commutes: the policy's greedy answer to b+a must equal the label for a+b."""
+
+    name = "commute"
+
+    def __call__(self, items: list[Pseudo], task: Task, solve: Solver) -> list[Pseudo]:
+        swapped = []
+        for p in items:
+            a, b = operands(p.result.problem)
+            swapped.append(make_problem(b, a))
+        answers = solve(swapped)
+        return [p for p, ans in zip(items, answers) if task.extract(p.result.problem, ans) == p.answer]
+
+
+class SplitCheck:
+    """Decomposition: the policy's own answers on the low and high halves (shorter, already mastered lengths),
+    joined through the low half's carry, must equal the label. Errors at a new length are systematic (the same
+    wrong answer under resampling or swapping), but the halves move the work to lengths the policy masters."""
+
+    name = "split"
+
+    def __call__(self, items: list[Pseudo], task: Task, solve: Solver) -> list[Pseudo]:
+        splittable = [p for p in items if len(operands(p.result.problem)[0]) >= 2]
+        subproblems = []
+        for p in splittable:
+            a, b = operands(p.result.problem)
+            k = len(a) // 2
+            subproblems += [make_problem(a[:k], b[:k]), make_problem(a[k:], b[k:])]
+        answers = solve(subproblems) if subproblems else []
+        kept = [p for p in items if len(operands(p.result.problem)[0]) < 2]
+        for i, p in enumerate(splittable):
+            low_problem, high_problem = subproblems[2 * i], subproblems[2 * i + 1]
+            low = task.extract(low_problem, answers[2 * i])
+            high = task.extract(high_problem, answers[2 * i + 1])
+            if low is None or high is None:
+                continue
+            k = len(operands(low_problem)[0])
+            carry = int(low[k])
+            high_width = len(operands(high_problem)[0]) + 1
+            high_plus_carry = str(int(high[::-1]) + carry).zfill(high_width)[::-1]
+            if len(high_plus_carry) == high_width and low[:k] + high_plus_carry == p.answer:
+                kept.append(p)
+        return kept
+
+
+def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solver) -> Selection:
+    if cfg.mode == "verifier":
+        return _select_verified(results, task)
+    items = [Pseudo(r) for r in results]
+    filters = [FormatCheck(), VoteShare(cfg.min_vote_share)]
+    if cfg.use_task_filters:
+        filters += task.label_filters()
+    if cfg.min_confidence is not None:
+        filters.append(ConfidenceFloor(cfg.min_confidence))
+    report = []
+    total = len(items)
+    for f in filters:
+        items = f(items, task, solve)
+        report.append({"name": f.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
+                       "precision": _precision(items, task)})
+    examples = [{"prompt": p.result.problem.prompt, "completion": p.completion, "problem_id": p.result.problem.id} for p in items]
+    return Selection(examples, report)
+
+
+def _select_verified(results: list[SearchResult], task: Task) -> Selection:
+    examples = []
+    for r in results:
+        correct = [c for c in r.candidates if c.verified]
+        if correct:
+            best = max(correct, key=lambda c: c.mean_logprob)
+            examples.append({"prompt": r.problem.prompt, "completion": best.completion, "problem_id": r.problem.id})
+    total = len(results)
+    return Selection(examples, [{"name": "verifier", "kept": len(examples),
+                                 "kept_fraction": len(examples) / total if total else 0.0, "precision": 1.0 if examples else None}])

@@ -1,0 +1,85 @@
+"""The loop on a tiny budget: it really trains, records, promotes, and its gate rejects a worse candidate."""
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from agent.curriculum import BuiltinSource
+from agent.loop import LoopConfig, SelfImprovementLoop, WarmStartConfig, ensure_policy, warm_start_examples
+from agent.policy import BuiltinConfig
+from agent.registry import PolicyRegistry
+from agent.select import SelectConfig
+from agent.settings import Settings
+from agent.store import Store
+from agent.tasks import get_task
+from agent.trainer import TrainConfig
+from search import SearchConfig
+
+
+def tiny_config(**changes) -> LoopConfig:
+    cfg = LoopConfig(
+        cycles=1,
+        builtin=BuiltinConfig(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4),  # 4x cheaper, same code
+        problems_per_cycle=64,
+        heldout_per_difficulty=24,
+        report_difficulties=(3,),
+        eval_ahead=1,
+        max_difficulty=4,
+        examples_per_cycle=600,
+        search=SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
+        select=SelectConfig(mode="verifier"),
+        train=TrainConfig(learning_rate=2e-3, time_budget_s=120.0, max_steps=40),
+        warm_start=WarmStartConfig(difficulties=(1, 2), examples_per_difficulty=800,
+                                   train=TrainConfig(learning_rate=3e-3, time_budget_s=120.0, max_steps=120, schedule="time_cosine")),
+    )
+    return replace(cfg, **changes)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    store = Store(settings.db_url)
+    registry = PolicyRegistry(settings.policies_dir, store)
+    return settings, store, registry
+
+
+def _loop(cfg, store, registry):
+    task = get_task("addition")
+    source = BuiltinSource(task, cfg.heldout_per_difficulty, cfg.max_difficulty, cfg.seed)
+    return SelfImprovementLoop(cfg, store, registry, source, warm_start_examples(task, cfg.warm_start, cfg.seed))
+
+
+def test_tiny_loop_trains_and_promotes(setup):
+    settings, store, registry = setup
+    cfg = tiny_config()
+    v0 = ensure_policy(settings, store, registry, cfg)
+    before = registry.load(v0).model.state_dict()
+    records = _loop(cfg, store, registry).run(v0, time.monotonic())
+    assert [r.cycle for r in records] == [0, 1]
+    first, second = records
+    assert first.policy_version == v0 and first.candidate is None
+    assert second.candidate == "v1" and second.accepted > 0 and second.train["steps"] > 0
+    rows = {r.version: r for r in store.policies()}
+    assert rows["v1"].parent == v0 and "gate_score" in rows["v1"].metrics and rows["v1"].trained_on["examples"] > 0
+    after = registry.load("v1").model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the candidate's weights really changed
+    assert second.promoted == (rows["v1"].status == "promoted")
+    assert second.promoted, f"a verified fine-tune should beat the 8-second warm start: {second.gate}"
+    assert registry.promoted()[0] == "v1"
+    best = store.trajectories(cycle=1, best_only=True)
+    assert len(best) == cfg.problems_per_cycle and all(t.policy_version == v0 for t in best)
+
+
+def test_gate_rejects_a_worse_candidate(setup):
+    settings, store, registry = setup
+    cfg = tiny_config()
+    v0 = ensure_policy(settings, store, registry, cfg)
+    # a learning rate this large wrecks the weights: the candidate must lose to the current policy
+    broken = replace(cfg, train=TrainConfig(learning_rate=5.0, time_budget_s=2.0, max_steps=5))
+    records = _loop(broken, store, registry).run(v0, time.monotonic())
+    assert records[1].candidate == "v1" and not records[1].promoted
+    assert records[1].gate["candidate"] < records[1].gate["current"]
+    assert registry.promoted()[0] == v0
+    assert {r.version: r.status for r in store.policies()} == {"v0": "promoted", "v1": "rejected"}

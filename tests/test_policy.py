@@ -1,0 +1,56 @@
+import torch
+
+from agent.policy import PolicyLoadError, build_builtin_policy, coupled_positions, count_parameters, load_policy
+
+
+def test_builtin_size_and_roundtrip(tmp_path):
+    model, tok = build_builtin_policy()
+    assert 1_000_000 <= count_parameters(model) <= 5_000_000
+    text = "0123+4567=\nhello, World!"
+    assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, loaded_tok = load_policy(tmp_path)
+    ids = tok(["12+34="], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-6)
+    assert loaded_tok.decode(ids[0]) == "12+34="
+
+
+def test_coupled_positions_follow_digit_columns():
+    model, tok = build_builtin_policy()
+    enc = tok(["321+654=9750"], return_tensors="pt")
+    pos, operand = coupled_positions(model.config, enc.input_ids, enc.attention_mask)
+    # a0 a1 a2 + b0 b1 b2 = s0 s1 s2 s3: digit i of both operands and the token predicting s_i share an id
+    assert pos[0].tolist() == [1, 2, 3, 4, 1, 2, 3, 1, 2, 3, 4, 5]
+    assert operand[0].tolist() == [True] * 7 + [False] * 5
+
+
+def test_incremental_decoding_matches_full_forward():
+    """generate (KV cache, positions from prepare_inputs_for_generation) agrees with one full forward."""
+    model, tok = build_builtin_policy()
+    model.eval()
+    enc = tok(["123+456=", "9+9="], return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    new = out[:, enc.input_ids.shape[1]:]
+    mask = torch.cat([enc.attention_mask, torch.ones_like(new)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=out, attention_mask=mask).logits
+    assert torch.equal(logits[:, enc.input_ids.shape[1] - 1 : -1].argmax(-1), new)
+
+
+def test_not_a_model_folder_gives_one_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    try:
+        load_policy(tmp_path)
+    except PolicyLoadError as exc:
+        assert "not a model folder" in str(exc) and str(tmp_path) in str(exc)
+    else:
+        raise AssertionError("loading a folder without a model must fail")
+    (tmp_path / "config.json").write_text("{not json")
+    try:
+        load_policy(tmp_path)
+    except PolicyLoadError as exc:
+        assert "could not be loaded" in str(exc)
+    else:
+        raise AssertionError("a corrupt config must fail")
