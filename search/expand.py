@@ -136,9 +136,10 @@ class Expander:
         return cache, ids, mask, torch.log_softmax(logits, dim=-1)
 
     @torch.inference_mode()
-    def expand(self, parents: list[Node], counts: list[int], temperature: float, max_step_tokens: int, max_new_tokens: int, generator=None) -> list[list[Node]]:
-        """Grow `counts[i]` children of `parents[i]` by one step each (sampled, or greedy at temperature 0).
-        Children are attached to their parents and returned per parent."""
+    def expand(self, parents: list[Node], counts: list[int], temperature: float, max_step_tokens: int, max_new_tokens: int, generator=None, greedy_first: bool = False) -> list[list[Node]]:
+        """Grow `counts[i]` children of `parents[i]` by one step each (sampled, or greedy at temperature 0;
+        with greedy_first the first child of every parent is its greedy step). Children are attached to their
+        parents and returned per parent."""
         out: list[list[Node]] = []
         start = 0
         while start < len(parents):  # chunks of at most max_rows decoded rows
@@ -146,11 +147,11 @@ class Expander:
             while stop < len(parents) and (stop == start or rows + counts[stop] <= self.max_rows):
                 rows += counts[stop]
                 stop += 1
-            out += self._expand_chunk(parents[start:stop], counts[start:stop], temperature, max_step_tokens, max_new_tokens, generator)
+            out += self._expand_chunk(parents[start:stop], counts[start:stop], temperature, max_step_tokens, max_new_tokens, generator, greedy_first)
             start = stop
         return out
 
-    def _expand_chunk(self, parents, counts, temperature, max_step_tokens, max_new_tokens, generator):
+    def _expand_chunk(self, parents, counts, temperature, max_step_tokens, max_new_tokens, generator, greedy_first):
         if any(p.terminal for p in parents):
             raise RuntimeError("cannot expand a finished node")
         if self.reuse_prefix:
@@ -170,6 +171,7 @@ class Expander:
         cache.batch_select_indices(index.to(ids.device))
         ids, mask, logp = ids[index], mask[index], logp[index]
         owner = index.tolist()  # row -> parent index
+        first = torch.tensor([r == 0 or owner[r] != owner[r - 1] for r in range(len(owner))]) & greedy_first
         roots = [p.path()[0] for p in parents]
         budget = [max_new_tokens - p.depth_tokens() for p in parents]
         new_ids: list[list[int]] = [[] for _ in owner]
@@ -180,6 +182,8 @@ class Expander:
         step = 0
         while True:
             token = _sample_no_sync(logp / temperature, generator) if temperature > 0 else logp.argmax(-1)
+            if greedy_first and temperature > 0:
+                token = torch.where(first[alive_rows], logp.argmax(-1), token)
             tok_lp = logp.gather(1, token[:, None])[:, 0]
             ent = -(logp.exp() * logp).sum(-1)
             self.stats.generated_tokens += len(alive_rows)

@@ -2,7 +2,7 @@
 
 One simulation per problem per round, all problems batched:
   select   from the root by PUCT: normalised mean value + c_puct * prior * sqrt(N_parent) / (1 + N_child);
-  expand   the leaf into cfg.children sampled steps (identical samples merged); a child's prior is its step
+  expand   the leaf into cfg.children steps: its greedy step and samples (identical ones merged); a child's prior is its step
            probability exp(sum of log-probs), normalised over its siblings;
   evaluate each new child: a finished answer by the scorer (the verifier counts when cfg.use_verifier), any
            other child by the scorer's value of one greedy rollout to the end (the rollout is a candidate too);
@@ -64,7 +64,7 @@ def mcts(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResul
                 owners.append(i)
         if not leaves:
             break
-        kids = ex.expand(leaves, [cfg.children] * len(leaves), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator)
+        kids = ex.expand(leaves, [cfg.children] * len(leaves), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator, greedy_first=True)
         new_by_owner = []
         for leaf, i, new in zip(leaves, owners, kids):
             new = dedupe_children(leaf, new)

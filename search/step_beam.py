@@ -1,5 +1,5 @@
-"""Step-level beam search: each of the `beams` best partial completions grows `children` sampled steps (a step
-ends at cfg.step_delimiter or after cfg.max_step_tokens tokens); the scorer ranks all new steps and the best
+"""Step-level beam search: each of the `beams` best partial completions grows `children` steps, its greedy step and
+samples (a step ends at cfg.step_delimiter or after cfg.max_step_tokens tokens); the scorer ranks all new steps and the best
 `beams` survive. A finished step leaves the beam and becomes a candidate. All problems advance together: one
 expansion per depth for the whole batch, on shared-prefix key/values (search/expand.py).
 """
@@ -24,7 +24,7 @@ def step_beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[Search
     done: list[list[Node]] = [[] for _ in problems]
     while any(frontier):
         parents = [n for f in frontier for n in f]
-        kids = ex.expand(parents, [cfg.children] * len(parents), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator)
+        kids = ex.expand(parents, [cfg.children] * len(parents), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator, greedy_first=True)
         by_parent = dict(zip(map(id, parents), kids))
         for i, problem in enumerate(problems):
             new = [c for p in frontier[i] for c in dedupe_children(p, by_parent[id(p)])]
