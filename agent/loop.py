@@ -8,7 +8,6 @@ Everything runs in one process; workers/ calls the same functions from Celery ta
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -21,15 +20,15 @@ from agent.select import Pseudo, SelectConfig, select
 from agent.solve import trajectory_rows
 from agent.store import Store
 from agent.tasks import Problem, Task
-from agent.trainer import SFTFineTuner, TrainConfig
+from agent.trainer import SFTFineTuner, TrainConfig, clone_model
 from search import SearchConfig, run_search
 
 
 @dataclass
 class WarmStartConfig:
     difficulties: tuple[int, ...] = (1, 2, 3, 4)  # the built-in task is warm-started on these only
-    examples_per_difficulty: int = 8000
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=2e-3, time_budget_s=150.0))
+    examples_per_difficulty: int = 3000  # times the difficulty: longer problems have more to learn
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=3e-3, time_budget_s=180.0, schedule="time_cosine"))
 
 
 @dataclass
@@ -219,7 +218,7 @@ class SelfImprovementLoop:
             return record, current, current_eval, current_metric
 
         t = time.monotonic()
-        model = copy.deepcopy(current.model)
+        model = clone_model(current.model)
         train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, self.training_mix())
         timings["train"] = time.monotonic() - t
         t = time.monotonic()
@@ -267,7 +266,7 @@ class SelfImprovementLoop:
 def warm_start_examples(task: Task, cfg: WarmStartConfig, seed: int = 0) -> list[dict]:
     """True-labelled easy problems: the only ground truth the label-free loop ever trains on."""
     examples = [{"prompt": p.prompt, "completion": p.answer}
-                for d in cfg.difficulties for p in task.generate(d, cfg.examples_per_difficulty, seed=seed, split="train")]
+                for d in cfg.difficulties for p in task.generate(d, cfg.examples_per_difficulty * d, seed=seed, split="train")]
     random.Random(seed).shuffle(examples)
     return examples
 
@@ -316,7 +315,7 @@ def train_from_store(settings, store: Store, registry: PolicyRegistry, cfg: Loop
     if not heldout:
         task = get_task("addition")
         heldout = BuiltinSource(task, cfg.heldout_per_difficulty, 8, cfg.seed).heldout_set([str(d) for d in range(1, 7)])
-    model = copy.deepcopy(current.model)
+    model = clone_model(current.model)
     train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
     candidate = Policy(model, current.tokenizer, "candidate")
     cur_eval = evaluate_policy(current, heldout, cfg.eval_search, task)

@@ -6,6 +6,7 @@ predictable on a CPU; the learning rate is constant because the number of steps 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 
 @dataclass
@@ -71,6 +73,14 @@ def _bf16_supported() -> bool:
     return False
 
 
+def clone_model(model):
+    """An independent copy for a candidate: same class, config and weights, no shared state or patches."""
+    clone = type(model)(model.config)
+    clone.load_state_dict(model.state_dict())
+    clone.generation_config = copy.deepcopy(model.generation_config)
+    return clone.to(model.device).eval()
+
+
 class SFTFineTuner:
     """Fine-tunes a policy in place on prompt-completion examples and returns what happened."""
 
@@ -116,10 +126,14 @@ class SFTFineTuner:
                 processing_class=tokenizer,
                 callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cfg.schedule == "time_cosine")],
             )
+            trainer.remove_callback(PrinterCallback)  # losses are kept in log_history, not printed per step
             start = time.monotonic()
             result = trainer.train()
             seconds = time.monotonic() - start
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        # TRL patches `model.forward` with a closure over the *original* bound forward; a later deepcopy of
+        # the model would keep calling the original's weights. Drop the patch so the model is plain again.
+        model.__dict__.pop("forward", None)
         model.eval()
         return {
             "train_loss": losses[-1] if losses else float(result.training_loss),
