@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import socket
 import uuid
 
@@ -86,8 +88,8 @@ def test_malformed_messages_and_unknown_tasks_are_refused_and_the_worker_keeps_s
     celery_app.conf.broker_url = celery_app.conf.result_backend = deployment["redis"].url
     celery_app.send_task("arbor.no_such_task", args=["x"], queue="search")
     missing = celery_app.send_task("arbor.solve", args=["no-such-job"])
-    (job,) = [j for j in [store.create_job("solve", problem_id=store.add_problems([Problem("3+4=", "70", id="m1")])[0],
-                                           params={"search": SEARCH})]]
+    (pid,) = store.add_problems([Problem("3+4=", "70", id="m1")])
+    job = store.create_job("solve", problem_id=pid, params={"search": SEARCH})
     _send([job], deployment["redis"].url)
     _wait_done(store, [job], 60)
     assert store.get_job(job).status == "done"
@@ -140,11 +142,7 @@ def test_sigkill_mid_job_every_job_finishes_exactly_once(deployment):
     w3.kill()
     # an OOM kill: only the pool child dies; Celery requeues its job at once and forks a fresh child
     killed += wait_for(lambda: running_on(w2), 60, "a job running on w2", interval=0.02)
-    w2_children = w2.children()
-    import os
-    import signal
-
-    os.kill(w2_children[0], signal.SIGKILL)
+    os.kill(w2.children()[0], signal.SIGKILL)
     _wait_done(store, job_ids, 150)
     jobs = [store.get_job(j) for j in job_ids]
     assert [j.status for j in jobs] == ["done"] * 20

@@ -5,7 +5,6 @@ Messages carry only job ids (JSON): the problem, the search config and the round
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
@@ -14,8 +13,6 @@ from celery.signals import worker_process_init
 
 from workers.app import app
 from workers.config import QueueConfig
-
-log = logging.getLogger("arbor.workers")
 
 _state: dict = {}  # per pool child: settings, store, registry, policy cache, redis client
 
