@@ -111,6 +111,9 @@ def _wait(store, job_ids: list[str], timeout: float | None) -> None:
                 _fail(f"{len(pending)} jobs still unfinished after {timeout:.0f} s: see `arbor status` (are workers running?)")
             if pending:
                 time.sleep(0.2)
+    failed = [j for j in job_ids if store.get_job(j).status == "failed"]
+    if failed:
+        console.print(f"{len(failed)} of {len(job_ids)} jobs failed: see `arbor status {failed[0]}`")
 
 
 @app.command()
