@@ -14,25 +14,31 @@ from agent.tasks import Problem, Task
 
 
 class Curriculum:
-    def __init__(self, keys: list[str], threshold: float):
+    def __init__(self, keys: list[str], threshold: float, window: int = 3):
         self.keys = keys
         self.threshold = threshold
+        self.window = window  # difficulties below the frontier still evaluated every cycle (forgetting)
         self.frontier_index: int | None = 0
+        self.known: dict[str, float] = {}  # latest metric per difficulty, including ones no longer evaluated
 
     def key(self, index: int | None) -> str | None:
         return None if index is None else self.keys[index]
 
     def update(self, metric: dict) -> None:
-        """Move the frontier to the first difficulty not yet mastered (an unevaluated one counts as not)."""
+        """Move the frontier to the first difficulty not yet mastered (a never-evaluated one counts as not).
+        Difficulties far below the frontier keep their last evaluated value."""
+        self.known.update(metric)
         for i, key in enumerate(self.keys):
-            if metric.get(key, 0.0) < self.threshold:
+            if self.known.get(key, 0.0) < self.threshold:
                 self.frontier_index = i
                 return
         self.frontier_index = None
 
     def keys_up_to(self, frontier_index: int | None, ahead: int) -> list[str]:
-        end = len(self.keys) if frontier_index is None else frontier_index + ahead + 1
-        return self.keys[:end]
+        """The difficulties evaluated around the frontier: `window` below it up to `ahead` past it."""
+        if frontier_index is None:
+            return self.keys
+        return self.keys[max(0, frontier_index - self.window) : frontier_index + ahead + 1]
 
     def eval_keys(self, frontier_index: int | None, ahead: int, report: tuple[int, ...]) -> list[str]:
         wanted = set(self.keys_up_to(frontier_index, ahead)) | {str(d) for d in report}

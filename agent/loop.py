@@ -35,7 +35,10 @@ class WarmStartConfig:
 class LoopConfig:
     cycles: int = 20
     time_budget_s: float | None = None  # stop starting cycles once the run (warm start included) has used this
-    problems_per_cycle: int = 1000
+    problems_per_cycle: int = 3000  # search is cheap next to training: more problems, more distinct labels
+    # share of each cycle's problems at the frontier and the difficulties just past it: labels one or two
+    # lengths ahead keep their precision under the decomposition check and teach longer lengths sooner
+    frontier_spread: tuple[float, ...] = (0.5, 0.3, 0.2)
     heldout_per_difficulty: int = 100
     report_difficulties: tuple[int, ...] = (4, 8, 12, 16, 20, 24)
     eval_ahead: int = 3  # also evaluate this many difficulties past the frontier
@@ -45,10 +48,10 @@ class LoopConfig:
     examples_per_cycle: int = 8000  # training mix size (replay included)
     replay_seed_fraction: float = 0.3  # warm-start (true-labelled) data in every mix
     replay_newest_fraction: float = 0.35  # the rest is split between this cycle's and earlier cycles' labels
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=8, temperature=1.0))
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=4, temperature=1.0))
     eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"))
     select: SelectConfig = field(default_factory=SelectConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=60.0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0))
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)  # shape of a new built-in policy
     seed: int = 0
@@ -65,9 +68,11 @@ def greedy_solver(policy, cfg: SearchConfig) -> Callable[[list[Problem]], list[s
     return solve
 
 
-def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task | None = None) -> dict:
+def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task | None = None,
+                    verify_keys: list[str] | None = None) -> dict:
     """Held-out accuracy per difficulty (ground truth) and, when the task declares label filters, the
-    self-verified rate: the share of greedy answers that pass them (no ground truth)."""
+    self-verified rate: the share of greedy answers that pass them (no ground truth), for `verify_keys`
+    (default: every difficulty). Difficulties shown only in reports need no self-verification."""
     problems = [p for ps in by_difficulty.values() for p in ps]
     results = run_search(problems, cfg, policy) if problems else []
     accuracy, self_verified = {}, {}
@@ -82,7 +87,7 @@ def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task |
         items = []
         for r in results:
             answer = task.extract(r.problem, r.best.completion)
-            if answer is not None:
+            if answer is not None and (verify_keys is None or _key(r.problem) in verify_keys):
                 items.append(Pseudo(r, answer=answer, completion=r.best.completion))
         solve = greedy_solver(policy, cfg)
         for f in task.label_filters():
@@ -90,7 +95,8 @@ def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task |
         passed = {}
         for p in items:
             passed[_key(p.result.problem)] = passed.get(_key(p.result.problem), 0) + 1
-        self_verified = {key: passed.get(key, 0) / len(rs) for key, rs in by_key.items()}
+        self_verified = {key: passed.get(key, 0) / len(rs) for key, rs in by_key.items()
+                         if verify_keys is None or key in verify_keys}
     return {"accuracy": accuracy, "self_verified": self_verified, "generated_tokens": sum(r.generated_tokens for r in results)}
 
 
@@ -147,7 +153,8 @@ class SelfImprovementLoop:
         return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self.cfg.eval_ahead, self.cfg.report_difficulties))
 
     def evaluate(self, policy, frontier_index: int | None) -> dict:
-        return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task)
+        verify_keys = self.curriculum.keys_up_to(frontier_index, self.cfg.eval_ahead)
+        return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task, verify_keys)
 
     def training_mix(self) -> list[dict]:
         cfg, rng = self.cfg, self.rng
@@ -196,7 +203,12 @@ class SelfImprovementLoop:
         frontier_index = self.curriculum.frontier_index
         frontier = self.curriculum.key(frontier_index)
         t = time.monotonic()
-        problems = self.source.train_problems(frontier, cfg.problems_per_cycle, seed=cfg.seed * 1000 + cycle)
+        problems = []
+        counts = [int(cfg.problems_per_cycle * share) for share in cfg.frontier_spread]
+        counts[0] += cfg.problems_per_cycle - sum(counts)  # rounding remainder goes to the frontier itself
+        for offset, count in enumerate(counts):
+            key = self.curriculum.key(None if frontier_index is None else min(frontier_index + offset, len(self.curriculum.keys) - 1))
+            problems += self.source.train_problems(key, count, seed=cfg.seed * 1000 + cycle * 10 + offset)
         self.store.add_problems(problems)
         search_cfg = replace(cfg.search, max_new_tokens=self.source.max_new_tokens(problems), seed=cfg.seed * 1000 + cycle)
         results = run_search(problems, search_cfg, current)
@@ -228,7 +240,7 @@ class SelfImprovementLoop:
         keys = [k for k in self.curriculum.keys_up_to(frontier_index, cfg.eval_ahead) if k in cand_metric]
         cur_missing = {k: v for k, v in self._heldout(frontier_index).items() if k not in current_metric}
         if cur_missing:  # the current policy was not evaluated at some difficulty yet (frontier moved)
-            extra = evaluate_policy(current, cur_missing, cfg.eval_search, self.task)
+            extra = evaluate_policy(current, cur_missing, cfg.eval_search, self.task, keys)
             for part in ("accuracy", "self_verified"):
                 current_eval[part].update(extra[part])
             current_metric = gate_metric(current_eval, cfg.select.mode)

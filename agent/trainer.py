@@ -118,6 +118,8 @@ class SFTFineTuner:
                 seed=cfg.seed,
                 dataset_num_proc=None,
                 completion_only_loss=True,
+                # batches of similar length pad less: the replay mix spans 2- to 60-token examples
+                train_sampling_strategy="group_by_length",
             )
             trainer = SFTTrainer(
                 model=model,

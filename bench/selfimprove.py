@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=20, help="difficulty (digits) to reach")
     parser.add_argument("--accuracy", type=float, default=0.9)
     parser.add_argument("--warm-start", type=float, default=180.0, help="warm-start seconds")
-    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--train-seconds", type=float, default=50.0)
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-selfimprove"))
     args = parser.parse_args()
 

@@ -1,0 +1,63 @@
+"""`arbor run` end to end as a real process: a user's task from --demos/--problems, and the built-in task."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ARBOR = [sys.executable, "-m", "agent.cli_main"]
+
+
+def _arbor(args, home: Path, timeout=420):
+    env = {**os.environ, "ARBOR_HOME": str(home), "ARBOR_DEVICE": "cpu"}
+    env.pop("ARBOR_DATABASE_URL", None)
+    env.pop("ARBOR_BROKER_URL", None)
+    return subprocess.run(ARBOR + args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _write_jsonl(path: Path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_user_task_from_demos_and_problems(tmp_path):
+    words = ["abc", "kite", "moon", "tree", "lamp", "frog", "star", "rain", "wolf", "sand", "bird", "leaf"]
+    demos, problems = tmp_path / "demos.jsonl", tmp_path / "problems.jsonl"
+    _write_jsonl(demos, [{"prompt": f"reverse {w}:", "completion": w[::-1]} for w in words])
+    rows = [{"prompt": f"reverse {w}:", "answer": w[::-1], "split": "train", "id": f"t{i}"} for i, w in enumerate(words)]
+    rows += [{"prompt": f"reverse {w}:", "answer": w[::-1], "split": "heldout", "id": f"h{i}"} for i, w in enumerate(words[:4])]
+    rows.append("{broken json")
+    _write_jsonl(problems, rows)
+    proc = _arbor(["run", "--demos", str(demos), "--problems", str(problems), "--cycles", "1", "--select", "verifier",
+                   "--samples", "4", "--train-seconds", "3", "--warm-start-seconds", "4", "--json"], tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "problems.jsonl:18" in proc.stderr and "not valid JSON" in proc.stderr  # named, and the run went on
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [c["cycle"] for c in report["cycles"]] == [0, 1]
+    assert set(report["cycles"][0]["heldout"]) == {"all"}
+    assert Path(report["final_policy"]).is_dir()
+    run_dir = Path(report["run_dir"])
+    assert (run_dir / "report.md").is_file() and (run_dir / "learning_curve.png").stat().st_size > 1000
+
+
+def test_builtin_run_json_and_policies(tmp_path):
+    home = tmp_path / "home"
+    proc = _arbor(["run", "--cycles", "1", "--warm-start-seconds", "6", "--train-seconds", "3", "--problems-per-cycle", "32",
+                   "--heldout", "8", "--samples", "4", "--json"], home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    first = report["cycles"][0]
+    assert first["policy_version"] == "v0" and not first["promoted"] and "20" in first["heldout"]
+    assert report["cycles"][1]["candidate"] == "v1"
+    listed = _arbor(["policies", "--json"], home)
+    assert listed.returncode == 0, listed.stderr
+    versions = json.loads(listed.stdout.strip().splitlines()[-1])
+    assert [v["version"] for v in versions][:2] == ["v0", "v1"]
+    assert {"version", "path", "status", "metrics"} <= set(versions[0])
+
+
+def test_model_path_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = _arbor(["run", "--model", str(tmp_path / "empty"), "--cycles", "1"], tmp_path / "home")
+    assert proc.returncode == 2
+    assert "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
