@@ -51,7 +51,7 @@ def test_builtin_run_json_and_policies(tmp_path):
     assert report["cycles"][1]["candidate"] == "v1"
     listed = _arbor(["policies", "--json"], home)
     assert listed.returncode == 0, listed.stderr
-    versions = json.loads(listed.stdout.strip().splitlines()[-1])
+    versions = json.loads(listed.stdout)
     assert [v["version"] for v in versions][:2] == ["v0", "v1"]
     assert {"version", "path", "status", "metrics"} <= set(versions[0])
 
