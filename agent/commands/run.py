@@ -13,7 +13,7 @@ from rich.table import Table
 
 from agent.cli import app
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a warning or an error stays on one line
 
 
 def _cycle_row(record) -> list[str]:
