@@ -7,16 +7,10 @@ from agent.policy import BuiltinConfig, Policy, build_builtin_policy
 from agent.tasks import get_task
 from search import SearchConfig, run_search
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_NEW = 8
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 torch threads on a shared 2-core machine spin against each other: 1 thread ran these 5x faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _policy(scheme: str) -> Policy:

@@ -13,14 +13,8 @@ from search.tree import walk
 from search.tree_html import tree_from_candidates, tree_to_html
 from search.types import Candidate
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 torch threads on a shared 2-core machine spin against each other: 1 thread ran these 5x faster
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _policy(scheme="coupled", eos_boost=4.0) -> Policy:

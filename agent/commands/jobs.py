@@ -121,7 +121,7 @@ def submit(
     file: Path = typer.Argument(..., help="problems, one JSON object a line"),
     refine: int = typer.Option(1, help="refinement rounds (1: search once)"),
     wait: bool = typer.Option(False, "--wait", help="return once every job is finished"),
-    strategy: str = typer.Option("greedy", help="search strategy"),
+    strategy: str = typer.Option("beam", help="search strategy (beam won at equal budget: docs/benchmarks.md)"),
     n: int = typer.Option(8, help="candidates per problem (sampling strategies)"),
     max_new_tokens: int = typer.Option(64, help="longest completion"),
     use_verifier: bool = typer.Option(False, help="let the checker rank candidates"),

@@ -21,6 +21,22 @@ class LineError:
         return f"{self.path}:{self.line}: {self.message}"
 
 
+def _objects(path: Path, errors: list[LineError]):
+    """(line number, JSON object) for every non-blank line; the others are reported in `errors`."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            errors.append(LineError(str(path), number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        if not isinstance(record, dict):
+            errors.append(LineError(str(path), number, "not a JSON object"))
+            continue
+        yield number, record
+
+
 def _field_error(record: dict, known_tasks: set[str] | None) -> str | None:
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt:
@@ -48,17 +64,7 @@ def _field_error(record: dict, known_tasks: set[str] | None) -> str | None:
 def read_problems(path: str | Path, known_tasks: set[str] | None = None) -> tuple[list[Problem], list[LineError]]:
     path = Path(path)
     problems, errors = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(LineError(str(path), number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(record, dict):
-            errors.append(LineError(str(path), number, "not a JSON object"))
-            continue
+    for number, record in _objects(path, errors):
         problem_error = _field_error(record, known_tasks)
         if problem_error:
             errors.append(LineError(str(path), number, problem_error))
@@ -83,15 +89,8 @@ def read_demos(path: str | Path) -> tuple[list[dict], list[LineError]]:
     """Prompt/completion pairs for a warm start."""
     path = Path(path)
     demos, errors = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(LineError(str(path), number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
+    for number, record in _objects(path, errors):
+        if not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
             errors.append(LineError(str(path), number, "needs string fields 'prompt' and 'completion'"))
             continue
         demos.append({"prompt": record["prompt"], "completion": record["completion"]})
