@@ -316,10 +316,8 @@ def train_from_store(settings, store: Store, registry: PolicyRegistry, cfg: Loop
     rows = [r for r in store.trajectories(best_only=True) if not r.trained_on and r.verified is not False]
     if not rows:
         return {"candidate": None, "promoted": False, "reason": "no new best trajectories", "metrics": {}}
-    examples = []
-    for r in rows:
-        problem = store.get_problem(r.problem_id)
-        examples.append({"prompt": problem.prompt, "completion": r.completion})
+    problems = store.get_problems([r.problem_id for r in rows])  # one query, not one per trajectory
+    examples = [{"prompt": problems[r.problem_id].prompt, "completion": r.completion} for r in rows]
     heldout = {}
     for p in store.heldout_problems():
         heldout.setdefault(_key(p), []).append(p)

@@ -71,7 +71,7 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
     records = loop.run(version, start, warm_seconds)
     final = registry.promoted()
     run_dir = settings.runs_dir / (inputs.run_name or dt.datetime.now().strftime("run-%Y%m%d-%H%M%S"))
-    report = write_report(run_dir, records, final[1] if final else "", _config_dict(cfg),
+    report = write_report(run_dir, records, final[1] if final else "", asdict(cfg),
                           {"run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1]})
     return report
 
@@ -125,6 +125,3 @@ def _fresh_builtin_for_files(registry: PolicyRegistry, problems, demos, cfg: Loo
     registry.promote(version, {})
     return version
 
-
-def _config_dict(cfg: LoopConfig) -> dict:
-    return asdict(cfg)

@@ -16,7 +16,7 @@ def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int 
         rows.append(dict(
             problem_id=result.problem.id, job_id=job_id, cycle=cycle, round=round, completion=c.completion,
             token_count=len(c.token_ids), mean_logprob=c.mean_logprob, min_logprob=c.min_logprob,
-            mean_entropy=c.mean_entropy, score=c.score if c.score != float("-inf") else -1e9, verified=c.verified,
+            mean_entropy=c.mean_entropy, score=c.score, verified=c.verified,
             policy_version=result.policy_version, strategy=result.strategy, is_best=(i == 0),
             search_stats={"generated_tokens": result.generated_tokens, "forward_passes": result.forward_passes, **result.stats},
         ))
@@ -25,7 +25,7 @@ def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int 
 
 def best_summary(result: SearchResult) -> dict:
     b = result.best
-    return {"completion": b.completion, "score": b.score if b.score != float("-inf") else None, "verified": b.verified,
+    return {"completion": b.completion, "score": b.score, "verified": b.verified,
             "mean_logprob": b.mean_logprob, "policy_version": result.policy_version}
 
 

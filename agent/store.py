@@ -134,6 +134,11 @@ class Store:
             row = s.get(ProblemRow, problem_id)
             return row.to_problem() if row else None
 
+    def get_problems(self, problem_ids: list[str]) -> dict[str, Problem]:
+        with self.session() as s:
+            rows = s.scalars(select(ProblemRow).where(ProblemRow.id.in_(set(problem_ids))))
+            return {r.id: r.to_problem() for r in rows}
+
     # jobs ------------------------------------------------------------------------------------------
     def create_job(self, kind: str, problem_id: str | None = None, rounds: int = 1, params: dict | None = None,
                    job_id: str | None = None) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from agent.tasks import Problem, verify
 from search.engine import DecodeStats, decode
-from search.scores import confidence, rank
+from search.scorers import load_scorer, rank_by
+from search.scores import confidence
 from search.types import Candidate, SearchConfig, SearchResult
 
 
@@ -21,11 +22,14 @@ def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, 
         seed=cfg.seed,
         stats=stats,
     )
+    scorer = load_scorer(cfg)
+    # one batched decode of every row's text instead of a tokenizer call per candidate
+    texts = iter(policy.tokenizer.batch_decode([d.token_ids for outs in decoded for d in outs], skip_special_tokens=True))
     results = []
     for problem, outs in zip(problems, decoded):
         candidates = []
         for d in outs:
-            text = policy.tokenizer.decode(d.token_ids, skip_special_tokens=True)
+            text = next(texts)
             candidates.append(
                 Candidate(
                     completion=text,
@@ -37,5 +41,5 @@ def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, 
             )
         generated = sum(len(d.token_ids) + int(d.finished) for d in outs)
         steps = 1 + max(len(d.token_ids) + int(d.finished) for d in outs)
-        results.append(SearchResult(problem, rank(candidates, cfg), strategy, policy.version, generated, steps))
+        results.append(SearchResult(problem, rank_by(scorer, problem, candidates), strategy, policy.version, generated, steps))
     return results

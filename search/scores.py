@@ -1,10 +1,6 @@
-"""Confidence scores from the policy's own token log-probs, and how candidates are ranked."""
+"""Confidence summaries of a completion from the policy's own token log-probs (ranking: search/scorers.py)."""
 
 from __future__ import annotations
-
-import math
-
-from search.types import Candidate, SearchConfig
 
 
 def confidence(logprobs: list[float], entropies: list[float]) -> dict[str, float]:
@@ -16,12 +12,3 @@ def confidence(logprobs: list[float], entropies: list[float]) -> dict[str, float
         "min_logprob": min(logprobs),
         "mean_entropy": sum(entropies) / len(entropies),
     }
-
-
-def rank(candidates: list[Candidate], cfg: SearchConfig) -> list[Candidate]:
-    """Score and sort best first: verified answers first when the verifier may be used, then confidence."""
-    for c in candidates:
-        conf = c.mean_logprob if cfg.confidence == "mean_logprob" else c.min_logprob
-        bonus = 1.0 if (cfg.use_verifier and c.verified) else 0.0
-        c.score = bonus + (conf if c.finished else -math.inf)
-    return sorted(candidates, key=lambda c: c.score, reverse=True)
