@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from agent.tasks import Problem, Task
+from tasks import Problem, Task
 
 
 class Curriculum:

@@ -16,10 +16,10 @@ from typing import Callable
 from agent.curriculum import Curriculum, ProblemSource
 from agent.policy import BuiltinConfig, Policy
 from agent.registry import PolicyRegistry
-from agent.select import Pseudo, SelectConfig, select
+from agent.select import Pseudo, SelectConfig, select, task_filters
 from agent.solve import trajectory_rows
 from agent.store import Store
-from agent.tasks import Problem, Task
+from tasks import Problem, Task
 from agent.trainer import SFTFineTuner, TrainConfig, clone_model
 from search import SearchConfig, run_search
 
@@ -83,14 +83,14 @@ def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task |
         judged = [r for r in rs if r.best.verified is not None]
         if judged:
             accuracy[key] = sum(bool(r.best.verified) for r in judged) / len(judged)
-    if task is not None and task.label_filters():
+    if task is not None and task.label_checks():
         items = []
         for r in results:
             answer = task.extract(r.problem, r.best.completion)
             if answer is not None and (verify_keys is None or _key(r.problem) in verify_keys):
                 items.append(Pseudo(r, answer=answer, completion=r.best.completion))
         solve = greedy_solver(policy, cfg)
-        for f in task.label_filters():
+        for f in task_filters(task):
             items = f(items, task, solve)
         passed = {}
         for p in items:
@@ -287,7 +287,7 @@ def ensure_policy(settings, store: Store, registry: PolicyRegistry, cfg: LoopCon
                   demos: list[dict] | None = None, charset: str | None = None, task: Task | None = None) -> str:
     """The promoted version; when there is none, create the built-in policy and warm-start it as v0."""
     from agent.policy import DEFAULT_CHARSET, build_builtin_policy
-    from agent.tasks import get_task
+    from tasks import get_task
 
     promoted = registry.promoted()
     if promoted is not None:
@@ -309,7 +309,7 @@ def train_from_store(settings, store: Store, registry: PolicyRegistry, cfg: Loop
     trajectories (verified ones where a checker exists), evaluate candidate vs current on held-out problems,
     promote only if better. The store's held-out problems are used, else the built-in task's."""
     from agent.curriculum import BuiltinSource
-    from agent.tasks import get_task
+    from tasks import get_task
 
     cfg = cfg or LoopConfig()
     current = registry.load(device=settings.device)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Callable
 
 from agent.solve import solve, trajectory_rows
-from agent.tasks import Problem
+from tasks import Problem
 from search import Candidate, SearchConfig, SearchResult
 
 

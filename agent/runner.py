@@ -15,8 +15,8 @@ from agent.registry import PolicyRegistry
 from agent.report import write_report
 from agent.settings import Settings
 from agent.store import Store
-from agent.tasks import Task, get_task
-from agent.tasks.jsonl import LineError, read_demos, read_problems
+from tasks import Task, get_task
+from tasks.jsonl import LineError, read_demos, read_problems
 from agent.trainer import SFTFineTuner
 
 

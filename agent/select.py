@@ -11,14 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
-
-from agent.tasks import Problem, Task, verify
-from agent.tasks.addition import make_problem, operands
 from search import SearchResult
-
-# solve(prompts-as-problems) -> greedy completion text per problem; the filters' only access to the policy
-Solver = Callable[[list[Problem]], list[str]]
+from tasks import Solve, Task, verify
 
 
 @dataclass
@@ -65,7 +59,7 @@ class VoteShare:
     def __init__(self, min_share: float):
         self.min_share = min_share
 
-    def __call__(self, items: list[Pseudo], task: Task, solve: Solver) -> list[Pseudo]:
+    def __call__(self, items: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
         kept = []
         for p in items:
             answers = [task.extract(p.result.problem, c.completion) for c in p.result.candidates]
@@ -101,58 +95,32 @@ class ConfidenceFloor:
         return [p for p in items if p.confidence >= self.floor]
 
 
-class CommuteCheck:
-    """Addition commutes: the policy's greedy answer to b+a must equal the label for a+b."""
+class TaskCheck:
+    """One of the task's own label checks (tasks/: invariances, decompositions) as a filter stage."""
 
-    name = "commute"
+    def __init__(self, name: str, check):
+        self.name, self.check = name, check
 
-    def __call__(self, items: list[Pseudo], task: Task, solve: Solver) -> list[Pseudo]:
-        swapped = []
-        for p in items:
-            a, b = operands(p.result.problem)
-            swapped.append(make_problem(b, a))
-        answers = solve(swapped)
-        return [p for p, ans in zip(items, answers) if task.extract(p.result.problem, ans) == p.answer]
-
-
-class SplitCheck:
-    """Decomposition: the policy's own answers on the low and high halves (shorter, already mastered lengths),
-    joined through the low half's carry, must equal the label. Errors at a new length are systematic (the same
-    wrong answer under resampling or swapping), but the halves move the work to lengths the policy masters."""
-
-    name = "split"
-
-    def __call__(self, items: list[Pseudo], task: Task, solve: Solver) -> list[Pseudo]:
-        splittable = [p for p in items if len(operands(p.result.problem)[0]) >= 2]
-        subproblems = []
-        for p in splittable:
-            a, b = operands(p.result.problem)
-            k = len(a) // 2
-            subproblems += [make_problem(a[:k], b[:k]), make_problem(a[k:], b[k:])]
-        answers = solve(subproblems) if subproblems else []
-        kept = [p for p in items if len(operands(p.result.problem)[0]) < 2]
-        for i, p in enumerate(splittable):
-            low_problem, high_problem = subproblems[2 * i], subproblems[2 * i + 1]
-            low = task.extract(low_problem, answers[2 * i])
-            high = task.extract(high_problem, answers[2 * i + 1])
-            if low is None or high is None:
-                continue
-            k = len(operands(low_problem)[0])
-            carry = int(low[k])
-            high_width = len(operands(high_problem)[0]) + 1
-            high_plus_carry = str(int(high[::-1]) + carry).zfill(high_width)[::-1]
-            if len(high_plus_carry) == high_width and low[:k] + high_plus_carry == p.answer:
-                kept.append(p)
-        return kept
+    def __call__(self, items: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
+        if not items:
+            return []
+        passed = self.check([p.result.problem for p in items], [p.answer for p in items], solve)
+        if len(passed) != len(items):
+            raise RuntimeError(f"label check {self.name!r} returned {len(passed)} verdicts for {len(items)} answers")
+        return [p for p, ok in zip(items, passed) if ok]
 
 
-def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solver) -> Selection:
+def task_filters(task: Task) -> list[TaskCheck]:
+    return [TaskCheck(name, check) for name, check in task.label_checks().items()]
+
+
+def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solve) -> Selection:
     if cfg.mode == "verifier":
         return _select_verified(results, task)
     items = [Pseudo(r) for r in results]
     filters = [FormatCheck(), VoteShare(cfg.min_vote_share)]
     if cfg.use_task_filters:
-        filters += task.label_filters()
+        filters += task_filters(task)
     if cfg.min_confidence is not None:
         filters.append(ConfidenceFloor(cfg.min_confidence))
     report = []

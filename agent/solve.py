@@ -6,7 +6,7 @@ Plain functions, callable without a broker; the Celery tasks in workers/ are thi
 from __future__ import annotations
 
 from agent.store import Store
-from agent.tasks import Problem
+from tasks import Problem
 from search import SearchConfig, SearchResult, run_search
 
 

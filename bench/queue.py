@@ -7,7 +7,7 @@ workers against 1. Real parts: a redis-server started here, a throwaway PostgreS
 
 Overhead: one worker, jobs sent one at a time; end-to-end time from `send_task` to the result being readable
 (the result backend's pub/sub), minus the same job run in this process through the same plain function
-(`workers.jobs.run_job`, store writes included), each with one torch thread. Goal: median at most 50 ms.
+(`agent.jobs.run_job`, store writes included), each with one torch thread. Goal: median at most 50 ms.
 Throughput: the same batch of heavier jobs (best-of-8, 32 tokens) drained by 1 worker, then by 2 workers,
 from the first send to the last job finished in the store. Goal on this 2-core machine: at least 1.8x.
 """
@@ -28,8 +28,8 @@ import statistics
 import tempfile
 import time
 
-from agent.tasks import Problem  # noqa: E402
-from workers.testing import RedisServer, arbor_env, postgres_database, seed_policy, worker  # noqa: E402
+from tasks import Problem  # noqa: E402
+from tests.support import RedisServer, arbor_env, postgres_database, seed_policy, worker  # noqa: E402
 
 LIGHT = {"strategy": "greedy", "max_new_tokens": 8}
 HEAVY = {"strategy": "best_of_n", "n": 8, "max_new_tokens": 32}
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
             from agent.store import Store
             from workers.app import app as celery_app
             from workers.cache import PolicyCache
-            from workers.jobs import run_job
+            from agent.jobs import run_job
 
             home = root / "home"
             seed_policy(home, db_url)

@@ -27,7 +27,7 @@ import torch
 
 
 from agent.policy import BuiltinConfig, Policy, build_builtin_policy  # noqa: E402
-from agent.tasks import get_task  # noqa: E402
+from tasks import get_task  # noqa: E402
 from agent.trainer import SFTFineTuner, TrainConfig  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
 from search.scorers import majority_vote  # noqa: E402

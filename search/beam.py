@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from agent.tasks import Problem, verify
+from tasks import Problem, verify
 from search.engine import DecodeStats, _step
 from search.scores import confidence
 from search.types import Candidate, SearchConfig, SearchResult

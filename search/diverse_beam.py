@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from agent.tasks import Problem
+from tasks import Problem
 from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done, run_in_chunks
 from search.engine import DecodeStats, _step
 from search.types import SearchConfig, SearchResult

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.tasks import Problem
+from tasks import Problem
 from search.sampling import sample_and_rank
 from search.types import SearchConfig, SearchResult
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.tasks import Problem, verify
+from tasks import Problem, verify
 from search.engine import DecodeStats, decode
 from search.scorers import load_scorer, rank_by
 from search.scores import confidence

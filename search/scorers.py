@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from agent.tasks import Problem
+from tasks import Problem
 from search.types import Candidate, SearchConfig
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from agent.tasks import Problem
+from tasks import Problem
 from search.expand import Expander
 from search.scorers import load_scorer, rank_by
 from search.tree import Node, dedupe_children, mark_path, release_kv, to_candidate

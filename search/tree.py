@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from agent.tasks import Problem, verify
+from tasks import Problem, verify
 from search.scores import confidence
 from search.types import Candidate
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.tasks import Problem
+from tasks import Problem
 
 Strategy = Literal["greedy", "best_of_n", "beam", "step_beam", "diverse_beam", "mcts"]
 

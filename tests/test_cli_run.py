@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ARBOR = [sys.executable, "-m", "agent.cli_main"]
+ARBOR = [sys.executable, "-m", "arbor"]
 
 
 def _arbor(args, home: Path, timeout=420):

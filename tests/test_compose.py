@@ -95,7 +95,7 @@ def test_topology(compose):
 
 
 def test_every_service_command_is_a_real_arbor_command(compose):
-    from agent.cli import app
+    from arbor.cli import app
 
     services = json.loads(compose("config", "--format", "json").stdout)["services"]
     for name, s in services.items():

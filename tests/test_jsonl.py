@@ -1,6 +1,6 @@
 import json
 
-from agent.tasks.jsonl import MAX_PROMPT_CHARS, read_problems
+from tasks.jsonl import MAX_PROMPT_CHARS, read_problems
 
 
 def test_bad_lines_are_named_and_good_lines_kept(tmp_path):

@@ -13,7 +13,7 @@ from agent.registry import PolicyRegistry
 from agent.select import SelectConfig
 from agent.settings import Settings
 from agent.store import Store
-from agent.tasks import get_task
+from tasks import get_task
 from agent.trainer import TrainConfig
 from search import SearchConfig
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from agent.policy import BuiltinConfig, Policy, build_builtin_policy
-from agent.tasks import get_task
+from tasks import get_task
 from search import SearchConfig, run_search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

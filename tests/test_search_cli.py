@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from agent.cli import app
+from arbor.cli import app
 from agent.policy import BuiltinConfig, build_builtin_policy
 
 

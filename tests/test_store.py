@@ -1,7 +1,7 @@
 import pytest
 
 from agent.store import Store
-from agent.tasks import Problem
+from tasks import Problem
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -13,8 +13,8 @@ import re
 
 from agent.registry import PolicyRegistry
 from agent.store import Store
-from agent.tasks import Problem
-from workers.testing import ArborProcess, RedisServer, arbor, arbor_env, postgres_database, seed_policy, wait_for, worker
+from tasks import Problem
+from tests.support import ArborProcess, RedisServer, arbor, arbor_env, postgres_database, seed_policy, wait_for, worker
 
 
 def _jsonl(path, prefix, n):

@@ -16,8 +16,8 @@ import uuid
 import pytest
 import redis
 
-from agent.tasks import Problem
-from workers.testing import RedisServer, arbor, arbor_env, postgres_database, seed_policy, wait_for, worker
+from tasks import Problem
+from tests.support import RedisServer, arbor, arbor_env, postgres_database, seed_policy, wait_for, worker
 
 VT = 6  # seconds: hard time limit 5 s, a killed worker's job comes back after about VT + 1 s
 SEARCH = {"strategy": "best_of_n", "n": 8, "max_new_tokens": 24}

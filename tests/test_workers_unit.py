@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.refine import refine, refine_rows, round_prompt
-from agent.tasks import Problem
+from tasks import Problem
 from search import Candidate, SearchConfig, SearchResult
 from workers.config import QueueConfig, celery_settings
-from workers.testing import RedisServer, free_port
+from tests.support import RedisServer, free_port
 
 
 def _cand(text, verified, score):
@@ -73,7 +73,7 @@ def test_celery_settings_follow_the_notes(monkeypatch):
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """An ARBOR_HOME with a SQLite store and the untrained built-in policy promoted as v0."""
-    from workers.testing import seed_policy
+    from tests.support import seed_policy
 
     path = tmp_path_factory.mktemp("home")
     seed_policy(path, f"sqlite:///{path / 'arbor.db'}")
@@ -92,7 +92,7 @@ def store_registry(home):
 def test_run_job_twice_writes_once_and_cache_reloads_between_jobs(store_registry):
     from agent.policy import build_builtin_policy
     from workers.cache import PolicyCache
-    from workers.jobs import run_job, submit_jobs
+    from agent.jobs import run_job, submit_jobs
 
     store, registry = store_registry
     cache = PolicyCache(registry)
@@ -113,7 +113,7 @@ def test_run_job_twice_writes_once_and_cache_reloads_between_jobs(store_registry
 
 def test_a_second_delivery_while_the_first_runs_does_not_write_twice(store_registry, tmp_path):
     from workers.cache import PolicyCache
-    from workers.jobs import LeaseBusy, run_job, submit_jobs
+    from agent.jobs import LeaseBusy, run_job, submit_jobs
     from workers.lease import RedisLease
     import redis
 
@@ -145,7 +145,7 @@ def test_a_second_delivery_while_the_first_runs_does_not_write_twice(store_regis
 
 
 def test_a_job_that_keeps_killing_its_worker_gives_up(store_registry):
-    from workers.jobs import run_job, submit_jobs
+    from agent.jobs import run_job, submit_jobs
 
     store, registry = store_registry
     (job,) = submit_jobs(store, [Problem("1+1=", "20", id="u4")])
@@ -158,7 +158,7 @@ def test_a_job_that_keeps_killing_its_worker_gives_up(store_registry):
 # CLI ---------------------------------------------------------------------------------------------------------
 
 def _cli(env: dict, *args):
-    from agent.cli import app
+    from arbor.cli import app
 
     return CliRunner().invoke(app, list(args), env=env)
 
@@ -224,8 +224,8 @@ def test_cli_policies_add_promotes_a_local_model(cli_env, tmp_path, store_regist
 
 def test_never_two_train_cycles_at_once(home, store_registry, monkeypatch):
     from agent.settings import Settings
-    from workers.lease import FileLease
-    from workers.training import run_train_cycle
+    from agent.train_cycle import FileLease
+    from agent.train_cycle import run_train_cycle
 
     store, registry = store_registry
     settings = Settings(home=home, device="cpu")

@@ -2,7 +2,7 @@
 
 `RedisLease` is `SET key holder NX EX ttl`, renewed by a daemon thread every ttl/3 while held, released only by
 its holder (compare-and-delete in one Lua call). If the holder dies the key expires after ttl and another
-delivery may take over. `NullLease` stands in when there is no broker (one process runs everything).
+delivery may take over.
 """
 
 from __future__ import annotations
@@ -61,51 +61,3 @@ class RedisLease:
 
     def __exit__(self, *exc):
         self.release()
-
-
-class NullLease:
-    holder = "in-process"
-
-    def acquire(self) -> bool:
-        return True
-
-    def current_holder(self) -> str | None:
-        return None
-
-    def release(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-class FileLease:
-    """An exclusive, non-blocking flock on a file: the in-process stand-in for the train lock (one host)."""
-
-    def __init__(self, path, holder: str | None = None):
-        self.path = path
-        self.holder = holder or holder_name()
-        self._fd = None
-
-    def acquire(self) -> bool:
-        import fcntl
-
-        self._fd = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fd.close()
-            self._fd = None
-            return False
-        return True
-
-    def current_holder(self) -> str | None:
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            self._fd.close()  # closing drops the flock
-            self._fd = None

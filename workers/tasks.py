@@ -51,7 +51,7 @@ def _load_policy_once(**_):
 
 
 def _run(task: Task, job_id: str) -> dict:
-    from workers.jobs import LeaseBusy, run_job
+    from agent.jobs import LeaseBusy, run_job
     from workers.lease import RedisLease
 
     ctx = _context()
@@ -95,9 +95,9 @@ def refine(self, job_id: str) -> dict:
 
 @app.task(name="arbor.train_cycle", bind=True, max_retries=None)
 def train_cycle(self) -> dict:
-    from workers.jobs import LeaseBusy
+    from agent.jobs import LeaseBusy
     from workers.lease import RedisLease
-    from workers.training import run_train_cycle
+    from agent.train_cycle import run_train_cycle
 
     ctx = _context()
     if ctx["redis"] is not None:
@@ -115,7 +115,7 @@ def train_cycle(self) -> dict:
 
 @app.task(name="arbor.evaluate", bind=True)
 def evaluate(self, version: str | None = None) -> dict:
-    from workers.training import evaluate_version
+    from agent.train_cycle import evaluate_version
 
     ctx = _context()
     return evaluate_version(ctx["store"], ctx["registry"], version, device=ctx["settings"].device)

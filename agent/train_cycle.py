@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from agent.store import ProblemRow, Store
-from workers.jobs import FINISHED, LeaseBusy, record_once
+from agent.jobs import FINISHED, LeaseBusy, record_once
 
 log = logging.getLogger("arbor.workers")
 
@@ -47,7 +47,6 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
     `lock` is a RedisLease (with a broker) or a FileLease; a cycle that finds another cycle running is
     finished as skipped. A delivery of a finished cycle returns its stored result and trains nothing."""
     from agent.loop import train_from_store
-    from workers.lease import FileLease
 
     _ensure_job(store, job_id)
     job = store.get_job(job_id)
@@ -91,3 +90,32 @@ def evaluate_version(store: Store, registry, version: str | None = None, device:
     for p in heldout:
         by_difficulty.setdefault(p.difficulty, []).append(p)
     return {"version": policy.version, "metrics": evaluate_policy(policy, by_difficulty, SearchConfig(strategy="greedy"))}
+
+
+class FileLease:
+    """An exclusive, non-blocking flock on a file: the in-process stand-in for the train lock (one host)."""
+
+    def __init__(self, path, holder: str):
+        self.path = path
+        self.holder = holder
+        self._fd = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self._fd = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fd.close()
+            self._fd = None
+            return False
+        return True
+
+    def current_holder(self) -> str | None:
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self._fd.close()  # closing drops the flock
+            self._fd = None

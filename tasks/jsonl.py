@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.tasks.base import CHECKERS, SPLITS, Problem
+from tasks.base import CHECKERS, SPLITS, Problem
 
 MAX_PROMPT_CHARS = 8192  # longer prompts are refused rather than truncated silently
 

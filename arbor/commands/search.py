@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from agent.cli import app
+from arbor.cli import app
 
 
 def _row(result) -> dict:
@@ -65,8 +65,8 @@ def search_command(
 ):
     """Search for the best completion of a prompt (or of every problem in a JSONL file)."""
     from agent.policy import Policy, PolicyLoadError
-    from agent.tasks import Problem
-    from agent.tasks.jsonl import read_problems
+    from tasks import Problem
+    from tasks.jsonl import read_problems
     from search import STRATEGIES, SearchConfig, run_search
     from search.tree_html import tree_from_candidates, tree_to_html
 

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.cli import app
+from arbor.cli import app
 
 console = Console(stderr=True, soft_wrap=True)  # a warning or an error stays on one line
 

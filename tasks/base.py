@@ -50,9 +50,17 @@ def verify(problem: Problem, completion: str) -> bool | None:
     return CHECKERS[problem.checker](completion, problem.answer)
 
 
+# solve(problems) -> the policy's greedy completion text per problem: a label check's only access to the policy
+Solve = Callable[[list[Problem]], list[str]]
+# a label check: (problems, proposed answers, solve) -> which answers pass; batched so that one check issues one
+# batched solve for all its sub-problems rather than a decode per problem
+LabelCheck = Callable[[list[Problem], list[str], Solve], list[bool]]
+
+
 class Task:
     """A family of problems. Built-in families generate problems at a difficulty and may declare label
-    filters: checks that need no ground truth (decompositions, invariances) and belong to the task."""
+    checks: tests of a proposed answer that need no ground truth (decompositions, invariances) and belong to
+    the task, since they use its structure."""
 
     name: str = ""
     min_difficulty: int = 1
@@ -64,9 +72,9 @@ class Task:
         """The answer a completion states, or None when it is malformed (the format filter)."""
         return completion.strip() or None
 
-    def label_filters(self) -> list:
-        """Task-specific label filters (see agent/select.py for the interface)."""
-        return []
+    def label_checks(self) -> dict[str, LabelCheck]:
+        """The task's own label checks by name, run in this order (none for a generic task)."""
+        return {}
 
     def max_new_tokens(self, difficulty: int) -> int:
         return 64

@@ -1,7 +1,7 @@
 """Built-in task families and the problem format."""
 
-from agent.tasks.addition import Addition
-from agent.tasks.base import CHECKERS, SPLITS, Problem, Task, verify
+from tasks.addition import Addition
+from tasks.base import CHECKERS, SPLITS, LabelCheck, Problem, Solve, Task, verify
 
 TASKS: dict[str, Task] = {"addition": Addition()}
 
@@ -12,4 +12,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["CHECKERS", "SPLITS", "TASKS", "Problem", "Task", "get_task", "verify"]
+__all__ = ["CHECKERS", "SPLITS", "TASKS", "LabelCheck", "Problem", "Solve", "Task", "get_task", "verify"]

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from agent.cli import app
+from arbor.cli import app
 
 console = Console(stderr=True)
 
@@ -77,7 +77,7 @@ def _enqueue(job_ids: list[str], kinds: list[str]) -> None:
 def _run_in_process(settings, store, job_ids: list[str]) -> None:
     from agent.registry import PolicyRegistry
     from workers.cache import PolicyCache
-    from workers.jobs import run_job
+    from agent.jobs import run_job
 
     registry = PolicyRegistry(settings.policies_dir, store)
     if registry.promoted() is None:
@@ -128,10 +128,10 @@ def submit(
     timeout: float = typer.Option(None, help="with --wait: give up after this many seconds"),
 ):
     """Submit problems: they are stored, then one job per problem is queued (or run here without a broker)."""
-    from agent.tasks import TASKS
-    from agent.tasks.jsonl import read_problems
+    from tasks import TASKS
+    from tasks.jsonl import read_problems
     from search import SearchConfig, STRATEGIES
-    from workers.jobs import submit_jobs
+    from agent.jobs import submit_jobs
 
     if not file.is_file():
         _fail(f"{file} does not exist: pass a JSONL file of problems")
@@ -255,7 +255,7 @@ def train(
 
     from agent.loop import ensure_policy
     from agent.registry import PolicyRegistry
-    from workers.training import run_train_cycle
+    from agent.train_cycle import run_train_cycle
 
     settings = _settings(os.environ.get("ARBOR_DEVICE", "auto"))
     store = _store(settings)

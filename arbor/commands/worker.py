@@ -12,7 +12,7 @@ import os
 
 import typer
 
-from agent.cli import app
+from arbor.cli import app
 
 
 def _broker_or_exit() -> str:

@@ -1,0 +1,1 @@
+"""The `arbor` command line: the top layer, the only code that composes agent/ and workers/."""

@@ -1,0 +1,5 @@
+"""`python -m arbor ...` runs the CLI without the console script."""
+
+from arbor.cli import app
+
+app()
