@@ -15,7 +15,7 @@ every length, which is what lets a model trained on 1-4 digits add longer number
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,8 @@ from transformers import (
     LlamaModel,
     PreTrainedTokenizerFast,
 )
+
+from search.decoder import ancestor_matrix, float_mask, sequential_tree_inputs
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARSET = "0123456789+-*/=()<>.,:;?!'\" \n#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_|[]{}%&@$^~`\\"
@@ -144,6 +146,37 @@ class ArborForCausalLM(LlamaForCausalLM):
         inputs["attention_mask"] = coupled_attention_mask(pos, is_operand, valid, n_new, self.dtype)
         return inputs
 
+    def prepare_tree_inputs(self, ids: torch.Tensor, mask: torch.Tensor, tree: torch.Tensor, parents: list[int]):
+        """Position ids [B, n] and a float 4D mask [B, 1, n, T + n] for a draft tree after `ids` [B, T] (the
+        Decoder's tree step). With coupling, each node's position and visibility are those it would have at the
+        end of its own root-to-node path, derived from that path's ids exactly as for a linear sequence."""
+        if self.config.position_scheme != "coupled":
+            return sequential_tree_inputs(mask, parents, self.dtype)
+        B, T = ids.shape
+        n = len(parents)
+        anc = ancestor_matrix(parents, ids.device)  # [n, n]; ancestors of i in breadth-first order = root first
+        depth = anc.sum(-1) - 1
+        D = int(depth.max()) + 1
+        # path[i, p]: the node at depth p on node i's path (-1 past its depth)
+        path = torch.full((n, D), -1, dtype=torch.long, device=ids.device)
+        for i in range(n):
+            chain = anc[i].nonzero()[:, 0]
+            path[i, : len(chain)] = chain
+        on_path = path >= 0  # [n, D]
+        seq = torch.cat([ids[:, None, :].expand(B, n, T), tree[:, path.clamp(min=0)]], dim=-1)  # [B, n, T + D]
+        valid = torch.cat([mask.bool()[:, None, :].expand(B, n, T), on_path[None].expand(B, n, D)], dim=-1)
+        pos, is_operand = coupled_positions(self.config, seq.reshape(B * n, T + D), valid.reshape(B * n, T + D))
+        pos, is_operand = pos.reshape(B, n, T + D), is_operand.reshape(B, n, T + D)
+        q_index = (T + depth)[None, :, None].expand(B, n, 1)
+        q_pos = pos.gather(-1, q_index)  # [B, n, 1]
+        k_index = torch.arange(T + D, device=ids.device)
+        allowed = (k_index <= q_index) & valid & ~(is_operand & (pos > q_pos))  # [B, n, T + D] along each path
+        # the path positions back onto tree columns (padding slots add nothing: an int scatter-add, then > 0)
+        tree_allowed = torch.zeros(B, n, n, dtype=torch.int32, device=ids.device).scatter_add_(
+            -1, path.clamp(min=0)[None].expand(B, n, D), (allowed[..., T:] & on_path[None]).int())
+        full = torch.cat([allowed[..., :T], tree_allowed > 0], dim=-1)
+        return q_pos[..., 0], float_mask(full, self.dtype)[:, None]
+
 
 AutoConfig.register("arbor", ArborConfig)
 AutoModelForCausalLM.register(ArborConfig, ArborForCausalLM)
@@ -165,13 +198,14 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
 class BuiltinConfig:
     """Shape of the built-in policy; 1.06M parameters at these defaults."""
 
-    hidden_size: int = 128
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_heads: int = 4
-    max_positions: int = 512
-    position_scheme: str = "coupled"
-    seed: int = 0
+    hidden_size: int = field(default=128, metadata={"help": "width of the residual stream"})
+    intermediate_size: int = field(default=512, metadata={"help": "width of the MLP"})
+    num_layers: int = field(default=4, metadata={"help": "transformer layers"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    max_positions: int = field(default=512, metadata={"help": "longest sequence, in tokens"})
+    position_scheme: str = field(default="coupled", metadata={
+        "help": "coupled (digit positions aligned across operands, for arithmetic) or sequential"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights"})
 
 
 def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DEFAULT_CHARSET):
@@ -208,8 +242,14 @@ class PolicyLoadError(ValueError):
     pass
 
 
-def load_policy(path: str | Path, device: str = "cpu"):
-    """Load a model folder (any transformers causal LM with its tokenizer) for inference."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """Load a model folder (any transformers causal LM with its tokenizer) for inference, its parameters in
+    `dtype` (Settings.dtype: float32, bfloat16 or float16)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     path = Path(path)
     if not (path / "config.json").is_file():
         raise PolicyLoadError(f"{path} is not a model folder (no config.json): pass a save_pretrained directory")
@@ -222,7 +262,7 @@ def load_policy(path: str | Path, device: str = "cpu"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.to(device).eval()
+    model.to(device=device, dtype=DTYPES[dtype]).eval()
     return model, tokenizer
 
 
@@ -240,6 +280,6 @@ class Policy:
     path: str | None = None
 
     @classmethod
-    def load(cls, path: str | Path, version: str | None = None, device: str = "cpu") -> "Policy":
-        model, tokenizer = load_policy(path, device)
+    def load(cls, path: str | Path, version: str | None = None, device: str = "cpu", dtype: str = "float32") -> "Policy":
+        model, tokenizer = load_policy(path, device, dtype)
         return cls(model, tokenizer, version or Path(path).name, str(path))

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from tasks import Problem, verify
-from search.engine import DecodeStats, _step
+from search.decoder import DecodeStats, Decoder
+from search.scorers import load_scorer, rank_by
 from search.scores import confidence
 from search.types import Candidate, SearchConfig, SearchResult
+from tasks import Problem, verify
 
 NEG = -1.0e9  # generate's "impossible" score
 
@@ -112,19 +112,26 @@ def problem_done(st: BeamState, early_stopping) -> torch.Tensor:
     return ~st.unsatisfied[:, 0] | (torch.all(st.is_finished, dim=-1) & (early_stopping is True))
 
 
-def prefill_prompts(model, tokenizer, prompts: list[str], width: int):
-    """One left-padded prefill of the prompts, its cache repeated `width` times. Returns (cache, ids, mask, logp)."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, mask = enc.input_ids.to(model.device), enc.attention_mask.to(model.device)
-    cache = DynamicCache(config=model.config)
-    logits = _step(model, ids, mask, cache, ids.shape[1])
-    cache.batch_repeat_interleave(width)
+def prefill_prompts(decoder: Decoder, prompts: list[str], width: int):
+    """One left-padded prefill of the prompts, its cache repeated `width` times. Returns (cache, ids, mask, logp);
+    the beam state and its log-probs live on the CPU (small), the cache and ids on the model's device."""
+    ids, mask = decoder.left_pad(decoder.encode(prompts))
+    cache, logits = decoder.prefill(ids, mask)
+    decoder.repeat_rows(cache, width)
     logp = torch.log_softmax(logits, dim=-1).cpu().repeat_interleave(width, 0)
     return cache, ids.repeat_interleave(width, 0), mask.repeat_interleave(width, 0), logp
 
 
-def candidates_from_state(problem: Problem, st: BeamState, i: int, tokenizer, eos: int, cfg: SearchConfig) -> list[Candidate]:
-    """Finished hypotheses of problem i, best first: verified first when the verifier may rank, then beam score."""
+def step_logprobs(decoder: Decoder, prompt_ids, prompt_mask, running_seqs: torch.Tensor, cache) -> torch.Tensor:
+    """Log-probs [rows, V] (CPU) of the next token after each running hypothesis [rows, cur] (cache reordered)."""
+    seqs = running_seqs.to(prompt_ids.device)
+    ids = torch.cat([prompt_ids, seqs], dim=1)
+    mask = torch.cat([prompt_mask, torch.ones_like(seqs)], dim=1)
+    return torch.log_softmax(decoder.step(ids, mask, cache), dim=-1).cpu()
+
+
+def candidates_from_state(problem: Problem, st: BeamState, i: int, tokenizer, eos: int) -> list[Candidate]:
+    """Finished hypotheses of problem i, each with its beam score (unranked)."""
     out = []
     for j in range(st.scores.shape[1]):
         if not bool(st.is_finished[i, j]):
@@ -135,20 +142,19 @@ def candidates_from_state(problem: Problem, st: BeamState, i: int, tokenizer, eo
         finished = ids[-1] == eos
         ids = ids[:-1] if finished else ids
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        c = Candidate(text, ids, finished=finished, verified=verify(problem, text), logprobs=lps, **confidence(lps, ents))
-        c.score = float(st.scores[i, j])
-        out.append(c)
+        out.append(Candidate(text, ids, finished=finished, verified=verify(problem, text), logprobs=lps,
+                             beam_score=float(st.scores[i, j]), **confidence(lps, ents)))
     if not out:
         raise RuntimeError(f"beam search finished no hypothesis for problem {problem.id!r}")
-    bonus = (lambda c: 1e6 if (cfg.use_verifier and c.verified) else 0.0)
-    return sorted(out, key=lambda c: c.score + bonus(c), reverse=True)
+    return out
 
 
 @torch.inference_mode()
 def _beam_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: DecodeStats) -> list[SearchResult]:
-    model, tok = policy.model, policy.tokenizer
+    decoder, tok = Decoder(policy.model, policy.tokenizer), policy.tokenizer
     nb, max_new, eos = cfg.beams, cfg.max_new_tokens, tok.eos_token_id
-    cache, prompt_ids, prompt_mask, logp = prefill_prompts(model, tok, [p.prompt for p in problems], nb)
+    scorer = load_scorer(cfg)
+    cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)
     stats.forward_passes += 1
     b = len(problems)
     st = BeamState.start(b, nb, max_new, tok.pad_token_id)
@@ -164,36 +170,34 @@ def _beam_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: Decod
             tokens[a] += nb
         # reorder the cache rows to the surviving beams' sources, then drop finished problems
         flat = (torch.arange(len(active))[:, None] * nb + source).reshape(-1)
-        cache.reorder_cache(flat.to(prompt_ids.device))
+        decoder.select_rows(cache, flat)
         done = problem_done(st, cfg.early_stopping) | (cur + 1 >= max_new)
         for k in done.nonzero()[:, 0].tolist():
             finals[int(active[k])] = (st, k)
         if bool(done.all()):
             break
         if bool(done.any()):
-            st, active, cache, prompt_ids, prompt_mask = _drop_done(done, nb, st, active, cache, prompt_ids, prompt_mask)
+            st, active, prompt_ids, prompt_mask = _drop_done(decoder, done, nb, st, active, cache, prompt_ids, prompt_mask)
         seqs = st.running_seqs[:, :, : cur + 1].reshape(len(active) * nb, cur + 1)
-        ids = torch.cat([prompt_ids, seqs.to(prompt_ids.device)], dim=1)
-        mask = torch.cat([prompt_mask, torch.ones_like(seqs).to(prompt_mask.device)], dim=1)
-        logp = torch.log_softmax(_step(model, ids, mask, cache, 1), dim=-1).cpu()
+        logp = step_logprobs(decoder, prompt_ids, prompt_mask, seqs, cache)
         stats.forward_passes += 1
         for a in active.tolist():
             passes[a] += 1
     results = []
     for i, problem in enumerate(problems):
         fst, k = finals[i]
-        cands = candidates_from_state(problem, fst, k, tok, eos, cfg)
+        cands = rank_by(scorer, problem, candidates_from_state(problem, fst, k, tok, eos))
         results.append(SearchResult(problem, cands, "beam", policy.version, tokens[i], passes[i]))
     return results
 
 
-def _drop_done(done, nb, st, active, cache, prompt_ids, prompt_mask):
+def _drop_done(decoder: Decoder, done, nb, st, active, cache, prompt_ids, prompt_mask):
     """Remove settled problems from the batch: their results can no longer change. Saves their rows when answer
     lengths differ; measured no gain on addition, whose answers all end at the same step."""
     keep = (~done).nonzero()[:, 0]
     rows = (keep[:, None] * nb + torch.arange(nb)).reshape(-1).to(prompt_ids.device)
-    cache.batch_select_indices(rows)
-    return st.select(keep), active[keep], cache, prompt_ids[rows], prompt_mask[rows]
+    decoder.select_rows(cache, rows)
+    return st.select(keep), active[keep], prompt_ids[rows], prompt_mask[rows]
 
 
 def run_in_chunks(chunk_fn, problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:

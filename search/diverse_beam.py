@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import torch
 
-from tasks import Problem
-from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done, run_in_chunks
-from search.engine import DecodeStats, _step
+from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done, run_in_chunks, step_logprobs
+from search.decoder import DecodeStats, Decoder
+from search.scorers import load_scorer, rank_by
 from search.types import SearchConfig, SearchResult
+from tasks import Problem
 
 
 @torch.inference_mode()
 def _diverse_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: DecodeStats) -> list[SearchResult]:
-    model, tok = policy.model, policy.tokenizer
+    decoder, tok = Decoder(policy.model, policy.tokenizer), policy.tokenizer
     nb, G, max_new, eos = cfg.beams, cfg.groups, cfg.max_new_tokens, tok.eos_token_id
     gb = nb // G  # beams per group
-    cache, prompt_ids, prompt_mask, logp = prefill_prompts(model, tok, [p.prompt for p in problems], nb)
+    scorer = load_scorer(cfg)
+    cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)
     stats.forward_passes += 1
     b = len(problems)
     groups = [BeamState.start(b, gb, max_new, tok.pad_token_id) for _ in range(G)]
@@ -42,18 +44,15 @@ def _diverse_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: De
         if bool(done.all()) or cur + 1 >= max_new:
             break
         flat = (torch.arange(b)[:, None] * nb + torch.cat(sources, dim=1)).reshape(-1)
-        cache.reorder_cache(flat.to(prompt_ids.device))
+        decoder.select_rows(cache, flat)
         seqs = torch.stack([st.running_seqs[:, :, : cur + 1] for st in groups], dim=1).reshape(b * nb, cur + 1)
-        ids = torch.cat([prompt_ids, seqs.to(prompt_ids.device)], dim=1)
-        mask = torch.cat([prompt_mask, torch.ones_like(seqs).to(prompt_mask.device)], dim=1)
-        logp = torch.log_softmax(_step(model, ids, mask, cache, 1), dim=-1).cpu()
+        logp = step_logprobs(decoder, prompt_ids, prompt_mask, seqs, cache)
         stats.forward_passes += 1
     stats.generated_tokens += steps * b * nb
-    plain = SearchConfig(use_verifier=cfg.use_verifier, length_penalty=cfg.length_penalty)
     results = []
     for i, problem in enumerate(problems):
-        cands = [c for st in groups for c in candidates_from_state(problem, _true_scores(st, cfg.length_penalty), i, tok, eos, plain)]
-        cands.sort(key=lambda c: c.score + (1e6 if (cfg.use_verifier and c.verified) else 0.0), reverse=True)
+        cands = [c for st in groups for c in candidates_from_state(problem, _true_scores(st, cfg.length_penalty), i, tok, eos)]
+        cands = rank_by(scorer, problem, cands)
         results.append(SearchResult(problem, cands, "diverse_beam", policy.version, steps * nb, steps + 1))
     return results
 

@@ -2,11 +2,10 @@
 
 A node keeps the key/values of its own tokens; a parent's cache is rebuilt by concatenating the segments on
 its path (`gather_prefix_kv`), so a shared prefix is computed once however many descendants it has. Every
-forward goes through the model's own `prepare_inputs_for_generation` (search/engine.py `_step`), so any
-transformers causal LM works, the position-coupled built-in policy included.
+forward and every cache goes through the Decoder (search/decoder.py).
 
 Budget: every sampled token counts as one generated token and every batched forward as one forward pass,
-both in total (`DecodeStats`) and per problem (`tokens_of`, `passes_of`), so strategies compare fairly.
+both in total (`stats`) and per problem (`tokens_of`, `passes_of`), so strategies compare fairly.
 """
 
 from __future__ import annotations
@@ -14,9 +13,8 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from transformers import DynamicCache
 
-from search.engine import DecodeStats, _sample_no_sync, _step
+from search.decoder import DecodeStats, Decoder, sample_no_sync
 from search.tree import Node
 
 _DELIMITER_IDS: dict[tuple[int, str], frozenset[int]] = {}
@@ -34,38 +32,15 @@ def delimiter_ids(tokenizer, delimiter: str) -> frozenset[int]:
     return _DELIMITER_IDS[key]
 
 
-def _cache_from_kv(model, kv: torch.Tensor) -> DynamicCache:
-    """A DynamicCache holding kv [L, 2, B, H, T, D]."""
-    cache = DynamicCache(config=model.config)
-    for layer in range(kv.shape[0]):
-        cache.update(kv[layer, 0], kv[layer, 1], layer)
-    return cache
-
-
-def _slice_kv(cache: DynamicCache, rows: torch.Tensor, last: int) -> torch.Tensor:
-    """The last `last` positions of some batch rows, all layers: [L, 2, R, H, last, D]."""
-    return torch.stack([torch.stack([layer.keys[rows, :, -last:], layer.values[rows, :, -last:]]) for layer in cache.layers])
-
-
-def _left_pad_ids(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 class Expander:
     """Grows search trees for a batch of problems on one policy."""
 
-    def __init__(self, model, tokenizer, stats: DecodeStats | None = None, reuse_prefix: bool = True, delimiter: str = "\n", max_rows: int = 2048):
-        self.model, self.tokenizer = model, tokenizer
-        self.stats = stats if stats is not None else DecodeStats()
+    def __init__(self, decoder: Decoder, reuse_prefix: bool = True, delimiter: str = "\n", max_rows: int = 2048):
+        self.decoder, self.tokenizer = decoder, decoder.tokenizer
+        self.stats = DecodeStats()
         self.reuse_prefix = reuse_prefix
-        self.delims = delimiter_ids(tokenizer, delimiter)
-        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.delims = delimiter_ids(self.tokenizer, delimiter)
+        self.eos, self.pad = decoder.eos, decoder.pad
         self.max_rows = max_rows
         self.tokens_of: Counter = Counter()  # id(root) -> generated tokens
         self.passes_of: Counter = Counter()  # id(root) -> forward passes it took part in
@@ -78,13 +53,12 @@ class Expander:
     @torch.inference_mode()
     def roots(self, prompts: list[str]) -> list[Node]:
         """One root per prompt, prefilled in one batched forward (skipped when prefixes are recomputed)."""
-        enc = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        nodes = [Node(token_ids=list(ids)) for ids in enc]
+        nodes = [Node(token_ids=list(ids)) for ids in self.decoder.encode(prompts)]
         if self.reuse_prefix:
             self._forward_pending(nodes, [len(n.token_ids) for n in nodes])
         return nodes
 
-    def gather_prefix_kv(self, nodes: list[Node]) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, list[list[int]]]:
+    def gather_prefix_kv(self, nodes: list[Node]):
         """The cache of every node's cached prefix, left-padded into one batch, with the matching full ids.
 
         Returns (cache, ids [B, T_cached + pending], mask, pending tokens per row)."""
@@ -102,44 +76,43 @@ class Expander:
         # pending tokens must line up at the right end: all rows carry the same number of them
         if len({len(p) for p in pending}) != 1:
             raise RuntimeError(f"rows have different pending token counts {sorted({len(p) for p in pending})}")
-        ids, mask = _left_pad_ids([f[: c] + p for f, c, p in zip(full, cached, pending)], self.pad, self.model.device)
+        ids, mask = self.decoder.left_pad([f[: c] + p for f, c, p in zip(full, cached, pending)])
         if ids.shape[1] != width + len(pending[0]):
             raise RuntimeError("cache and ids disagree on the padded width")
-        return _cache_from_kv(self.model, buf), ids, mask, pending
+        return self.decoder.cache_from_kv(buf), ids, mask, pending
 
     def _forward_pending(self, nodes: list[Node], n_pending: list[int]):
         """Forward the not-yet-cached tokens of `nodes` (equal counts, or no cache at all: roots), append their
         key/values to each node's segment and store the next-token log-probs. Returns (cache, ids, mask, logp)."""
         roots = [n.path()[0] for n in nodes]
         if all(n.kv is None and n.parent is None for n in nodes):  # roots: plain left-padded prefill
-            cache = DynamicCache(config=self.model.config)
-            ids, mask = _left_pad_ids([n.token_ids for n in nodes], self.pad, self.model.device)
-            q = ids.shape[1]
+            ids, mask = self.decoder.left_pad([n.token_ids for n in nodes])
+            cache, logits = self.decoder.prefill(ids, mask)
         else:
             cache, ids, mask, pending = self.gather_prefix_kv(nodes)
-            q = len(pending[0])
-        logits = _step(self.model, ids, mask, cache, q)
+            logits = self.decoder.step(ids, mask, cache, len(pending[0]))
         self._count_pass(roots)
         logp = torch.log_softmax(logits, dim=-1)
         for i, (node, n_new) in enumerate(zip(nodes, n_pending)):
-            new = _slice_kv(cache, torch.tensor([i]), n_new)[:, :, 0]
+            new = self.decoder.slice_kv(cache, torch.tensor([i]), n_new)[:, :, 0]
             node.kv = new if node.kv is None else torch.cat([node.kv, new], dim=3)
             node.next_logprobs = logp[i]
         return cache, ids, mask, logp
 
     def _prefill_from_scratch(self, parents: list[Node]):
         """The baseline without reuse: every parent's whole path recomputed in one left-padded prefill."""
-        cache = DynamicCache(config=self.model.config)
-        ids, mask = _left_pad_ids([p.full_ids() for p in parents], self.pad, self.model.device)
-        logits = _step(self.model, ids, mask, cache, ids.shape[1])
+        ids, mask = self.decoder.left_pad([p.full_ids() for p in parents])
+        cache, logits = self.decoder.prefill(ids, mask)
         self._count_pass([p.path()[0] for p in parents])
         return cache, ids, mask, torch.log_softmax(logits, dim=-1)
 
     @torch.inference_mode()
-    def expand(self, parents: list[Node], counts: list[int], temperature: float, max_step_tokens: int, max_new_tokens: int, generator=None, greedy_first: bool = False) -> list[list[Node]]:
+    def expand(self, parents: list[Node], counts: list[int], temperature: float, max_step_tokens: int, max_new_tokens: int,
+               generator=None, greedy_first: bool = False, to_the_end: bool = False) -> list[list[Node]]:
         """Grow `counts[i]` children of `parents[i]` by one step each (sampled, or greedy at temperature 0;
-        with greedy_first the first child of every parent is its greedy step). Children are attached to their
-        parents and returned per parent."""
+        with greedy_first the first child of every parent is its greedy step). With to_the_end a child runs to
+        EOS or the token budget, past step delimiters (MCTS rollouts). Children are attached to their parents
+        and returned per parent."""
         out: list[list[Node]] = []
         start = 0
         while start < len(parents):  # chunks of at most max_rows decoded rows
@@ -147,11 +120,12 @@ class Expander:
             while stop < len(parents) and (stop == start or rows + counts[stop] <= self.max_rows):
                 rows += counts[stop]
                 stop += 1
-            out += self._expand_chunk(parents[start:stop], counts[start:stop], temperature, max_step_tokens, max_new_tokens, generator, greedy_first)
+            out += self._expand_chunk(parents[start:stop], counts[start:stop], temperature, max_step_tokens, max_new_tokens,
+                                      generator, greedy_first, to_the_end)
             start = stop
         return out
 
-    def _expand_chunk(self, parents, counts, temperature, max_step_tokens, max_new_tokens, generator, greedy_first):
+    def _expand_chunk(self, parents, counts, temperature, max_step_tokens, max_new_tokens, generator, greedy_first, to_the_end):
         if any(p.terminal for p in parents):
             raise RuntimeError("cannot expand a finished node")
         if self.reuse_prefix:
@@ -167,11 +141,14 @@ class Expander:
                 logp = torch.stack([p.next_logprobs for p in parents])
         else:
             cache, ids, mask, logp = self._prefill_from_scratch(parents)
-        index = torch.repeat_interleave(torch.arange(len(parents)), torch.tensor(counts))
-        cache.batch_select_indices(index.to(ids.device))
+        index = torch.repeat_interleave(torch.arange(len(parents)), torch.tensor(counts)).to(ids.device)
+        self.decoder.select_rows(cache, index)
         ids, mask, logp = ids[index], mask[index], logp[index]
         owner = index.tolist()  # row -> parent index
-        first = torch.tensor([r == 0 or owner[r] != owner[r - 1] for r in range(len(owner))]) & greedy_first
+        # the first row of every parent takes its greedy step; on the model's device, like the tokens it selects
+        first = torch.tensor([greedy_first and (r == 0 or owner[r] != owner[r - 1]) for r in range(len(owner))], device=ids.device)
+        delims = frozenset() if to_the_end else self.delims
+        step_cap = max_new_tokens if to_the_end else max_step_tokens
         roots = [p.path()[0] for p in parents]
         budget = [max_new_tokens - p.depth_tokens() for p in parents]
         new_ids: list[list[int]] = [[] for _ in owner]
@@ -181,9 +158,9 @@ class Expander:
         alive_rows = list(range(len(owner)))  # batch row -> decoded row
         step = 0
         while True:
-            token = _sample_no_sync(logp / temperature, generator) if temperature > 0 else logp.argmax(-1)
+            token = sample_no_sync(logp / temperature, generator) if temperature > 0 else logp.argmax(-1)
             if greedy_first and temperature > 0:
-                token = torch.where(first[alive_rows], logp.argmax(-1), token)
+                token = torch.where(first[torch.tensor(alive_rows, device=ids.device)], logp.argmax(-1), token)
             tok_lp = logp.gather(1, token[:, None])[:, 0]
             ent = -(logp.exp() * logp).sum(-1)
             self.stats.generated_tokens += len(alive_rows)
@@ -194,11 +171,11 @@ class Expander:
                 new_ents[r].append(e)
                 self.tokens_of[id(roots[owner[r]])] += 1
                 n = step + 1
-                if t == self.eos or t in self.delims or n >= max_step_tokens or n >= budget[owner[r]]:
+                if t == self.eos or t in delims or n >= step_cap or n >= budget[owner[r]]:
                     stopped.append(b)
             if stopped:
                 keep_kv = self.reuse_prefix and step > 0
-                seg = _slice_kv(cache, torch.tensor(stopped, device=ids.device), step) if keep_kv else None
+                seg = self.decoder.slice_kv(cache, torch.tensor(stopped), step) if keep_kv else None
                 for j, b in enumerate(stopped):
                     r = alive_rows[b]
                     parent = parents[owner[r]]
@@ -217,10 +194,10 @@ class Expander:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             if stopped:
                 keep = alive.nonzero()[:, 0].to(ids.device)
-                cache.batch_select_indices(keep)
+                self.decoder.select_rows(cache, keep)
                 ids, mask = ids[keep], mask[keep]
                 alive_rows = [r for r, a in zip(alive_rows, alive.tolist()) if a]
-            logits = _step(self.model, ids, mask, cache, 1)
+            logits = self.decoder.step(ids, mask, cache)
             self._count_pass([roots[owner[r]] for r in alive_rows])
             logp = torch.log_softmax(logits, dim=-1)
             step += 1

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from tasks import Problem
+from search.decoder import Decoder
 from search.expand import Expander
 from search.scorers import load_scorer, rank_by
 from search.tree import Node, dedupe_children, mark_path, puct, release_kv, to_candidate
@@ -41,8 +40,9 @@ def _backup(node: Node, value: float) -> None:
 def mcts(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
     scorer = load_scorer(cfg)
     tok = policy.tokenizer
-    ex = Expander(policy.model, tok, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    decoder = Decoder(policy.model, tok)
+    ex = Expander(decoder, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
+    generator = decoder.generator(cfg.seed)
     roots = ex.roots([p.prompt for p in problems])
     bounds = [[math.inf, -math.inf] for _ in problems]  # min/max value seen per tree
     answers: list[list[Node]] = [[] for _ in problems]  # finished or truncated completions (tree leaves, rollouts)
@@ -78,7 +78,7 @@ def mcts(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResul
         open_kids = [c for _, new in new_by_owner for c in new if not c.terminal]
         rollouts = {}
         if open_kids:
-            outs = ex.expand(open_kids, [1] * len(open_kids), 0.0, cfg.max_new_tokens, cfg.max_new_tokens)
+            outs = ex.expand(open_kids, [1] * len(open_kids), 0.0, cfg.max_step_tokens, cfg.max_new_tokens, to_the_end=True)
             for c, (r,) in zip(open_kids, outs):
                 c.children.remove(r)  # a rollout is an estimate, not a tree node
                 rollouts[id(c)] = r

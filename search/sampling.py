@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tasks import Problem, verify
-from search.engine import DecodeStats, decode
+from search.decoder import DecodeStats, Decoder
 from search.scorers import load_scorer, rank_by
 from search.scores import confidence
 from search.types import Candidate, SearchConfig, SearchResult
@@ -11,9 +11,7 @@ from search.types import Candidate, SearchConfig, SearchResult
 
 def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, temperature: float, strategy: str) -> list[SearchResult]:
     stats = DecodeStats()
-    decoded = decode(
-        policy.model,
-        policy.tokenizer,
+    decoded = Decoder(policy.model, policy.tokenizer).decode(
         [p.prompt for p in problems],
         n=n,
         temperature=temperature,

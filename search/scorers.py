@@ -7,6 +7,8 @@ per-token log-probs, summaries), so a reward model can implement it later; `load
     mean_logprob   length-normalised log-prob of the path
     min_logprob    its least likely token (one bad digit sinks an answer)
     neg_entropy    minus the mean entropy of the policy along the path
+    beam_score     sum logprob / length**length_penalty, the score `generate` ranks beams by (the default for
+                   beam and diverse beam, so that beam still equals `generate`)
     verifier       1 for a finished answer the checker accepts, else 0 (used only when cfg.use_verifier)
 """
 
@@ -20,6 +22,7 @@ from search.types import Candidate, SearchConfig
 
 class Scorer:
     name = "scorer"
+    penalise_unfinished = True  # rank_by puts completions that never reached EOS below finished ones
 
     def score(self, problems: list[Problem], candidates: list[list[Candidate]]) -> list[list[float]]:
         raise NotImplementedError
@@ -39,6 +42,23 @@ class Confidence(Scorer):
         return [[getattr(c, self.name) for c in cs] for cs in candidates]
 
 
+class BeamScore(Scorer):
+    """The beam score; like `generate`, it ranks a hypothesis cut at the length cap by its score alone."""
+
+    name = "beam_score"
+    penalise_unfinished = False
+
+    def __init__(self, length_penalty: float):
+        self.length_penalty = length_penalty
+
+    def score(self, problems, candidates):
+        return [[c.beam_score if c.beam_score is not None else self._of(c) for c in cs] for cs in candidates]
+
+    def _of(self, c: Candidate) -> float:
+        n = max(1, len(c.logprobs))
+        return sum(c.logprobs) / n**self.length_penalty
+
+
 class Verifier(Scorer):
     name = "verifier"
 
@@ -50,22 +70,38 @@ class Sum(Scorer):
     def __init__(self, parts: list[Scorer]):
         self.parts = parts
         self.name = "+".join(p.name for p in parts)
+        self.penalise_unfinished = any(p.penalise_unfinished for p in parts if not isinstance(p, Verifier))
 
     def score(self, problems, candidates):
         tables = [p.score(problems, candidates) for p in self.parts]
         return [[sum(t[i][j] for t in tables) for j in range(len(cs))] for i, cs in enumerate(candidates)]
 
 
+BEAM_STRATEGIES = ("beam", "diverse_beam")
+SCORERS = ("mean_logprob", "min_logprob", "neg_entropy", "beam_score", "verifier")
+
+
+def default_scorer(cfg: SearchConfig) -> str:
+    """Beam strategies rank by the beam score, the others by the configured confidence; the verifier is added
+    first when the run may use answers."""
+    base = "beam_score" if cfg.strategy in BEAM_STRATEGIES else cfg.confidence
+    return f"verifier+{base}" if cfg.use_verifier else base
+
+
 def load_scorer(cfg: SearchConfig) -> Scorer:
-    spec = cfg.scorer or (f"verifier+{cfg.confidence}" if cfg.use_verifier else cfg.confidence)
+    spec = cfg.scorer or default_scorer(cfg)
     parts = []
     for name in spec.split("+"):
         if name == "verifier":
             if not cfg.use_verifier:
                 raise ValueError("scorer 'verifier' needs use_verifier=True (the run must be allowed to use answers)")
             parts.append(Verifier())
-        else:
+        elif name == "beam_score":
+            parts.append(BeamScore(cfg.length_penalty))
+        elif name in Confidence.KINDS:
             parts.append(Confidence(name))
+        else:
+            raise ValueError(f"unknown scorer {name!r} in {spec!r}: use names from {', '.join(SCORERS)} joined by '+'")
     return parts[0] if len(parts) == 1 else Sum(parts)
 
 
@@ -73,7 +109,7 @@ def rank_by(scorer: Scorer, problem: Problem, candidates: list[Candidate]) -> li
     """Set each candidate's score and sort best first; an unfinished completion never beats a finished one."""
     scores = scorer.score([problem], [candidates])[0]
     for c, s in zip(candidates, scores):
-        c.score = s if c.finished else s - 1e6
+        c.score = s if (c.finished or not scorer.penalise_unfinished) else s - 1e6
     return sorted(candidates, key=lambda c: c.score, reverse=True)
 
 

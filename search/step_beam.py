@@ -6,9 +6,8 @@ expansion per depth for the whole batch, on shared-prefix key/values (search/exp
 
 from __future__ import annotations
 
-import torch
-
 from tasks import Problem
+from search.decoder import Decoder
 from search.expand import Expander
 from search.scorers import load_scorer, rank_by
 from search.tree import Node, dedupe_children, mark_path, release_kv, to_candidate
@@ -17,8 +16,9 @@ from search.types import SearchConfig, SearchResult
 
 def step_beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
     scorer = load_scorer(cfg)
-    ex = Expander(policy.model, policy.tokenizer, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    decoder = Decoder(policy.model, policy.tokenizer)
+    ex = Expander(decoder, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
+    generator = decoder.generator(cfg.seed)
     roots = ex.roots([p.prompt for p in problems])
     frontier: list[list[Node]] = [[r] for r in roots]
     done: list[list[Node]] = [[] for _ in problems]

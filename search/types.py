@@ -12,41 +12,63 @@ Strategy = Literal["greedy", "best_of_n", "beam", "step_beam", "diverse_beam", "
 
 @dataclass
 class SearchConfig:
-    strategy: Strategy = "greedy"
+    strategy: Strategy = field(default="greedy", metadata={
+        "help": "search strategy: greedy, best_of_n, beam, step_beam, diverse_beam or mcts"})
     # sampling
-    n: int = 8  # candidates per problem for best_of_n
-    temperature: float = 1.0
-    max_new_tokens: int = 64
+    n: int = field(default=8, metadata={"help": "candidates per problem (best_of_n)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (best_of_n, step_beam, mcts)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion, in tokens"})
     # ranking: the verifier may rank candidates only when the run is allowed to use answers
-    use_verifier: bool = False
-    confidence: Literal["mean_logprob", "min_logprob"] = "mean_logprob"
+    use_verifier: bool = field(default=False, metadata={
+        "help": "let the checker rank finished answers (problems with answers)"})
+    confidence: Literal["mean_logprob", "min_logprob"] = field(default="mean_logprob", metadata={
+        "help": "confidence that ranks candidates when no scorer is given: mean_logprob or min_logprob"})
     # batching
-    max_rows: int = 2048  # sequences decoded at once
-    seed: int = 0
+    max_rows: int = field(default=2048, metadata={"help": "sequences decoded at once"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
     # tree search (issue 3): beam, step_beam, diverse_beam, mcts
-    beams: int = 4  # beam width (token beam, step beam, diverse beam)
-    length_penalty: float = 1.0  # beam score = sum logprob / length**length_penalty, as in generate
-    early_stopping: bool | str = False  # generate's beam early_stopping: False, True or "never"
-    groups: int = 2  # diverse beam: groups of beams // groups beams each
-    diversity_penalty: float = 1.0  # diverse beam: Hamming penalty per earlier-group use of a token
-    step_delimiter: str = "\n"  # a tree step ends after a token containing this text ...
-    max_step_tokens: int = 4  # ... or after this many tokens
-    children: int = 4  # step_beam / mcts: sampled children per expanded node
-    simulations: int = 8  # mcts: selection-expansion-backup rounds per problem
-    c_puct: float = 1.0  # mcts: exploration weight of the prior
-    scorer: str | None = None  # e.g. "mean_logprob", "verifier+min_logprob"; None: from confidence/use_verifier
-    reuse_prefix: bool = True  # False recomputes every node's prefix (the benchmark's baseline)
-    keep_tree: bool = False  # attach the search tree to each result (for `arbor search --tree`)
+    beams: int = field(default=4, metadata={"help": "beam width (beam, step_beam, diverse_beam)"})
+    length_penalty: float = field(default=1.0, metadata={
+        "help": "beam score = sum logprob / length**length_penalty, as in generate"})
+    early_stopping: bool | str = field(default=False, metadata={
+        "help": "generate's beam early_stopping: False, True or 'never'"})
+    groups: int = field(default=2, metadata={"help": "diverse_beam: groups of beams // groups beams each"})
+    diversity_penalty: float = field(default=1.0, metadata={
+        "help": "diverse_beam: Hamming penalty per earlier-group use of a token"})
+    step_delimiter: str = field(default="\n", metadata={
+        "help": "a tree step (step_beam, mcts) ends after a token containing this text ..."})
+    max_step_tokens: int = field(default=4, metadata={"help": "... or after this many tokens"})
+    children: int = field(default=4, metadata={"help": "sampled children per expanded node (step_beam, mcts)"})
+    simulations: int = field(default=8, metadata={"help": "mcts: selection-expansion-backup rounds per problem"})
+    c_puct: float = field(default=1.0, metadata={"help": "mcts: exploration weight of the prior"})
+    scorer: str | None = field(default=None, metadata={
+        "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, verifier+min_logprob "
+                "(default: from confidence and use_verifier)"})
+    reuse_prefix: bool = field(default=True, metadata={
+        "help": "reuse a node's cached prefix (False recomputes it: the benchmark's baseline)"})
+    keep_tree: bool = field(default=False, metadata={
+        "help": "attach the search tree to each result (for `arbor search --tree`)"})
 
     def __post_init__(self):
+        from typing import get_args
+
+        if self.strategy not in get_args(Strategy):
+            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(get_args(Strategy))}")
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (got n={self.n})")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
         if self.beams < 1 or self.children < 1 or self.simulations < 1 or self.max_step_tokens < 1:
             raise ValueError("beams, children, simulations and max_step_tokens must be at least 1")
+        if self.groups < 1:
+            raise ValueError(f"groups must be at least 1 (got groups={self.groups})")
         if self.strategy == "diverse_beam" and self.beams % self.groups:
             raise ValueError(f"groups must divide beams (got beams={self.beams}, groups={self.groups})")
+        from search.scorers import load_scorer
+
+        load_scorer(self)  # an unknown scorer or confidence fails here, with the scorer's own message
 
 
 @dataclass
@@ -61,6 +83,7 @@ class Candidate:
     score: float = 0.0
     logprobs: list[float] = field(default_factory=list)  # per token, for scorers that need more than summaries
     visits: int = 0  # mcts: visits of the node the candidate ends in
+    beam_score: float | None = None  # beam strategies: sum logprob / length**length_penalty, as generate ranks
 
 
 @dataclass
@@ -71,7 +94,6 @@ class SearchResult:
     policy_version: str
     generated_tokens: int = 0
     forward_passes: int = 0
-    stats: dict = field(default_factory=dict)
     tree: object = None  # the root search.tree.Node when cfg.keep_tree (key/values released)
 
     @property

@@ -6,7 +6,7 @@ import torch
 from agent.policy import BuiltinConfig, Policy, build_builtin_policy
 from tasks import get_task
 from search import SearchConfig, run_search
-from search.engine import decode
+from search.decoder import Decoder
 from search.expand import Expander
 from search.scorers import Confidence, Sum, Verifier, load_scorer, majority_vote
 from search.tree import walk
@@ -41,9 +41,9 @@ def _grow_greedy(ex, prompts, step_tokens, max_new):
 @pytest.mark.parametrize("scheme", ["coupled", "sequential"])
 def test_step_expansion_with_reused_prefix_equals_plain_greedy(scheme):
     policy = _policy(scheme, eos_boost=1.0)
-    ref = decode(policy.model, policy.tokenizer, PROMPTS, max_new_tokens=9)
+    ref = Decoder(policy.model, policy.tokenizer).decode(PROMPTS, max_new_tokens=9)
     for reuse in (True, False):
-        ex = Expander(policy.model, policy.tokenizer, reuse_prefix=reuse)
+        ex = Expander(Decoder(policy.model, policy.tokenizer), reuse_prefix=reuse)
         roots, leaves = _grow_greedy(ex, PROMPTS, 2, 9)
         for leaf, d in zip(leaves, ref):
             ids, lps, _ = leaf.completion()
@@ -60,7 +60,7 @@ def test_step_expansion_with_reused_prefix_equals_plain_greedy(scheme):
 
 def test_sampled_children_share_the_parent_cache():
     policy = _policy()
-    ex = Expander(policy.model, policy.tokenizer)
+    ex = Expander(Decoder(policy.model, policy.tokenizer))
     roots = ex.roots(PROMPTS[:2])
     passes = ex.stats.forward_passes
     kids = ex.expand(roots, [6, 3], 1.0, 3, 12, torch.Generator().manual_seed(0))
@@ -126,3 +126,37 @@ def test_tree_html_marks_the_chosen_path(tmp_path):
     trie = tree_from_candidates(policy.tokenizer(problems[0].prompt).input_ids, beams[0].candidates)
     page = tree_to_html([tree[0].tree, trie], policy.tokenizer, ["step_beam", "beam"])
     assert page.count('class="best"') >= 2 and "visits=" in page and "conf=" in page
+
+
+@pytest.fixture(scope="module")
+def line_policy():
+    """A tiny policy taught a multi-line answer format: the prompt's digits one per line ("12=" -> "1\n2")."""
+    from agent.trainer import SFTFineTuner, TrainConfig
+
+    model, tok = build_builtin_policy(BuiltinConfig(position_scheme="sequential", seed=5))
+    rng = __import__("random").Random(0)
+    examples = []
+    for _ in range(3000):
+        digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(2, 4)))
+        examples.append({"prompt": f"{digits}=", "completion": "\n".join(digits)})
+    SFTFineTuner(TrainConfig(learning_rate=3e-3, time_budget_s=25, batch_size=64)).train(model, tok, examples)
+    return Policy(model.eval(), tok, "lines")
+
+
+def test_mcts_rollouts_run_to_the_end_of_multi_line_completions(line_policy):
+    problems = [get_task("addition").generate(3, 1, seed=s)[0] for s in range(6)]
+    problems = [type(p)(prompt=p.prompt.split("+")[0] + "=", id=p.id) for p in problems]  # "123=" -> "1\n2\n3"
+    cfg = SearchConfig(strategy="mcts", simulations=3, children=2, max_step_tokens=4, max_new_tokens=12,
+                       step_delimiter="\n", keep_tree=True)
+    results = run_search(problems, cfg, line_policy)
+    lines_seen = 0
+    for r in results:
+        for c in r.candidates:  # every answer is a finished completion or one cut at the token budget
+            assert c.finished or len(c.token_ids) >= cfg.max_new_tokens, repr(c.completion)
+            lines_seen = max(lines_seen, c.completion.count("\n") + 1)
+        assert r.best.finished
+        for node in walk(r.tree):  # the tree itself still grows one line (step) at a time
+            if node.parent is not None and not node.terminal:
+                assert len(node.token_ids) <= cfg.max_step_tokens
+                assert node.token_ids[-1] == line_policy.tokenizer.convert_tokens_to_ids("\n") or len(node.token_ids) == cfg.max_step_tokens
+    assert lines_seen >= 3  # rollouts crossed step delimiters: a three-line answer is one rollout's end
