@@ -135,7 +135,7 @@ def speed_sampling(policy, problems) -> dict:
     engine_s = time.perf_counter() - t
     engine_tokens = sum(r.generated_tokens for r in res)
     tok, eos = policy.tokenizer, policy.tokenizer.eos_token_id
-    enc = tok([p.prompt for p in problems], return_tensors="pt", add_special_tokens=False)  # one length: no padding
+    enc = tok([p.prompt for p in problems], return_tensors="pt", add_special_tokens=False).to(policy.model.device)  # one length: no padding
     t = time.perf_counter()
     out = policy.model.generate(**enc, do_sample=True, num_return_sequences=16, max_new_tokens=max_new, top_k=0, top_p=1.0, temperature=1.0)
     gen_s = time.perf_counter() - t
@@ -187,11 +187,13 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--save", default=None, help="save the trained policy here (to rerun with --model)")
+    ap.add_argument("--device", default="cpu", help="run the searches here (the policy is trained on the CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     policy = Policy.load(args.model) if args.model else train_policy(args.train_seconds, args.seed)
     train_s = time.perf_counter() - t0
+    policy.model.to(args.device)
     if args.save:
         policy.model.save_pretrained(args.save)
         policy.tokenizer.save_pretrained(args.save)
@@ -204,7 +206,7 @@ def main():
         "speed_prefix": [speed_prefix(policy, problems[:64], 0), speed_prefix(policy, problems[:64], 16)],
         "speed_sampling": speed_sampling(policy, problems[:64]),
         "diversity": diversity(policy, problems),
-        "threads": args.threads, "total_s": None,
+        "threads": args.threads, "device": str(policy.model.device), "total_s": None,
     }
     report["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(report))
