@@ -68,17 +68,24 @@ def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch
     is_digit = lut[input_ids] & valid.bool()
     is_eq = (input_ids == config.equals_token_id) & valid.bool()
     is_plus = (input_ids == config.plus_token_id) & valid.bool()
+    real = valid.bool()
     t = torch.arange(T, device=device).expand(B, T)
-    # position of the nearest non-digit at or before t (-1 if none): digits count from there
-    last_nondigit = torch.where(is_digit, torch.full_like(t, -1), t).cummax(dim=1).values
-    run_index = t - last_nondigit - 1
+    # tokens are counted among real ones only, so that a masked hole (a row that accepted fewer draft tokens than
+    # its batch) places the tokens after it exactly as if it were not there
+    count = real.long().cumsum(dim=1) - 1
+    # raw index of the nearest real non-digit at or before t (-1 if none): digits count from there
+    last_nondigit = torch.where(real & ~is_digit, t, torch.full_like(t, -1)).cummax(dim=1).values
+    count_at_nondigit = torch.where(last_nondigit >= 0, count.gather(1, last_nondigit.clamp(min=0)), torch.full_like(t, -1))
+    run_index = count - count_at_nondigit - 1
     after_eq = is_eq.gather(1, last_nondigit.clamp(min=0)) & (last_nondigit >= 0)
     digit_pos = run_index + 1 + after_eq.long()
     pos = torch.zeros_like(t)
     pos = torch.where(is_digit, digit_pos, pos)
     pos = torch.where(is_eq, torch.ones_like(pos), pos)
-    prev_pos = torch.cat([torch.zeros_like(pos[:, :1]), pos[:, :-1]], dim=1)
-    prev_digit = torch.cat([torch.zeros_like(is_digit[:, :1]), is_digit[:, :-1]], dim=1)
+    last_real = torch.where(real, t, torch.full_like(t, -1)).cummax(dim=1).values
+    prev = torch.cat([torch.full_like(t[:, :1], -1), last_real[:, :-1]], dim=1)  # the real token before t
+    prev_pos = pos.gather(1, prev.clamp(min=0))
+    prev_digit = is_digit.gather(1, prev.clamp(min=0)) & (prev >= 0)
     pos = torch.where(is_plus, torch.where(prev_digit, prev_pos + 1, torch.ones_like(pos)), pos)
     before_eq = is_eq.long().cumsum(dim=1) == 0
     is_operand = before_eq & (is_digit | is_plus)
