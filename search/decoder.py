@@ -51,11 +51,14 @@ class DraftSource(Protocol):
 
     `propose(last_tokens [B]) -> (tree_tokens [B, n], parents)`: node 0 is the root (the last accepted token,
     not yet in the cache); `parents[i] < i` is node i's parent (-1 for the root). `observe(input_ids [B, q],
-    logits [B, q, V])` sees the inputs and logits of every forward the Decoder makes while it is attached."""
+    logits [B, q, V])` sees the inputs and logits of every forward the Decoder makes while it is attached.
+    `accepted(best_nodes [B])` hears which node ended each row's accepted path after a verify step."""
 
     def propose(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]: ...
 
     def observe(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None: ...
+
+    def accepted(self, best_nodes: torch.Tensor) -> None: ...
 
 
 def ancestor_matrix(parents: list[int], device=None) -> torch.Tensor:
@@ -256,7 +259,10 @@ class Decoder:
             if n > 1:
                 self.repeat_rows(cache, n)
                 ids, mask, logits = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-            rows_out = self._sample_rows(ids, mask, cache, logits, temperature, max_new_tokens, generator, stats)
+            if temperature == 0 and self.draft_source is not None:
+                rows_out = self._greedy_with_drafts(ids, mask, cache, logits, max_new_tokens, stats)
+            else:
+                rows_out = self._sample_rows(ids, mask, cache, logits, temperature, max_new_tokens, generator, stats)
             for r, d in enumerate(rows_out):
                 results[chunk[r // n]].append(d)
         return results
@@ -291,3 +297,112 @@ class Decoder:
         tokens, token_logps, entropies = tokens.tolist(), token_logps.tolist(), entropies.tolist()
         return [Decoded(tokens[r][:n], token_logps[r][:n], entropies[r][:n], finished=n < max_new_tokens)
                 for r, n in enumerate(lengths.tolist())]
+
+    def _greedy_with_drafts(self, ids, mask, cache, logits, max_new_tokens, stats) -> list[Decoded]:
+        """Greedy decoding that verifies a draft tree per row in each forward (speculative, lossless).
+
+        The root of every tree is the row's last accepted token, not yet cached. A draft node is accepted when
+        its token is the argmax at its parent and its parent is accepted; each row keeps its deepest accepted
+        node (the first on ties), emits the path's drafts plus the bonus token (the argmax at that node), and
+        the cache keeps the prefix plus that path. Rows that accept fewer tokens than the longest row in the
+        batch leave masked holes in the cache, which positions and attention skip."""
+        dev, B = self.device, ids.shape[0]
+        out_ids: list[list[int]] = [[] for _ in range(B)]
+        out_lps: list[list[float]] = [[] for _ in range(B)]
+        out_ents: list[list[float]] = [[] for _ in range(B)]
+        finished = [False] * B
+        logp = torch.log_softmax(logits, dim=-1)
+        root = logp.argmax(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        for r, (t, lp, e) in enumerate(zip(root.tolist(), logp.gather(1, root[:, None])[:, 0].tolist(), ent.tolist())):
+            out_ids[r].append(t), out_lps[r].append(lp), out_ents[r].append(e)
+        stats.generated_tokens += B
+        rows = list(range(B))  # batch row -> output row
+        path = depth = levels = None
+        while True:
+            alive = []
+            for b, r in enumerate(rows):
+                if out_ids[r][-1] == self.eos:
+                    finished[r] = True
+                elif len(out_ids[r]) < max_new_tokens:
+                    alive.append(b)
+            if len(alive) < len(rows):
+                if not alive:
+                    break
+                keep = torch.tensor(alive, device=dev)
+                self.select_rows(cache, keep)
+                ids, mask, root = ids[keep], mask[keep], root[keep]
+                rows = [rows[b] for b in alive]
+            tree, parents = self.draft_source.propose(root)
+            if path is None or path.shape[0] != len(parents):
+                path, depth, levels = _tree_paths(parents, dev)
+            T = ids.shape[1]
+            logp = torch.log_softmax(self.tree_step(ids, mask, cache, tree, parents), dim=-1)  # [b, n, V]
+            stats.forward_passes += 1
+            pred = logp.argmax(-1)  # [b, n]
+            ok = torch.zeros_like(tree, dtype=torch.bool)
+            ok[:, 0] = True
+            for nodes, par in levels:  # one comparison per depth
+                ok[:, nodes] = ok[:, par] & (tree[:, nodes] == pred[:, par])
+            best = torch.argmax(torch.where(ok, depth[None, :], -1), dim=-1)  # deepest accepted node, first on ties
+            self.draft_source.accepted(best)
+            chain = path[best]  # [b, D] accepted nodes root first, -1 past the path
+            n_acc = (chain >= 0).sum(-1)  # root included
+            bonus = pred.gather(1, best[:, None])[:, 0]
+            # emitted tokens: the path's drafts (nodes 1..), each scored at its parent, then the bonus at the end node
+            emit_nodes = torch.cat([chain[:, 1:], torch.full_like(chain[:, :1], -1)], dim=1)  # [b, D]
+            src = chain.clamp(min=0)  # the node whose logits score each emitted token
+            emit_tok = torch.where(emit_nodes >= 0, tree.gather(1, emit_nodes.clamp(min=0)), bonus[:, None])
+            emit_lp = logp.gather(1, src[:, :, None].expand(-1, -1, logp.shape[-1])).gather(2, emit_tok[:, :, None])[..., 0]
+            emit_ent = _entropy(logp).gather(1, src)
+            D = chain.shape[1]
+            counts = n_acc.tolist()
+            tok_l, lp_l, ent_l = emit_tok.tolist(), emit_lp.tolist(), emit_ent.tolist()
+            for b, r in enumerate(rows):
+                for j in range(counts[b]):  # n_acc - 1 drafts and the bonus
+                    if len(out_ids[r]) >= max_new_tokens or out_ids[r][-1] == self.eos:
+                        break
+                    out_ids[r].append(tok_l[b][j]), out_lps[r].append(lp_l[b][j]), out_ents[r].append(ent_l[b][j])
+                    stats.generated_tokens += 1
+            # the cache keeps the prefix and the accepted path (holes where a row accepted fewer than D)
+            slots = torch.where(chain >= 0, chain, chain.max(dim=1, keepdim=True).values)
+            self.compact(cache, torch.cat([torch.arange(T, device=dev).expand(len(rows), T), T + slots], dim=1))
+            ids = torch.cat([ids, tree.gather(1, slots)], dim=1)
+            mask = torch.cat([mask, (chain >= 0).long()], dim=1)
+            root = bonus
+            trim = int((chain >= 0).any(0).sum())  # drop trailing all-hole columns
+            if trim < D:
+                self.crop(cache, T + trim)
+                ids, mask = ids[:, : T + trim], mask[:, : T + trim]
+        return [Decoded(_upto_eos(out_ids[r], self.eos)[0], out_lps[r][: _upto_eos(out_ids[r], self.eos)[1]],
+                        out_ents[r][: _upto_eos(out_ids[r], self.eos)[1]], finished=finished[r] or (out_ids[r][-1:] == [self.eos]))
+                for r in range(B)]
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _upto_eos(tokens: list[int], eos: int) -> tuple[list[int], int]:
+    """Tokens before the first EOS, and how many entries (EOS included) belong to the completion's record."""
+    if eos in tokens:
+        i = tokens.index(eos)
+        return tokens[:i], i
+    return tokens, len(tokens)
+
+
+def _tree_paths(parents: list[int], device):
+    """For a tree shape: path [n, D] (each node's root-first chain, -1 padded), depth [n] and, per depth, the
+    nodes and their parents (one vectorised acceptance test per depth)."""
+    anc = ancestor_matrix(parents)
+    depth = anc.sum(-1) - 1
+    D = int(depth.max()) + 1
+    path = torch.full((len(parents), D), -1, dtype=torch.long)
+    for i in range(len(parents)):
+        chain = anc[i].nonzero()[:, 0]
+        path[i, : len(chain)] = chain
+    levels = []
+    for d in range(1, D):
+        nodes = (depth == d).nonzero()[:, 0]
+        levels.append((nodes.to(device), torch.tensor([parents[i] for i in nodes.tolist()], device=device)))
+    return path.to(device), depth.to(device), levels

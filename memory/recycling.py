@@ -1,0 +1,216 @@
+"""Token Recycling (Luo et al., ACL 2025, arXiv 2408.08696): drafts from candidate tokens that earlier forwards
+already computed, verified losslessly in one Decoder tree step.
+
+The memory is an int32 matrix `adj` [vocab, k]: row t holds the top-k tokens last predicted after token t
+(column 0 the most likely). Every forward the Decoder makes updates it from the top-k at every input position,
+rejected drafts included (`observe`). A draft tree is filled from it breadth-first, one gather per depth: a
+node's token is `adj[parent's token, node's column]`. The matrix persists across problems and jobs ("hot
+start") and is saved beside each policy version, so a worker starts warm.
+
+The tree is sized to the device (`TreeSizer`): the forward cost of n draft tokens is measured on the current
+device and model, acceptance is counted per tree node, and the template is pruned to the node count that
+maximises expected accepted tokens per unit of forward cost. On a CPU an 81-token verify costs 2-3.4x a
+one-token step (measured), so the paper's 80-node tree would need ~6 accepted tokens per forward to double the
+speed; a 16-node tree costs 1.2-2.1x and needs MAT 2.5-3.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# The paper's template "2.2.2": each node is its path of adj columns from the root; 80 drafts, depths 8/21/25/15/8/3.
+PAPER_TREE: list[tuple[int, ...]] = (
+    [(i,) for i in range(8)]
+    + [(0, i) for i in range(8)] + [(1, i) for i in range(4)] + [(2, i) for i in range(3)] + [(3, 0), (3, 1)]
+    + [(4, 0), (5, 0), (6, 0), (7, 0)]
+    + [(0, 0, i) for i in range(8)] + [(0, 1, i) for i in range(3)] + [(0, 2, 0), (0, 2, 1)]
+    + [(0, 3, 0), (0, 4, 0), (0, 5, 0), (0, 6, 0), (0, 7, 0), (1, 0, 0), (1, 0, 1), (1, 1, 0), (2, 0, 0), (3, 0, 0),
+       (4, 0, 0), (5, 0, 0)]
+    + [(0, 0, 0, i) for i in range(5)] + [(0, 0, 1, 0), (0, 0, 1, 1), (0, 0, 2, 0), (0, 0, 3, 0), (0, 0, 4, 0),
+                                          (0, 1, 0, 0), (0, 2, 0, 0), (1, 0, 0, 0), (2, 0, 0, 0), (3, 0, 0, 0)]
+    + [(0, 0, 0, 0, i) for i in range(3)] + [(0, 0, 0, 1, 0), (0, 0, 0, 2, 0), (0, 0, 1, 0, 0), (0, 1, 0, 0, 0),
+                                             (1, 0, 0, 0, 0)]
+    + [(0, 0, 0, 0, 0, 0), (0, 0, 0, 0, 0, 1), (0, 0, 0, 1, 0, 0)]
+)
+
+
+class DraftTree:
+    """A tree shape in breadth-first order: node 0 is the root (the last accepted token), node i > 0 the path of
+    adj columns `paths[i]`. Prefix-closed: every node's parent is in the tree."""
+
+    def __init__(self, paths: list[tuple[int, ...]]):
+        ordered = [()] + sorted(set(paths), key=lambda p: (len(p), paths.index(p)))
+        index = {p: i for i, p in enumerate(ordered)}
+        missing = [p for p in ordered[1:] if p[:-1] not in index]
+        if missing:
+            raise ValueError(f"a draft tree must be prefix-closed: {missing[:3]} have no parent in the tree")
+        self.paths = ordered
+        self.parents = [-1] + [index[p[:-1]] for p in ordered[1:]]
+        self.columns = [0] + [p[-1] for p in ordered[1:]]
+        self.depths = [len(p) for p in ordered]
+        # nodes per depth with their parents and columns, for one gather per depth
+        self.levels = []
+        for d in range(1, max(self.depths) + 1):
+            nodes = [i for i, dd in enumerate(self.depths) if dd == d]
+            self.levels.append((torch.tensor(nodes), torch.tensor([self.parents[i] for i in nodes]),
+                                torch.tensor([self.columns[i] for i in nodes])))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def max_column(self) -> int:
+        return max(self.columns)
+
+
+class RecyclingMemory:
+    """The recycling matrix and its draft tree; a Decoder `DraftSource`."""
+
+    def __init__(self, vocab_size: int, k: int = 8, tree: list[tuple[int, ...]] | None = None, device="cpu"):
+        self.k = k
+        self.adj = torch.zeros(vocab_size, k, dtype=torch.int32, device=device)  # unwritten rows draft token 0
+        self.set_tree(tree if tree is not None else PAPER_TREE)
+        self.accept_counts = torch.zeros(len(PAPER_TREE) + 1)  # per template node: times on the accepted path
+        self.steps = 0
+
+    def set_tree(self, paths: list[tuple[int, ...]]) -> None:
+        tree = DraftTree(paths)
+        if tree.max_column() >= self.k:
+            raise ValueError(f"the tree uses adj column {tree.max_column()} but the memory keeps k={self.k} successors")
+        self.tree = tree
+        self._template_index = [PAPER_TREE_INDEX.get(p) for p in tree.paths]  # for acceptance statistics
+
+    @property
+    def nbytes(self) -> int:
+        return self.adj.numel() * self.adj.element_size()
+
+    def propose(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Draft trees [B, n] rooted at each row's last accepted token; one gather per depth."""
+        tokens = torch.empty(last_tokens.shape[0], len(self.tree), dtype=torch.long, device=last_tokens.device)
+        tokens[:, 0] = last_tokens
+        adj = self.adj
+        for nodes, parents, columns in self.tree.levels:
+            parents, columns = parents.to(adj.device), columns.to(adj.device)
+            tokens[:, nodes.to(tokens.device)] = adj[tokens[:, parents.to(tokens.device)].to(adj.device), columns].to(tokens.device).long()
+        return tokens, self.tree.parents
+
+    def observe(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """Recycle: the top-k successors at every input position replace their token's row (all tree nodes,
+        rejected drafts included; with repeated tokens the last write wins)."""
+        top = logits.topk(self.k, dim=-1).indices.to(device=self.adj.device, dtype=torch.int32)
+        self.adj[input_ids.reshape(-1).to(self.adj.device)] = top.reshape(-1, self.k)
+
+    def accepted(self, best_nodes: torch.Tensor) -> None:
+        """Count, per template node, how often it lay on a row's accepted path (the tree sizer's statistics)."""
+        for node in best_nodes.tolist():
+            while node > 0:
+                t = self._template_index[node]
+                if t is not None:
+                    self.accept_counts[t + 1] += 1
+                node = self.tree.parents[node]
+            self.accept_counts[0] += 1
+        self.steps += len(best_nodes)
+
+    def acceptance_rates(self) -> dict[tuple[int, ...], float]:
+        """Per template path: the share of verify steps in which it was on the accepted path."""
+        total = max(1.0, float(self.accept_counts[0]))
+        return {p: float(self.accept_counts[i + 1]) / total for i, p in enumerate(PAPER_TREE)}
+
+    # ----- persistence: beside each policy version -----
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        torch.save({"adj": self.adj.cpu(), "k": self.k, "accept_counts": self.accept_counts,
+                    "tree": [list(p) for p in self.tree.paths[1:]]}, folder / "recycling.pt")
+
+    @classmethod
+    def load(cls, folder: str | Path, vocab_size: int, device="cpu") -> "RecyclingMemory":
+        """The memory saved beside a policy version, or a fresh one when there is none (or its shape differs)."""
+        path = Path(folder) / "recycling.pt"
+        if not path.is_file():
+            return cls(vocab_size, device=device)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["adj"].shape[0] != vocab_size:
+            return cls(vocab_size, device=device)
+        memory = cls(vocab_size, k=state["k"], tree=[tuple(p) for p in state["tree"]], device=device)
+        memory.adj.copy_(state["adj"].to(device))
+        memory.accept_counts = state["accept_counts"]
+        return memory
+
+
+PAPER_TREE_INDEX = {p: i for i, p in enumerate(PAPER_TREE)}
+
+
+class TreeSizer:
+    """Chooses the draft tree for a device: the template pruned to the size that maximises expected accepted
+    tokens per unit of forward cost, from measured forward costs and running acceptance rates."""
+
+    SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81)  # tree inputs (root included) at which cost is measured
+    _costs: dict[tuple, dict[int, float]] = {}  # (device, model, batch, context) -> inputs -> seconds; per process
+
+    @classmethod
+    @torch.inference_mode()
+    def forward_costs(cls, decoder, batch: int = 1, context: int = 128, repeats: int = 5) -> dict[int, float]:
+        """Median seconds of one tree step with n inputs after `context` cached tokens, for n in SIZES (cached per
+        device, model and batch size: the measurement takes well under a second for tiny models)."""
+        model = decoder.model
+        key = (str(decoder.device), model.config.to_json_string(), batch, context)
+        if key not in cls._costs:
+            ids = torch.full((batch, context), decoder.eos, dtype=torch.long, device=decoder.device)
+            mask = torch.ones_like(ids)
+            costs = {}
+            for n in cls.SIZES:
+                times = []
+                for _ in range(repeats):
+                    cache, _ = decoder.prefill(ids, mask)
+                    tree = torch.full((batch, n), decoder.eos, dtype=torch.long, device=decoder.device)
+                    _sync(decoder.device)
+                    t = time.perf_counter()
+                    decoder.tree_step(ids, mask, cache, tree, [-1] + [0] * (n - 1))
+                    _sync(decoder.device)
+                    times.append(time.perf_counter() - t)
+                costs[n] = sorted(times)[len(times) // 2]
+            cls._costs[key] = costs
+        return cls._costs[key]
+
+    @staticmethod
+    def choose(rates: dict[tuple[int, ...], float], costs: dict[int, float]) -> tuple[list[tuple[int, ...]], float]:
+        """The prefix-closed subset of the template with the best expected tokens per second, and that speed
+        relative to one-token greedy steps (<= 1: drafting does not pay here). Expected tokens of a verify step
+        = 1 (the bonus token) + the summed acceptance rates of its draft nodes."""
+        order = sorted(PAPER_TREE, key=lambda p: (-rates.get(p, 0.0), len(p), PAPER_TREE_INDEX[p]))
+        chosen, best, best_gain = [], [], 0.0
+        base = costs[1]
+        for p in order:
+            if p[:-1] and p[:-1] not in chosen:
+                continue  # keep the tree prefix-closed: a node needs its parent
+            chosen.append(p)
+            n = len(chosen) + 1
+            cost = _interpolate(costs, n)
+            gain = (1.0 + sum(rates.get(q, 0.0) for q in chosen)) / (cost / base)
+            if gain > best_gain:
+                best, best_gain = list(chosen), gain
+        return best, best_gain
+
+
+def _interpolate(costs: dict[int, float], n: int) -> float:
+    sizes = sorted(costs)
+    if n in costs:
+        return costs[n]
+    lo = max(s for s in sizes if s <= n)
+    hi = min((s for s in sizes if s >= n), default=sizes[-1])
+    if hi == lo:
+        return costs[lo]
+    return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def save_sizing(path: str | Path, costs: dict[int, float], tree: list[tuple[int, ...]], gain: float) -> None:
+    Path(path).write_text(json.dumps({"costs": costs, "tree": [list(p) for p in tree], "expected_speedup": gain}))
