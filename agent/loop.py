@@ -117,6 +117,88 @@ def gate_score(metric: dict, keys: list[str]) -> float:
     return sum(metric[k] for k in common) / len(common) if common else 0.0
 
 
+def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict], cfg: LoopConfig,
+               rng: random.Random) -> list[dict]:
+    """The training mix (cfg.examples_per_cycle examples): warm-start (true-labelled) data, the newest labels and
+    earlier labels, in the shares cfg.replay_seed_fraction and cfg.replay_newest_fraction (the rest: earlier)."""
+    n = cfg.examples_per_cycle
+    n_seed = int(n * cfg.replay_seed_fraction) if seed_examples else 0
+    n_newest = int(n * cfg.replay_newest_fraction) if older else n - n_seed
+    n_older = n - n_seed - n_newest if older else 0
+    mix = [rng.choice(seed_examples) for _ in range(n_seed)]
+    mix += [rng.choice(newest) for _ in range(n_newest)] if newest else []
+    mix += [rng.choice(older) for _ in range(n_older)]
+    rng.shuffle(mix)
+    return mix
+
+
+@dataclass
+class GateOutcome:
+    """A trained candidate, judged against the current policy and saved as `version` (promoted or rejected)."""
+
+    version: str
+    promoted: bool
+    current: Policy  # the policy to go on with: the candidate when promoted, else the one it was trained from
+    current_eval: dict  # evaluate_policy's result for `current` (and its gate metric below)
+    current_metric: dict
+    parent_eval: dict  # evaluate_policy's result for the policy the candidate was trained from
+    candidate_eval: dict
+    candidate_score: float
+    current_score: float
+    keys: list[str]  # the held-out keys the scores average over
+    metrics: dict  # what the version records
+    train: dict  # the fine-tune's stats
+    seconds: dict  # "train" and "eval" wall clock
+
+
+def train_and_gate(current: Policy, examples: list[dict], task: Task | None, heldout: dict[str, list[Problem]],
+                   cfg: LoopConfig, registry: PolicyRegistry, trained_on: dict, mode: str | None = None,
+                   verify_keys: list[str] | None = None, current_eval: dict | None = None) -> GateOutcome:
+    """Fine-tune a copy of `current` on `examples`, evaluate candidate and current on the same held-out problems
+    with the same search (cfg.eval_search), save the candidate as a version and promote it only if its gate score
+    beats the current one's by more than cfg.promote_margin; otherwise it is recorded as rejected.
+
+    `mode` picks the gate metric (default cfg.select.mode, see gate_metric); `verify_keys` are the held-out keys the
+    gate averages over (default: all of `heldout`). `current_eval` is what the current policy already scored on
+    some of these keys (the loop keeps it between cycles); the current policy is evaluated on the others only."""
+    mode = mode or cfg.select.mode
+    seconds = {}
+    t = time.monotonic()
+    model = clone_model(current.model)
+    train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
+    seconds["train"] = time.monotonic() - t
+    t = time.monotonic()
+    candidate = Policy(model, current.tokenizer, "candidate")
+    cand_eval = evaluate_policy(candidate, heldout, cfg.eval_search, task, verify_keys)
+    cand_metric = gate_metric(cand_eval, mode)
+    keys = [k for k in (verify_keys if verify_keys is not None else sorted(heldout)) if k in cand_metric]
+    current_eval = current_eval if current_eval is not None else {"accuracy": {}, "self_verified": {}, "generated_tokens": 0}
+    current_metric = gate_metric(current_eval, mode)
+    cur_missing = {k: v for k, v in heldout.items() if k not in current_metric}
+    if cur_missing:  # the current policy was not evaluated at some of these keys yet (the loop's frontier moved)
+        extra = evaluate_policy(current, cur_missing, cfg.eval_search, task, keys)
+        for part in ("accuracy", "self_verified"):
+            current_eval[part].update(extra[part])
+        current_metric = gate_metric(current_eval, mode)
+    parent_eval = current_eval
+    cand_score, cur_score = gate_score(cand_metric, keys), gate_score(current_metric, keys)
+    promoted = cand_score > cur_score + cfg.promote_margin
+    seconds["eval"] = time.monotonic() - t
+    metrics = {"heldout": cand_eval["accuracy"], "self_verified": cand_eval["self_verified"],
+               "gate_score": cand_score, "current_gate_score": cur_score, "gate_keys": keys}
+    version = registry.save(model, current.tokenizer, parent=current.version, trained_on={**trained_on, "train": train_stats},
+                            metrics=metrics)
+    if promoted:
+        registry.promote(version, metrics)
+        current = Policy(model, current.tokenizer, version, str(registry.root / version))
+        current_eval, current_metric = cand_eval, cand_metric
+    else:
+        registry.reject(version, metrics)
+    return GateOutcome(version=version, promoted=promoted, current=current, current_eval=current_eval,
+                       current_metric=current_metric, parent_eval=parent_eval, candidate_eval=cand_eval, candidate_score=cand_score,
+                       current_score=cur_score, keys=keys, metrics=metrics, train=train_stats, seconds=seconds)
+
+
 @dataclass
 class CycleRecord:
     cycle: int
@@ -157,18 +239,9 @@ class SelfImprovementLoop:
         return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task, verify_keys)
 
     def training_mix(self) -> list[dict]:
-        cfg, rng = self.cfg, self.rng
         newest = self.accepted[-1] if self.accepted else []
         older = [e for batch in self.accepted[:-1] for e in batch]
-        n = cfg.examples_per_cycle
-        n_seed = int(n * cfg.replay_seed_fraction) if self.seed_examples else 0
-        n_newest = int(n * cfg.replay_newest_fraction) if older else n - n_seed
-        n_older = n - n_seed - n_newest if older else 0
-        mix = [rng.choice(self.seed_examples) for _ in range(n_seed)]
-        mix += [rng.choice(newest) for _ in range(n_newest)] if newest else []
-        mix += [rng.choice(older) for _ in range(n_older)]
-        rng.shuffle(mix)
-        return mix
+        return replay_mix(self.seed_examples, newest, older, self.cfg, self.rng)
 
     def run(self, start_version: str, start_time: float, warm_start_seconds: float = 0.0) -> list[CycleRecord]:
         cfg = self.cfg
@@ -229,38 +302,18 @@ class SelfImprovementLoop:
             record = self._record(cycle, current.version, None, False, current_eval, current_metric, selection.filters, 0, {}, timings, start_time)
             return record, current, current_eval, current_metric
 
-        t = time.monotonic()
-        model = clone_model(current.model)
-        train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, self.training_mix())
-        timings["train"] = time.monotonic() - t
-        t = time.monotonic()
-        candidate = Policy(model, current.tokenizer, "candidate")
-        cand_eval = self.evaluate(candidate, frontier_index)
-        cand_metric = gate_metric(cand_eval, cfg.select.mode)
-        keys = [k for k in self.curriculum.keys_up_to(frontier_index, cfg.eval_ahead) if k in cand_metric]
-        cur_missing = {k: v for k, v in self._heldout(frontier_index).items() if k not in current_metric}
-        if cur_missing:  # the current policy was not evaluated at some difficulty yet (frontier moved)
-            extra = evaluate_policy(current, cur_missing, cfg.eval_search, self.task, keys)
-            for part in ("accuracy", "self_verified"):
-                current_eval[part].update(extra[part])
-            current_metric = gate_metric(current_eval, cfg.select.mode)
-        cand_score, cur_score = gate_score(cand_metric, keys), gate_score(current_metric, keys)
-        promoted = cand_score > cur_score + cfg.promote_margin
-        timings["eval"] = time.monotonic() - t
-        metrics = {"heldout": cand_eval["accuracy"], "self_verified": cand_eval["self_verified"],
-                   "gate_score": cand_score, "current_gate_score": cur_score, "gate_keys": keys}
         trained_on = {"cycle": cycle, "frontier": frontier, "examples": len(selection.examples), "filters": selection.filters,
-                      "train": train_stats, "mode": cfg.select.mode}
-        version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on, metrics=metrics)
-        if promoted:
-            self.registry.promote(version, metrics)
-            current = Policy(model, current.tokenizer, version, str(self.registry.root / version))
-            current_eval, current_metric = cand_eval, cand_metric
+                      "mode": cfg.select.mode}
+        gate = train_and_gate(current, self.training_mix(), self.task, self._heldout(frontier_index), cfg, self.registry,
+                              trained_on=trained_on, verify_keys=self.curriculum.keys_up_to(frontier_index, cfg.eval_ahead),
+                              current_eval=current_eval)
+        timings.update(gate.seconds)
+        current, current_eval, current_metric = gate.current, gate.current_eval, gate.current_metric
+        if gate.promoted:
             self.curriculum.update(current_metric)
-        else:
-            self.registry.reject(version, metrics)
-        record = self._record(cycle, current.version, version, promoted, current_eval, current_metric, selection.filters,
-                              len(selection.examples), train_stats, timings, start_time, gate={"candidate": cand_score, "current": cur_score})
+        record = self._record(cycle, current.version, gate.version, gate.promoted, current_eval, current_metric, selection.filters,
+                              len(selection.examples), gate.train, timings, start_time,
+                              gate={"candidate": gate.candidate_score, "current": gate.current_score})
         return record, current, current_eval, current_metric
 
     def _record(self, cycle, version, candidate, promoted, evaluation, metric, filters, accepted, train, timings, start_time, gate=None):
@@ -303,41 +356,3 @@ def ensure_policy(settings, store: Store, registry: PolicyRegistry, cfg: LoopCon
     registry.promote(version, {"warm_start": stats})
     return version
 
-
-def train_from_store(settings, store: Store, registry: PolicyRegistry, cfg: LoopConfig | None = None) -> dict:
-    """One train cycle over what the workers found: fine-tune the promoted policy on the best not-yet-trained
-    trajectories (verified ones where a checker exists), evaluate candidate vs current on held-out problems,
-    promote only if better. The store's held-out problems are used, else the built-in task's."""
-    from agent.curriculum import BuiltinSource
-    from tasks import get_task
-
-    cfg = cfg or LoopConfig()
-    current = registry.load(device=settings.device)
-    rows = [r for r in store.trajectories(best_only=True) if not r.trained_on and r.verified is not False]
-    if not rows:
-        return {"candidate": None, "promoted": False, "reason": "no new best trajectories", "metrics": {}}
-    problems = store.get_problems([r.problem_id for r in rows])  # one query, not one per trajectory
-    examples = [{"prompt": problems[r.problem_id].prompt, "completion": r.completion} for r in rows]
-    heldout = {}
-    for p in store.heldout_problems():
-        heldout.setdefault(_key(p), []).append(p)
-    task = None
-    if not heldout:
-        task = get_task("addition")
-        heldout = BuiltinSource(task, cfg.heldout_per_difficulty, 8, cfg.seed).heldout_set([str(d) for d in range(1, 7)])
-    model = clone_model(current.model)
-    train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
-    candidate = Policy(model, current.tokenizer, "candidate")
-    cur_eval = evaluate_policy(current, heldout, cfg.eval_search, task)
-    cand_eval = evaluate_policy(candidate, heldout, cfg.eval_search, task)
-    keys = sorted(heldout)
-    cur_score = gate_score(gate_metric(cur_eval, cfg.select.mode), keys)
-    cand_score = gate_score(gate_metric(cand_eval, cfg.select.mode), keys)
-    promoted = cand_score > cur_score + cfg.promote_margin
-    metrics = {"heldout": cand_eval["accuracy"], "current_heldout": cur_eval["accuracy"],
-               "gate_score": cand_score, "current_gate_score": cur_score}
-    version = registry.save(model, current.tokenizer, parent=current.version,
-                            trained_on={"source": "store", "trajectories": len(rows), "train": train_stats}, metrics=metrics)
-    (registry.promote if promoted else registry.reject)(version, metrics)
-    store.mark_trained([r.id for r in rows])
-    return {"candidate": version, "promoted": promoted, "parent": current.version, "metrics": metrics, "train": train_stats}

@@ -51,7 +51,7 @@ class PolicyRegistry:
         return f"v{max(numbers, default=-1) + 1}"
 
     def save(self, model, tokenizer, parent: str | None, trained_on: dict, metrics: dict | None = None,
-             status: str = "candidate", _crash_before_rename: bool = False) -> str:
+             status: str = "candidate") -> str:
         """Write a new version atomically and record it; returns its name."""
         version = self._next_version()
         tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
@@ -62,8 +62,6 @@ class PolicyRegistry:
                 "trained_on": trained_on, "metrics": metrics or {}}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         _fsync_tree(tmp)
-        if _crash_before_rename:  # tests simulate a crash here
-            raise RuntimeError("simulated crash during save")
         final = self.root / version
         os.rename(tmp, final)
         _fsync_dir(self.root)

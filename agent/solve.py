@@ -5,7 +5,6 @@ Plain functions, callable without a broker; the Celery tasks in workers/ are thi
 
 from __future__ import annotations
 
-from agent.store import Store
 from tasks import Problem
 from search import SearchConfig, SearchResult, run_search
 
@@ -18,22 +17,11 @@ def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int 
             token_count=len(c.token_ids), mean_logprob=c.mean_logprob, min_logprob=c.min_logprob,
             mean_entropy=c.mean_entropy, score=c.score, verified=c.verified,
             policy_version=result.policy_version, strategy=result.strategy, is_best=(i == 0),
-            search_stats={"generated_tokens": result.generated_tokens, "forward_passes": result.forward_passes, **result.stats},
+            search_stats={"generated_tokens": result.generated_tokens, "forward_passes": result.forward_passes},
         ))
     return rows
 
 
-def best_summary(result: SearchResult) -> dict:
-    b = result.best
-    return {"completion": b.completion, "score": b.score, "verified": b.verified,
-            "mean_logprob": b.mean_logprob, "policy_version": result.policy_version}
-
-
-def solve(problems: list[Problem], policy, cfg: SearchConfig, store: Store | None = None, job_id: str | None = None,
-          cycle: int | None = None) -> list[SearchResult]:
-    """Search every problem; with a store, record all candidates (the best per problem marked)."""
-    results = run_search(problems, cfg, policy)
-    if store is not None:
-        rows = [r for res in results for r in trajectory_rows(res, job_id=job_id, cycle=cycle)]
-        store.add_trajectories(rows)
-    return results
+def solve(problems: list[Problem], policy, cfg: SearchConfig) -> list[SearchResult]:
+    """Search every problem (the caller records the trajectories: agent/jobs.py, agent/loop.py)."""
+    return run_search(problems, cfg, policy)

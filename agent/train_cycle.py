@@ -1,15 +1,25 @@
 """A train cycle as a job: recorded in the store under its id, run under the train lock so that never two
-run at once. Plain functions; `arbor train` calls them in process when no broker is configured."""
+run at once. Plain functions; `arbor train` calls them in process when no broker is configured.
+
+The cycle is the loop's train step over what the workers found: the store's new search results go through the
+same selection as in the loop (agent/select.py, with the task's own label checks; verifier mode where answers
+exist), the labels join the loop's replay mix, and agent/loop.py `train_and_gate` fine-tunes, gates on the
+store's held-out problems of the same task and promotes or rejects. A cycle trains one task (the one with the
+most new results that has held-out problems); the others wait for the next cycle.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
+from dataclasses import replace
 
-from sqlalchemy import select
+from sqlalchemy import select as sql_select
 from sqlalchemy.exc import IntegrityError
 
-from agent.store import ProblemRow, Store
 from agent.jobs import FINISHED, LeaseBusy, record_once
+from agent.store import ProblemRow, Store, TrajectoryRow
+from tasks import TASKS, Problem, Task, get_task
 
 log = logging.getLogger("arbor.workers")
 
@@ -41,13 +51,122 @@ def loop_config_from_env():
     return cfg
 
 
+def task_of(problem: Problem) -> Task:
+    """The problem's task: a built-in one by name, the generic Task() when it names none."""
+    return get_task(problem.task) if problem.task is not None else Task()
+
+
+def _new_results(store: Store) -> tuple[list, list[list[int]]]:
+    """The search results whose best trajectory no train cycle has consumed yet, rebuilt from their rows (ranked
+    best first, as the workers recorded them), with each candidate's trajectory id."""
+    from search import Candidate, SearchResult
+
+    with store.session() as s:
+        fresh = sql_select(TrajectoryRow.problem_id).where(TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False))
+        rows = list(s.scalars(sql_select(TrajectoryRow).where(TrajectoryRow.problem_id.in_(fresh)).order_by(TrajectoryRow.id)))
+    groups: list[list[TrajectoryRow]] = []
+    for row in rows:  # a result's rows were inserted together, its best first
+        key = (row.problem_id, row.job_id, row.cycle, row.round)
+        if row.is_best or not groups or (groups[-1][0].problem_id, groups[-1][0].job_id, groups[-1][0].cycle, groups[-1][0].round) != key:
+            groups.append([row])
+        else:
+            groups[-1].append(row)
+    groups = [g for g in groups if g[0].is_best and not g[0].trained_on]
+    problems = store.get_problems(sorted({g[0].problem_id for g in groups}))
+    results, ids = [], []
+    for g in groups:
+        candidates = [Candidate(completion=r.completion, token_ids=[], mean_logprob=r.mean_logprob, min_logprob=r.min_logprob,
+                                mean_entropy=r.mean_entropy, finished=True, verified=r.verified, score=r.score) for r in g]
+        results.append(SearchResult(problems[g[0].problem_id], candidates, g[0].strategy, g[0].policy_version))
+        ids.append([r.id for r in g])
+    return results, ids
+
+
+def _earlier_labels(store: Store, task_name: str | None) -> list[dict]:
+    """The labels earlier store cycles trained this task on (recorded with their versions), for replay."""
+    label_ids = [i for row in store.policies() if (row.trained_on or {}).get("source") == "store"
+                 and row.trained_on.get("task") == task_name for i in row.trained_on.get("labels", [])]
+    labels = []
+    with store.session() as s:
+        for at in range(0, len(label_ids), 500):  # bounded IN lists (SQLite's variable limit)
+            q = (sql_select(ProblemRow.prompt, TrajectoryRow.completion).join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
+                 .where(TrajectoryRow.id.in_(label_ids[at : at + 500])))
+            labels += [{"prompt": prompt, "completion": completion} for prompt, completion in s.execute(q)]
+    return labels
+
+
+def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
+    """One train cycle over what the workers found: select labels from the new search results as the loop does,
+    fine-tune the promoted policy on the loop's replay mix, gate candidate vs current on the store's held-out
+    problems of the same task, promote only if better (agent/loop.py train_and_gate)."""
+    from agent.loop import LoopConfig, greedy_solver, replay_mix, train_and_gate, warm_start_examples
+    from agent.select import select
+
+    cfg = cfg or LoopConfig()
+    results, ids = _new_results(store)
+    if not results:
+        return {"candidate": None, "promoted": False, "reason": "no new search results", "metrics": {}}
+    by_task: dict[str | None, list[int]] = {}
+    for i, r in enumerate(results):
+        by_task.setdefault(r.problem.task, []).append(i)
+    heldout_by_task: dict[str | None, list[Problem]] = {}
+    for p in store.heldout_problems():
+        heldout_by_task.setdefault(p.task, []).append(p)
+    # the task with held-out problems and the most new results goes first; the others stay for the next cycle
+    name = min(by_task, key=lambda t: (t not in heldout_by_task, -len(by_task[t]), str(t)))
+    task = task_of(results[by_task[name][0]].problem)
+    pending = sorted(str(t) for t in by_task if t != name)
+    if name not in heldout_by_task:
+        return {"candidate": None, "promoted": False, "task": name, "metrics": {},
+                "reason": f"no held-out problems for task {name or 'none (generic)'!r} in the store: "
+                          f"submit some with split 'heldout'{' and the same task' if name else ' and no task'}"}
+    results = [results[i] for i in by_task[name]]
+    ids = [ids[i] for i in by_task[name]]
+    heldout: dict[str, list[Problem]] = {}
+    for p in heldout_by_task[name]:
+        heldout.setdefault(str(p.difficulty) if p.difficulty is not None else "all", []).append(p)
+
+    current = registry.load(device=settings.device)
+    difficulties = [p.difficulty for p in (r.problem for r in results) if p.difficulty is not None]
+    max_new = max((task.max_new_tokens(d) for d in difficulties), default=cfg.search.max_new_tokens)
+    solve = greedy_solver(current, replace(cfg.search, max_new_tokens=max_new))
+    # verifier mode where answers exist (the checker's verdicts were recorded with the trajectories), the loop's
+    # label-free filters with the task's own checks elsewhere
+    filters, examples = {}, []
+    for mode in ("verifier", "label_free"):
+        part = [r for r in results if (r.problem.answer is not None) == (mode == "verifier")]
+        if part:
+            selection = select(part, task, replace(cfg.select, mode=mode), solve)
+            filters[mode], examples = selection.filters, examples + selection.examples
+    consumed = [group[0] for group in ids]  # each result's best row: judged by one cycle, never again
+    if not examples:
+        store.mark_trained(consumed)
+        return {"candidate": None, "promoted": False, "task": name, "reason": "no new result passed selection",
+                "filters": filters, "metrics": {}, "pending_tasks": pending}
+    row_of = {}
+    for r, group in zip(results, ids):
+        for c, i in zip(r.candidates, group):
+            row_of.setdefault((r.problem.id, c.completion), i)
+    labels = sorted({row_of[(e["problem_id"], e["completion"])] for e in examples})
+    newest = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed) if task.name in TASKS else []
+    rng = random.Random(f"{cfg.seed}/{len(store.policies())}")
+    mix = replay_mix(seed_examples, newest, _earlier_labels(store, name), cfg, rng)
+    mode = "verifier" if any(p.answer is not None for ps in heldout.values() for p in ps) else "label_free"
+    trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples), "filters": filters,
+                  "mode": mode, "labels": labels}
+    gate = train_and_gate(current, mix, task, heldout, cfg, registry, trained_on=trained_on, mode=mode)
+    store.mark_trained(consumed)
+    metrics = {**gate.metrics, "current_heldout": gate.parent_eval["accuracy"]}
+    return {"candidate": gate.version, "promoted": gate.promoted, "parent": current.version, "task": name,
+            "examples": len(examples), "filters": filters, "metrics": metrics, "train": gate.train, "pending_tasks": pending}
+
+
 def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None) -> dict:
     """Fine-tune the promoted policy on the store's new best trajectories, evaluate, promote or reject.
 
     `lock` is a RedisLease (with a broker) or a FileLease; a cycle that finds another cycle running is
     finished as skipped. A delivery of a finished cycle returns its stored result and trains nothing."""
-    from agent.loop import train_from_store
-
     _ensure_job(store, job_id)
     job = store.get_job(job_id)
     if job.status in FINISHED:
@@ -76,20 +195,6 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
         return result
     finally:
         lock.release()
-
-
-def evaluate_version(store: Store, registry, version: str | None = None, device: str = "cpu") -> dict:
-    """Accuracy of a version (default: the promoted one) on the store's held-out problems, by difficulty."""
-    from agent.loop import evaluate_policy
-    from search import SearchConfig
-
-    policy = registry.load(version, device=device)
-    with store.session() as s:
-        heldout = [row.to_problem() for row in s.scalars(select(ProblemRow).where(ProblemRow.split == "heldout"))]
-    by_difficulty: dict = {}
-    for p in heldout:
-        by_difficulty.setdefault(p.difficulty, []).append(p)
-    return {"version": policy.version, "metrics": evaluate_policy(policy, by_difficulty, SearchConfig(strategy="greedy"))}
 
 
 class FileLease:

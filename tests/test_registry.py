@@ -16,8 +16,13 @@ def test_crash_during_save_leaves_promoted_version_loadable(tmp_path):
 
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        registry.save(model, tok, parent=v0, trained_on={}, _crash_before_rename=True)
+    def crash(*args):  # the process dies between the fsynced temp folder and the rename
+        raise RuntimeError("simulated crash before the rename")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("agent.registry.os.rename", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            registry.save(model, tok, parent=v0, trained_on={})
     assert [p.name for p in (tmp_path / "policies").iterdir() if p.name.startswith(".tmp-")]  # the torn write
 
     restarted = PolicyRegistry(tmp_path / "policies", Store(f"sqlite:///{tmp_path / 'arbor.db'}"))

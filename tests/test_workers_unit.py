@@ -229,7 +229,7 @@ def test_never_two_train_cycles_at_once(home, store_registry, monkeypatch):
 
     store, registry = store_registry
     settings = Settings(home=home, device="cpu")
-    monkeypatch.setattr("agent.loop.train_from_store", lambda *a, **k: pytest.fail("trained while another cycle ran"))
+    monkeypatch.setattr("agent.train_cycle.train_from_store", lambda *a, **k: pytest.fail("trained while another cycle ran"))
     running = FileLease(home / "train.lock", holder="cycle-1")
     assert running.acquire()
     try:

@@ -60,7 +60,6 @@ QUEUES = ("search", "train", "default")
 ROUTES = {
     "arbor.solve": {"queue": "search"},
     "arbor.refine": {"queue": "search"},
-    "arbor.evaluate": {"queue": "search"},
     "arbor.train_cycle": {"queue": "train"},
 }
 

@@ -111,11 +111,3 @@ def train_cycle(self) -> dict:
                                worker=ctx["worker"], lock=lock)
     except LeaseBusy as exc:  # this very cycle is still running on another delivery
         raise self.retry(exc=exc, countdown=max(1, ctx["cfg"].lease_ttl // 3))
-
-
-@app.task(name="arbor.evaluate", bind=True)
-def evaluate(self, version: str | None = None) -> dict:
-    from agent.train_cycle import evaluate_version
-
-    ctx = _context()
-    return evaluate_version(ctx["store"], ctx["registry"], version, device=ctx["settings"].device)

@@ -1,0 +1,123 @@
+"""The workers' train cycle (agent/train_cycle.py) on a store of a user's problems: the loop's selection, replay
+mix and gate (agent/loop.py train_and_gate), on the task and held-out problems the store holds."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.loop import LoopConfig
+from agent.policy import BuiltinConfig, build_builtin_policy
+from agent.registry import PolicyRegistry
+from agent.select import SelectConfig
+from agent.settings import Settings
+from agent.store import Store
+from agent.train_cycle import run_train_cycle
+from agent.trainer import TrainConfig
+from search import SearchConfig
+from tasks import Problem
+
+WORDS = ["cat", "dog", "owl", "elk", "ant", "bee"]
+
+
+def _cfg(**changes) -> LoopConfig:
+    cfg = LoopConfig(examples_per_cycle=40, promote_margin=-1.0,  # the gate itself is tested with the loop
+                     train=TrainConfig(learning_rate=1e-3, time_budget_s=30.0, max_steps=2),
+                     eval_search=SearchConfig(strategy="greedy", max_new_tokens=4))
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    """A store of a JSONL-style task (no task name, exact answers) and a promoted policy; the addition generator
+    must never run."""
+    def no_addition(*args, **kwargs):
+        raise AssertionError("the train cycle touched the addition generator")
+
+    monkeypatch.setattr("tasks.addition.Addition.generate", no_addition)
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
+    registry = PolicyRegistry(tmp_path / "policies", store)
+    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                                    position_scheme="sequential"))
+    registry.promote(registry.save(model, tok, parent=None, trained_on={}), {})
+    store.add_problems([Problem(f"{w} backwards:", w[::-1], split="heldout", id=f"h-{w}") for w in WORDS[3:]])
+    return settings, store, registry
+
+
+def _result(store: Store, problem: Problem, completions: list[str], job: str) -> None:
+    """What a worker records for one search: the candidates, best first, with the checker's verdicts."""
+    store.add_problems([problem])
+    store.create_job("solve", problem_id=problem.id, job_id=job)
+    verdict = (lambda c: c == problem.answer) if problem.answer is not None else (lambda c: None)
+    store.add_trajectories([dict(problem_id=problem.id, job_id=job, cycle=None, round=0, completion=c, token_count=len(c),
+                                 mean_logprob=-1.0 - i, min_logprob=-2.0 - i, mean_entropy=0.5, score=-1.0 - i,
+                                 verified=verdict(c), policy_version="v0", strategy="best_of_n", is_best=i == 0,
+                                 search_stats={}) for i, c in enumerate(completions)])
+
+
+def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(setup, monkeypatch):
+    import agent.loop
+    from agent.trainer import SFTFineTuner
+
+    settings, store, registry = setup
+    evaluated, mixes = [], []
+    evaluate = agent.loop.evaluate_policy
+    monkeypatch.setattr("agent.loop.evaluate_policy",
+                        lambda policy, by_key, *a, **k: evaluated.append(sorted(p.id for ps in by_key.values() for p in ps))
+                        or evaluate(policy, by_key, *a, **k))
+    train = SFTFineTuner.train
+    monkeypatch.setattr(SFTFineTuner, "train", lambda self, model, tok, examples: mixes.append(examples) or train(self, model, tok, examples))
+
+    # verifier mode (the problems carry answers): a verified candidate is the label, wherever it ranks
+    for i, w in enumerate(WORDS[:2]):
+        p = Problem(f"{w} backwards:", w[::-1], id=f"t-{w}")
+        _result(store, p, ["zz", w[::-1], "qq"] if i == 0 else ["zz", "qq", "xx"], job=f"j-{w}")
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
+    assert out["candidate"] == "v1" and out["promoted"] and out["task"] is None, out
+    assert out["examples"] == 1 and out["filters"]["verifier"][0]["kept"] == 1
+    heldout_ids = sorted(f"h-{w}" for w in WORDS[3:])
+    assert evaluated == [heldout_ids, heldout_ids]  # candidate, then current: the store's held-out problems
+    assert out["metrics"]["gate_keys"] == ["all"] and set(out["metrics"]["heldout"]) == {"all"}
+    assert {e["completion"] for e in mixes[0]} == {"tac"} and len(mixes[0]) == 40  # no warm-start data: none stored
+    assert store.count_untrained_best() == 0
+    row = {r.version: r for r in store.policies()}["v1"]
+    assert row.status == "promoted" and row.trained_on["source"] == "store" and len(row.trained_on["labels"]) == 1
+
+    # the next cycle's mix replays the earlier cycle's labels beside the new ones (the loop's shares)
+    p = Problem("bee backwards:", "eeb", id="t-bee")
+    _result(store, p, ["eeb", "x"], job="j-bee")
+    out = run_train_cycle(settings, store, registry, job_id="c2", worker="t", cfg=_cfg())
+    assert out["candidate"] == "v2" and out["parent"] == "v1"
+    assert sorted({e["completion"] for e in mixes[1]}) == ["eeb", "tac"]
+    assert sum(e["completion"] == "eeb" for e in mixes[1]) == int(40 * 0.35)
+    assert run_train_cycle(settings, store, registry, job_id="c3", worker="t", cfg=_cfg()) == {
+        "skipped": "no new best trajectories to train on"}
+
+
+def test_label_free_selection_applies_to_results_without_answers(setup):
+    settings, store, registry = setup
+    store.add_problems([Problem("say it:", split="heldout", id="h-say")])
+    _result(store, Problem("say a:", id="t-a"), ["a", "b", "c", "d"], job="j-a")  # no agreement: vote share 0.25
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg(select=SelectConfig(min_vote_share=0.75)))
+    assert out["candidate"] is None and not out["promoted"] and out["reason"] == "no new result passed selection"
+    assert [f["name"] for f in out["filters"]["label_free"]] == ["format", "vote_share"]
+    assert out["filters"]["label_free"][-1]["kept"] == 0
+    assert store.count_untrained_best() == 0  # judged once, not again every cycle
+    assert [r.version for r in store.policies()] == ["v0"]
+
+
+def test_no_heldout_problems_for_the_task_refuses_to_train(setup):
+    settings, store, registry = setup
+    _result(store, Problem("7 doubled:", "14", task=None, id="t-7"), ["14"], job="j-7")
+    with store.session() as s:  # only the addition task has held-out problems now
+        from sqlalchemy import update
+
+        from agent.store import ProblemRow
+
+        s.execute(update(ProblemRow).where(ProblemRow.split == "heldout").values(task="addition"))
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
+    assert out["promoted"] is False and out["candidate"] is None
+    assert "no held-out problems for task" in out["reason"] and "split 'heldout'" in out["reason"]
+    assert [r.version for r in store.policies()] == ["v0"] and store.count_untrained_best() == 1  # kept for later
