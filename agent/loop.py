@@ -26,36 +26,50 @@ from search import SearchConfig, run_search
 
 @dataclass
 class WarmStartConfig:
-    difficulties: tuple[int, ...] = (1, 2, 3, 4)  # the built-in task is warm-started on these only
-    examples_per_difficulty: int = 3000  # times the difficulty: longer problems have more to learn
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=3e-3, time_budget_s=180.0, schedule="time_cosine"))
+    difficulties: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={
+        "help": "difficulties the built-in task is warm-started on"})
+    examples_per_difficulty: int = field(default=3000, metadata={
+        "help": "warm-start examples per difficulty, times the difficulty (longer problems have more to learn)"})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(learning_rate=3e-3, time_budget_s=180.0, schedule="time_cosine"),
+        metadata={"help": "the warm start's fine-tune"})
 
 
 @dataclass
 class LoopConfig:
-    cycles: int = 20
-    time_budget_s: float | None = None  # stop starting cycles once the run (warm start included) has used this
-    problems_per_cycle: int = 3000  # search is cheap next to training: more problems, more distinct labels
-    # share of each cycle's problems at the frontier and the difficulties just past it: labels one or two
-    # lengths ahead keep their precision under the decomposition check and teach longer lengths sooner
-    frontier_spread: tuple[float, ...] = (0.5, 0.3, 0.2)
-    heldout_per_difficulty: int = 100
-    report_difficulties: tuple[int, ...] = (4, 8, 12, 16, 20, 24)
-    eval_ahead: int = 3  # also evaluate this many difficulties past the frontier
-    max_difficulty: int = 40
-    threshold: float = 0.9  # held-out metric at which a difficulty counts as mastered
-    promote_margin: float = 0.0  # candidate must beat current by more than this
-    examples_per_cycle: int = 8000  # training mix size (replay included)
-    replay_seed_fraction: float = 0.3  # warm-start (true-labelled) data in every mix
-    replay_newest_fraction: float = 0.35  # the rest is split between this cycle's and earlier cycles' labels
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=4, temperature=1.0))
-    eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"))
-    select: SelectConfig = field(default_factory=SelectConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0))
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
-    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)  # shape of a new built-in policy
-    seed: int = 0
-    stop_when: dict | None = None  # e.g. {"difficulty": 20, "accuracy": 0.9}: stop once reached (benchmarks)
+    cycles: int = field(default=20, metadata={"help": "self-training cycles after the warm start"})
+    time_budget_s: float | None = field(default=None, metadata={
+        "help": "stop starting cycles after this many seconds (warm start included)"})
+    # search is cheap next to training: more problems, more distinct labels
+    problems_per_cycle: int = field(default=3000, metadata={"help": "problems searched per cycle"})
+    # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
+    # lengths sooner
+    frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
+        "help": "share of each cycle's problems at the frontier and the difficulties just past it"})
+    heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
+    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24), metadata={
+        "help": "difficulties always evaluated for the report"})
+    eval_ahead: int = field(default=3, metadata={"help": "also evaluate this many difficulties past the frontier"})
+    max_difficulty: int = field(default=40, metadata={"help": "hardest difficulty the curriculum reaches"})
+    threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
+    promote_margin: float = field(default=0.0, metadata={
+        "help": "a candidate must beat the current policy on held-out problems by more than this"})
+    examples_per_cycle: int = field(default=8000, metadata={"help": "training mix size (replay included)"})
+    replay_seed_fraction: float = field(default=0.3, metadata={"help": "warm-start (true-labelled) data in every mix"})
+    replay_newest_fraction: float = field(default=0.35, metadata={
+        "help": "this cycle's labels in the mix; the rest are earlier cycles' labels"})
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
+                                 metadata={"help": "the search that finds each cycle's trajectories"})
+    eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"),
+                                      metadata={"help": "the search of the held-out evaluation"})
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "which trajectories become labels"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0),
+                               metadata={"help": "each cycle's fine-tune"})
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
+    seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})
+    stop_when: dict | None = field(default=None, metadata={
+        "help": 'stop once reached, e.g. {"difficulty": 20, "accuracy": 0.9} (benchmarks)'})
 
 
 def greedy_solver(policy, cfg: SearchConfig) -> Callable[[list[Problem]], list[str]]:

@@ -86,8 +86,8 @@ class PolicyRegistry:
         row = self.store.promoted_policy()
         return (row.version, row.path) if row else None
 
-    def load(self, version: str | None = None, device: str = "cpu") -> Policy:
-        """Load a version (default: the promoted one)."""
+    def load(self, version: str | None = None, device: str = "cpu", dtype: str = "float32") -> Policy:
+        """Load a version (default: the promoted one) on `device` with parameters in `dtype` (Settings.dtype)."""
         rows = {r.version: r for r in self.store.policies()}
         if version is None:
             current = self.promoted()
@@ -96,4 +96,4 @@ class PolicyRegistry:
             version = current[0]
         if version not in rows:
             raise PolicyLoadError(f"unknown policy version {version!r}: see `arbor policies`")
-        return Policy.load(rows[version].path, version=version, device=device)
+        return Policy.load(rows[version].path, version=version, device=device, dtype=dtype)

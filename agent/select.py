@@ -28,10 +28,13 @@ class Pseudo:
 
 @dataclass
 class SelectConfig:
-    mode: str = "label_free"  # label_free | verifier
-    min_vote_share: float = 0.75
-    min_confidence: float | None = None  # mean token log-prob of the chosen candidate; None: filter off
-    use_task_filters: bool = True
+    mode: str = field(default="label_free", metadata={
+        "help": "label_free (answers never used) or verifier (train on verified answers)"})
+    min_vote_share: float = field(default=0.75, metadata={
+        "help": "label_free: least share of the candidates that must agree on the chosen answer"})
+    min_confidence: float | None = field(default=None, metadata={
+        "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
+    use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
 
     def __post_init__(self):
         if self.mode not in ("label_free", "verifier"):

@@ -1,10 +1,18 @@
-"""One settings object, read from the environment; CLI flags override fields."""
+"""Every setting read from the environment, in one place: the only module that reads ARBOR_* variables.
+
+`Settings()` reads each field's variable (its default when unset or empty); CLI flags override fields by passing
+them (`Settings(device="cpu")`). `Settings.env(name)` reads one field without building the rest: the Celery
+parent reads its queue numbers that way and never imports torch (device "auto" is resolved, importing torch,
+only when a Settings object is built). A bad value fails with one line that names the variable.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _default_device() -> str:
@@ -13,17 +21,104 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("is not an integer") from None
+
+
+def _float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("is not a number") from None
+
+
+def _dtype(raw: str) -> str:
+    if raw not in DTYPES:
+        raise ValueError(f"is not one of {', '.join(DTYPES)}")
+    return raw
+
+
+def _env(var: str, default, help: str, parse=str, minimum: int | None = None):
+    """A field read from the environment variable `var` when the object is built."""
+
+    def read():
+        raw = os.environ.get(var)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except ValueError as exc:
+            raise ValueError(f"{var}={raw!r} {exc}") from None
+
+    meta = {"help": help, "env": var, "default": default}
+    if minimum is not None:
+        meta["minimum"] = minimum
+    return field(default_factory=read, metadata=meta)
+
+
 @dataclass
 class Settings:
-    home: Path = field(default_factory=lambda: Path(os.environ.get("ARBOR_HOME", "./.arbor")))
-    database_url: str | None = field(default_factory=lambda: os.environ.get("ARBOR_DATABASE_URL") or None)
-    broker_url: str | None = field(default_factory=lambda: os.environ.get("ARBOR_BROKER_URL") or None)
-    device: str = field(default_factory=lambda: os.environ.get("ARBOR_DEVICE", "auto"))
+    # where things live
+    home: Path = _env("ARBOR_HOME", Path("./.arbor"), "checkpoints, the SQLite store and runs", Path)
+    database_url: str | None = _env("ARBOR_DATABASE_URL", None,
+                                    "the store, e.g. postgresql+psycopg://user@host/db (unset: SQLite in the home folder)")
+    broker_url: str | None = _env("ARBOR_BROKER_URL", None,
+                                  "Redis for the job queue, e.g. redis://localhost:6379/0 (unset: jobs run in process)")
+    # how a policy is loaded for search
+    device: str = _env("ARBOR_DEVICE", "auto", "cpu, cuda, cuda:0 ... (auto: cuda when present)")
+    dtype: str = _env("ARBOR_DTYPE", "float32", "parameter dtype of a policy loaded for search: float32, bfloat16 or float16",
+                      _dtype)
+    torch_threads: int | None = _env("ARBOR_TORCH_THREADS", None, "torch threads per worker process (unset: torch's default)",
+                                     _int, minimum=1)
+    # the queue (workers/config.py QueueConfig takes these)
+    visibility_timeout: int = _env("ARBOR_VISIBILITY_TIMEOUT", 6 * 3600,
+                                   "seconds a delivered, unacked message waits before Redis hands it out again", _int, minimum=2)
+    proc_alive_timeout: int = _env("ARBOR_PROC_ALIVE_TIMEOUT", 300, "seconds a fresh pool child may take to load its model",
+                                   _int, minimum=1)
+    lease_ttl: int = _env("ARBOR_LEASE_TTL", 60, "seconds a job's lease lives without renewal (renewed every third of it)",
+                          _int, minimum=3)
+    max_deliveries: int = _env("ARBOR_MAX_DELIVERIES", 5, "deliveries after which a job is marked failed instead of run again",
+                               _int, minimum=1)
+    train_every_s: int = _env("ARBOR_TRAIN_EVERY_S", 3600, "seconds between train cycles started by `arbor beat`", _int, minimum=1)
+    train_threshold: int = _env("ARBOR_TRAIN_THRESHOLD", 200, "new best trajectories that start a train cycle (0 turns it off)",
+                                _int)
+    # the train cycle (agent/train_cycle.py); unset: LoopConfig's own default
+    train_budget_s: float | None = _env("ARBOR_TRAIN_BUDGET_S", None,
+                                        "fine-tune wall clock of a train cycle, seconds (unset: LoopConfig.train)", _float)
+    promote_margin: float | None = _env("ARBOR_PROMOTE_MARGIN", None,
+                                        "how much a candidate must beat the promoted version by on held-out problems "
+                                        "(unset: LoopConfig.promote_margin)", _float)
+    heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
+                                              "built-in held-out problems per difficulty in a train cycle "
+                                              "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)
 
     def __post_init__(self):
         self.home = Path(self.home)
+        for f in fields(self):
+            self.check(f.name, getattr(self, f.name))
         if self.device == "auto":
             self.device = _default_device()
+
+    @classmethod
+    def env(cls, name: str):
+        """One field's value from the environment (its default when unset), checked, without building a Settings."""
+        value = cls.__dataclass_fields__[name].default_factory()
+        cls.check(name, value)
+        return value
+
+    @classmethod
+    def check(cls, name: str, value) -> None:
+        """Raise ValueError (one line, naming the variable) when `value` is out of range for field `name`."""
+        meta = cls.__dataclass_fields__[name].metadata
+        low = meta.get("minimum")
+        if low is not None and value is not None and value < low:
+            unit = " s" if name in ("visibility_timeout", "lease_ttl", "proc_alive_timeout", "train_every_s") else ""
+            raise ValueError(f"{meta['env']} must be at least {low}{unit} (got {value})")
+        if name == "dtype" and value not in DTYPES:
+            raise ValueError(f"ARBOR_DTYPE must be one of {', '.join(DTYPES)} (got {value!r})")
 
     @property
     def db_url(self) -> str:
@@ -37,3 +132,4 @@ class Settings:
     @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
+

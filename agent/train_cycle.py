@@ -32,22 +32,21 @@ def _ensure_job(store: Store, job_id: str) -> None:
             pass  # another delivery created it a moment ago
 
 
-def loop_config_from_env():
-    """The train cycle's LoopConfig, with the few knobs a deployment sets from the environment:
-    ARBOR_TRAIN_BUDGET_S (fine-tune wall clock), ARBOR_PROMOTE_MARGIN (how much the candidate must beat the
-    promoted version by on held-out problems), ARBOR_HELDOUT_PER_DIFFICULTY (built-in held-out set size)."""
-    import os
+def loop_config_from_env(settings):
+    """The train cycle's LoopConfig, with the knobs a deployment sets (agent/settings.py: ARBOR_TRAIN_BUDGET_S, the
+    fine-tune wall clock; ARBOR_PROMOTE_MARGIN, how much the candidate must beat the promoted version by on held-out
+    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size). Unset: LoopConfig's own defaults."""
     from dataclasses import replace
 
     from agent.loop import LoopConfig
 
     cfg = LoopConfig()
-    if os.environ.get("ARBOR_TRAIN_BUDGET_S"):
-        cfg.train = replace(cfg.train, time_budget_s=float(os.environ["ARBOR_TRAIN_BUDGET_S"]))
-    if os.environ.get("ARBOR_PROMOTE_MARGIN"):
-        cfg.promote_margin = float(os.environ["ARBOR_PROMOTE_MARGIN"])
-    if os.environ.get("ARBOR_HELDOUT_PER_DIFFICULTY"):
-        cfg.heldout_per_difficulty = int(os.environ["ARBOR_HELDOUT_PER_DIFFICULTY"])
+    if settings.train_budget_s is not None:
+        cfg.train = replace(cfg.train, time_budget_s=settings.train_budget_s)
+    if settings.promote_margin is not None:
+        cfg.promote_margin = settings.promote_margin
+    if settings.heldout_per_difficulty is not None:
+        cfg.heldout_per_difficulty = settings.heldout_per_difficulty
     return cfg
 
 
@@ -186,7 +185,7 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
             if store.count_untrained_best() == 0:
                 result = {"skipped": "no new best trajectories to train on"}
             else:
-                result = train_from_store(settings, store, registry, cfg or loop_config_from_env())
+                result = train_from_store(settings, store, registry, cfg or loop_config_from_env(settings))
         except Exception as exc:
             log.exception("train cycle %s failed", job_id)
             record_once(store, job_id, None, [], error=f"{type(exc).__name__}: {exc}")

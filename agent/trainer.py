@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -22,15 +22,16 @@ from transformers.trainer_callback import PrinterCallback
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = 5e-4
-    batch_size: int = 64
-    time_budget_s: float = 60.0  # wall-clock limit of one fine-tune
-    max_steps: int = 100_000  # a second bound, for tests and tiny budgets
-    weight_decay: float = 0.0
-    max_length: int = 512
-    seed: int = 0
-    bf16: bool | None = None  # None: bf16 autocast where the hardware supports it
-    schedule: str = "constant"  # constant | time_cosine (warm-up and cosine decay over the time budget)
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    time_budget_s: float = field(default=60.0, metadata={"help": "wall-clock limit of one fine-tune, seconds"})
+    max_steps: int = field(default=100_000, metadata={"help": "a second bound, for tests and tiny budgets"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_length: int = field(default=512, metadata={"help": "longest training sequence, in tokens"})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (unset: where the hardware supports it)"})
+    schedule: str = field(default="constant", metadata={
+        "help": "constant or time_cosine (warm-up and cosine decay over the time budget)"})
 
     def __post_init__(self):
         if self.time_budget_s <= 0 and self.max_steps <= 0:

@@ -11,9 +11,10 @@ log = logging.getLogger("arbor.workers")
 
 
 class PolicyCache:
-    def __init__(self, registry, device: str = "cpu"):
+    def __init__(self, registry, device: str = "cpu", dtype: str = "float32"):
         self.registry = registry
         self.device = device
+        self.dtype = dtype  # Settings.dtype (ARBOR_DTYPE)
         self.policy = None
         self.loads = 0
 
@@ -26,7 +27,7 @@ class PolicyCache:
             raise PolicyLoadError("no promoted policy yet: run `arbor policies add PATH` or `arbor train` first")
         if self.policy is None or self.policy.version != current[0]:
             previous = self.policy.version if self.policy is not None else None
-            self.policy = self.registry.load(current[0], device=self.device)
+            self.policy = self.registry.load(current[0], device=self.device, dtype=self.dtype)
             self.loads += 1
-            log.info("loaded policy %s (was %s) on %s", current[0], previous, self.device)
+            log.info("loaded policy %s (was %s) on %s as %s", current[0], previous, self.device, self.dtype)
         return self.policy

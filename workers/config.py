@@ -1,49 +1,40 @@
 """Celery configuration for long GPU jobs (measured pitfalls and sources: shared/notes/celery-and-compose.md).
 
-Every number comes from the environment so that tests can shrink the visibility timeout to seconds:
-
-    ARBOR_BROKER_URL            redis://host:6379/0 (also the result backend, where task state and progress live)
-    ARBOR_VISIBILITY_TIMEOUT    seconds a delivered, unacked message waits before Redis hands it out again (6 h)
-    ARBOR_PROC_ALIVE_TIMEOUT    seconds a fresh pool child may take to load its model (300)
-    ARBOR_LEASE_TTL             seconds a job's lease lives without renewal (60; renewed every third of it)
-    ARBOR_MAX_DELIVERIES        deliveries after which a job is marked failed instead of run again (5)
-    ARBOR_TRAIN_EVERY_S         beat period of the train cycle (3600)
-    ARBOR_TRAIN_THRESHOLD       new best trajectories that start a train cycle (200; 0 turns it off)
-    ARBOR_TORCH_THREADS         torch threads per worker process (unset: torch's default)
-    ARBOR_TRAIN_BUDGET_S, ARBOR_PROMOTE_MARGIN, ARBOR_HELDOUT_PER_DIFFICULTY: the train cycle (workers/training.py)
+Every number is a setting (agent/settings.py reads ARBOR_BROKER_URL, ARBOR_VISIBILITY_TIMEOUT,
+ARBOR_PROC_ALIVE_TIMEOUT, ARBOR_LEASE_TTL, ARBOR_MAX_DELIVERIES, ARBOR_TRAIN_EVERY_S, ARBOR_TRAIN_THRESHOLD), so that
+tests can shrink the visibility timeout to seconds. Reading them here imports no torch: the Celery parent stays
+free of CUDA.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from agent.settings import Settings
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer number of seconds/items") from None
+def _setting(name: str):
+    """A QueueConfig field whose default, help and range are Settings' own (read from the environment)."""
+    return field(default_factory=lambda: Settings.env(name), metadata=dict(Settings.__dataclass_fields__[name].metadata))
 
 
 @dataclass
 class QueueConfig:
-    broker_url: str | None = field(default_factory=lambda: os.environ.get("ARBOR_BROKER_URL") or None)
-    visibility_timeout: int = field(default_factory=lambda: _env_int("ARBOR_VISIBILITY_TIMEOUT", 6 * 3600))
-    proc_alive_timeout: int = field(default_factory=lambda: _env_int("ARBOR_PROC_ALIVE_TIMEOUT", 300))
-    lease_ttl: int = field(default_factory=lambda: _env_int("ARBOR_LEASE_TTL", 60))
-    max_deliveries: int = field(default_factory=lambda: _env_int("ARBOR_MAX_DELIVERIES", 5))
-    train_every_s: int = field(default_factory=lambda: _env_int("ARBOR_TRAIN_EVERY_S", 3600))
-    train_threshold: int = field(default_factory=lambda: _env_int("ARBOR_TRAIN_THRESHOLD", 200))
+    broker_url: str | None = _setting("broker_url")
+    visibility_timeout: int = _setting("visibility_timeout")
+    proc_alive_timeout: int = _setting("proc_alive_timeout")
+    lease_ttl: int = _setting("lease_ttl")
+    max_deliveries: int = _setting("max_deliveries")
+    train_every_s: int = _setting("train_every_s")
+    train_threshold: int = _setting("train_threshold")
 
     def __post_init__(self):
-        if self.visibility_timeout < 2:
-            raise ValueError(f"ARBOR_VISIBILITY_TIMEOUT must be at least 2 s (got {self.visibility_timeout})")
-        if self.lease_ttl < 3:
-            raise ValueError(f"ARBOR_LEASE_TTL must be at least 3 s (got {self.lease_ttl})")
+        for f in fields(self):
+            Settings.check(f.name, getattr(self, f.name))  # e.g. "ARBOR_VISIBILITY_TIMEOUT must be at least 2 s"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "QueueConfig":
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
     @property
     def hard_time_limit(self) -> int:

@@ -27,17 +27,16 @@ def _context() -> dict:
         from agent.store import Store
         from workers.cache import PolicyCache
 
-        threads = os.environ.get("ARBOR_TORCH_THREADS")
-        if threads:
+        settings = Settings()
+        if settings.torch_threads:
             import torch
 
-            torch.set_num_threads(int(threads))
-        settings = Settings()
+            torch.set_num_threads(settings.torch_threads)
         store = Store(settings.db_url)
         registry = PolicyRegistry(settings.policies_dir, store)
-        cfg = QueueConfig()
+        cfg = QueueConfig.from_settings(settings)
         _state.update(settings=settings, store=store, registry=registry, cfg=cfg,
-                      cache=PolicyCache(registry, settings.device),
+                      cache=PolicyCache(registry, settings.device, settings.dtype),
                       redis=redis.Redis.from_url(cfg.broker_url) if cfg.broker_url else None,
                       worker=f"{socket.gethostname()}:{os.getpid()}")
     return _state

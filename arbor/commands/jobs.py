@@ -1,6 +1,7 @@
 """Queue-facing commands: submit problems, follow jobs, read results, train, manage policy versions.
 
     arbor submit problems.jsonl [--refine 3] [--wait]   # job ids printed once the problems are in the store
+                                                         # (arbor/commands/submit.py: the search configuration)
     arbor status [JOB]
     arbor results [--json]
     arbor train                                          # one train cycle (queued when a broker is configured)
@@ -15,7 +16,6 @@ them in this process.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from arbor.cli import app
+from arbor.options import load_settings
 
 console = Console(stderr=True)
 
@@ -33,11 +34,10 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _settings(device: str | None = None):
-    from agent.settings import Settings
-
-    # the device matters only where a model is loaded here; "cpu" keeps torch out of queue-only commands
-    return Settings(device=device or os.environ.get("ARBOR_DEVICE") or "cpu")
+def _settings(model: bool = False):
+    """Settings from the environment. The device matters only where this process loads a model (model=True:
+    ARBOR_DEVICE, default auto); "cpu" keeps torch out of the queue-only commands."""
+    return load_settings() if model else load_settings(device="cpu")
 
 
 def _store(settings):
@@ -85,7 +85,7 @@ def _run_in_process(settings, store, job_ids: list[str]) -> None:
 
         console.print("no promoted policy yet: creating and warm-starting the built-in one")
         ensure_policy(settings, store, registry)
-    cache = PolicyCache(registry, settings.device)
+    cache = PolicyCache(registry, settings.device, settings.dtype)
     with _progress() as bar:
         task = bar.add_task("solving", total=len(job_ids))
         for job_id in job_ids:
@@ -114,56 +114,6 @@ def _wait(store, job_ids: list[str], timeout: float | None) -> None:
     failed = [j for j in job_ids if store.get_job(j).status == "failed"]
     if failed:
         console.print(f"{len(failed)} of {len(job_ids)} jobs failed: see `arbor status {failed[0]}`")
-
-
-@app.command()
-def submit(
-    file: Path = typer.Argument(..., help="problems, one JSON object a line"),
-    refine: int = typer.Option(1, help="refinement rounds (1: search once)"),
-    wait: bool = typer.Option(False, "--wait", help="return once every job is finished"),
-    strategy: str = typer.Option("beam", help="search strategy (beam won at equal budget: docs/benchmarks.md)"),
-    n: int = typer.Option(8, help="candidates per problem (sampling strategies)"),
-    max_new_tokens: int = typer.Option(64, help="longest completion"),
-    use_verifier: bool = typer.Option(False, help="let the checker rank candidates"),
-    timeout: float = typer.Option(None, help="with --wait: give up after this many seconds"),
-):
-    """Submit problems: they are stored, then one job per problem is queued (or run here without a broker)."""
-    from tasks import TASKS
-    from tasks.jsonl import read_problems
-    from search import SearchConfig, STRATEGIES
-    from agent.jobs import submit_jobs
-
-    if not file.is_file():
-        _fail(f"{file} does not exist: pass a JSONL file of problems")
-    if refine < 1:
-        _fail(f"--refine must be at least 1 (got {refine})")
-    if strategy not in STRATEGIES:
-        _fail(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    try:
-        search = SearchConfig(strategy=strategy, n=n, max_new_tokens=max_new_tokens, use_verifier=use_verifier)
-    except ValueError as exc:
-        _fail(str(exc))
-    problems, errors = read_problems(file, known_tasks=set(TASKS))
-    if errors:
-        for e in errors:
-            typer.echo(f"error: {e}", err=True)
-        _fail(f"{len(errors)} bad line(s) in {file}; nothing was submitted: fix them and submit again")
-    if not problems:
-        _fail(f"{file} holds no problems")
-    settings = _settings()
-    if settings.broker_url:
-        _check_broker(settings.broker_url)
-    store = _store(settings)
-    search_params = {k: getattr(search, k) for k in ("strategy", "n", "max_new_tokens", "use_verifier")}
-    job_ids = submit_jobs(store, problems, rounds=refine, search=search_params)
-    for job_id in job_ids:  # the problems and jobs are committed: only now are the ids shown
-        typer.echo(job_id)
-    if settings.broker_url:
-        _enqueue(job_ids, ["refine" if refine > 1 else "solve"] * len(job_ids))
-        if wait:
-            _wait(store, job_ids, timeout)
-    else:
-        _run_in_process(_settings(os.environ.get("ARBOR_DEVICE", "auto")), store, job_ids)
 
 
 @app.command()
@@ -257,7 +207,7 @@ def train(
     from agent.registry import PolicyRegistry
     from agent.train_cycle import run_train_cycle
 
-    settings = _settings(os.environ.get("ARBOR_DEVICE", "auto"))
+    settings = _settings(model=True)
     store = _store(settings)
     registry = PolicyRegistry(settings.policies_dir, store)
     ensure_policy(settings, store, registry)
@@ -292,7 +242,7 @@ def policies_init():
     from agent.loop import ensure_policy
     from agent.registry import PolicyRegistry
 
-    settings = _settings(os.environ.get("ARBOR_DEVICE", "auto"))
+    settings = _settings(model=True)
     store = _store(settings)
     registry = PolicyRegistry(settings.policies_dir, store)
     if registry.promoted() is None:

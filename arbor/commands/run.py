@@ -11,7 +11,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from agent.loop import LoopConfig
+from agent.settings import Settings
 from arbor.cli import app
+from arbor.options import load_settings, option
+
+LOOP = LoopConfig()  # every option's default is LoopConfig's own (and its search, select and train configs')
 
 console = Console(stderr=True, soft_wrap=True)  # a warning or an error stays on one line
 
@@ -32,44 +37,39 @@ def run(
     model: Optional[Path] = typer.Option(None, help="A local transformers causal-LM folder to start from (default: the built-in policy)."),
     demos: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} pairs for the warm start."),
     problems: Optional[Path] = typer.Option(None, help="JSONL of problems (default: the built-in addition task)."),
-    cycles: int = typer.Option(20, help="Self-training cycles after the warm start."),
-    time_budget: Optional[float] = typer.Option(None, help="Stop starting cycles after this many seconds (warm start included)."),
-    strategy: str = typer.Option("best_of_n", help="Search strategy used to find trajectories."),
-    samples: int = typer.Option(4, help="Candidates per problem (best_of_n)."),
-    select: str = typer.Option("label_free", help="label_free (answers never used) or verifier (train on verified answers)."),
-    problems_per_cycle: int = typer.Option(3000),
-    train_seconds: float = typer.Option(50.0, help="Fine-tune time per cycle."),
-    warm_start_seconds: float = typer.Option(180.0, help="Warm-start time for a new built-in policy."),
-    heldout: int = typer.Option(100, help="Held-out problems per difficulty (built-in task)."),
+    cycles: int = option(LOOP, "cycles"),
+    time_budget: Optional[float] = option(LOOP, "time_budget_s", "--time-budget"),
+    strategy: str = option(LOOP.search, "strategy"),
+    samples: int = option(LOOP.search, "n", "--samples"),
+    select: str = option(LOOP.select, "mode", "--select"),
+    problems_per_cycle: int = option(LOOP, "problems_per_cycle"),
+    train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
+    warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
+    heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
     run_name: Optional[str] = typer.Option(None, help="Folder name under $ARBOR_HOME/runs."),
-    home: Optional[Path] = typer.Option(None, envvar="ARBOR_HOME", help="Checkpoints, store and runs."),
+    home: Optional[Path] = option(Settings, "home"),
+    device: Optional[str] = option(Settings, "device"),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on the last line."),
 ):
     """Run the self-improvement loop: search, select, fine-tune, evaluate, promote."""
-    from agent.loop import LoopConfig, WarmStartConfig
     from agent.policy import PolicyLoadError
     from agent.runner import RunError, RunInputs, run_main
-    from agent.select import SelectConfig
-    from agent.settings import Settings
-    from agent.trainer import TrainConfig
-    from search import STRATEGIES, SearchConfig
 
-    if strategy not in STRATEGIES:
-        raise typer.BadParameter(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}", param_hint="--strategy")
-    settings = Settings() if home is None else Settings(home=home)
-    base = LoopConfig()
-    cfg = replace(
-        base,
-        cycles=cycles,
-        time_budget_s=time_budget,
-        problems_per_cycle=problems_per_cycle,
-        heldout_per_difficulty=heldout,
-        search=SearchConfig(strategy=strategy, n=samples, temperature=1.0),
-        select=SelectConfig(mode=select),
-        train=replace(base.train, time_budget_s=train_seconds),
-        warm_start=WarmStartConfig(train=TrainConfig(learning_rate=base.warm_start.train.learning_rate,
-                                                     time_budget_s=warm_start_seconds, schedule=base.warm_start.train.schedule)),
-    )
+    settings = load_settings(home=home, device=device)
+    try:
+        cfg = replace(
+            LOOP,
+            cycles=cycles,
+            time_budget_s=time_budget,
+            problems_per_cycle=problems_per_cycle,
+            heldout_per_difficulty=heldout,
+            search=replace(LOOP.search, strategy=strategy, n=samples),
+            select=replace(LOOP.select, mode=select),
+            train=replace(LOOP.train, time_budget_s=train_seconds),
+            warm_start=replace(LOOP.warm_start, train=replace(LOOP.warm_start.train, time_budget_s=warm_start_seconds)),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
     table = Table(title="Arbor self-improvement", show_lines=False)
     for col in ["cycle", "s", "policy", "frontier", "held-out accuracy (difficulty:acc)", "accepted", "loss", "promoted"]:
         table.add_column(col)

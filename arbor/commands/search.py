@@ -11,12 +11,20 @@ With --json the last line printed is one JSON object per prompt (a JSON list for
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from agent.settings import Settings
 from arbor.cli import app
+from arbor.options import load_settings, option
+from search import SearchConfig
+
+# the search of `arbor search` unless a flag says otherwise: beam won at equal budget (docs/benchmarks.md); every
+# other default is SearchConfig's own
+CLI_SEARCH = SearchConfig(strategy="beam")
 
 
 def _row(result) -> dict:
@@ -42,24 +50,25 @@ def _row(result) -> dict:
 @app.command("search")
 def search_command(
     model: Path = typer.Option(..., "--model", help="a save_pretrained model folder (with its tokenizer)"),
-    strategy: str = typer.Option("beam", help="greedy, best_of_n, beam, step_beam, diverse_beam or mcts"),
+    strategy: str = option(CLI_SEARCH, "strategy"),
     prompt: Optional[str] = typer.Option(None, help="one prompt"),
     problems: Optional[Path] = typer.Option(None, help="a JSONL file of problems"),
-    beams: int = typer.Option(4, help="beam width (beam, step_beam, diverse_beam)"),
-    n: int = typer.Option(8, help="samples for best_of_n"),
-    max_new_tokens: int = typer.Option(64),
-    temperature: float = typer.Option(1.0, help="sampling temperature (best_of_n, step_beam, mcts)"),
-    groups: int = typer.Option(2, help="diverse_beam groups"),
-    diversity_penalty: float = typer.Option(1.0),
-    length_penalty: float = typer.Option(1.0),
-    children: int = typer.Option(4, help="children per expansion (step_beam, mcts)"),
-    simulations: int = typer.Option(8, help="mcts simulations"),
-    c_puct: float = typer.Option(1.0),
-    max_step_tokens: int = typer.Option(4, help="a tree step ends after this many tokens or at the delimiter"),
-    scorer: Optional[str] = typer.Option(None, help="e.g. mean_logprob, min_logprob, neg_entropy, verifier+mean_logprob"),
-    use_verifier: bool = typer.Option(False, help="let the checker rank finished answers (problems with answers)"),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    beams: int = option(CLI_SEARCH, "beams"),
+    n: int = option(CLI_SEARCH, "n"),
+    max_new_tokens: int = option(CLI_SEARCH, "max_new_tokens"),
+    temperature: float = option(CLI_SEARCH, "temperature"),
+    groups: int = option(CLI_SEARCH, "groups"),
+    diversity_penalty: float = option(CLI_SEARCH, "diversity_penalty"),
+    length_penalty: float = option(CLI_SEARCH, "length_penalty"),
+    children: int = option(CLI_SEARCH, "children"),
+    simulations: int = option(CLI_SEARCH, "simulations"),
+    c_puct: float = option(CLI_SEARCH, "c_puct"),
+    max_step_tokens: int = option(CLI_SEARCH, "max_step_tokens"),
+    scorer: Optional[str] = option(CLI_SEARCH, "scorer"),
+    use_verifier: bool = option(CLI_SEARCH, "use_verifier"),
+    seed: int = option(CLI_SEARCH, "seed"),
+    device: Optional[str] = option(Settings, "device"),
+    dtype: Optional[str] = option(Settings, "dtype"),
     tree: Optional[Path] = typer.Option(None, help="write an HTML view of the search tree here"),
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line"),
 ):
@@ -67,13 +76,11 @@ def search_command(
     from agent.policy import Policy, PolicyLoadError
     from tasks import Problem
     from tasks.jsonl import read_problems
-    from search import STRATEGIES, SearchConfig, run_search
+    from search import run_search
     from search.tree_html import tree_from_candidates, tree_to_html
 
     if (prompt is None) == (problems is None):
         raise typer.BadParameter("give exactly one of --prompt or --problems")
-    if strategy not in STRATEGIES:
-        raise typer.BadParameter(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
     if problems is not None:
         items, errors = read_problems(problems)
         for e in errors:
@@ -83,13 +90,14 @@ def search_command(
     else:
         items = [Problem(prompt=prompt, id="prompt")]
     try:
-        cfg = SearchConfig(
-            strategy=strategy, n=n, temperature=temperature, max_new_tokens=max_new_tokens, use_verifier=use_verifier,
-            seed=seed, beams=beams, length_penalty=length_penalty, groups=groups, diversity_penalty=diversity_penalty,
-            max_step_tokens=max_step_tokens, children=children, simulations=simulations, c_puct=c_puct, scorer=scorer,
-            keep_tree=tree is not None,
+        cfg = replace(
+            CLI_SEARCH, strategy=strategy, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
+            use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
+            diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
+            simulations=simulations, c_puct=c_puct, scorer=scorer, keep_tree=tree is not None,
         )
-        policy = Policy.load(model, device=device)
+        settings = load_settings(device=device, dtype=dtype)
+        policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
     except (ValueError, PolicyLoadError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     results = run_search(items, cfg, policy)

@@ -9,14 +9,26 @@
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import typer
 
+from agent.settings import Settings
 from arbor.cli import app
+from arbor.options import option
+
+
+def _setting(name: str):
+    """One setting from the environment, without building Settings (no torch here); a bad value: one line."""
+    try:
+        return Settings.env(name)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _broker_or_exit() -> str:
-    url = os.environ.get("ARBOR_BROKER_URL")
+    url = _setting("broker_url")
     if not url:
         typer.echo("error: no broker configured: set ARBOR_BROKER_URL=redis://HOST:6379/0 (without one, "
                    "`arbor submit` runs jobs in process and needs no worker)", err=True)
@@ -27,7 +39,8 @@ def _broker_or_exit() -> str:
 @app.command()
 def worker(
     queues: str = typer.Option("search,default", help="comma-separated queues: search, train, default"),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:0 ... (default: ARBOR_DEVICE, else auto)"),
+    device: Optional[str] = option(Settings, "device"),
+    dtype: Optional[str] = option(Settings, "dtype"),
     name: str = typer.Option(None, help="worker node name (default: <first queue>@<host>)"),
     loglevel: str = typer.Option("INFO", help="Celery log level"),
 ):
@@ -40,8 +53,14 @@ def worker(
     if unknown or not wanted:
         typer.echo(f"error: unknown queue(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(QUEUES)}", err=True)
         raise typer.Exit(1)
+    # passed on to the pool child, whose Settings() reads them when it loads the model (the parent never touches CUDA)
     if device:
-        os.environ["ARBOR_DEVICE"] = device  # read by the pool child, which loads the model (the parent never touches CUDA)
+        os.environ["ARBOR_DEVICE"] = device
+    if dtype:
+        os.environ["ARBOR_DTYPE"] = dtype
+    _setting("dtype")  # a bad ARBOR_DTYPE ends here with one line, not in a pool child that restarts in a loop
+    _setting("visibility_timeout")
+    _setting("lease_ttl")
     from workers.app import app as celery_app
 
     # prefork with one child: the parent keeps heartbeats and remote control alive during a job, a killed child's
@@ -63,7 +82,7 @@ def beat(
 
     from workers.app import app as celery_app
 
-    home = Path(os.environ.get("ARBOR_HOME", "./.arbor"))
+    home = Path(_setting("home"))
     home.mkdir(parents=True, exist_ok=True)
     celery_app.start(["beat", "-s", schedule or str(home / "celerybeat-schedule"), f"--loglevel={loglevel}"])
 
