@@ -245,12 +245,17 @@ class Decoder:
 
         Each prompt is prefilled once and its cache repeated n times, so a shared prompt is never recomputed.
         Finished rows leave the batch, so long stragglers do not drag dead rows along."""
+        return self.decode_ids(self.encode(prompts), n, temperature, max_new_tokens, max_rows, seed, stats)
+
+    @torch.inference_mode()
+    def decode_ids(self, encoded: list[list[int]], n: int = 1, temperature: float = 0.0, max_new_tokens: int = 64,
+                   max_rows: int = 2048, seed: int | None = None, stats: DecodeStats | None = None) -> list[list[Decoded]]:
+        """`decode` for prompts given as token ids."""
         stats = stats if stats is not None else DecodeStats()
         generator = self.generator(seed)
-        results: list[list[Decoded]] = [[] for _ in prompts]
+        results: list[list[Decoded]] = [[] for _ in encoded]
         prompts_per_chunk = max(1, max_rows // n)
-        encoded = self.encode(prompts)
-        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths pad less
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths pad less
         for start in range(0, len(order), prompts_per_chunk):
             chunk = order[start: start + prompts_per_chunk]
             ids, mask = self.left_pad([encoded[i] for i in chunk])

@@ -1,0 +1,104 @@
+"""Token Recycling: the template, the matrix, lossless verification against transformers greedy, the tree sizer."""
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from agent.policy import BuiltinConfig, build_builtin_policy
+from memory.recycling import PAPER_TREE, DraftTree, RecyclingMemory, TreeSizer
+from search.decoder import DecodeStats, Decoder
+from tasks import get_task
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_paper_template_has_its_published_shape():
+    tree = DraftTree(PAPER_TREE)
+    assert len(tree) == 81  # 80 drafts and the root
+    assert [tree.depths.count(d) for d in range(1, 7)] == [8, 21, 25, 15, 8, 3]
+    assert tree.max_column() == 7
+    assert sum(1 for i in range(len(tree)) if i not in tree.parents) == 40  # leaves = paths
+    with pytest.raises(ValueError, match="prefix-closed"):
+        DraftTree([(0,), (1, 0, 0)])
+
+
+def test_drafts_follow_the_matrix_one_gather_per_depth():
+    memory = RecyclingMemory(vocab_size=50, k=8, tree=[(0,), (1,), (0, 0), (0, 1), (0, 0, 0)])
+    memory.adj[7] = torch.arange(10, 18, dtype=torch.int32)
+    memory.adj[10] = torch.arange(20, 28, dtype=torch.int32)
+    memory.adj[20] = torch.arange(30, 38, dtype=torch.int32)
+    tokens, parents = memory.propose(torch.tensor([7]))
+    assert parents == [-1, 0, 0, 1, 1, 3]
+    assert tokens.tolist() == [[7, 10, 11, 20, 21, 30]]
+    logits = torch.zeros(1, 2, 50)
+    logits[0, 0, 40:48] = torch.arange(8, 0, -1).float()  # after token 3: 40 best, then 41, ...
+    memory.observe(torch.tensor([[3, 4]]), logits)
+    assert memory.adj[3].tolist() == list(range(40, 48))
+    assert memory.nbytes == 50 * 8 * 4  # int32
+
+
+def _hf_greedy(model, prompts_ids: list[list[int]], new: int, eos: int) -> list[list[int]]:
+    out = []
+    for ids in prompts_ids:
+        with torch.no_grad():
+            res = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=new)
+        row = res[0, len(ids):].tolist()
+        out.append(row[: row.index(eos)] if eos in row else row)
+    return out
+
+
+def _check_lossless(model, tok, prompt_ids, new):
+    ref = _hf_greedy(model, prompt_ids, new, tok.eos_token_id)
+    memory = RecyclingMemory(model.config.vocab_size)  # one hot matrix across every prompt and batch size
+    accepted = 0
+    for batch in (1, 8):
+        stats = DecodeStats()
+        out = Decoder(model, tok, draft_source=memory).decode_ids(prompt_ids, max_new_tokens=new, max_rows=batch, stats=stats)
+        assert [d[0].token_ids for d in out] == ref, batch
+        accepted += stats.generated_tokens
+    return memory
+
+
+def test_lossless_on_the_builtin_task_and_policy():
+    model, tok = build_builtin_policy(BuiltinConfig(seed=4))
+    prompts = [p.prompt for d in (2, 4, 6, 8) for p in get_task("addition").generate(d, 50, seed=5)]  # 200 prompts
+    memory = _check_lossless(model.eval(), tok, [tok(p, add_special_tokens=False).input_ids for p in prompts], 12)
+    assert memory.accept_counts[1:].sum() > 0  # drafts were accepted, so verification did real work
+
+
+def test_lossless_on_free_text_with_a_random_32k_llama():
+    from agent.policy import build_char_tokenizer
+
+    tok = build_char_tokenizer()  # only its pad/eos ids are used: prompts are token ids over the full 32k vocabulary
+    config = LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 32000) for _ in range(rng.randint(4, 24))] for _ in range(200)]
+    _check_lossless(model, tok, prompts, 10)
+
+
+def test_the_matrix_is_saved_beside_a_policy_and_loads_warm(tmp_path):
+    memory = RecyclingMemory(vocab_size=30)
+    memory.adj[5] = torch.arange(8, dtype=torch.int32)
+    memory.accepted(torch.tensor([3, 0]))
+    memory.save(tmp_path)
+    again = RecyclingMemory.load(tmp_path, vocab_size=30)
+    assert torch.equal(again.adj, memory.adj) and torch.equal(again.accept_counts, memory.accept_counts)
+    assert RecyclingMemory.load(tmp_path, vocab_size=31).adj.abs().sum() == 0  # another vocabulary starts cold
+    assert RecyclingMemory.load(tmp_path / "none", vocab_size=30).adj.abs().sum() == 0
+
+
+def test_the_sizer_trades_accepted_tokens_against_measured_cost():
+    rates = {p: 0.9 ** len(p) if p[-1] == 0 else 0.01 for p in PAPER_TREE}  # only the all-zero chain is accepted
+    flat = {n: 1.0 for n in TreeSizer.SIZES}  # a device where drafting is free: take every useful node
+    tree, gain = TreeSizer.choose(rates, flat)
+    assert (0, 0, 0, 0, 0, 0) in tree and gain > 4
+    steep = {n: float(n) for n in TreeSizer.SIZES}  # cost grows with every input: a tiny tree, or none pays
+    tree, gain = TreeSizer.choose(rates, steep)
+    assert len(tree) <= 2 and gain < 1.5
