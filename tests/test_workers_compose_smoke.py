@@ -32,9 +32,10 @@ def test_compose_topology_submit_solve_train_promote_reload(tmp_path):
             seed_policy(home, db_url)
             store = Store(db_url)
             registry = PolicyRegistry(home / "policies", store)
-            # a small held-out set in the store: the train cycle evaluates candidate and current on it
+            # a small held-out set of the submitted problems' task (none named: the generic task) in the store:
+            # the train cycle evaluates candidate and current on it
             store.add_problems([Problem(f"{i}+{i}=", str(2 * i)[::-1].ljust(2, "0"), split="heldout", id=f"h{i}",
-                                        difficulty=1, task="addition") for i in range(4)])
+                                        difficulty=1) for i in range(4)])
             env = arbor_env(home, db_url, server.url, ARBOR_VISIBILITY_TIMEOUT=300, ARBOR_LEASE_TTL=10,
                             ARBOR_TRAIN_THRESHOLD=4, ARBOR_TRAIN_EVERY_S=8, ARBOR_TRAIN_BUDGET_S=2,
                             ARBOR_PROMOTE_MARGIN=-1)
@@ -45,7 +46,8 @@ def test_compose_topology_submit_solve_train_promote_reload(tmp_path):
             for p in procs[:3]:
                 p.wait_ready()
 
-            first = arbor("submit", str(_jsonl(tmp_path / "a.jsonl", "a", 6)), "--max-new-tokens", "8", "--wait",
+            # greedy: one candidate per problem, so the label-free vote is unanimous and the cycle has labels
+            first = arbor("submit", str(_jsonl(tmp_path / "a.jsonl", "a", 6)), "--strategy", "greedy", "--max-new-tokens", "8", "--wait",
                           "--timeout", "120", env=env)
             assert first.returncode == 0, first.stderr
             first_ids = first.stdout.split()
