@@ -182,7 +182,7 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
     seconds["train"] = time.monotonic() - t
     t = time.monotonic()
-    candidate = Policy(model, current.tokenizer, "candidate")
+    candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
     cand_eval = evaluate_policy(candidate, heldout, cfg.eval_search, task, verify_keys)
     cand_metric = gate_metric(cand_eval, mode)
     keys = [k for k in (verify_keys if verify_keys is not None else sorted(heldout)) if k in cand_metric]
@@ -201,10 +201,10 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     metrics = {"heldout": cand_eval["accuracy"], "self_verified": cand_eval["self_verified"],
                "gate_score": cand_score, "current_gate_score": cur_score, "gate_keys": keys}
     version = registry.save(model, current.tokenizer, parent=current.version, trained_on={**trained_on, "train": train_stats},
-                            metrics=metrics)
+                            metrics=metrics, draft_source=current.draft_source)
     if promoted:
         registry.promote(version, metrics)
-        current = Policy(model, current.tokenizer, version, str(registry.root / version))
+        current = Policy(model, current.tokenizer, version, str(registry.root / version), current.draft_source)
         current_eval, current_metric = cand_eval, cand_metric
     else:
         registry.reject(version, metrics)

@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from memory.recycling import RecyclingMemory
 from search.decoder import ancestor_matrix, float_mask, sequential_tree_inputs
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -285,8 +286,12 @@ class Policy:
     tokenizer: PreTrainedTokenizerFast
     version: str = "unversioned"
     path: str | None = None
+    # recycled-token drafts for greedy decoding (SearchConfig.recycling); hot across the jobs a worker runs
+    draft_source: RecyclingMemory | None = None
 
     @classmethod
     def load(cls, path: str | Path, version: str | None = None, device: str = "cpu", dtype: str = "float32") -> "Policy":
+        """A saved policy with the recycling matrix saved beside it (a fresh one when there is none)."""
         model, tokenizer = load_policy(path, device, dtype)
-        return cls(model, tokenizer, version or Path(path).name, str(path))
+        memory = RecyclingMemory.load(path, model.config.vocab_size, device=model.device)
+        return cls(model, tokenizer, version or Path(path).name, str(path), memory)

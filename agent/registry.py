@@ -51,13 +51,16 @@ class PolicyRegistry:
         return f"v{max(numbers, default=-1) + 1}"
 
     def save(self, model, tokenizer, parent: str | None, trained_on: dict, metrics: dict | None = None,
-             status: str = "candidate") -> str:
-        """Write a new version atomically and record it; returns its name."""
+             status: str = "candidate", draft_source=None) -> str:
+        """Write a new version atomically and record it; returns its name. `draft_source` (a RecyclingMemory)
+        is saved beside the weights, so a worker that loads the version starts with a warm matrix."""
         version = self._next_version()
         tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if draft_source is not None:
+            draft_source.save(tmp)
         meta = {"version": version, "parent": parent, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                 "trained_on": trained_on, "metrics": metrics or {}}
         (tmp / META).write_text(json.dumps(meta, indent=2))

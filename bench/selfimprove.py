@@ -25,7 +25,6 @@ from agent.loop import LoopConfig, WarmStartConfig
 from agent.runner import RunInputs, run_main
 from agent.select import SelectConfig
 from agent.settings import Settings
-from agent.trainer import TrainConfig
 
 RESULTS = Path(__file__).parent / "results"
 

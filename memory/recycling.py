@@ -16,7 +16,6 @@ speed; a 16-node tree costs 1.2-2.1x and needs MAT 2.5-3.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -75,6 +74,34 @@ class RecyclingMemory:
         self.set_tree(tree if tree is not None else PAPER_TREE)
         self.accept_counts = torch.zeros(len(PAPER_TREE) + 1)  # per template node: times on the accepted path
         self.steps = 0
+        self._sized: dict[tuple[int, int], list[tuple[int, ...]] | None] = {}  # (batch, context) buckets -> tree
+
+    # verify steps run with the whole template before the tree is sized: the rates need samples
+    WARMUP_STEPS = 64
+
+    def ready(self, decoder, batch: int, context: int) -> bool:
+        """Whether drafting pays at this batch size, with the tree sized for it. Until WARMUP_STEPS verify steps
+        have been counted the whole template drafts; then, per power-of-two bucket of batch and context, the
+        tree that maximises expected tokens per unit of measured forward cost is used, or none when its
+        expected speedup over one-token steps is not above 1 (large CPU batches are already compute-bound)."""
+        if self.steps < self.WARMUP_STEPS:
+            if len(self.tree) != len(PAPER_TREE) + 1:
+                self.set_tree(PAPER_TREE)
+            return True
+        key = (_bucket(batch), _bucket(context))
+        if key not in self._sized:
+            from search.decoder import Decoder  # a plain decoder: calibration forwards must not be recycled
+
+            costs = TreeSizer.forward_costs(Decoder(decoder.model, decoder.tokenizer), batch=key[0], context=key[1],
+                                            stop_above=1.0 + sum(self.acceptance_rates().values()))
+            tree, gain = TreeSizer.choose(self.acceptance_rates(), costs)
+            self._sized[key] = tree if gain > 1.0 else None
+        tree = self._sized[key]
+        if tree is None:
+            return False
+        if self.tree.paths[1:] != sorted(tree, key=lambda p: (len(p), tree.index(p))):
+            self.set_tree(tree)
+        return True
 
     def set_tree(self, paths: list[tuple[int, ...]]) -> None:
         tree = DraftTree(paths)
@@ -153,26 +180,31 @@ class TreeSizer:
 
     @classmethod
     @torch.inference_mode()
-    def forward_costs(cls, decoder, batch: int = 1, context: int = 128, repeats: int = 5) -> dict[int, float]:
+    def forward_costs(cls, decoder, batch: int = 1, context: int = 128, repeats: int = 5,
+                      stop_above: float = float("inf")) -> dict[int, float]:
         """Median seconds of one tree step with n inputs after `context` cached tokens, for n in SIZES (cached per
-        device, model and batch size: the measurement takes well under a second for tiny models)."""
+        device, model, batch and context; well under a second for tiny models). Sizes stop once a step costs
+        more than `stop_above` one-token steps: no tree that large can pay."""
         model = decoder.model
         key = (str(decoder.device), model.config.to_json_string(), batch, context)
         if key not in cls._costs:
             ids = torch.full((batch, context), decoder.eos, dtype=torch.long, device=decoder.device)
             mask = torch.ones_like(ids)
+            cache, _ = decoder.prefill(ids, mask)  # one prefill; every timed step is cropped off again
             costs = {}
             for n in cls.SIZES:
+                tree = torch.full((batch, n), decoder.eos, dtype=torch.long, device=decoder.device)
                 times = []
                 for _ in range(repeats):
-                    cache, _ = decoder.prefill(ids, mask)
-                    tree = torch.full((batch, n), decoder.eos, dtype=torch.long, device=decoder.device)
                     _sync(decoder.device)
                     t = time.perf_counter()
                     decoder.tree_step(ids, mask, cache, tree, [-1] + [0] * (n - 1))
                     _sync(decoder.device)
                     times.append(time.perf_counter() - t)
+                    decoder.crop(cache, context)
                 costs[n] = sorted(times)[len(times) // 2]
+                if costs[n] / costs[1] > stop_above:
+                    break
             cls._costs[key] = costs
         return cls._costs[key]
 
@@ -187,8 +219,10 @@ class TreeSizer:
         for p in order:
             if p[:-1] and p[:-1] not in chosen:
                 continue  # keep the tree prefix-closed: a node needs its parent
+            n = len(chosen) + 2
+            if n > max(costs):
+                break  # not measured: forward_costs stopped because no tree this large can pay
             chosen.append(p)
-            n = len(chosen) + 1
             cost = _interpolate(costs, n)
             gain = (1.0 + sum(rates.get(q, 0.0) for q in chosen)) / (cost / base)
             if gain > best_gain:
@@ -207,10 +241,13 @@ def _interpolate(costs: dict[int, float], n: int) -> float:
     return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
 
 
+def _bucket(n: int) -> int:
+    """The power of two at or above n: forward costs are measured once per bucket."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def save_sizing(path: str | Path, costs: dict[int, float], tree: list[tuple[int, ...]], gain: float) -> None:
-    Path(path).write_text(json.dumps({"costs": costs, "tree": [list(p) for p in tree], "expected_speedup": gain}))

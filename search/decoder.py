@@ -36,6 +36,7 @@ class Decoded:
     logprobs: list[float]
     entropies: list[float]
     finished: bool  # reached EOS (False: ran out of max_new_tokens)
+    forward_passes: int = 0  # forwards this row took part in, its prefill included
 
 
 @dataclass
@@ -52,7 +53,11 @@ class DraftSource(Protocol):
     `propose(last_tokens [B]) -> (tree_tokens [B, n], parents)`: node 0 is the root (the last accepted token,
     not yet in the cache); `parents[i] < i` is node i's parent (-1 for the root). `observe(input_ids [B, q],
     logits [B, q, V])` sees the inputs and logits of every forward the Decoder makes while it is attached.
-    `accepted(best_nodes [B])` hears which node ended each row's accepted path after a verify step."""
+    `accepted(best_nodes [B])` hears which node ended each row's accepted path after a verify step.
+    `ready(decoder, batch, context) -> bool` says whether drafting pays for this batch size and context (the
+    source may resize its tree first); when it does not, the Decoder decodes one token per forward."""
+
+    def ready(self, decoder: "Decoder", batch: int, context: int) -> bool: ...
 
     def propose(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]: ...
 
@@ -264,7 +269,7 @@ class Decoder:
             if n > 1:
                 self.repeat_rows(cache, n)
                 ids, mask, logits = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-            if temperature == 0 and self.draft_source is not None:
+            if temperature == 0 and self.draft_source is not None and self.draft_source.ready(self, ids.shape[0], ids.shape[1]):
                 rows_out = self._greedy_with_drafts(ids, mask, cache, logits, max_new_tokens, stats)
             else:
                 rows_out = self._sample_rows(ids, mask, cache, logits, temperature, max_new_tokens, generator, stats)
@@ -300,7 +305,9 @@ class Decoder:
             logits = self.step(ids, mask, cache)
             stats.forward_passes += 1
         tokens, token_logps, entropies = tokens.tolist(), token_logps.tolist(), entropies.tolist()
-        return [Decoded(tokens[r][:n], token_logps[r][:n], entropies[r][:n], finished=n < max_new_tokens)
+        # a row takes part in the prefill and in one forward per token after its first, up to EOS or the budget
+        return [Decoded(tokens[r][:n], token_logps[r][:n], entropies[r][:n], finished=n < max_new_tokens,
+                        forward_passes=min(n + 1, max_new_tokens))
                 for r, n in enumerate(lengths.tolist())]
 
     def _greedy_with_drafts(self, ids, mask, cache, logits, max_new_tokens, stats) -> list[Decoded]:
@@ -323,6 +330,7 @@ class Decoder:
             out_ids[r].append(t), out_lps[r].append(lp), out_ents[r].append(e)
         stats.generated_tokens += B
         rows = list(range(B))  # batch row -> output row
+        passes = [1] * B  # the prefill
         path = depth = levels = None
         while True:
             alive = []
@@ -344,6 +352,8 @@ class Decoder:
             T = ids.shape[1]
             logp = torch.log_softmax(self.tree_step(ids, mask, cache, tree, parents), dim=-1)  # [b, n, V]
             stats.forward_passes += 1
+            for r in rows:
+                passes[r] += 1
             pred = logp.argmax(-1)  # [b, n]
             ok = torch.zeros_like(tree, dtype=torch.bool)
             ok[:, 0] = True
@@ -379,9 +389,11 @@ class Decoder:
             if trim < D:
                 self.crop(cache, T + trim)
                 ids, mask = ids[:, : T + trim], mask[:, : T + trim]
-        return [Decoded(_upto_eos(out_ids[r], self.eos)[0], out_lps[r][: _upto_eos(out_ids[r], self.eos)[1]],
-                        out_ents[r][: _upto_eos(out_ids[r], self.eos)[1]], finished=finished[r] or (out_ids[r][-1:] == [self.eos]))
-                for r in range(B)]
+        decoded = []
+        for r in range(B):
+            ids_r, n = _upto_eos(out_ids[r], self.eos)
+            decoded.append(Decoded(ids_r, out_lps[r][:n], out_ents[r][:n], finished=n < len(out_ids[r]), forward_passes=passes[r]))
+        return decoded
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:

@@ -8,4 +8,9 @@ from search.types import SearchConfig, SearchResult
 
 
 def greedy(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
-    return sample_and_rank(problems, cfg, policy, n=1, temperature=0.0, strategy="greedy")
+    draft_source = None
+    if cfg.recycling:
+        draft_source = policy.draft_source
+        if draft_source is None:
+            raise ValueError("recycling needs a policy with a draft source: load it with Policy.load or the registry")
+    return sample_and_rank(problems, cfg, policy, n=1, temperature=0.0, strategy="greedy", draft_source=draft_source)

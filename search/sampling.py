@@ -9,9 +9,10 @@ from search.scores import confidence
 from search.types import Candidate, SearchConfig, SearchResult
 
 
-def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, temperature: float, strategy: str) -> list[SearchResult]:
+def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, temperature: float, strategy: str,
+                    draft_source=None) -> list[SearchResult]:
     stats = DecodeStats()
-    decoded = Decoder(policy.model, policy.tokenizer).decode(
+    decoded = Decoder(policy.model, policy.tokenizer, draft_source=draft_source).decode(
         [p.prompt for p in problems],
         n=n,
         temperature=temperature,
@@ -38,6 +39,6 @@ def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, 
                 )
             )
         generated = sum(len(d.token_ids) + int(d.finished) for d in outs)
-        steps = 1 + max(len(d.token_ids) + int(d.finished) for d in outs)
+        steps = max(d.forward_passes for d in outs)  # a prompt's samples decode side by side
         results.append(SearchResult(problem, rank_by(scorer, problem, candidates), strategy, policy.version, generated, steps))
     return results

@@ -48,6 +48,9 @@ class SearchConfig:
         "help": "reuse a node's cached prefix (False recomputes it: the benchmark's baseline)"})
     keep_tree: bool = field(default=False, metadata={
         "help": "attach the search tree to each result (for `arbor search --tree`)"})
+    recycling: bool = field(default=False, metadata={
+        "help": "greedy decoding verifies draft trees of recycled tokens (same output, fewer forwards; the tree is "
+                "sized to the device, and drafting switches itself off at batch sizes where it measured no gain)"})
 
     def __post_init__(self):
         from typing import get_args

@@ -179,3 +179,27 @@ class ArborProcess:
 def worker(name: str, queues: str, env: dict, folder: Path) -> ArborProcess:
     return ArborProcess(["worker", "--queues", queues, "--name", f"{name}@%h", "--loglevel", "INFO"], env,
                         Path(folder) / f"{name}.log").start()
+
+
+@contextmanager
+def deployment_stack(root: Path, seed, appendonly: bool, **env_extra):
+    """A redis-server, a throwaway PostgreSQL database with a promoted policy (`seed(home, db_url)`), the
+    `arbor` environment pointing at both, and a store; yields a dict the test adds its workers to (stopped
+    afterwards) under "workers"."""
+    from agent.store import Store
+
+    server = RedisServer(Path(root) / "redis", appendonly=appendonly).start()
+    try:
+        with postgres_database() as db_url:
+            seed(Path(root) / "home", db_url)
+            env = arbor_env(Path(root) / "home", db_url, server.url, **env_extra)
+            store = Store(db_url)
+            state = {"root": Path(root), "redis": server, "env": env, "store": store, "db_url": db_url, "workers": []}
+            try:
+                yield state
+            finally:
+                for w in state["workers"]:
+                    w.stop(timeout=10)
+                store.engine.dispose()
+    finally:
+        server.stop()

@@ -102,3 +102,25 @@ def test_the_sizer_trades_accepted_tokens_against_measured_cost():
     steep = {n: float(n) for n in TreeSizer.SIZES}  # cost grows with every input: a tiny tree, or none pays
     tree, gain = TreeSizer.choose(rates, steep)
     assert len(tree) <= 2 and gain < 1.5
+
+
+def test_greedy_search_with_recycling_matches_plain_greedy_and_saves_beside_the_version(tmp_path):
+    from agent.registry import PolicyRegistry
+    from agent.store import Store
+    from search import SearchConfig, run_search
+
+    store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
+    registry = PolicyRegistry(tmp_path / "policies", store)
+    model, tok = build_builtin_policy(BuiltinConfig(seed=6))
+    v0 = registry.save(model, tok, parent=None, trained_on={})
+    policy = registry.load(v0)
+    assert isinstance(policy.draft_source, RecyclingMemory)
+    problems = get_task("addition").generate(5, 30, seed=1)
+    plain = run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=10, max_rows=1), policy)
+    drafted = run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=10, max_rows=1, recycling=True), policy)
+    assert [r.best.token_ids for r in drafted] == [r.best.token_ids for r in plain]
+    assert sum(r.forward_passes for r in drafted) < sum(r.forward_passes for r in plain)  # fewer forwards, same tokens
+    assert sum(r.generated_tokens for r in drafted) == sum(r.generated_tokens for r in plain)
+    # the hot matrix travels with the next version and comes back warm
+    v1 = registry.save(model, tok, parent=v0, trained_on={}, draft_source=policy.draft_source)
+    assert torch.equal(registry.load(v1).draft_source.adj, policy.draft_source.adj)

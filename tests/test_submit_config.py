@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.support import RedisServer, arbor, arbor_env, postgres_database, worker
+from tests.support import arbor, deployment_stack, worker
 
 UNFINISHED = 1e6  # search.scorers.rank_by puts a completion that never reached EOS this far below finished ones
 
@@ -36,21 +36,8 @@ def _seed(home: Path, db_url: str) -> str:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("submit")
-    server = RedisServer(root / "redis", appendonly=False).start()
-    with postgres_database() as db_url:
-        _seed(root / "home", db_url)
-        env = arbor_env(root / "home", db_url, server.url, ARBOR_TRAIN_THRESHOLD=0)
-        from agent.store import Store
-
-        store = Store(db_url)
-        state = {"root": root, "env": env, "store": store, "db_url": db_url, "workers": []}
-        try:
-            yield state
-        finally:
-            for w in state["workers"]:
-                w.stop(timeout=10)
-            store.engine.dispose()
-            server.stop()
+    with deployment_stack(root, _seed, appendonly=False, ARBOR_TRAIN_THRESHOLD=0) as state:
+        yield state
 
 
 def _files(tmp_path: Path, search: dict) -> tuple[Path, Path]:

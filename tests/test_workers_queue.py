@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tasks import Problem
-from tests.support import RedisServer, arbor, arbor_env, postgres_database, seed_policy, wait_for, worker
+from tests.support import arbor, deployment_stack, seed_policy, wait_for, worker
 
 VT = 6  # seconds: hard time limit 5 s, a killed worker's job comes back after about VT + 1 s
 SEARCH = {"strategy": "best_of_n", "n": 8, "max_new_tokens": 24}
@@ -26,22 +26,9 @@ SEARCH = {"strategy": "best_of_n", "n": 8, "max_new_tokens": 24}
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("queue")
-    server = RedisServer(root / "redis", appendonly=True).start()
-    with postgres_database() as db_url:
-        seed_policy(root / "home", db_url)
-        env = arbor_env(root / "home", db_url, server.url, ARBOR_VISIBILITY_TIMEOUT=VT, ARBOR_LEASE_TTL=3,
-                        ARBOR_TRAIN_THRESHOLD=0)
-        from agent.store import Store
-
-        store = Store(db_url)
-        state = {"root": root, "redis": server, "env": env, "store": store, "workers": []}
-        try:
-            yield state
-        finally:
-            for w in state["workers"]:
-                w.stop(timeout=10)
-            store.engine.dispose()
-            server.stop()
+    with deployment_stack(root, seed_policy, appendonly=True, ARBOR_VISIBILITY_TIMEOUT=VT, ARBOR_LEASE_TTL=3,
+                          ARBOR_TRAIN_THRESHOLD=0) as state:
+        yield state
 
 
 def _start(deployment, name):
@@ -77,7 +64,7 @@ def _envelope(body: bytes, content_type: str, task: str = "arbor.solve") -> byte
 
 
 def test_malformed_messages_and_unknown_tasks_are_refused_and_the_worker_keeps_serving(deployment):
-    store, env = deployment["store"], deployment["env"]
+    store = deployment["store"]
     w = _start(deployment, "w1").wait_ready()
     client = redis.Redis(port=deployment["redis"].port)
     client.lpush("search", b"{this is not a kombu message")

@@ -67,6 +67,7 @@ def search_command(
     scorer: Optional[str] = option(CLI_SEARCH, "scorer"),
     use_verifier: bool = option(CLI_SEARCH, "use_verifier"),
     seed: int = option(CLI_SEARCH, "seed"),
+    recycling: bool = option(CLI_SEARCH, "recycling"),
     device: Optional[str] = option(Settings, "device"),
     dtype: Optional[str] = option(Settings, "dtype"),
     tree: Optional[Path] = typer.Option(None, help="write an HTML view of the search tree here"),
@@ -95,6 +96,7 @@ def search_command(
             use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
             diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
             simulations=simulations, c_puct=c_puct, scorer=scorer, keep_tree=tree is not None,
+            recycling=recycling,
         )
         settings = load_settings(device=device, dtype=dtype)
         policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
