@@ -270,7 +270,7 @@ class Decoder:
                 self.repeat_rows(cache, n)
                 ids, mask, logits = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
             if temperature == 0 and self.draft_source is not None and self.draft_source.ready(self, ids.shape[0], ids.shape[1]):
-                rows_out = self._greedy_with_drafts(ids, mask, cache, logits, max_new_tokens, stats)
+                rows_out = [_trim_at_eos(row, self.eos) for row in self.greedy_with_drafts(ids, mask, cache, logits, max_new_tokens, stats)]
             else:
                 rows_out = self._sample_rows(ids, mask, cache, logits, temperature, max_new_tokens, generator, stats)
             for r, d in enumerate(rows_out):
@@ -310,8 +310,12 @@ class Decoder:
                         forward_passes=min(n + 1, max_new_tokens))
                 for r, n in enumerate(lengths.tolist())]
 
-    def _greedy_with_drafts(self, ids, mask, cache, logits, max_new_tokens, stats) -> list[Decoded]:
+    def greedy_with_drafts(self, ids, mask, cache, logits, max_new_tokens: int | list[int], stats) -> list[Decoded]:
         """Greedy decoding that verifies a draft tree per row in each forward (speculative, lossless).
+
+        `ids`/`mask` [B, T] are in `cache`; `logits` [B, V] are the next-token logits after them; the budget is
+        one number or one per row. Returns each row's emitted tokens with EOS kept (and its log-prob), since
+        the tree expander records EOS in its nodes; `decode` trims it.
 
         The root of every tree is the row's last accepted token, not yet cached. A draft node is accepted when
         its token is the argmax at its parent and its parent is accepted; each row keeps its deepest accepted
@@ -319,6 +323,7 @@ class Decoder:
         the cache keeps the prefix plus that path. Rows that accept fewer tokens than the longest row in the
         batch leave masked holes in the cache, which positions and attention skip."""
         dev, B = self.device, ids.shape[0]
+        budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * B
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lps: list[list[float]] = [[] for _ in range(B)]
         out_ents: list[list[float]] = [[] for _ in range(B)]
@@ -337,7 +342,7 @@ class Decoder:
             for b, r in enumerate(rows):
                 if out_ids[r][-1] == self.eos:
                     finished[r] = True
-                elif len(out_ids[r]) < max_new_tokens:
+                elif len(out_ids[r]) < budget[r]:
                     alive.append(b)
             if len(alive) < len(rows):
                 if not alive:
@@ -375,7 +380,7 @@ class Decoder:
             tok_l, lp_l, ent_l = emit_tok.tolist(), emit_lp.tolist(), emit_ent.tolist()
             for b, r in enumerate(rows):
                 for j in range(counts[b]):  # n_acc - 1 drafts and the bonus
-                    if len(out_ids[r]) >= max_new_tokens or out_ids[r][-1] == self.eos:
+                    if len(out_ids[r]) >= budget[r] or out_ids[r][-1] == self.eos:
                         break
                     out_ids[r].append(tok_l[b][j]), out_lps[r].append(lp_l[b][j]), out_ents[r].append(ent_l[b][j])
                     stats.generated_tokens += 1
@@ -389,23 +394,19 @@ class Decoder:
             if trim < D:
                 self.crop(cache, T + trim)
                 ids, mask = ids[:, : T + trim], mask[:, : T + trim]
-        decoded = []
-        for r in range(B):
-            ids_r, n = _upto_eos(out_ids[r], self.eos)
-            decoded.append(Decoded(ids_r, out_lps[r][:n], out_ents[r][:n], finished=n < len(out_ids[r]), forward_passes=passes[r]))
-        return decoded
+        return [Decoded(out_ids[r], out_lps[r], out_ents[r], finished=finished[r], forward_passes=passes[r]) for r in range(B)]
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _upto_eos(tokens: list[int], eos: int) -> tuple[list[int], int]:
-    """Tokens before the first EOS, and how many entries (EOS included) belong to the completion's record."""
-    if eos in tokens:
-        i = tokens.index(eos)
-        return tokens[:i], i
-    return tokens, len(tokens)
+def _trim_at_eos(row: Decoded, eos: int) -> Decoded:
+    """The sampling loop's convention: token ids, log-probs and entropies stop before EOS."""
+    if eos not in row.token_ids:
+        return row
+    n = row.token_ids.index(eos)
+    return Decoded(row.token_ids[:n], row.logprobs[:n], row.entropies[:n], finished=True, forward_passes=row.forward_passes)
 
 
 def _tree_paths(parents: list[int], device):

@@ -151,6 +151,8 @@ class Expander:
         step_cap = max_new_tokens if to_the_end else max_step_tokens
         roots = [p.path()[0] for p in parents]
         budget = [max_new_tokens - p.depth_tokens() for p in parents]
+        if to_the_end and temperature == 0 and self.decoder.draft_source is not None:
+            return self._rollouts_with_drafts(parents, owner, roots, budget, cache, ids, mask, logp)
         new_ids: list[list[int]] = [[] for _ in owner]
         new_lps: list[list[float]] = [[] for _ in owner]
         new_ents: list[list[float]] = [[] for _ in owner]
@@ -201,4 +203,20 @@ class Expander:
             self._count_pass([roots[owner[r]] for r in alive_rows])
             logp = torch.log_softmax(logits, dim=-1)
             step += 1
+        return children
+
+    def _rollouts_with_drafts(self, parents, owner, roots, budget, cache, ids, mask, logp) -> list[list[Node]]:
+        """Greedy rollouts to the end through verified draft trees (same tokens, fewer forwards). A rollout is
+        terminal, so its key/values are not kept."""
+        rows = self.decoder.greedy_with_drafts(ids, mask, cache, logp, [budget[o] for o in owner], self.stats)
+        children: list[list[Node]] = [[] for _ in parents]
+        for o, d in zip(owner, rows):
+            parent = parents[o]
+            child = Node(d.token_ids, d.logprobs, d.entropies, parent=parent, finished=d.finished)
+            child.truncated = not d.finished and len(d.token_ids) >= budget[o]
+            parent.children.append(child)
+            children[o].append(child)
+            self.tokens_of[id(roots[o])] += len(d.token_ids)
+        for key in {id(r) for r in roots}:  # each root's rows took part in max(passes) - 1 verify steps (no prefill)
+            self.passes_of[key] += max(d.forward_passes for o, d in zip(owner, rows) if id(roots[o]) == key) - 1
         return children

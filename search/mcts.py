@@ -40,7 +40,8 @@ def _backup(node: Node, value: float) -> None:
 def mcts(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
     scorer = load_scorer(cfg)
     tok = policy.tokenizer
-    decoder = Decoder(policy.model, tok)
+    # with cfg.recycling the greedy rollouts verify recycled-token drafts (same tokens, fewer forwards)
+    decoder = Decoder(policy.model, tok, draft_source=policy.draft_source if cfg.recycling else None)
     ex = Expander(decoder, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
     generator = decoder.generator(cfg.seed)
     roots = ex.roots([p.prompt for p in problems])

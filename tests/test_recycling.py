@@ -124,3 +124,23 @@ def test_greedy_search_with_recycling_matches_plain_greedy_and_saves_beside_the_
     # the hot matrix travels with the next version and comes back warm
     v1 = registry.save(model, tok, parent=v0, trained_on={}, draft_source=policy.draft_source)
     assert torch.equal(registry.load(v1).draft_source.adj, policy.draft_source.adj)
+
+
+def test_mcts_rollouts_with_recycling_reach_the_same_answers_with_fewer_forwards():
+    from agent.policy import Policy
+    from search import SearchConfig, run_search
+
+    model, tok = build_builtin_policy(BuiltinConfig(seed=7))
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tok.eos_token_id] *= 3.0
+    policy = Policy(model.eval(), tok, "tiny", draft_source=RecyclingMemory(model.config.vocab_size))
+    problems = get_task("addition").generate(6, 8, seed=2)
+    cfg = SearchConfig(strategy="mcts", simulations=3, children=2, max_step_tokens=2, max_new_tokens=10)
+    plain = run_search(problems, cfg, policy)
+    run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=10, max_rows=1, recycling=True), policy)  # warm
+    drafted = run_search(problems, SearchConfig(**{**cfg.__dict__, "recycling": True}), policy)
+    for a, b in zip(plain, drafted):
+        assert [c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates]
+        assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-4)
+    assert sum(r.forward_passes for r in drafted) < sum(r.forward_passes for r in plain)
+    assert sum(r.generated_tokens for r in drafted) == sum(r.generated_tokens for r in plain)
