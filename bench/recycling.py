@@ -23,14 +23,15 @@ import json
 import random
 import sysconfig
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from agent.loop import LoopConfig, warm_start_examples
-from agent.policy import build_builtin_policy
+from agent.loop import LoopConfig, evaluate_policy, warm_start_examples
+from agent.policy import Policy, build_builtin_policy
 from agent.trainer import SFTFineTuner
 from memory.recycling import PAPER_TREE, RecyclingMemory, TreeSizer
 from search.decoder import DecodeStats, Decoder
@@ -179,6 +180,23 @@ def compare(model, tokenizer, prompts: list[str], warmup: list[str], new: int, b
     return result
 
 
+def loop_eval(policy: Policy, cfg: LoopConfig) -> dict:
+    """The loop's held-out evaluation phase (greedy over 100 problems per reported difficulty, batched as the loop
+    batches it), with recycling off and on: the same accuracies, and the phase's wall clock."""
+    heldout = {str(d): get_task("addition").generate(d, cfg.heldout_per_difficulty, seed=0, split="heldout")
+               for d in cfg.report_difficulties}
+    out = {}
+    for recycling in (False, True):
+        search = replace(cfg.eval_search, recycling=recycling)
+        evaluate_policy(policy, {k: v[:8] for k, v in heldout.items()}, search)  # warm (and, with recycling, hot)
+        result, seconds = timed(lambda: evaluate_policy(policy, heldout, search))
+        out["on" if recycling else "off"] = {"accuracy": result["accuracy"], "seconds": round(seconds, 2)}
+    # the loop's batch (every problem of a difficulty at once) is where the sizer may switch drafting off on a CPU
+    out["same_accuracy"] = out["on"]["accuracy"] == out["off"]["accuracy"]
+    out["speedup"] = round(out["off"]["seconds"] / out["on"]["seconds"], 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--code-train-seconds", type=float, default=240.0)
@@ -203,6 +221,7 @@ def main() -> None:
     problems = [p.prompt for d in (4, 8, 12) for p in get_task("addition").generate(d, max(4, args.prompts // 3), seed=3, split="heldout")]
     report["builtin_policy"] = {"warm_start_s": args.warm_start_seconds,
                                 **compare(builtin.eval(), btok, problems, problems[:4], 16)}
+    report["loop_heldout_eval"] = loop_eval(Policy(builtin, btok, "warm-start", draft_source=RecyclingMemory(builtin.config.vocab_size)), cfg)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
