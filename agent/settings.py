@@ -94,6 +94,15 @@ class Settings:
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "
                                               "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)
+    # the HTTP API (arbor serve)
+    api_token: str | None = _env("ARBOR_API_TOKEN", None,
+                                 "the token every API request and web page must present (Authorization: Bearer TOKEN)")
+    api_token_file: Path | None = _env("ARBOR_API_TOKEN_FILE", None,
+                                       "a file holding the API token (a Docker secret); used when ARBOR_API_TOKEN is unset",
+                                       Path)
+    api_max_request_bytes: int = _env("ARBOR_API_MAX_REQUEST_BYTES", 8 * 1024 * 1024,
+                                      "the largest request body the API accepts, bytes (a larger one is refused with 413)",
+                                      _int, minimum=1024)
 
     def __post_init__(self):
         self.home = Path(self.home)

@@ -12,7 +12,8 @@ import importlib
 import typer
 from typer.core import TyperGroup
 
-LAZY = {"run": "arbor.commands.run", "search": "arbor.commands.search", "submit": "arbor.commands.submit"}
+LAZY = {"run": "arbor.commands.run", "search": "arbor.commands.search", "submit": "arbor.commands.submit",
+        "serve": "arbor.commands.serve"}
 
 
 class _LazyGroup(TyperGroup):

@@ -13,3 +13,13 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0" ${ARBOR_TORCH_INDEX:+--index-url "$ARBOR_TORCH_INDEX"}
 fi
 python -m pip install -q -e ".[dev]"
+# Headless Chromium and its driver for the browser tests (tests/test_web.py, Selenium); Debian's packages, since
+# Playwright's own browser download is not reachable everywhere. Skipped when both are already installed.
+if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
+      || echo "setup: chromium could not be installed: the browser tests will be skipped" >&2
+  else
+    echo "setup: chromium/chromedriver missing (apt-get as root installs them): the browser tests will be skipped" >&2
+  fi
+fi
