@@ -20,7 +20,7 @@ from agent.select import Pseudo, SelectConfig, select, task_filters
 from agent.solve import trajectory_rows
 from agent.store import Store
 from tasks import Problem, Task
-from agent.trainer import SFTFineTuner, TrainConfig, clone_model
+from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
 from search import SearchConfig, run_search
 
 
@@ -178,7 +178,7 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     mode = mode or cfg.select.mode
     seconds = {}
     t = time.monotonic()
-    model = clone_model(current.model)
+    model = clone_for_training(current.model)
     train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
     seconds["train"] = time.monotonic() - t
     t = time.monotonic()

@@ -46,7 +46,7 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         source = BuiltinSource(task, cfg.heldout_per_difficulty, cfg.max_difficulty, cfg.seed)
         seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed)
         if inputs.model is not None:
-            version = _adopt_user_model(registry, inputs.model, demos, cfg, on_event)
+            version = _adopt_user_folder(registry, inputs.model, demos, cfg, on_event)
         else:
             if registry.promoted() is None:
                 on_event("phase", f"warm-starting the built-in policy on {list(cfg.warm_start.difficulties)}-digit addition "
@@ -61,7 +61,7 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         seed_examples = demos or []
         t = time.monotonic()
         if inputs.model is not None:
-            version = _adopt_user_model(registry, inputs.model, demos, cfg, on_event)
+            version = _adopt_user_folder(registry, inputs.model, demos, cfg, on_event)
         else:
             version = _fresh_builtin_for_files(registry, problems, demos, cfg, on_event)
         warm_seconds = time.monotonic() - t
@@ -100,7 +100,7 @@ def _report_line_errors(errors: list[LineError], on_event) -> None:
         on_event("warning", f"skipped {e} (the other lines are kept)")
 
 
-def _adopt_user_model(registry: PolicyRegistry, path: Path, demos, cfg: LoopConfig, on_event) -> str:
+def _adopt_user_folder(registry: PolicyRegistry, path: Path, demos, cfg: LoopConfig, on_event) -> str:
     """Register a user's model folder; with demos, warm-start it on them first."""
     model, tokenizer = load_policy(path)  # PolicyLoadError names the folder and the problem
     stats = {}

@@ -74,7 +74,7 @@ def _bf16_supported() -> bool:
     return False
 
 
-def clone_model(model):
+def clone_for_training(model):
     """An independent copy for a candidate: same class, config and weights, no shared state or patches."""
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())

@@ -1,7 +1,7 @@
 import torch
 
 from agent.policy import BuiltinConfig, build_builtin_policy
-from agent.trainer import SFTFineTuner, TrainConfig, clone_model
+from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
 
 EXAMPLES = [{"prompt": "12+34=", "completion": "460"}, {"prompt": "5+5=", "completion": "01"}] * 32
 
@@ -20,7 +20,7 @@ def test_fine_tune_changes_weights_and_a_clone_trains_independently():
 
     # regression: TRL patches forward with a closure over the original model; a candidate cloned from a
     # trained model must train its own weights, not the original's
-    candidate = clone_model(model)
+    candidate = clone_for_training(model)
     SFTFineTuner(TrainConfig(max_steps=3, time_budget_s=60)).train(candidate, tok, EXAMPLES)
     assert any(not torch.equal(trained[k], v) for k, v in candidate.state_dict().items())
     assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
