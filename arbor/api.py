@@ -645,8 +645,28 @@ def create_app(settings=None, cfg: ApiConfig | None = None, token: str | None = 
         return response
 
     @api.get("/jobs", include_in_schema=False, response_class=HTMLResponse, dependencies=[Depends(web_auth)])
-    def jobs_page(request: Request, status: Optional[str] = None):
-        return page(request, "jobs.html", jobs=svc.list_jobs(status, None), status=status)
+    def jobs_page(request: Request, status: Optional[str] = None, message: Optional[str] = None):
+        return page(request, "jobs.html", jobs=svc.list_jobs(status, None), status=status, message=message, refused=None,
+                    strategies=_strategies())
+
+    @api.post("/jobs/upload", include_in_schema=False, dependencies=[Depends(web_auth)])
+    def upload_form(request: Request, file: UploadFile = File(...), refine: int = Form(1),
+                    strategy: str = Form("")):
+        """The jobs page's form: POST /api/jobs/upload's submission, answered with a page."""
+        name = Path(file.filename or "").name
+        name = name if RUN_NAME.fullmatch(name) else "upload.jsonl"
+        try:
+            try:
+                text = file.file.read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ApiError(422, f"{name} is not UTF-8 text (byte {exc.start}): nothing was submitted") from None
+            done = svc.submit(lambda known: read_lines(text, name, known), name, refine,
+                              {"strategy": strategy} if strategy else {})
+        except ApiError as exc:
+            return page(request, "jobs.html", code=exc.status, jobs=svc.list_jobs(None, None), status=None, message=None,
+                        refused=exc, strategies=_strategies())
+        message = f"submitted {len(done['job_ids'])} job(s) from {name}"
+        return RedirectResponse(f"/jobs?{_query(message)}", status_code=303)
 
     @api.get("/jobs/{job_id}", include_in_schema=False, response_class=HTMLResponse, dependencies=[Depends(web_auth)])
     def job_page(request: Request, job_id: str):
@@ -700,6 +720,12 @@ def create_app(settings=None, cfg: ApiConfig | None = None, token: str | None = 
                     curve=(svc.settings.runs_dir / name / "learning_curve.png").is_file())
 
     return BodyLimit(api, settings.api_max_request_bytes)
+
+
+def _strategies() -> list[str]:
+    from search import STRATEGIES
+
+    return list(STRATEGIES)
 
 
 def _query(message: str) -> str:

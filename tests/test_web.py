@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
 from tests.support import wait_for
-from tests.test_api import SEARCH, TOKEN, api_stack, write_run
+from tests.test_api import SEARCH, TOKEN, _counts, api_stack, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("ARBOR_SCREENSHOTS", ROOT / "docs" / "screenshots"))
@@ -118,9 +119,56 @@ def test_jobs_page_and_a_jobs_rounds(site, browser):
     rounds = _rows(browser, "rounds")
     assert [r[0] for r in rounds] == ["0", "1", "2"]  # an untrained policy never gets the answer: every round runs
     assert rounds[1][1].startswith("# attempt:") and rounds[1][1].endswith("12+34=")
-    assert [r[2] for r in rounds] == [r["best"]["completion"].strip() for r in job["refinement"]]
-    assert job["best"]["completion"].strip() in browser.find_element("id", "best").text
+    assert [" ".join(r[2].split()) for r in rounds] == [" ".join(r["best"]["completion"].split()) for r in job["refinement"]]
+    assert " ".join(job["best"]["completion"].split()) in " ".join(browser.find_element("id", "best").text.split())
     _shot(browser, "job")
+
+
+def _status_of(driver, problem_id: str) -> str | None:
+    for row in driver.find_elements("css selector", "table#jobs tbody tr"):
+        cells = row.find_elements("tag name", "td")
+        if cells[2].text == problem_id:
+            return cells[3].text
+    return None
+
+
+def test_submitting_from_the_jobs_page_and_following_it_live(site, browser, tmp_path):
+    store, url = site["store"], site["url"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n{"prompt": "2+2=", "checker": "eval"}\n')
+    before = _counts(store)
+    browser.get(f"{url}/jobs")
+    browser.find_element("id", "upload-file").send_keys(str(bad))
+    browser.find_element("id", "upload-submit").click()
+    wait_for(lambda: browser.find_elements("id", "refused"), 20, "the refusal")
+    refused = browser.find_element("id", "refused").text
+    assert "2 bad line(s) in bad.jsonl; nothing was submitted" in refused
+    assert "line 2: not valid JSON" in refused and "line 3: field 'checker' is 'eval'" in refused
+    assert _counts(store) == before  # nothing stored from a refused upload
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "9+9=", "answer": "81", "id": "web-live"}\n')
+    worker = site["procs"][1]
+    os.killpg(worker.proc.pid, signal.SIGSTOP)  # the job waits in the queue while the page is open
+    try:
+        browser.get(f"{url}/jobs")
+        browser.find_element("id", "upload-file").send_keys(str(good))
+        browser.find_element("id", "upload-submit").click()
+        wait_for(lambda: browser.find_elements("id", "message"), 20, "the submission's message")
+        assert browser.find_element("id", "message").text == "submitted 1 job(s) from good.jsonl"
+        assert _status_of(browser, "web-live") == "queued"
+        browser.execute_script("window.arborStayed = true")  # gone if the page reloads
+        wait_for(lambda: browser.find_element("id", "live").text == "live", 20, "the event stream to open")
+    finally:
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+    wait_for(lambda: _status_of(browser, "web-live") == "done", 120, "the row to turn done over server-sent events")
+    assert browser.execute_script("return window.arborStayed === true")  # updated in place, not reloaded
+    job = next(j for j in site["client"].get("/api/jobs").json() if j["problem_id"] == "web-live")
+    row = browser.find_element("css selector", f'tr[data-job="{job["job_id"]}"]')
+    wait_for(lambda: row.find_elements("tag name", "td")[7].text == "no", 20, "the row's verdict")
+    cells = [td.text for td in row.find_elements("tag name", "td")]
+    assert cells[4] == "1" and " ".join(cells[6].split()) == " ".join(job["best"]["completion"].split())
+    _shot(browser, "jobs-live")
 
 
 def test_a_jobs_search_tree(site, browser):
