@@ -6,15 +6,18 @@ Writes that a retried job may repeat are idempotent by key: problems by id, a jo
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, insert, select, update
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, exists, func,
+                        Index, insert, select, text, update)
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column, sessionmaker
 
 from tasks import Problem
+from tasks.base import MAX_ID_CHARS, MAX_TASK_CHARS
 
 
 def _now() -> dt.datetime:
@@ -27,11 +30,11 @@ class Base(DeclarativeBase):
 
 class ProblemRow(Base):
     __tablename__ = "problems"
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    id: Mapped[str] = mapped_column(String(MAX_ID_CHARS), primary_key=True)
     prompt: Mapped[str] = mapped_column(Text)
     answer: Mapped[str | None] = mapped_column(Text, nullable=True)
     checker: Mapped[str] = mapped_column(String(40), default="exact")
-    task: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    task: Mapped[str | None] = mapped_column(String(MAX_TASK_CHARS), nullable=True)
     split: Mapped[str] = mapped_column(String(20), default="train")
     difficulty: Mapped[int | None] = mapped_column(Integer, nullable=True)
     meta: Mapped[dict] = mapped_column(JSON, default=dict)
@@ -85,14 +88,35 @@ class TrajectoryRow(Base):
 
 class PolicyVersionRow(Base):
     __tablename__ = "policy_versions"
+    # at most one promoted version, whatever runs at once: a second promotion must demote the first to commit
+    __table_args__ = (Index("one_promoted_policy", "status", unique=True, sqlite_where=text("status = 'promoted'"),
+                            postgresql_where=text("status = 'promoted'")),)
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    status: Mapped[str] = mapped_column(String(20), default="candidate")  # candidate | promoted | rejected | retired
+    # saving (allocated, being written) | candidate | promoted | rejected | retired
+    status: Mapped[str] = mapped_column(String(20), default="candidate")
     trained_on: Mapped[dict] = mapped_column(JSON, default=dict)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     promoted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ProblemConflict(ValueError):
+    """A problem id that is already taken by a problem with different content."""
+
+
+def _insert(dialect: str):
+    """INSERT ... ON CONFLICT DO NOTHING for the store's two databases."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert
+
+
+def _differences(old: dict, new: dict) -> str:
+    return ", ".join(f"{k} {str(old[k])[:40]!r} vs {str(new[k])[:40]!r}" for k in new if old.get(k) != new[k])
 
 
 class Store:
@@ -106,6 +130,23 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._one_promoted()
+
+    def _one_promoted(self) -> None:
+        """The one-promoted constraint on a database created before it existed: the newest promotion stays."""
+        index = next(i for i in PolicyVersionRow.__table__.indexes if i.name == "one_promoted_policy")
+        with self.session() as s:
+            promoted = list(s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
+                                      .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())))
+            for row in promoted[1:]:
+                row.status = "retired"
+        try:
+            index.create(self.engine, checkfirst=True)
+        except IntegrityError:
+            pass  # another process created it (or demoted) at the same moment
+        except Exception as exc:  # "already exists" raced between the check and the create
+            if "already exists" not in str(exc):
+                raise
 
     @contextmanager
     def session(self):
@@ -114,19 +155,36 @@ class Store:
 
     # problems --------------------------------------------------------------------------------------
     def add_problems(self, problems: list[Problem]) -> list[str]:
-        """Insert problems, keeping existing rows with the same id (a resubmission changes nothing)."""
-        ids = []
+        """Insert problems; returns their ids (a problem without one gets `Problem.content_id()`).
+
+        An id already stored with the same content changes nothing (a resubmission); an id stored, or given twice
+        here, with different content raises ProblemConflict and adds nothing. Concurrent calls are safe: rows go in
+        with INSERT ... ON CONFLICT DO NOTHING and are compared with what the table holds afterwards."""
+        ids, batch = [], {}
+        for p in problems:
+            p.id = p.id or p.content_id()
+            if len(p.id) > MAX_ID_CHARS:
+                raise ProblemConflict(f"problem id {p.id[:40]!r}... has {len(p.id)} characters, over {MAX_ID_CHARS}")
+            ids.append(p.id)
+            if p.id in batch and batch[p.id].content() != p.content():
+                raise ProblemConflict(f"problem id {p.id!r} is given to two different problems "
+                                      f"({_differences(batch[p.id].content(), p.content())})")
+            batch[p.id] = p
+        conflicts = []
+        unique = list(batch.values())
         with self.session() as s:
-            existing = set(s.scalars(select(ProblemRow.id).where(ProblemRow.id.in_([p.id for p in problems if p.id]))))
-            for p in problems:
-                pid = p.id or f"p-{uuid.uuid4().hex[:12]}"
-                p.id = pid
-                ids.append(pid)
-                if pid in existing:
-                    continue
-                existing.add(pid)
-                s.add(ProblemRow(id=pid, prompt=p.prompt, answer=p.answer, checker=p.checker, task=p.task,
-                                 split=p.split, difficulty=p.difficulty, meta=p.meta))
+            dialect_insert = _insert(self.engine.dialect.name)
+            for at in range(0, len(unique), 500):  # bounded statements and IN lists
+                chunk = unique[at : at + 500]
+                rows = [dict(id=p.id, prompt=p.prompt, answer=p.answer, checker=p.checker, task=p.task, split=p.split,
+                             difficulty=p.difficulty, meta=p.meta or {}, created_at=_now()) for p in chunk]
+                s.execute(dialect_insert(ProblemRow).on_conflict_do_nothing(index_elements=["id"]), rows)
+                stored = {r.id: r.to_problem().content() for r in s.scalars(select(ProblemRow).where(ProblemRow.id.in_([p.id for p in chunk])))}
+                conflicts += [f"{p.id!r} ({_differences(stored[p.id], p.content())})" for p in chunk if stored[p.id] != p.content()]
+            if conflicts:  # raising rolls the whole call back: nothing of it is added
+                raise ProblemConflict(f"{len(conflicts)} problem id(s) already stored with different content: "
+                                      f"{'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}: give each "
+                                      "new problem its own id, or leave 'id' out (then it is derived from the content)")
         return ids
 
     def get_problem(self, problem_id: str) -> Problem | None:
@@ -173,6 +231,18 @@ class Store:
             ).rowcount
         return changed == 1
 
+    def running_jobs(self, kinds: tuple[str, ...] = ("solve", "refine")) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.status == "running", JobRow.kind.in_(kinds))))
+
+    def requeue_running(self, job_id: str, attempts: int) -> bool:
+        """Mark a running job queued again (its delivery died), only if no delivery started it since we looked:
+        a compare-and-swap on (status, attempts). Returns whether this call changed it."""
+        with self.session() as s:
+            changed = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running",
+                                                     JobRow.attempts == attempts).values(status="queued")).rowcount
+        return changed == 1
+
     def list_jobs(self, kind: str | None = None) -> list[JobRow]:
         with self.session() as s:
             q = select(JobRow).order_by(JobRow.created_at)
@@ -205,10 +275,26 @@ class Store:
         with self.session() as s:
             return [r.to_problem() for r in s.scalars(select(ProblemRow).where(ProblemRow.split == "heldout"))]
 
+    @staticmethod
+    def _untrained_best():
+        """What a train cycle consumes (agent/train_cycle.py): the best row of each worker result (a job's) that no
+        cycle has judged yet. The loop judges and marks its own results (cycle rows) itself."""
+        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False), TrajectoryRow.job_id.is_not(None))
+
     def count_untrained_best(self) -> int:
+        """Worker results no train cycle has judged yet (one COUNT)."""
         with self.session() as s:
-            q = select(TrajectoryRow.id).where(TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False))
-            return len(list(s.scalars(q)))
+            return s.scalar(select(func.count()).select_from(TrajectoryRow).where(*self._untrained_best()))
+
+    def count_trainable(self) -> int:
+        """Untrained worker results of tasks that have held-out problems: what the next train cycle can consume (a
+        result of a task without held-out problems waits, and must not start cycle after cycle). One COUNT."""
+        heldout = aliased(ProblemRow)
+        has_heldout = exists().where(heldout.split == "heldout", heldout.task.is_not_distinct_from(ProblemRow.task))
+        with self.session() as s:
+            return s.scalar(select(func.count()).select_from(TrajectoryRow)
+                            .join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
+                            .where(*self._untrained_best(), has_heldout))
 
     # policy versions -------------------------------------------------------------------------------
     def record_policy(self, version: str, path: str, parent: str | None, status: str, trained_on: dict, metrics: dict) -> None:
@@ -220,26 +306,65 @@ class Store:
             except IntegrityError:
                 raise ValueError(f"policy version {version} is already recorded") from None
 
-    def set_policy_status(self, version: str, status: str, metrics: dict | None = None) -> None:
-        """Set a version's status; promoting one retires the previously promoted version in the same transaction."""
+    def allocate_policy(self, path_of, parent: str | None, trained_on: dict, metrics: dict, floor: int = 0) -> str:
+        """Take the next free version number, v{max+1} (at least v{floor}), by inserting its row with status
+        `saving`: the primary key makes two writers take two numbers; on a conflict the next one is tried."""
+        for _ in range(100):
+            with self.session() as s:
+                numbers = [int(v[1:]) for v in s.scalars(select(PolicyVersionRow.version)) if v[:1] == "v" and v[1:].isdigit()]
+            version = f"v{max(max(numbers, default=-1) + 1, floor)}"
+            try:
+                with self.session() as s:
+                    s.add(PolicyVersionRow(version=version, path=path_of(version), parent=parent, status="saving",
+                                           trained_on=trained_on, metrics=metrics))
+                return version
+            except IntegrityError:
+                continue  # another writer took it a moment ago
+        raise RuntimeError("could not allocate a policy version number after 100 tries")
+
+    def finish_policy(self, version: str, status: str) -> None:
+        """A saved version's folder is complete: it leaves `saving` for its first status."""
         with self.session() as s:
-            row = s.get(PolicyVersionRow, version)
-            if row is None:
-                raise KeyError(f"no policy version {version!r}")
-            if status == "promoted":
-                s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted").values(status="retired"))
-                row.promoted_at = _now()
-            row.status = status
-            if metrics is not None:
-                row.metrics = {**(row.metrics or {}), **metrics}
+            s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version, PolicyVersionRow.status == "saving")
+                      .values(status=status))
+
+    def drop_unsaved_policy(self, version: str) -> None:
+        """Forget a version number whose save never completed (its folder never appeared)."""
+        with self.session() as s:
+            s.execute(PolicyVersionRow.__table__.delete().where(PolicyVersionRow.version == version,
+                                                                PolicyVersionRow.status == "saving"))
+
+    def set_policy_status(self, version: str, status: str, metrics: dict | None = None) -> None:
+        """Set a version's status; promoting one retires the previously promoted version in the same transaction.
+        Two promotions at once: the unique index makes the later one fail, and it runs again (demoting the first)."""
+        for attempt in range(20):
+            try:
+                with self.session() as s:
+                    row = s.get(PolicyVersionRow, version, with_for_update=True)
+                    if row is None:
+                        raise KeyError(f"no policy version {version!r}")
+                    if status == "promoted":
+                        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted",
+                                                                 PolicyVersionRow.version != version).values(status="retired"))
+                        s.flush()
+                        row.promoted_at = _now()
+                    row.status = status
+                    if metrics is not None:
+                        row.metrics = {**(row.metrics or {}), **metrics}
+                return
+            except IntegrityError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
 
     def policies(self) -> list[PolicyVersionRow]:
         with self.session() as s:
-            return list(s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.created_at)))
+            return list(s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.created_at, PolicyVersionRow.version)))
 
     def promoted_policy(self) -> PolicyVersionRow | None:
         with self.session() as s:
-            return s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")).first()
+            return s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
+                             .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())).first()
 
 
 def _sqlite_pragmas(dbapi_connection, _record):

@@ -61,7 +61,7 @@ def _new_results(store: Store) -> tuple[list, list[list[int]]]:
     from search import Candidate, SearchResult
 
     with store.session() as s:
-        fresh = sql_select(TrajectoryRow.problem_id).where(TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False))
+        fresh = sql_select(TrajectoryRow.problem_id).where(*Store._untrained_best())  # what count_untrained_best counts
         rows = list(s.scalars(sql_select(TrajectoryRow).where(TrajectoryRow.problem_id.in_(fresh)).order_by(TrajectoryRow.id)))
     groups: list[list[TrajectoryRow]] = []
     for row in rows:  # a result's rows were inserted together, its best first
@@ -70,7 +70,7 @@ def _new_results(store: Store) -> tuple[list, list[list[int]]]:
             groups.append([row])
         else:
             groups[-1].append(row)
-    groups = [g for g in groups if g[0].is_best and not g[0].trained_on]
+    groups = [g for g in groups if g[0].is_best and not g[0].trained_on and g[0].job_id is not None]
     problems = store.get_problems(sorted({g[0].problem_id for g in groups}))
     results, ids = [], []
     for g in groups:

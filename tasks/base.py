@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 SPLITS = ("train", "heldout")
+MAX_ID_CHARS = 200  # the store's problem id column
+MAX_TASK_CHARS = 80  # the store's task column
 
 
 @dataclass
@@ -19,6 +24,16 @@ class Problem:
     id: str = ""
     difficulty: int | None = None
     meta: dict = field(default_factory=dict)
+
+    def content(self) -> dict:
+        """Everything that makes the problem what it is (all but its id): two problems with one id must agree here."""
+        return {"prompt": self.prompt, "answer": self.answer, "checker": self.checker, "task": self.task,
+                "split": self.split, "difficulty": self.difficulty, "meta": self.meta or {}}
+
+    def content_id(self) -> str:
+        """A stable id from the content alone: the same problem gets the same id in any file, a different one another."""
+        blob = json.dumps(self.content(), sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+        return "p-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def _exact(completion: str, answer: str) -> bool:
@@ -35,9 +50,31 @@ def _numeric(completion: str, answer: str) -> bool:
         return False
 
 
+@lru_cache(maxsize=1024)
+def compile_regex(pattern: str):
+    """A regex answer compiled with RE2 (linear time: no pattern can backtrack forever); ValueError names what is wrong.
+
+    RE2 has no backreferences or lookarounds; '.' matches newlines too, as re.DOTALL."""
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False
+    options.dot_nl = True
+    options.max_mem = 8 << 20  # a pattern whose automaton needs more is refused, not built
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(f"is not a pattern RE2 accepts ({detail}; no backreferences or lookarounds)") from None
+
+
 def _regex(completion: str, answer: str) -> bool:
-    # the answer is a pattern the whole completion must match; matched, never executed
-    return re.fullmatch(answer, completion.strip(), flags=re.DOTALL) is not None
+    # the answer is a pattern the whole completion must match; matched by RE2 in linear time, never executed
+    try:
+        pattern = compile_regex(answer)
+    except ValueError:
+        return False  # validated when the problem was read; a stored bad pattern verifies nothing
+    return pattern.fullmatch(completion.strip()) is not None
 
 
 CHECKERS: dict[str, Callable[[str, str], bool]] = {"exact": _exact, "numeric": _numeric, "regex": _regex}

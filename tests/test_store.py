@@ -1,6 +1,6 @@
 import pytest
 
-from agent.store import Store
+from agent.store import ProblemConflict, Store
 from tasks import Problem
 
 
@@ -13,9 +13,37 @@ def store(request, tmp_path):
 
 def test_problems_are_kept_once(store):
     ids = store.add_problems([Problem("1+2=", "3", id="a"), Problem("2+2=", "4")])
-    again = store.add_problems([Problem("changed=", "9", id="a")])
-    assert again == ["a"] and store.get_problem("a").prompt == "1+2="
+    assert ids[1] == Problem("2+2=", "4").content_id()  # no id given: one derived from the content
+    again = store.add_problems([Problem("1+2=", "3", id="a"), Problem("2+2=", "4")])
+    assert again == ids and store.get_problem("a").prompt == "1+2="  # a resubmission changes nothing
     assert store.get_problem(ids[1]).answer == "4"
+
+
+def test_an_id_taken_by_different_content_is_refused_whole(store):
+    store.add_problems([Problem("1+2=", "3", id="a")])
+    with pytest.raises(ProblemConflict, match="'a'.*prompt '1\\+2=' vs 'changed='"):
+        store.add_problems([Problem("new=", "1", id="b"), Problem("changed=", "9", id="a")])
+    assert store.get_problem("a").prompt == "1+2=" and store.get_problem("b") is None  # nothing of the call added
+    with pytest.raises(ProblemConflict, match="two different problems"):
+        store.add_problems([Problem("x=", "1", id="c"), Problem("y=", "1", id="c")])
+    with pytest.raises(ProblemConflict, match="characters"):
+        store.add_problems([Problem("x=", "1", id="i" * 201)])
+
+
+def test_two_files_with_the_same_name_never_share_problems(store, tmp_path):
+    from agent.jobs import submit_jobs
+    from tasks.jsonl import read_problems
+
+    for folder, prompt in (("a", "1+1="), ("b", "7+7=")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "problems.jsonl").write_text(f'{{"prompt": "{prompt}"}}\n')
+    jobs = []
+    for folder in ("a", "b"):
+        problems, errors = read_problems(tmp_path / folder / "problems.jsonl")
+        assert not errors
+        jobs += submit_jobs(store, problems)
+    prompts = [store.get_problem(store.get_job(j).problem_id).prompt for j in jobs]
+    assert prompts == ["1+1=", "7+7="]  # b's job solves b's prompt
 
 
 def test_job_finishes_exactly_once(store):
@@ -43,3 +71,29 @@ def test_trajectories_and_policy_versions(store):
     statuses = {r.version: r.status for r in store.policies()}
     assert statuses == {"v0": "retired", "v1": "promoted"}
     assert store.promoted_policy().metrics == {"acc": 0.5}
+
+
+def _best(store, problem_id, job_id=None, cycle=None, trained_on=False):
+    store.add_trajectories([dict(problem_id=problem_id, job_id=job_id, cycle=cycle, completion="x", token_count=1,
+                                 mean_logprob=-1.0, min_logprob=-1.0, mean_entropy=0.1, score=-1.0, verified=False,
+                                 policy_version="v0", strategy="greedy", is_best=True, trained_on=trained_on)])
+
+
+def test_the_train_trigger_counts_what_a_train_cycle_consumes(store):
+    from sqlalchemy import event
+
+    store.add_problems([Problem("h=", "1", task="addition", split="heldout", id="h"), Problem("a=", "1", task="addition", id="a"),
+                        Problem("u=", "1", task=None, id="u")])
+    jobs = [store.create_job("solve", pid) for pid in ("a", "a", "u")]
+    _best(store, "a", job_id=jobs[0])
+    _best(store, "a", job_id=jobs[1])
+    _best(store, "u", job_id=jobs[2])  # a task with no held-out problems: a cycle cannot train on it (it waits)
+    _best(store, "a", cycle=3)  # the loop's own result, rejected by the loop's selection: judged already
+    statements = []
+    event.listen(store.engine, "before_cursor_execute", lambda c, cur, sql, *a: statements.append(sql))
+    assert store.count_untrained_best() == 3 and store.count_trainable() == 2
+    statements = [s for s in statements if "trajectories" in s]
+    assert len(statements) == 2 and all("count(" in s.lower() for s in statements)  # one COUNT each, no rows fetched
+    ids = [t.id for t in store.trajectories(best_only=True) if t.job_id in jobs[:2]]
+    store.mark_trained(ids)  # what a train cycle does with every result it judged, accepted or not
+    assert store.count_trainable() == 0 and store.count_untrained_best() == 1
