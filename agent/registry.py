@@ -1,24 +1,48 @@
 """Versioned policies: v0, v1, ... as complete save_pretrained folders with metadata.
 
-A version is a complete folder or does not exist: written to a temporary folder, fsynced, renamed, and
-only then recorded in the store. A crash anywhere before the rename leaves a `.tmp-*` folder that the
-next registry start removes; the promoted version is never touched.
+A version is a complete folder or does not exist. Its number is taken first, by inserting its row (status
+`saving`) into the store, so that two writers, in two processes or on two hosts, never take the same number.
+The files are written to a temporary folder that names its owner (host and pid), fsynced, renamed to `vN`, and
+only then does the row leave `saving`. At start, a registry tidies what crashed writers left:
+
+- a `.tmp-*` folder whose owner is dead (same host) or that is older than STALE_S: removed (a save in progress in
+  another process is left alone), with its `saving` row;
+- a `saving` row whose folder `vN` is complete: the crash fell between the rename and the record; adopted as a
+  candidate. A complete `vN` folder with no row at all is adopted too;
+- rejected versions beyond the newest RegistryConfig.keep_rejected lose their folders (their records stay).
+
+The promoted version is never touched.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.policy import Policy, PolicyLoadError, load_policy
 from agent.store import Store
 
+log = logging.getLogger("arbor.registry")
+
 META = "arbor_meta.json"
+OWNER = ".arbor_owner.json"  # in a temporary folder: who is writing it
+STALE_S = 3600.0  # a temporary folder this old is a crashed save, whoever wrote it
+
+
+@dataclass
+class RegistryConfig:
+    keep_rejected: int = field(default=3, metadata={
+        "help": "rejected versions whose folders are kept (the newest ones); older rejected folders are deleted, "
+                "their records kept"})
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -37,38 +61,108 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(tmp: Path) -> dict:
+    try:
+        return json.loads((tmp / OWNER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(tmp: Path) -> bool:
+    """A temporary folder no live save is writing: its owner died on this host, or it is older than STALE_S."""
+    try:
+        age = time.time() - tmp.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    owner = _owner(tmp)
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) and not _pid_alive(owner["pid"]):
+        return True
+    return age > STALE_S
+
+
 class PolicyRegistry:
-    def __init__(self, root: Path, store: Store):
+    def __init__(self, root: Path, store: Store, cfg: RegistryConfig | None = None):
         self.root = Path(root)
         self.store = store
+        self.cfg = cfg or RegistryConfig()
         self.root.mkdir(parents=True, exist_ok=True)
-        for leftover in self.root.glob(".tmp-*"):
-            shutil.rmtree(leftover, ignore_errors=True)  # an interrupted save: never recorded, never loaded
+        self.tidy()
 
-    def _next_version(self) -> str:
-        taken = {p.name for p in self.root.iterdir()} | {r.version for r in self.store.policies()}
-        numbers = [int(m.group(1)) for name in taken if (m := re.fullmatch(r"v(\d+)", name))]
-        return f"v{max(numbers, default=-1) + 1}"
+    # crash recovery ------------------------------------------------------------------------------------------
+    def tidy(self) -> None:
+        """Remove what crashed saves left, adopt complete folders that were never recorded (see the module doc)."""
+        in_progress, crashed = set(), set()
+        for tmp in self.root.glob(".tmp-*"):
+            version = _owner(tmp).get("version")
+            if _stale(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)  # an interrupted save: never recorded as done, never loaded
+                crashed.add(version)
+            elif version:
+                in_progress.add(version)
+        rows = {r.version: r for r in self.store.policies()}
+        for version, row in rows.items():
+            if row.status != "saving" or version in in_progress:
+                continue
+            if (self.root / version / META).is_file():
+                self.store.finish_policy(version, "candidate")  # renamed, then the process died: the folder is whole
+                log.warning("adopted policy %s: saved completely but never recorded (a crash after the rename)", version)
+            elif not (self.root / version).exists() and (version in crashed or time.time() - _created(row) > STALE_S):
+                self.store.drop_unsaved_policy(version)  # its writer is gone (its temp folder was removed): number free
+        for folder in self.root.iterdir():
+            if re.fullmatch(r"v\d+", folder.name) and folder.name not in rows and (folder / META).is_file():
+                try:
+                    meta = json.loads((folder / META).read_text())
+                    self.store.record_policy(folder.name, str(folder.resolve()), meta.get("parent"), "candidate",
+                                             meta.get("trained_on") or {}, meta.get("metrics") or {})
+                    log.warning("adopted policy folder %s that had no record", folder.name)
+                except (ValueError, OSError):
+                    pass  # recorded by another process a moment ago, or unreadable: left as it is
 
     def save(self, model, tokenizer, parent: str | None, trained_on: dict, metrics: dict | None = None,
              status: str = "candidate", draft_source=None) -> str:
         """Write a new version atomically and record it; returns its name. `draft_source` (a RecyclingMemory)
         is saved beside the weights, so a worker that loads the version starts with a warm matrix."""
-        version = self._next_version()
-        tmp = self.root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if draft_source is not None:
-            draft_source.save(tmp)
-        meta = {"version": version, "parent": parent, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
-                "trained_on": trained_on, "metrics": metrics or {}}
-        (tmp / META).write_text(json.dumps(meta, indent=2))
-        _fsync_tree(tmp)
-        final = self.root / version
-        os.rename(tmp, final)
-        _fsync_dir(self.root)
-        self.store.record_policy(version, str(final.resolve()), parent, status, trained_on, metrics or {})
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": None}
+        (tmp / OWNER).write_text(json.dumps(owner))
+        version = None
+        try:
+            floor = 1 + max((int(p.name[1:]) for p in self.root.iterdir() if re.fullmatch(r"v\d+", p.name)), default=-1)
+            version = self.store.allocate_policy(lambda v: str((self.root / v).resolve()), parent, trained_on,
+                                                 metrics or {}, floor=floor)
+            (tmp / OWNER).write_text(json.dumps({**owner, "version": version}))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if draft_source is not None:
+                draft_source.save(tmp)
+            meta = {"version": version, "parent": parent, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+                    "trained_on": trained_on, "metrics": metrics or {}}
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+            _fsync_tree(tmp)
+            final = self.root / version
+            os.rename(tmp, final)
+            _fsync_dir(self.root)
+            (final / OWNER).unlink(missing_ok=True)  # the folder is complete: nobody owns it any more
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if version is not None:
+                try:
+                    self.store.drop_unsaved_policy(version)
+                except Exception:
+                    log.exception("could not drop the record of unsaved policy %s", version)
+            raise
+        self.store.finish_policy(version, status)
         return version
 
     def add_external(self, path: str | Path, promote: bool = True) -> str:
@@ -84,6 +178,18 @@ class PolicyRegistry:
 
     def reject(self, version: str, metrics: dict) -> None:
         self.store.set_policy_status(version, "rejected", metrics)
+        self.prune_rejected()
+
+    def prune_rejected(self) -> list[str]:
+        """Delete the folders of rejected versions beyond the newest cfg.keep_rejected; their records stay (with
+        `files_deleted` in their metrics). Returns the versions whose folders were deleted."""
+        rejected = [r for r in self.store.policies() if r.status == "rejected" and not (r.metrics or {}).get("files_deleted")]
+        rejected.sort(key=lambda r: (_created(r), _number(r.version)))
+        old = rejected[: max(0, len(rejected) - self.cfg.keep_rejected)]
+        for row in old:
+            shutil.rmtree(row.path, ignore_errors=True)
+            self.store.set_policy_status(row.version, "rejected", {"files_deleted": dt.datetime.now(dt.timezone.utc).isoformat()})
+        return [r.version for r in old]
 
     def promoted(self) -> tuple[str, str] | None:
         row = self.store.promoted_policy()
@@ -99,4 +205,19 @@ class PolicyRegistry:
             version = current[0]
         if version not in rows:
             raise PolicyLoadError(f"unknown policy version {version!r}: see `arbor policies`")
+        if rows[version].status == "saving":
+            raise PolicyLoadError(f"policy version {version!r} is still being saved")
         return Policy.load(rows[version].path, version=version, device=device, dtype=dtype)
+
+
+def _created(row) -> float:
+    at = row.created_at
+    if at is None:
+        return 0.0
+    if at.tzinfo is None:  # SQLite returns naive datetimes (stored in UTC)
+        at = at.replace(tzinfo=dt.timezone.utc)
+    return at.timestamp()
+
+
+def _number(version: str) -> int:
+    return int(version[1:]) if re.fullmatch(r"v\d+", version) else -1
