@@ -53,10 +53,32 @@ class SearchConfig:
                 "sized to the device, and drafting switches itself off at batch sizes where it measured no gain)"})
 
     def __post_init__(self):
+        import math
         from typing import get_args
 
         if self.strategy not in get_args(Strategy):
             raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(get_args(Strategy))}")
+        # sizes are bounded so that no configuration (a job's JSON included) can ask for unbounded work or memory
+        limits = {"n": 4096, "max_new_tokens": 32768, "max_rows": 65536, "beams": 256, "children": 256,
+                  "simulations": 10000, "max_step_tokens": 1024, "groups": 256}
+        for name, high in limits.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number (got {value!r})")
+            if value > high:
+                raise ValueError(f"{name} must be at most {high} (got {name}={value})")
+        for name in ("temperature", "length_penalty", "diversity_penalty", "c_puct"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > 1e6:
+                raise ValueError(f"{name} must be a finite number of magnitude at most 1e6 (got {value!r})")
+        if self.temperature > 100:
+            raise ValueError(f"temperature must be at most 100 (got {self.temperature})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (got {self.seed!r})")
+        if not isinstance(self.step_delimiter, str) or len(self.step_delimiter) > 64:
+            raise ValueError("step_delimiter must be a string of at most 64 characters")
+        if self.c_puct < 0:
+            raise ValueError(f"c_puct must be >= 0 (got {self.c_puct})")
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (got n={self.n})")
         if self.temperature < 0:

@@ -238,3 +238,70 @@ def test_never_two_train_cycles_at_once(home, store_registry, monkeypatch):
         assert run_train_cycle(settings, store, registry, job_id="cycle-2", worker="t") == out  # redelivered: same
     finally:
         running.release()
+
+
+def test_search_sizes_are_bounded():
+    for bad in ({"max_new_tokens": 10**9}, {"n": 10**6}, {"simulations": 10**7}, {"max_rows": 10**8},
+                {"temperature": float("nan")}, {"seed": -1}, {"n": True}, {"beams": 10**4, "groups": 1}):
+        with pytest.raises(ValueError):
+            SearchConfig(**bad)
+    SearchConfig(max_new_tokens=32768, n=4096)  # the bounds themselves are allowed
+
+
+def test_a_job_longer_than_the_models_context_fails_with_a_clear_error(store_registry):
+    from agent.jobs import run_job, submit_jobs
+    from workers.cache import PolicyCache
+
+    store, registry = store_registry
+    cache = PolicyCache(registry)
+    context = cache.get().model.config.max_position_embeddings
+    (job,) = submit_jobs(store, [Problem("1+2=", "30", id="ctx1")], search={"max_new_tokens": context})
+    out = run_job(store, job, cache.get, "t")
+    assert out["status"] == "failed" and "exceeds the model's context" in out["error"] and str(context) in out["error"]
+
+
+def test_a_search_that_runs_out_of_device_memory_is_retried(store_registry, monkeypatch):
+    import torch
+
+    from agent.jobs import run_job, submit_jobs
+    from workers.cache import PolicyCache
+    import agent.refine
+
+    store, registry = store_registry
+    real, calls = agent.refine.refine, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("agent.refine.refine", flaky)
+    monkeypatch.setattr("agent.jobs.wait_exponential", lambda **k: (lambda state: 0))
+    (job,) = submit_jobs(store, [Problem("4+4=", "80", id="oom1")], search={"max_new_tokens": 4})
+    out = run_job(store, job, PolicyCache(registry).get, "t")
+    assert out["status"] == "done" and len(calls) == 2
+
+
+def test_a_promoted_version_that_fails_to_load_is_not_swapped_in(store_registry, caplog):
+    import shutil
+
+    from agent.policy import build_builtin_policy
+    from workers.cache import PolicyCache
+
+    store, registry = store_registry
+    cache = PolicyCache(registry)
+    assert cache.get().version == "v0"
+    model, tok = build_builtin_policy()
+    broken = registry.save(model, tok, parent="v0", trained_on={})
+    (registry.root / broken / "model.safetensors").write_bytes(b"not weights")
+    registry.promote(broken, {})
+    try:
+        with caplog.at_level("ERROR", logger="arbor.workers"):
+            assert cache.get().version == "v0"  # the held version stays: no half-swapped cache
+        assert f"promoted policy {broken} failed to load" in caplog.text
+        fresh = PolicyCache(registry)  # a worker that holds nothing yet: the previously promoted version
+        assert fresh.get().version == "v0"
+    finally:
+        registry.promote("v0", {})
+        shutil.rmtree(registry.root / broken, ignore_errors=True)

@@ -9,8 +9,17 @@ and each pool child loads the promoted policy in `worker_process_init` (workers/
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import beat_init
 
 from workers.config import QueueConfig, celery_settings
 
 app = Celery("arbor", include=["workers.tasks"])
 app.conf.update(celery_settings(QueueConfig()))
+
+
+@beat_init.connect
+def _recover_in_beat(sender=None, **_):
+    # the beat (exactly one per deployment) also sends again the jobs of workers that died (workers/recovery.py)
+    from workers.recovery import start_in_beat
+
+    start_in_beat(app, QueueConfig(broker_url=app.conf.broker_url))

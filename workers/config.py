@@ -27,14 +27,22 @@ class QueueConfig:
     max_deliveries: int = _setting("max_deliveries")
     train_every_s: int = _setting("train_every_s")
     train_threshold: int = _setting("train_threshold")
+    recover_every_s: int = field(default=30, metadata={
+        "help": "seconds between the beat's scans for running jobs whose worker died (no live lease); such a job is "
+                "sent again after two scans without a lease (0 turns it off: it waits out the visibility timeout)"})
+    wait_timeout_s: float = field(default=3600.0, metadata={
+        "help": "seconds `arbor submit --wait` waits for its jobs before giving up (0: no limit)"})
 
     def __post_init__(self):
         for f in fields(self):
-            Settings.check(f.name, getattr(self, f.name))  # e.g. "ARBOR_VISIBILITY_TIMEOUT must be at least 2 s"
+            if f.name in Settings.__dataclass_fields__:
+                Settings.check(f.name, getattr(self, f.name))  # e.g. "ARBOR_VISIBILITY_TIMEOUT must be at least 2 s"
+        if self.recover_every_s < 0 or self.wait_timeout_s < 0:
+            raise ValueError("recover_every_s and wait_timeout_s must be at least 0")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "QueueConfig":
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls) if f.name in Settings.__dataclass_fields__})
 
     @property
     def hard_time_limit(self) -> int:

@@ -49,13 +49,20 @@ def _load_policy_once(**_):
         ctx["cache"].get()
 
 
+def _backoff(task: Task, base: int) -> int:
+    return min(300, max(1, base) * 2 ** min(task.request.retries or 0, 8))
+
+
 def _run(task: Task, job_id: str) -> dict:
-    from agent.jobs import LeaseBusy, run_job
+    import redis
+
+    from agent.jobs import LeaseBusy, ResultNotRecorded, run_job, store_unreachable
     from workers.lease import RedisLease
+    from workers.recovery import lease_key
 
     ctx = _context()
     cfg = ctx["cfg"]
-    lease = RedisLease(ctx["redis"], f"arbor:lease:{job_id}", cfg.lease_ttl) if ctx["redis"] else None
+    lease = RedisLease(ctx["redis"], lease_key(job_id), cfg.lease_ttl) if ctx["redis"] else None
 
     def progress(r, result):
         task.update_state(state="PROGRESS", meta={"job_id": job_id, "round": r + 1, "verified": result.best.verified})
@@ -67,6 +74,13 @@ def _run(task: Task, job_id: str) -> dict:
         # a second delivery while the first still runs: come back later; by then the job is finished (nothing to
         # do) or its holder died and the lease expired (take over)
         raise task.retry(exc=exc, countdown=max(1, cfg.lease_ttl // 3))
+    except (ResultNotRecorded, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        # the store or the broker stayed unreachable: this delivery must not end the job; it runs again later
+        raise task.retry(exc=exc, countdown=_backoff(task, 5))
+    except Exception as exc:
+        if store_unreachable(exc):
+            raise task.retry(exc=exc, countdown=_backoff(task, 5))
+        raise
     _maybe_start_training(ctx)
     return out
 
@@ -75,7 +89,7 @@ def _maybe_start_training(ctx: dict) -> None:
     cfg = ctx["cfg"]
     if cfg.train_threshold <= 0 or ctx["redis"] is None:
         return
-    if ctx["store"].count_untrained_best() < cfg.train_threshold:
+    if ctx["store"].count_trainable() < cfg.train_threshold:  # what a cycle would consume, so it resets
         return
     # one pending cycle at a time: the train cycle clears the flag when it starts
     if ctx["redis"].set("arbor:train-pending", ctx["worker"], nx=True, ex=cfg.visibility_timeout):

@@ -7,7 +7,8 @@
     arbor train                                          # one train cycle (queued when a broker is configured)
     arbor policies [--json]
     arbor policies add ./my-model                        # a local transformers folder becomes the promoted version
-    arbor requeue                                        # send jobs still marked queued to the broker again
+    arbor requeue                                        # send again jobs still queued, and running jobs whose
+                                                         # worker died (no live lease)
 
 With ARBOR_BROKER_URL set, jobs go to Redis and `arbor worker` processes run them; without it, `submit` runs
 them in this process.
@@ -107,7 +108,7 @@ def _wait(store, job_ids: list[str], timeout: float | None) -> None:
             done = {j for j in pending if store.get_job(j).status in ("done", "failed")}
             pending -= done
             bar.update(task, completed=len(job_ids) - len(pending))
-            if pending and timeout is not None and time.monotonic() - start > timeout:
+            if pending and timeout and time.monotonic() - start > timeout:
                 _fail(f"{len(pending)} jobs still unfinished after {timeout:.0f} s: see `arbor status` (are workers running?)")
             if pending:
                 time.sleep(0.2)
@@ -118,7 +119,13 @@ def _wait(store, job_ids: list[str], timeout: float | None) -> None:
 
 @app.command()
 def requeue():
-    """Send every job the store still marks queued to the broker again (after a broker outage)."""
+    """Send again every job the store still marks queued (after a broker outage), and every running job whose lease
+    expired (its worker died)."""
+    import redis
+
+    from workers.app import app as celery_app
+    from workers.recovery import recover, send
+
     settings = _settings()
     if not settings.broker_url:
         _fail("no broker configured (ARBOR_BROKER_URL): there is no queue to send to")
@@ -126,7 +133,9 @@ def requeue():
     store = _store(settings)
     jobs = [j for j in store.list_jobs() if j.status == "queued" and j.kind in ("solve", "refine")]
     _enqueue([j.id for j in jobs], [j.kind for j in jobs])
-    typer.echo(f"requeued {len(jobs)} job(s)")
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=3, socket_timeout=10)
+    stranded = recover(store, client, lambda job_id, kind: send(celery_app, job_id, kind), grace_s=0)
+    typer.echo(f"requeued {len(jobs)} queued job(s) and {len(stranded)} running job(s) whose worker died")
 
 
 @app.command()

@@ -22,6 +22,7 @@ from arbor.commands.jobs import _check_broker, _enqueue, _fail, _run_in_process,
 from arbor.commands.search import CLI_SEARCH
 from arbor.options import option
 from search import SearchConfig
+from workers.config import QueueConfig
 
 JOB_SEARCH = CLI_SEARCH  # a job's search unless the file or a flag says otherwise
 
@@ -73,7 +74,7 @@ def submit(
     file: Path = typer.Argument(..., help="problems, one JSON object a line"),
     refine: int = typer.Option(1, help="refinement rounds (1: search once)"),
     wait: bool = typer.Option(False, "--wait", help="return once every job is finished"),
-    timeout: float = typer.Option(None, help="with --wait: give up after this many seconds"),
+    timeout: float = option(QueueConfig, "wait_timeout_s", "--timeout"),
     search_config: Optional[Path] = typer.Option(
         None, "--search-config", help="a JSON object of search settings (SearchConfig fields); flags override it"),
     strategy: Optional[str] = option(JOB_SEARCH, "strategy", unset=True),
