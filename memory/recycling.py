@@ -68,8 +68,10 @@ class DraftTree:
 class RecyclingMemory:
     """The recycling matrix and its draft tree; a Decoder `DraftSource`."""
 
-    def __init__(self, vocab_size: int, k: int = 8, tree: list[tuple[int, ...]] | None = None, device="cpu"):
+    def __init__(self, vocab_size: int, k: int = 8, tree: list[tuple[int, ...]] | None = None, device="cpu",
+                 size_to_device: bool = True):
         self.k = k
+        self.size_to_device = size_to_device  # False keeps `tree` as given (the paper's template, for comparison)
         self.adj = torch.zeros(vocab_size, k, dtype=torch.int32, device=device)  # unwritten rows draft token 0
         self.set_tree(tree if tree is not None else PAPER_TREE)
         self.accept_counts = torch.zeros(len(PAPER_TREE) + 1)  # per template node: times on the accepted path
@@ -78,21 +80,33 @@ class RecyclingMemory:
 
     # verify steps run with the whole template before the tree is sized: the rates need samples
     WARMUP_STEPS = 64
+    # warm-up drafting runs at batches up to this size, or wherever a whole-template step costs at most
+    # WARMUP_MAX_COST one-token steps (a large GPU); elsewhere a cold memory does not draft
+    WARMUP_MAX_BATCH = 8
+    WARMUP_MAX_COST = 1.5
 
     def ready(self, decoder, batch: int, context: int) -> bool:
-        """Whether drafting pays at this batch size, with the tree sized for it. Until WARMUP_STEPS verify steps
-        have been counted the whole template drafts; then, per power-of-two bucket of batch and context, the
-        tree that maximises expected tokens per unit of measured forward cost is used, or none when its
-        expected speedup over one-token steps is not above 1 (large CPU batches are already compute-bound)."""
-        if self.steps < self.WARMUP_STEPS:
-            if len(self.tree) != len(PAPER_TREE) + 1:
-                self.set_tree(PAPER_TREE)
+        """Whether drafting pays at this batch size, with the tree sized for it.
+
+        Warm-up: until WARMUP_STEPS verify steps have been counted, the whole template drafts where warm-up is
+        cheap (see WARMUP_MAX_BATCH, WARMUP_MAX_COST), and nothing drafts elsewhere. Then, per power-of-two
+        bucket of batch and context, the tree that maximises expected tokens per unit of measured forward cost
+        is used, or none when its expected speedup over one-token steps is not above 1 (a large batch on a CPU
+        is already compute-bound)."""
+        if not self.size_to_device:
             return True
         key = (_bucket(batch), _bucket(context))
+        if self.steps < self.WARMUP_STEPS:
+            cheap = batch <= self.WARMUP_MAX_BATCH
+            if not cheap:
+                whole = len(PAPER_TREE) + 1
+                costs = TreeSizer.forward_costs(_plain(decoder), batch=key[0], context=key[1], sizes=(1, whole))
+                cheap = whole in costs and costs[whole] <= self.WARMUP_MAX_COST * costs[1]
+            if cheap and len(self.tree) != len(PAPER_TREE) + 1:
+                self.set_tree(PAPER_TREE)
+            return cheap
         if key not in self._sized:
-            from search.decoder import Decoder  # a plain decoder: calibration forwards must not be recycled
-
-            costs = TreeSizer.forward_costs(Decoder(decoder.model, decoder.tokenizer), batch=key[0], context=key[1],
+            costs = TreeSizer.forward_costs(_plain(decoder), batch=key[0], context=key[1],
                                             stop_above=1.0 + sum(self.acceptance_rates().values()))
             tree, gain = TreeSizer.choose(self.acceptance_rates(), costs)
             self._sized[key] = tree if gain > 1.0 else None
@@ -129,6 +143,18 @@ class RecyclingMemory:
         rejected drafts included; with repeated tokens the last write wins)."""
         top = logits.topk(self.k, dim=-1).indices.to(device=self.adj.device, dtype=torch.int32)
         self.adj[input_ids.reshape(-1).to(self.adj.device)] = top.reshape(-1, self.k)
+
+    def copy(self, size_to_device: bool | None = None) -> "RecyclingMemory":
+        """An independent copy: matrix, tree and acceptance statistics (sized trees are chosen afresh)."""
+        other = RecyclingMemory(self.adj.shape[0], self.k, tree=self.tree.paths[1:], device=self.adj.device,
+                                size_to_device=self.size_to_device if size_to_device is None else size_to_device)
+        other.adj.copy_(self.adj)
+        other.accept_counts, other.steps = self.accept_counts.clone(), self.steps
+        return other
+
+    def sized_trees(self) -> dict[str, int]:
+        """Draft nodes chosen per (batch, context) bucket so far; 0 where drafting was switched off."""
+        return {f"batch {b}, context {c}": (len(t) if t else 0) for (b, c), t in self._sized.items()}
 
     def accepted(self, best_nodes: torch.Tensor) -> None:
         """Count, per template node, how often it lay on a row's accepted path (the tree sizer's statistics)."""
@@ -176,37 +202,38 @@ class TreeSizer:
     tokens per unit of forward cost, from measured forward costs and running acceptance rates."""
 
     SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81)  # tree inputs (root included) at which cost is measured
-    _costs: dict[tuple, dict[int, float]] = {}  # (device, model, batch, context) -> inputs -> seconds; per process
+    _costs: dict[tuple, dict] = {}  # (device, model, batch, context) -> inputs -> seconds; per process
 
     @classmethod
     @torch.inference_mode()
     def forward_costs(cls, decoder, batch: int = 1, context: int = 128, repeats: int = 5,
-                      stop_above: float = float("inf")) -> dict[int, float]:
+                      stop_above: float = float("inf"), sizes: tuple[int, ...] | None = None) -> dict[int, float]:
         """Median seconds of one tree step with n inputs after `context` cached tokens, for n in SIZES (cached per
         device, model, batch and context; well under a second for tiny models). Sizes stop once a step costs
         more than `stop_above` one-token steps: no tree that large can pay."""
-        model = decoder.model
-        key = (str(decoder.device), model.config.to_json_string(), batch, context)
-        if key not in cls._costs:
+        sizes = sizes or cls.SIZES
+        key = (str(decoder.device), decoder.model.config.to_json_string(), batch, context)
+        entry = cls._costs.setdefault(key, {})  # inputs -> seconds, and "stopped" once a size could not pay
+        todo = [n for n in sizes if n not in entry]
+        if todo and not entry.get("stopped"):
             ids = torch.full((batch, context), decoder.eos, dtype=torch.long, device=decoder.device)
             mask = torch.ones_like(ids)
             cache, _ = decoder.prefill(ids, mask)  # one prefill; every timed step is cropped off again
-            costs = {}
-            for n in cls.SIZES:
+            for n in todo:
                 tree = torch.full((batch, n), decoder.eos, dtype=torch.long, device=decoder.device)
                 times = []
-                for _ in range(repeats):
+                for _ in range(repeats if batch * n <= 4096 else 2):  # large steps: two timings suffice
                     _sync(decoder.device)
                     t = time.perf_counter()
                     decoder.tree_step(ids, mask, cache, tree, [-1] + [0] * (n - 1))
                     _sync(decoder.device)
                     times.append(time.perf_counter() - t)
                     decoder.crop(cache, context)
-                costs[n] = sorted(times)[len(times) // 2]
-                if costs[n] / costs[1] > stop_above:
+                entry[n] = sorted(times)[len(times) // 2]
+                if 1 in entry and entry[n] / entry[1] > stop_above:
+                    entry["stopped"] = True
                     break
-            cls._costs[key] = costs
-        return cls._costs[key]
+        return {n: c for n, c in entry.items() if n != "stopped"}
 
     @staticmethod
     def choose(rates: dict[tuple[int, ...], float], costs: dict[int, float]) -> tuple[list[tuple[int, ...]], float]:
@@ -239,6 +266,13 @@ def _interpolate(costs: dict[int, float], n: int) -> float:
     if hi == lo:
         return costs[lo]
     return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
+
+
+def _plain(decoder):
+    """A decoder without a draft source: calibration forwards must not be recycled into the matrix."""
+    from search.decoder import Decoder
+
+    return Decoder(decoder.model, decoder.tokenizer)
 
 
 def _bucket(n: int) -> int:
