@@ -37,6 +37,11 @@ PAPER_TREE: list[tuple[int, ...]] = (
 )
 
 
+# What the sizer chooses from: the paper's template grown by a deeper greedy chain (column 0 down to depth 16),
+# for outputs that copy long spans (code); the sizer keeps only the nodes that pay on the device.
+CANDIDATE_TREE: list[tuple[int, ...]] = PAPER_TREE + [(0,) * d for d in range(7, 17)]
+
+
 class DraftTree:
     """A tree shape in breadth-first order: node 0 is the root (the last accepted token), node i > 0 the path of
     adj columns `paths[i]`. Prefix-closed: every node's parent is in the tree."""
@@ -57,9 +62,17 @@ class DraftTree:
             nodes = [i for i, dd in enumerate(self.depths) if dd == d]
             self.levels.append((torch.tensor(nodes), torch.tensor([self.parents[i] for i in nodes]),
                                 torch.tensor([self.columns[i] for i in nodes])))
+        self._levels_on: dict[str, list] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def levels_on(self, device) -> list:
+        """The per-depth index tensors on `device`, moved once rather than at every draft."""
+        key = str(device)
+        if key not in self._levels_on:
+            self._levels_on[key] = [tuple(t.to(device) for t in level) for level in self.levels]
+        return self._levels_on[key]
 
     def max_column(self) -> int:
         return max(self.columns)
@@ -73,8 +86,8 @@ class RecyclingMemory:
         self.k = k
         self.size_to_device = size_to_device  # False keeps `tree` as given (the paper's template, for comparison)
         self.adj = torch.zeros(vocab_size, k, dtype=torch.int32, device=device)  # unwritten rows draft token 0
-        self.set_tree(tree if tree is not None else PAPER_TREE)
-        self.accept_counts = torch.zeros(len(PAPER_TREE) + 1)  # per template node: times on the accepted path
+        self.set_tree(tree if tree is not None else CANDIDATE_TREE)
+        self.accept_counts = torch.zeros(len(CANDIDATE_TREE) + 1)  # per candidate node: times on the accepted path
         self.steps = 0
         self._sized: dict[tuple[int, int], list[tuple[int, ...]] | None] = {}  # (batch, context) buckets -> tree
 
@@ -99,11 +112,11 @@ class RecyclingMemory:
         if self.steps < self.WARMUP_STEPS:
             cheap = batch <= self.WARMUP_MAX_BATCH
             if not cheap:
-                whole = len(PAPER_TREE) + 1
+                whole = len(CANDIDATE_TREE) + 1
                 costs = TreeSizer.forward_costs(_plain(decoder), batch=key[0], context=key[1], sizes=(1, whole))
                 cheap = whole in costs and costs[whole] <= self.WARMUP_MAX_COST * costs[1]
-            if cheap and len(self.tree) != len(PAPER_TREE) + 1:
-                self.set_tree(PAPER_TREE)
+            if cheap and len(self.tree) != len(CANDIDATE_TREE) + 1:
+                self.set_tree(CANDIDATE_TREE)
             return cheap
         if key not in self._sized:
             costs = TreeSizer.forward_costs(_plain(decoder), batch=key[0], context=key[1],
@@ -122,7 +135,7 @@ class RecyclingMemory:
         if tree.max_column() >= self.k:
             raise ValueError(f"the tree uses adj column {tree.max_column()} but the memory keeps k={self.k} successors")
         self.tree = tree
-        self._template_index = [PAPER_TREE_INDEX.get(p) for p in tree.paths]  # for acceptance statistics
+        self._template_index = [CANDIDATE_INDEX.get(p) for p in tree.paths]  # for acceptance statistics
 
     @property
     def nbytes(self) -> int:
@@ -132,10 +145,8 @@ class RecyclingMemory:
         """Draft trees [B, n] rooted at each row's last accepted token; one gather per depth."""
         tokens = torch.empty(last_tokens.shape[0], len(self.tree), dtype=torch.long, device=last_tokens.device)
         tokens[:, 0] = last_tokens
-        adj = self.adj
-        for nodes, parents, columns in self.tree.levels:
-            parents, columns = parents.to(adj.device), columns.to(adj.device)
-            tokens[:, nodes.to(tokens.device)] = adj[tokens[:, parents.to(tokens.device)].to(adj.device), columns].to(tokens.device).long()
+        for nodes, parents, columns in self.tree.levels_on(tokens.device):
+            tokens[:, nodes] = self.adj[tokens[:, parents], columns].long()
         return tokens, self.tree.parents
 
     def observe(self, input_ids: torch.Tensor, logits: torch.Tensor) -> None:
@@ -168,9 +179,9 @@ class RecyclingMemory:
         self.steps += len(best_nodes)
 
     def acceptance_rates(self) -> dict[tuple[int, ...], float]:
-        """Per template path: the share of verify steps in which it was on the accepted path."""
+        """Per candidate path: the share of verify steps in which it was on the accepted path."""
         total = max(1.0, float(self.accept_counts[0]))
-        return {p: float(self.accept_counts[i + 1]) / total for i, p in enumerate(PAPER_TREE)}
+        return {p: float(self.accept_counts[i + 1]) / total for i, p in enumerate(CANDIDATE_TREE)}
 
     # ----- persistence: beside each policy version -----
 
@@ -190,18 +201,19 @@ class RecyclingMemory:
             return cls(vocab_size, device=device)
         memory = cls(vocab_size, k=state["k"], tree=[tuple(p) for p in state["tree"]], device=device)
         memory.adj.copy_(state["adj"].to(device))
-        memory.accept_counts = state["accept_counts"]
+        counts = state["accept_counts"]
+        memory.accept_counts[: len(counts)] = counts[: len(memory.accept_counts)]
         return memory
 
 
-PAPER_TREE_INDEX = {p: i for i, p in enumerate(PAPER_TREE)}
+CANDIDATE_INDEX = {p: i for i, p in enumerate(CANDIDATE_TREE)}
 
 
 class TreeSizer:
     """Chooses the draft tree for a device: the template pruned to the size that maximises expected accepted
     tokens per unit of forward cost, from measured forward costs and running acceptance rates."""
 
-    SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81)  # tree inputs (root included) at which cost is measured
+    SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 81, 91)  # tree inputs (root included) at which cost is measured
     _costs: dict[tuple, dict] = {}  # (device, model, batch, context) -> inputs -> seconds; per process
 
     @classmethod
@@ -240,7 +252,7 @@ class TreeSizer:
         """The prefix-closed subset of the template with the best expected tokens per second, and that speed
         relative to one-token greedy steps (<= 1: drafting does not pay here). Expected tokens of a verify step
         = 1 (the bonus token) + the summed acceptance rates of its draft nodes."""
-        order = sorted(PAPER_TREE, key=lambda p: (-rates.get(p, 0.0), len(p), PAPER_TREE_INDEX[p]))
+        order = sorted(CANDIDATE_TREE, key=lambda p: (-rates.get(p, 0.0), len(p), CANDIDATE_INDEX[p]))
         chosen, best, best_gain = [], [], 0.0
         base = costs[1]
         for p in order:
