@@ -130,6 +130,18 @@ class RecyclingMemory:
             self.set_tree(tree)
         return True
 
+    def finished(self, decoder, batch: int, context: int, seconds: float, tokens: int) -> None:
+        """The measured check of the sizer's choice: when a drafted decode emitted tokens more slowly than
+        one-token steps would have (their measured cost over the batch), drafting goes off for that bucket. The
+        forward-cost model leaves out the loop's own work (compaction, masked holes, bookkeeping), which
+        decides the matter at CPU batch sizes where a verify step costs almost as much as the tokens it checks."""
+        key = (_bucket(batch), _bucket(context))
+        if not self._sized.get(key) or tokens == 0:
+            return
+        one_token_step = TreeSizer.forward_costs(_plain(decoder), batch=key[0], context=key[1], sizes=(1,))[1]
+        if seconds / tokens > one_token_step / batch:
+            self._sized[key] = None
+
     def set_tree(self, paths: list[tuple[int, ...]]) -> None:
         tree = DraftTree(paths)
         if tree.max_column() >= self.k:

@@ -21,6 +21,7 @@ KV cache), and `draft_source` proposes tokens that `tree_step` verifies (recycle
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -56,9 +57,12 @@ class DraftSource(Protocol):
     logits [B, q, V])` sees the inputs and logits of every forward the Decoder makes while it is attached.
     `accepted(best_nodes [B])` hears which node ended each row's accepted path after a verify step.
     `ready(decoder, batch, context) -> bool` says whether drafting pays for this batch size and context (the
-    source may resize its tree first); when it does not, the Decoder decodes one token per forward."""
+    source may resize its tree first); when it does not, the Decoder decodes one token per forward.
+    `finished(decoder, batch, context, seconds, tokens)` hears how fast a drafted decode really went."""
 
     def ready(self, decoder: "Decoder", batch: int, context: int) -> bool: ...
+
+    def finished(self, decoder: "Decoder", batch: int, context: int, seconds: float, tokens: int) -> None: ...
 
     def propose(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]: ...
 
@@ -329,7 +333,7 @@ class Decoder:
         node (the first on ties), emits the path's drafts plus the bonus token (the argmax at that node), and
         the cache keeps the prefix plus that path. Rows that accept fewer tokens than the longest row in the
         batch leave masked holes in the cache, which positions and attention skip."""
-        dev, B = self.device, ids.shape[0]
+        dev, B, context, start = self.device, ids.shape[0], ids.shape[1], time.perf_counter()
         budget = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * B
         out_ids: list[list[int]] = [[] for _ in range(B)]
         out_lps: list[list[float]] = [[] for _ in range(B)]
@@ -403,6 +407,8 @@ class Decoder:
             if trim < D:
                 self.crop(cache, T + trim)
                 ids, mask = ids[:, : T + trim], mask[:, : T + trim]
+        # the source compares the real speed with one-token steps (the .tolist() calls above synchronised)
+        self.draft_source.finished(self, B, context, time.perf_counter() - start, sum(len(o) for o in out_ids))
         return [Decoded(out_ids[r], out_lps[r], out_ents[r], finished=finished[r], forward_passes=passes[r]) for r in range(B)]
 
 
