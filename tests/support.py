@@ -203,3 +203,16 @@ def deployment_stack(root: Path, seed, appendonly: bool, **env_extra):
                 store.engine.dispose()
     finally:
         server.stop()
+
+
+def point_celery_app_at(url: str):
+    """The test process's Celery app, pointed at this test's broker. Celery caches its connection and producer
+    pools and its result backend on first use, so changing the URL alone would keep sending to the broker of an
+    earlier test module (stopped by now). Returns the app."""
+    from workers.app import app
+
+    app.conf.broker_url = app.conf.result_backend = url
+    app._after_fork()  # drops the cached connection and producer pools, as Celery does in a forked child
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+    return app

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tasks import Problem
-from tests.support import ArborProcess, RedisServer, deployment_stack, seed_policy, wait_for, worker
+from tests.support import ArborProcess, RedisServer, deployment_stack, point_celery_app_at, seed_policy, wait_for, worker
 
 
 class TcpProxy:
@@ -160,9 +160,7 @@ def test_requeue_sends_running_jobs_whose_worker_died(pg_url, tmp_path):
         client = redis.Redis(port=server.port)
         client.set(f"arbor:lease:{alive}", "here:2", ex=60)
         env = {"ARBOR_HOME": str(tmp_path / "home"), "ARBOR_DATABASE_URL": pg_url, "ARBOR_BROKER_URL": server.url}
-        from workers.app import app as celery_app
-
-        celery_app.conf.broker_url = server.url
+        point_celery_app_at(server.url)
         res = CliRunner().invoke(app, ["requeue"], env=env)
         assert res.exit_code == 0, res.output
         assert "1 queued job(s) and 1 running job(s)" in res.output
@@ -200,9 +198,7 @@ def test_a_killed_workers_job_finishes_within_two_minutes_exactly_once(tmp_path)
         w1.wait_ready()
         ids = store.add_problems([Problem(f"{i}3+4{i}=", None, id=f"s{i}") for i in range(2)])
         jobs = [store.create_job("solve", problem_id=pid, params={"search": SEARCH}) for pid in ids]
-        from workers.app import app as celery_app
-
-        celery_app.conf.broker_url = celery_app.conf.result_backend = dep["redis"].url
+        celery_app = point_celery_app_at(dep["redis"].url)
         for j in jobs:
             celery_app.send_task("arbor.solve", args=[j], task_id=j)
         wait_for(lambda: store.get_job(jobs[0]).status == "running", 60, "the first job to start", interval=0.05)

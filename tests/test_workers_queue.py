@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tasks import Problem
-from tests.support import arbor, deployment_stack, seed_policy, wait_for, worker
+from tests.support import arbor, deployment_stack, point_celery_app_at, seed_policy, wait_for, worker
 
 VT = 6  # seconds: hard time limit 5 s, a killed worker's job comes back after about VT + 1 s
 SEARCH = {"strategy": "best_of_n", "n": 8, "max_new_tokens": 24}
@@ -38,9 +38,7 @@ def _start(deployment, name):
 
 
 def _send(job_ids, broker_url):
-    from workers.app import app as celery_app
-
-    celery_app.conf.broker_url = celery_app.conf.result_backend = broker_url
+    celery_app = point_celery_app_at(broker_url)
     for job_id in job_ids:
         celery_app.send_task("arbor.solve", args=[job_id], task_id=job_id)
 
@@ -70,9 +68,7 @@ def test_malformed_messages_and_unknown_tasks_are_refused_and_the_worker_keeps_s
     client.lpush("search", b"{this is not a kombu message")
     client.lpush("search", _envelope(b"\x80\x04not pickled", "application/x-python-serialize"))  # never unpickled
     client.lpush("search", _envelope(b"[[\"oops\"", "application/json"))
-    from workers.app import app as celery_app
-
-    celery_app.conf.broker_url = celery_app.conf.result_backend = deployment["redis"].url
+    celery_app = point_celery_app_at(deployment["redis"].url)
     celery_app.send_task("arbor.no_such_task", args=["x"], queue="search")
     missing = celery_app.send_task("arbor.solve", args=["no-such-job"])
     (pid,) = store.add_problems([Problem("3+4=", "70", id="m1")])
