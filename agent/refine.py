@@ -9,7 +9,7 @@ and its feedback, with the problem last so that the completion continues the pro
 
 The feedback is the checker's verdict when the problem carries an answer, otherwise the search's confidence
 (never the answer itself). The loop stops at the first verified attempt or after `rounds` rounds. Plain
-functions over agent.solve, callable without a broker; workers/jobs.py records the rounds, each linked to
+functions over agent.solve, callable without a broker; agent/jobs.py records the rounds, each linked to
 the attempt it refined.
 """
 

@@ -110,7 +110,7 @@ class SFTFineTuner:
                 max_length=cfg.max_length,
                 bf16=bf16,
                 use_cpu=not use_cuda,
-                activation_checkpointing=False,  # TRL turns it on; off is 1.5x faster for tiny models (notes/measured.md)
+                activation_checkpointing=False,  # TRL turns it on; off is 1.5x faster for tiny models (measured)
                 report_to="none",
                 save_strategy="no",
                 logging_steps=10,

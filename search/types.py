@@ -26,7 +26,7 @@ class SearchConfig:
     # batching
     max_rows: int = field(default=2048, metadata={"help": "sequences decoded at once"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
-    # tree search (issue 3): beam, step_beam, diverse_beam, mcts
+    # tree search: beam, step_beam, diverse_beam, mcts
     beams: int = field(default=4, metadata={"help": "beam width (beam, step_beam, diverse_beam)"})
     length_penalty: float = field(default=1.0, metadata={
         "help": "beam score = sum logprob / length**length_penalty, as in generate"})

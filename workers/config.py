@@ -1,4 +1,4 @@
-"""Celery configuration for long GPU jobs (measured pitfalls and sources: shared/notes/celery-and-compose.md).
+"""Celery configuration for long GPU jobs; each setting says which measured pitfall it avoids.
 
 Every number is a setting (agent/settings.py reads ARBOR_BROKER_URL, ARBOR_VISIBILITY_TIMEOUT,
 ARBOR_PROC_ALIVE_TIMEOUT, ARBOR_LEASE_TTL, ARBOR_MAX_DELIVERIES, ARBOR_TRAIN_EVERY_S, ARBOR_TRAIN_THRESHOLD), so that

@@ -1,4 +1,4 @@
-"""Celery tasks: a few lines each around the plain functions in workers/jobs.py, agent/refine.py and agent/loop.py.
+"""Celery tasks: a few lines each around the plain functions in agent/jobs.py, agent/train_cycle.py and agent/refine.py.
 
 Messages carry only job ids (JSON): the problem, the search config and the rounds come from the store.
 """
