@@ -91,6 +91,13 @@ class SearchConfig:
             raise ValueError(f"groups must be at least 1 (got groups={self.groups})")
         if self.strategy == "diverse_beam" and self.beams % self.groups:
             raise ValueError(f"groups must divide beams (got beams={self.beams}, groups={self.groups})")
+        for name in ("use_verifier", "reuse_prefix", "keep_tree", "recycling"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r})")
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            raise ValueError(f"early_stopping must be true, false or 'never' (got {self.early_stopping!r})")
+        if not isinstance(self.confidence, str) or not (self.scorer is None or isinstance(self.scorer, str)):
+            raise ValueError(f"confidence and scorer must be names (got confidence={self.confidence!r}, scorer={self.scorer!r})")
         from search.scorers import load_scorer
 
         load_scorer(self)  # an unknown scorer or confidence fails here, with the scorer's own message
