@@ -1,13 +1,15 @@
 """The web view in a real browser: headless Chromium (Debian's chromium and chromium-driver, through Selenium) opens
 the runs, jobs, policies and search-tree pages of a real `arbor serve` with real data (a run report, jobs run by a
-real worker, recorded policy versions) and checks what a person sees. A screenshot of each page is saved under
-docs/screenshots/ (ARBOR_SCREENSHOTS=DIR saves them elsewhere)."""
+real worker, recorded policy versions) and checks what a person sees. A screenshot of each page is saved in a
+temporary folder; `ARBOR_SCREENSHOTS=docs/screenshots python -m pytest tests/test_web.py` refreshes the ones in
+docs/ (a plain test run leaves the repository's files alone)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,8 +17,7 @@ import pytest
 from tests.support import wait_for
 from tests.test_api import SEARCH, TOKEN, _counts, api_stack, write_run
 
-ROOT = Path(__file__).resolve().parents[1]
-SHOTS = Path(os.environ.get("ARBOR_SCREENSHOTS", ROOT / "docs" / "screenshots"))
+SHOTS = Path(os.environ.get("ARBOR_SCREENSHOTS") or Path(tempfile.gettempdir()) / "arbor-screenshots")
 
 
 def _chromium() -> tuple[str, str] | None:
