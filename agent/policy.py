@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from memory.recycling import RecyclingMemory
-from search.decoder import ancestor_matrix, float_mask, sequential_tree_inputs
+from search.decoder import float_mask, sequential_tree_inputs, tree_paths
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARSET = "0123456789+-*/=()<>.,:;?!'\" \n#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_|[]{}%&@$^~`\\"
@@ -162,14 +162,8 @@ class ArborForCausalLM(LlamaForCausalLM):
             return sequential_tree_inputs(mask, parents, self.dtype)
         B, T = ids.shape
         n = len(parents)
-        anc = ancestor_matrix(parents, ids.device)  # [n, n]; ancestors of i in breadth-first order = root first
-        depth = anc.sum(-1) - 1
-        D = int(depth.max()) + 1
-        # path[i, p]: the node at depth p on node i's path (-1 past its depth)
-        path = torch.full((n, D), -1, dtype=torch.long, device=ids.device)
-        for i in range(n):
-            chain = anc[i].nonzero()[:, 0]
-            path[i, : len(chain)] = chain
+        path, depth, _ = tree_paths(parents, ids.device)  # path[i, p]: the node at depth p on node i's path, or -1
+        D = path.shape[1]
         on_path = path >= 0  # [n, D]
         seq = torch.cat([ids[:, None, :].expand(B, n, T), tree[:, path.clamp(min=0)]], dim=-1)  # [B, n, T + D]
         valid = torch.cat([mask.bool()[:, None, :].expand(B, n, T), on_path[None].expand(B, n, D)], dim=-1)

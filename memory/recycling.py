@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from search.decoder import Decoder, tree_paths
+
 # The paper's template "2.2.2": each node is its path of adj columns from the root; 80 drafts, depths 8/21/25/15/8/3.
 PAPER_TREE: list[tuple[int, ...]] = (
     [(i,) for i in range(8)]
@@ -147,7 +149,8 @@ class RecyclingMemory:
         if tree.max_column() >= self.k:
             raise ValueError(f"the tree uses adj column {tree.max_column()} but the memory keeps k={self.k} successors")
         self.tree = tree
-        self._template_index = [CANDIDATE_INDEX.get(p) for p in tree.paths]  # for acceptance statistics
+        # each draft node's slot among the candidates (-1: not a candidate), for acceptance statistics
+        self._candidate_slots = torch.tensor([CANDIDATE_INDEX.get(p, -1) for p in tree.paths[1:]], dtype=torch.long)
 
     @property
     def nbytes(self) -> int:
@@ -180,14 +183,13 @@ class RecyclingMemory:
         return {f"batch {b}, context {c}": (len(t) if t else 0) for (b, c), t in self._sized.items()}
 
     def accepted(self, best_nodes: torch.Tensor) -> None:
-        """Count, per template node, how often it lay on a row's accepted path (the tree sizer's statistics)."""
-        for node in best_nodes.tolist():
-            while node > 0:
-                t = self._template_index[node]
-                if t is not None:
-                    self.accept_counts[t + 1] += 1
-                node = self.tree.parents[node]
-            self.accept_counts[0] += 1
+        """Count, per candidate node, how often it lay on a row's accepted path (the tree sizer's statistics):
+        one lookup of the rows' paths in the ancestor matrix, no walk per row."""
+        _, _, anc = tree_paths(self.tree.parents)
+        on_path = anc[best_nodes.cpu()].sum(0)[1:].float()  # [n - 1] rows whose path holds each draft node
+        known = self._candidate_slots >= 0
+        self.accept_counts.index_add_(0, self._candidate_slots[known] + 1, on_path[known])
+        self.accept_counts[0] += len(best_nodes)
         self.steps += len(best_nodes)
 
     def acceptance_rates(self) -> dict[tuple[int, ...], float]:
@@ -294,8 +296,6 @@ def _interpolate(costs: dict[int, float], n: int) -> float:
 
 def _plain(decoder):
     """A decoder without a draft source: calibration forwards must not be recycled into the matrix."""
-    from search.decoder import Decoder
-
     return Decoder(decoder.model, decoder.tokenizer)
 
 

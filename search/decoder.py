@@ -341,7 +341,7 @@ class Decoder:
         finished = [False] * B
         logp = torch.log_softmax(logits, dim=-1)
         root = logp.argmax(-1)
-        ent = -(logp.exp() * logp).sum(-1)
+        ent = _entropy(logp)
         for r, (t, lp, e) in enumerate(zip(root.tolist(), logp.gather(1, root[:, None])[:, 0].tolist(), ent.tolist())):
             out_ids[r].append(t), out_lps[r].append(lp), out_ents[r].append(e)
         stats.generated_tokens += B
@@ -364,7 +364,7 @@ class Decoder:
                 rows = [rows[b] for b in alive]
             tree, parents = self.draft_source.propose(root)
             if path is None or path.shape[0] != len(parents):
-                path, depth, anc = _tree_paths(parents, dev)
+                path, depth, anc = tree_paths(parents, dev)
                 parent_index = torch.tensor([max(p, 0) for p in parents], device=dev)[None, :]
             T = ids.shape[1]
             logp = torch.log_softmax(self.tree_step(ids, mask, cache, tree, parents), dim=-1)  # [b, n, V]
@@ -424,14 +424,20 @@ def _trim_at_eos(row: Decoded, eos: int) -> Decoded:
     return Decoded(row.token_ids[:n], row.logprobs[:n], row.entropies[:n], finished=True, forward_passes=row.forward_passes)
 
 
-def _tree_paths(parents: list[int], device):
-    """For a tree shape: path [n, D] (each node's root-first chain, -1 padded), depth [n] and the ancestor
-    matrix [n, n]."""
-    anc = ancestor_matrix(parents)
+def tree_paths(parents: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For a tree shape: path [n, D] (each node's root-first chain of node indices, -1 padded), depth [n] and
+    the ancestor matrix [n, n]. Cached per shape: draft loops ask for the same shape at every step."""
+    path, depth, anc = _tree_paths(tuple(parents))
+    return path.to(device), depth.to(device), anc.to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _tree_paths(parents: tuple[int, ...]):
+    anc = _ancestors(parents)
     depth = anc.sum(-1) - 1
     D = int(depth.max()) + 1
     path = torch.full((len(parents), D), -1, dtype=torch.long)
     for i in range(len(parents)):
         chain = anc[i].nonzero()[:, 0]
         path[i, : len(chain)] = chain
-    return path.to(device), depth.to(device), anc.to(device)
+    return path, depth, anc
