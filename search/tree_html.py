@@ -18,22 +18,34 @@ summary { cursor: pointer; }
 """
 
 
-def _node_html(node: Node, tokenizer, is_root: bool) -> str:
+def _summary(node: Node, tokenizer, is_root: bool) -> str:
     text = tokenizer.decode(node.token_ids, skip_special_tokens=True)
     conf = sum(node.logprobs) / len(node.logprobs) if node.logprobs else 0.0
     state = ' <span class="done">[EOS]</span>' if node.finished else (' <span class="cut">[cut]</span>' if node.truncated else "")
     score = f" score={node.score:.3f}" if node.score is not None else ""
     meta = f"conf={conf:.3f} visits={node.visits} value={node.value:.3f} prior={node.prior:.3f}{score}"
     label = "prompt" if is_root else "step"
-    summary = f'{label} <span class="tok">{html.escape(repr(text)[1:-1])}</span>{state} <span class="meta">{meta}</span>'
-    kids = "".join(_node_html(c, tokenizer, False) for c in sorted(node.children, key=lambda c: -c.visits))
-    cls = ' class="best"' if node.on_best_path else ""
-    opened = " open" if node.on_best_path or is_root else ""
-    return f"<details{cls}{opened}><summary>{summary}</summary>{kids}</details>"
+    return f'{label} <span class="tok">{html.escape(repr(text)[1:-1])}</span>{state} <span class="meta">{meta}</span>'
+
+
+def _node_html(root: Node, tokenizer) -> str:
+    # an explicit stack, not recursion: a token trie is as deep as its longest completion (thousands of nodes)
+    parts, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if node is None:
+            parts.append("</details>")
+            continue
+        cls = ' class="best"' if node.on_best_path else ""
+        opened = " open" if node.on_best_path or node is root else ""
+        parts.append(f"<details{cls}{opened}><summary>{_summary(node, tokenizer, node is root)}</summary>")
+        stack.append(None)  # closes this node after its children
+        stack.extend(reversed(sorted(node.children, key=lambda c: -c.visits)))  # most visited popped first
+    return "".join(parts)
 
 
 def tree_to_html(roots: list[Node], tokenizer, titles: list[str]) -> str:
-    body = "".join(f"<h3>{html.escape(t)}</h3>{_node_html(r, tokenizer, True)}" for r, t in zip(roots, titles))
+    body = "".join(f"<h3>{html.escape(t)}</h3>{_node_html(r, tokenizer)}" for r, t in zip(roots, titles))
     return f"<!doctype html><meta charset='utf-8'><title>Arbor search tree</title><style>{_STYLE}</style>{body}"
 
 

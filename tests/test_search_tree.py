@@ -128,6 +128,23 @@ def test_tree_html_marks_the_chosen_path(tmp_path):
     assert page.count('class="best"') >= 2 and "visits=" in page and "conf=" in page
 
 
+def test_tree_html_of_a_tree_deeper_than_5000_nodes():
+    """One 6000-token candidate beside a short one: 6000 nested nodes (a recursive renderer hit Python's
+    recursion limit near 1000), children in visit order, every node closed."""
+    tok = _policy().tokenizer
+    digits = tok("0123456789", add_special_tokens=False).input_ids
+    long = Candidate(completion="", token_ids=[digits[i % 10] for i in range(6000)], mean_logprob=-0.1, min_logprob=-0.1,
+                     mean_entropy=0.0, finished=True, score=1.0)
+    short = Candidate(completion="", token_ids=[digits[1], digits[2]], mean_logprob=-0.2, min_logprob=-0.2,
+                      mean_entropy=0.0, finished=True, score=0.5)
+    trie = tree_from_candidates(tok("1+1=", add_special_tokens=False).input_ids, [long, short, short])
+    page = tree_to_html([trie], tok, ["deep"])
+    assert page.count("<details") == page.count("</details>") == 1 + 6000 + 2
+    assert page.count('class="best"') == 6001
+    first, second = page.index("<summary>step"), page.index("visits=2")
+    assert second < page.index("visits=1 ", first)  # the step two candidates share comes first
+
+
 @pytest.fixture(scope="module")
 def line_policy():
     """A tiny policy taught a multi-line answer format: the prompt's digits one per line ("12=" -> "1\n2")."""
