@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from agent import distributed
 from agent.curriculum import Curriculum, ProblemSource
 from agent.policy import BuiltinConfig, Policy
 from agent.registry import PolicyRegistry
@@ -179,6 +180,7 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     seconds = {}
     t = time.monotonic()
     model = clone_for_training(current.model)
+    distributed.share_fine_tune(current.version, examples, cfg.train)  # other ranks of a multi-process launch join it
     train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
     seconds["train"] = time.monotonic() - t
     t = time.monotonic()

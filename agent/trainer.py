@@ -19,6 +19,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from agent import distributed
+
 
 @dataclass
 class TrainConfig:
@@ -62,7 +64,7 @@ class _TimeBudget(TrainerCallback):
             group["lr"] = self.base_lr * scale
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start >= self.seconds:
+        if distributed.agree(time.monotonic() - self.start >= self.seconds):
             control.should_training_stop = True
 
 
@@ -101,7 +103,8 @@ class SFTFineTuner:
         with tempfile.TemporaryDirectory(prefix="arbor-sft-") as out:
             args = SFTConfig(
                 output_dir=out,
-                per_device_train_batch_size=cfg.batch_size,
+                # the same examples per optimiser step however many processes share the fine-tune
+                per_device_train_batch_size=max(1, cfg.batch_size // distributed.world_size()),
                 learning_rate=cfg.learning_rate,
                 lr_scheduler_type="constant",
                 weight_decay=cfg.weight_decay,
@@ -144,6 +147,7 @@ class SFTFineTuner:
             "steps": int(trainer.state.global_step),
             "examples": len(examples),
             "seconds": round(seconds, 2),
+            "processes": int(trainer.args.world_size),
         }
 
 

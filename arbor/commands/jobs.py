@@ -31,7 +31,9 @@ console = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from agent.settings import mask
+
+    typer.echo(f"error: {mask(message)}", err=True)  # a URL's password is never printed
     raise typer.Exit(1)
 
 
@@ -191,10 +193,18 @@ def results(as_json: bool = typer.Option(False, "--json", help="print a JSON lis
 def train(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="with a broker: wait for the cycle's result"),
     timeout: float = typer.Option(None, help="with a broker: give up waiting after this many seconds"),
+    here: bool = typer.Option(False, "--in-process", help="run the cycle in this process even when a broker is set "
+                              "(implied under `accelerate launch` with several processes)"),
+    job_id: str = typer.Option(None, "--job-id", help="record the cycle under this job id (default: a new one)"),
 ):
-    """One train cycle: fine-tune on new best trajectories, evaluate against the promoted version, promote if better."""
+    """One train cycle: fine-tune on new best trajectories, evaluate against the promoted version, promote if better.
+
+    Under `accelerate launch --multi_gpu --num_processes N -m arbor train` the fine-tune is data-parallel over the
+    N processes; the first runs the cycle and writes the version, once."""
+    from agent import distributed
+
     settings = _settings()
-    if settings.broker_url:
+    if settings.broker_url and not here and distributed.world_size() == 1:
         _check_broker(settings.broker_url)
         from workers.app import app as celery_app
 
@@ -218,10 +228,27 @@ def train(
 
     settings = _settings(model=True)
     store = _store(settings)
+    distributed.join(settings.device)
+    if distributed.is_follower():
+        registry = PolicyRegistry(settings.policies_dir, store)
+
+        def parent(version: str):
+            policy = registry.load(version, device=settings.device, dtype=settings.dtype)
+            return policy.model, policy.tokenizer
+
+        distributed.follow(parent)
+        return
     registry = PolicyRegistry(settings.policies_dir, store)
+    if distributed.world_size() > 1 and registry.promoted() is None:
+        distributed.end_cycle()  # the warm start is a single-process fine-tune: the other ranks could not join it
+        _fail("no promoted policy to train: run `arbor policies init` once, then launch the multi-process cycle")
     ensure_policy(settings, store, registry)
-    with console.status("training"):
-        out = run_train_cycle(settings, store, registry, job_id=uuid.uuid4().hex, worker="in-process")
+    worker = "in-process" if distributed.world_size() == 1 else f"{distributed.world_size()} processes"
+    try:
+        with console.status("training"):
+            out = run_train_cycle(settings, store, registry, job_id=job_id or uuid.uuid4().hex, worker=worker)
+    finally:
+        distributed.end_cycle()
     typer.echo(json.dumps(out, indent=2, default=str))
 
 

@@ -1,0 +1,88 @@
+"""A train cycle across several processes: `accelerate launch --multi_gpu --num_processes N -m arbor train`
+(torchrun works too). Data-parallel over the fine-tune only.
+
+Rank 0 runs the cycle exactly as a single process does: it holds the train lock, reads the store, selects the
+labels, evaluates, saves and promotes, so a version is written once. Before each fine-tune it sends the other
+ranks what to train on (the parent version and the examples, as JSON); they load that version, join the
+fine-tune (DDP starts every rank from rank 0's weights and averages the gradients) and wait for the next
+message. On CPU the process group is gloo, on CUDA nccl (accelerate picks it from the device).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Callable
+
+# Rank 0 may spend a long time on selection and evaluation between fine-tunes while the others wait.
+WAIT_FOR_RANK0 = timedelta(hours=6)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_follower() -> bool:
+    return world_size() > 1 and rank() > 0
+
+
+def join(device: str) -> None:
+    """Join the launch's process group before anything is sent (no-op in a single process)."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not str(device).startswith("cuda"), timeout=WAIT_FOR_RANK0)
+
+
+def _broadcast(message: str | None) -> str | None:
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def share_fine_tune(parent_version: str, examples: list[dict], train_cfg) -> None:
+    """Rank 0: tell the other ranks to join the fine-tune that follows (no-op in a single process)."""
+    if world_size() > 1 and rank() == 0:
+        _broadcast(json.dumps({"parent": parent_version, "examples": examples, "train": asdict(train_cfg)}))
+
+
+def end_cycle() -> None:
+    """Rank 0: no more fine-tunes in this cycle; the other ranks return."""
+    if world_size() > 1 and rank() == 0:
+        _broadcast(None)
+
+
+def agree(flag: bool) -> bool:
+    """Rank 0's value of `flag` on every rank: the time budget must end the fine-tune at the same step everywhere,
+    or the ranks that stop first leave the others waiting in a gradient all-reduce."""
+    if world_size() == 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def follow(load_parent: Callable[[str], tuple]) -> int:
+    """Ranks 1..N-1: join each fine-tune rank 0 announces, until it ends the cycle. `load_parent(version)` gives
+    (model, tokenizer) for the announced parent. Returns how many fine-tunes this rank joined."""
+    from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
+
+    joined = 0
+    while (message := _broadcast(None)) is not None:
+        order = json.loads(message)
+        model, tokenizer = load_parent(order["parent"])
+        SFTFineTuner(TrainConfig(**order["train"])).train(clone_for_training(model), tokenizer, order["examples"])
+        joined += 1
+    return joined
