@@ -1,2 +1,2 @@
-"""Long-context block memory (InfLLM-style, FAISS-indexed) and recycled-token drafting: not built yet (see
-design.md); the package exists so the layout is fixed."""
+"""What plugs into the Decoder: recycled-token drafts (memory/recycling.py) and the InfLLM-style context memory
+for inputs longer than the trained window (memory/context.py, its blocks and FAISS index in memory/blocks.py)."""
