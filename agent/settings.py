@@ -8,9 +8,12 @@ only when a Settings object is built). A bad value fails with one line that name
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -59,14 +62,79 @@ def _env(var: str, default, help: str, parse=str, minimum: int | None = None):
     return field(default_factory=read, metadata=meta)
 
 
+def _secret(var: str) -> str | None:
+    """A password from `var` or from the file named by `var`_FILE (a Docker secret); None when neither is set."""
+    value = os.environ.get(var)
+    path = os.environ.get(f"{var}_FILE")
+    if (value is None or value == "") and path:
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{var}_FILE={path!r} cannot be read ({exc.strerror})") from None
+    return value or None
+
+
+def with_password(url: str | None, password: str | None) -> str | None:
+    """`url` with its password set (percent-encoded): scheme://user:PASSWORD@host..."""
+    if not url or not password:
+        return url
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0].partition(":")[0] if "@" in parts.netloc else ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
+
+def _url_env(var: str, password_var: str, help: str):
+    """A URL field (`var`) whose password may come from `password_var` or `password_var`_FILE instead of the URL."""
+
+    def read():
+        raw = (os.environ.get(var) or "").strip() or None
+        return with_password(raw, _secret(password_var)) if raw else None
+
+    return field(default_factory=read, metadata={"help": help, "env": var, "default": None, "password": password_var})
+
+
+_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+
+
+def mask(text: str) -> str:
+    """`text` with the password of every URL in it replaced by *** (redis://arbor:***@host/0)."""
+    return _CREDENTIALS.sub(r"\1***@", str(text))
+
+
+class MaskPasswords(logging.Filter):
+    """A handler filter that masks URL passwords in a record's message and in its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = mask(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text and "://" in record.exc_text:
+            record.exc_text = mask(record.exc_text)
+        return True
+
+
+def mask_logs(logger: logging.Logger | None = None) -> None:
+    """Add MaskPasswords to every handler of `logger` (the root logger by default)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, MaskPasswords) for f in handler.filters):
+            handler.addFilter(MaskPasswords())
+
+
 @dataclass
 class Settings:
     # where things live
     home: Path = _env("ARBOR_HOME", Path("./.arbor"), "checkpoints, the SQLite store and runs", Path)
-    database_url: str | None = _env("ARBOR_DATABASE_URL", None,
-                                    "the store, e.g. postgresql+psycopg://user@host/db (unset: SQLite in the home folder)")
-    broker_url: str | None = _env("ARBOR_BROKER_URL", None,
-                                  "Redis for the job queue, e.g. redis://localhost:6379/0 (unset: jobs run in process)")
+    database_url: str | None = _url_env("ARBOR_DATABASE_URL", "ARBOR_DATABASE_PASSWORD",
+                                        "the store, e.g. postgresql+psycopg://user@host/db (unset: SQLite in the home "
+                                        "folder); its password may come from ARBOR_DATABASE_PASSWORD or the file "
+                                        "ARBOR_DATABASE_PASSWORD_FILE")
+    broker_url: str | None = _url_env("ARBOR_BROKER_URL", "ARBOR_REDIS_PASSWORD",
+                                      "Redis for the job queue, e.g. redis://arbor@localhost:6379/0 (unset: jobs run in "
+                                      "process); its password may come from ARBOR_REDIS_PASSWORD or the file "
+                                      "ARBOR_REDIS_PASSWORD_FILE")
     # how a policy is loaded for search
     device: str = _env("ARBOR_DEVICE", "auto", "cpu, cuda, cuda:0 ... (auto: cuda when present)")
     dtype: str = _env("ARBOR_DTYPE", "float32", "parameter dtype of a policy loaded for search: float32, bfloat16 or float16",
@@ -82,6 +150,12 @@ class Settings:
                           _int, minimum=3)
     max_deliveries: int = _env("ARBOR_MAX_DELIVERIES", 5, "deliveries after which a job is marked failed instead of run again",
                                _int, minimum=1)
+    soft_shutdown_s: int = _env("ARBOR_SOFT_SHUTDOWN_S", 60,
+                                "seconds a stopping worker lets its running job finish before it stops it and puts its "
+                                "message back on the queue (cold shutdown)", _int, minimum=1)
+    dead_letter_max: int = _env("ARBOR_DEAD_LETTER_MAX", 10000,
+                                "malformed queue entries kept in the arbor:dead-letter list (the newest; older ones are "
+                                "dropped)", _int, minimum=1)
     train_every_s: int = _env("ARBOR_TRAIN_EVERY_S", 3600, "seconds between train cycles started by `arbor beat`", _int, minimum=1)
     train_threshold: int = _env("ARBOR_TRAIN_THRESHOLD", 200, "new best trajectories that start a train cycle (0 turns it off)",
                                 _int)
@@ -124,7 +198,7 @@ class Settings:
         meta = cls.__dataclass_fields__[name].metadata
         low = meta.get("minimum")
         if low is not None and value is not None and value < low:
-            unit = " s" if name in ("visibility_timeout", "lease_ttl", "proc_alive_timeout", "train_every_s") else ""
+            unit = " s" if name in ("visibility_timeout", "lease_ttl", "proc_alive_timeout", "train_every_s", "soft_shutdown_s") else ""
             raise ValueError(f"{meta['env']} must be at least {low}{unit} (got {value})")
         if name == "dtype" and value not in DTYPES:
             raise ValueError(f"ARBOR_DTYPE must be one of {', '.join(DTYPES)} (got {value!r})")

@@ -36,6 +36,8 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
+from agent.settings import mask
+
 WEB = Path(__file__).parent / "web"
 COOKIE = "arbor_token"
 FINISHED = ("done", "failed")
@@ -201,7 +203,7 @@ class Service:
         try:
             redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping()
         except Exception as exc:
-            raise ApiError(503, f"cannot reach the broker at {url} ({type(exc).__name__}): nothing was submitted") from None
+            raise ApiError(503, f"cannot reach the broker at {mask(url)} ({type(exc).__name__}): nothing was submitted") from None
 
     # submission --------------------------------------------------------------------------------------------------
     def search_config(self, given: Any) -> dict:

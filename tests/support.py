@@ -38,18 +38,23 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 
 
 class RedisServer:
-    """`redis-server` on a free port with its own folder; `appendonly` keeps queued jobs across a restart."""
+    """`redis-server` on a free port with its own folder; `appendonly` keeps queued jobs across a restart. With a
+    `password`, as compose.yaml runs it: one ACL user `arbor` with that password, the default user off."""
 
-    def __init__(self, folder: Path, appendonly: bool = True, port: int | None = None):
+    def __init__(self, folder: Path, appendonly: bool = True, port: int | None = None, password: str | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
         self.port = port or free_port()
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        from urllib.parse import quote
+
+        auth = f"arbor:{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         if shutil.which("redis-server") is None:
@@ -57,7 +62,9 @@ class RedisServer:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.folder),
-             "--maxmemory-policy", "noeviction"],
+             "--maxmemory-policy", "noeviction",
+             *(["--user", "arbor", "on", f">{self.password}", "~*", "&*", "+@all", "--user", "default", "off"]
+               if self.password else [])],
             stdout=open(self.folder / "redis.log", "ab"), stderr=subprocess.STDOUT,
         )
         wait_for(self.ping, 10, f"redis-server on port {self.port}", interval=0.02)
@@ -67,7 +74,7 @@ class RedisServer:
         import redis
 
         try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
+            return bool(redis.Redis.from_url(self.url, socket_connect_timeout=0.5).ping())
         except Exception:
             return False
 

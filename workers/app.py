@@ -9,12 +9,21 @@ and each pool child loads the promoted policy in `worker_process_init` (workers/
 from __future__ import annotations
 
 from celery import Celery
-from celery.signals import beat_init
+from celery.signals import after_setup_logger, after_setup_task_logger, beat_init
 
 from workers.config import QueueConfig, celery_settings
 
 app = Celery("arbor", include=["workers.tasks"])
 app.conf.update(celery_settings(QueueConfig()))
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _mask_passwords(logger=None, **_):
+    # the broker and database URLs carry passwords: no log line of a worker or the beat shows one
+    from agent.settings import mask_logs
+
+    mask_logs(logger)
 
 
 @beat_init.connect

@@ -27,6 +27,8 @@ class QueueConfig:
     max_deliveries: int = _setting("max_deliveries")
     train_every_s: int = _setting("train_every_s")
     train_threshold: int = _setting("train_threshold")
+    soft_shutdown_s: int = _setting("soft_shutdown_s")
+    dead_letter_max: int = _setting("dead_letter_max")
     recover_every_s: int = field(default=30, metadata={
         "help": "seconds between the beat's scans for running jobs whose worker died (no live lease); such a job is "
                 "sent again after two scans without a lease (0 turns it off: it waits out the visibility timeout)"})
@@ -71,6 +73,7 @@ def celery_settings(cfg: QueueConfig) -> dict:
         # a killed worker's job within about a quarter of the timeout when the timeout is short
         "unacked_restore_interval": max(1, min(10, vt // 4)),
         "unacked_restore_throttle": 1 if vt < 600 else 10,
+        "dead_letter_max": cfg.dead_letter_max,  # read by workers/transport.py
     }
     return dict(
         broker_url=cfg.broker_url,
@@ -93,7 +96,9 @@ def celery_settings(cfg: QueueConfig) -> dict:
         task_time_limit=cfg.hard_time_limit,
         task_soft_time_limit=cfg.soft_time_limit,
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_soft_shutdown_timeout=60,
+        # a stopping worker (SIGTERM remapped to SIGQUIT, compose.yaml) lets its job run this long, then puts the
+        # message back at once: a stop never leaves a job waiting out the visibility timeout
+        worker_soft_shutdown_timeout=cfg.soft_shutdown_s,
         # a pool child loads the model in worker_process_init; the 4 s default would kill it in a loop
         worker_proc_alive_timeout=cfg.proc_alive_timeout,
         worker_max_tasks_per_child=None,

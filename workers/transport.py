@@ -1,5 +1,7 @@
 """kombu's Redis transport, with one change: a queue entry that is not a kombu JSON envelope is moved to the
-`arbor:dead-letter` list with an error in the log, instead of raising out of the worker's event loop.
+`arbor:dead-letter` list with an error in the log, instead of raising out of the worker's event loop. The list keeps
+the newest `dead_letter_max` entries (a broker transport option, ARBOR_DEAD_LETTER_MAX): a flood of garbage
+cannot fill Redis, whose `noeviction` would then refuse every new job.
 
 Measured on kombu 5.7.0: `LPUSH search "{garbage"` makes every consuming worker exit with
 "Unrecoverable error: JSONDecodeError" (the envelope is parsed in `Channel._brpop_read`, outside Celery's
@@ -48,8 +50,9 @@ class Channel(kombu_redis.Channel):
                 payload = _envelope(item)
             except Exception as exc:
                 log.error("malformed message on queue %r moved to %s: %s: %r", dest, DEAD_LETTER, exc, bytes(item[:120]))
+                cap = int(self.connection.client.transport_options.get("dead_letter_max", 10000))
                 with self.conn_or_acquire() as client:
-                    client.lpush(DEAD_LETTER, item)
+                    client.pipeline().lpush(DEAD_LETTER, item).ltrim(DEAD_LETTER, 0, cap - 1).execute()
                 raise Empty() from None
             self.connection._deliver(payload, dest)
             return True

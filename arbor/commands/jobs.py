@@ -196,6 +196,7 @@ def train(
     here: bool = typer.Option(False, "--in-process", help="run the cycle in this process even when a broker is set "
                               "(implied under `accelerate launch` with several processes)"),
     job_id: str = typer.Option(None, "--job-id", help="record the cycle under this job id (default: a new one)"),
+    lock_held: bool = typer.Option(False, "--lock-held", hidden=True, help="the caller holds the train lock"),
 ):
     """One train cycle: fine-tune on new best trajectories, evaluate against the promoted version, promote if better.
 
@@ -224,7 +225,7 @@ def train(
 
     from agent.loop import ensure_policy
     from agent.registry import PolicyRegistry
-    from agent.train_cycle import run_train_cycle
+    from agent.train_cycle import HeldByCaller, run_train_cycle
 
     settings = _settings(model=True)
     store = _store(settings)
@@ -246,7 +247,8 @@ def train(
     worker = "in-process" if distributed.world_size() == 1 else f"{distributed.world_size()} processes"
     try:
         with console.status("training"):
-            out = run_train_cycle(settings, store, registry, job_id=job_id or uuid.uuid4().hex, worker=worker)
+            out = run_train_cycle(settings, store, registry, job_id=job_id or uuid.uuid4().hex, worker=worker,
+                                  lock=HeldByCaller() if lock_held else None)
     finally:
         distributed.end_cycle()
     typer.echo(json.dumps(out, indent=2, default=str))

@@ -52,8 +52,10 @@ def serve(
     try:
         asgi.app.state.service.store  # noqa: B018  (opens it: a bad ARBOR_DATABASE_URL fails before listening)
     except Exception as exc:
-        typer.echo(f"error: cannot open the store at {settings.db_url}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
-                   "(check ARBOR_DATABASE_URL and that the database is running)", err=True)
+        from agent.settings import mask
+
+        typer.echo(mask(f"error: cannot open the store at {settings.db_url}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
+                        "(check ARBOR_DATABASE_URL and that the database is running)"), err=True)
         raise typer.Exit(1) from None
     if no_auth:
         typer.echo("warning: serving without an API token (--no-auth): anyone who reaches this port can submit and promote",
