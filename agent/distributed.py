@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict
 from datetime import timedelta
 from typing import Callable
@@ -86,3 +87,10 @@ def follow(load_parent: Callable[[str], tuple]) -> int:
         SFTFineTuner(TrainConfig(**order["train"])).train(clone_for_training(model), tokenizer, order["examples"])
         joined += 1
     return joined
+
+
+def launch_command(processes: int, arbor_args: list[str]) -> list[str]:
+    """`accelerate launch` of an `arbor` command over `processes` processes on this host. `--multi_gpu` picks
+    torchrun's launcher, which starts the processes on CPU too (accelerate's `--cpu` starts only one without MPI)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "arbor", *arbor_args]

@@ -168,6 +168,9 @@ class Settings:
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "
                                               "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)
+    train_processes: int = _env("ARBOR_TRAIN_PROCESSES", 1,
+                                "processes (one per GPU) a worker's train cycle spans through `accelerate launch`; "
+                                "the first writes the version", _int, minimum=1)
     # the HTTP API (arbor serve)
     api_token: str | None = _env("ARBOR_API_TOKEN", None,
                                  "the token every API request and web page must present (Authorization: Bearer TOKEN)")

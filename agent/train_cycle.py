@@ -11,7 +11,9 @@ most new results that has held-out problems); the others wait for the next cycle
 from __future__ import annotations
 
 import logging
+import os
 import random
+import subprocess
 from dataclasses import replace
 
 from sqlalchemy import select as sql_select
@@ -161,11 +163,14 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
             "examples": len(examples), "filters": filters, "metrics": metrics, "train": gate.train, "pending_tasks": pending}
 
 
-def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None) -> dict:
+def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None,
+                    processes: int = 1) -> dict:
     """Fine-tune the promoted policy on the store's new best trajectories, evaluate, promote or reject.
 
     `lock` is a RedisLease (with a broker) or a FileLease; a cycle that finds another cycle running is
-    finished as skipped. A delivery of a finished cycle returns its stored result and trains nothing."""
+    finished as skipped. A delivery of a finished cycle returns its stored result and trains nothing.
+    With `processes` > 1 the cycle runs as that many data-parallel processes (agent/distributed.py) while this
+    one holds the lock."""
     _ensure_job(store, job_id)
     job = store.get_job(job_id)
     if job.status in FINISHED:
@@ -179,6 +184,8 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
         record_once(store, job_id, result, [])
         return result
     try:
+        if processes > 1:
+            return _launched_cycle(store, job_id, processes)
         if not store.start_job(job_id, worker):
             return store.get_job(job_id).result or {}
         try:
@@ -194,6 +201,22 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
         return result
     finally:
         lock.release()
+
+
+def _launched_cycle(store: Store, job_id: str, processes: int) -> dict:
+    """The same cycle as `processes` processes under `accelerate launch`; the first records it under `job_id`."""
+    from agent import distributed
+
+    cmd = distributed.launch_command(processes, ["train", "--in-process", "--lock-held", "--job-id", job_id])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ARBOR_TRAIN_PROCESSES": "1"})
+    job = store.get_job(job_id)
+    if job is None or job.status not in FINISHED:
+        lines = proc.stderr.strip().splitlines()
+        # Arbor's own one-line error when there is one; torchrun's failure summary follows it
+        tail = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "no output")
+        raise RuntimeError(f"the {processes}-process train cycle exited with status {proc.returncode} before recording "
+                           f"a result: {tail}")
+    return job.result or {"error": job.error}
 
 
 class FileLease:
@@ -223,3 +246,17 @@ class FileLease:
         if self._fd is not None:
             self._fd.close()  # closing drops the flock
             self._fd = None
+
+
+class HeldByCaller:
+    """The train lock as seen by a cycle its caller runs under a lock it already holds (a worker's multi-process
+    cycle): taking it again would find it busy."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def current_holder(self) -> str | None:
+        return None
+
+    def release(self) -> None:
+        pass

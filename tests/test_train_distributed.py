@@ -84,3 +84,30 @@ def test_a_two_process_cycle_writes_one_version_the_single_process_cycle_would(t
     assert registry.load("v1").version == "v1"
     # and the store marked the results as consumed exactly as the single-process cycle did
     assert home2["store"].count_untrained_best() == home1["store"].count_untrained_best() == 0
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
+def test_a_worker_set_to_two_train_processes_launches_the_cycle_and_returns_what_it_recorded(tmp_path, monkeypatch):
+    from agent.settings import Settings
+    from agent.train_cycle import run_train_cycle
+
+    home = _home(tmp_path)
+    for key, value in home["env"].items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(home=home["home"], device="cpu")
+    registry = PolicyRegistry(home["home"] / "policies", home["store"])
+    out = run_train_cycle(settings, home["store"], registry, job_id="cycle-1", worker="trainer@test", processes=2)
+    assert out["train"]["processes"] == 2 and out["candidate"] == "v1" and out["promoted"] is True, out
+    job = home["store"].get_job("cycle-1")
+    assert job.status == "done" and job.result == out
+    assert _versions(home["home"]) == ["v0", "v1"]
+
+    # a launch that cannot run the cycle fails the job with the cause in one line, not a silent success
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    monkeypatch.setenv("ARBOR_HOME", str(bare))
+    monkeypatch.setenv("ARBOR_DATABASE_URL", f"sqlite:///{bare / 'arbor.db'}")
+    store = Store(f"sqlite:///{bare / 'arbor.db'}")
+    with pytest.raises(RuntimeError, match="2-process train cycle exited with status 1.*no promoted policy"):
+        run_train_cycle(Settings(home=bare, device="cpu"), store, PolicyRegistry(bare / "policies", store),
+                        job_id="cycle-2", worker="trainer@test", processes=2)

@@ -121,6 +121,6 @@ def train_cycle(self) -> dict:
     self.update_state(state="PROGRESS", meta={"stage": "training"})
     try:
         return run_train_cycle(ctx["settings"], ctx["store"], ctx["registry"], job_id=self.request.id,
-                               worker=ctx["worker"], lock=lock)
+                               worker=ctx["worker"], lock=lock, processes=ctx["settings"].train_processes)
     except LeaseBusy as exc:  # this very cycle is still running on another delivery
         raise self.retry(exc=exc, countdown=max(1, ctx["cfg"].lease_ttl // 3))
