@@ -278,8 +278,11 @@ class Store:
     @staticmethod
     def _untrained_best():
         """What a train cycle consumes (agent/train_cycle.py): the best row of each worker result (a job's) that no
-        cycle has judged yet. The loop judges and marks its own results (cycle rows) itself."""
-        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False), TrajectoryRow.job_id.is_not(None))
+        cycle has judged yet. The loop judges and marks its own results (cycle rows) itself. Results on held-out
+        problems (a user may solve them too) are never trained on: the gate would then score memorised answers."""
+        heldout = select(ProblemRow.id).where(ProblemRow.split == "heldout")
+        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False), TrajectoryRow.job_id.is_not(None),
+                TrajectoryRow.problem_id.not_in(heldout))
 
     def count_untrained_best(self) -> int:
         """Worker results no train cycle has judged yet (one COUNT)."""

@@ -121,3 +121,19 @@ def test_no_heldout_problems_for_the_task_refuses_to_train(setup):
     assert out["promoted"] is False and out["candidate"] is None
     assert "no held-out problems for task" in out["reason"] and "split 'heldout'" in out["reason"]
     assert [r.version for r in store.policies()] == ["v0"] and store.count_untrained_best() == 1  # kept for later
+
+
+def test_results_on_heldout_problems_are_never_trained_on(setup, monkeypatch):
+    """A user may submit held-out problems as jobs too; the gate would score memorised answers if a cycle trained
+    on them."""
+    from agent.trainer import SFTFineTuner
+
+    settings, store, registry = setup
+    mixes = []
+    train = SFTFineTuner.train
+    monkeypatch.setattr(SFTFineTuner, "train", lambda self, model, tok, examples: mixes.append(examples) or train(self, model, tok, examples))
+    _result(store, Problem("elk backwards:", "kle", split="heldout", id="h-elk"), ["kle"], job="j-h-elk")
+    assert store.count_untrained_best() == 0 and store.count_trainable() == 0
+    _result(store, Problem("cat backwards:", "tac", id="t-cat"), ["tac"], job="j-cat")
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
+    assert out["examples"] == 1 and {e["completion"] for e in mixes[0]} == {"tac"}, out
