@@ -121,6 +121,10 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
         return {"candidate": None, "promoted": False, "task": name, "metrics": {},
                 "reason": f"no held-out problems for task {name or 'none (generic)'!r} in the store: "
                           f"submit some with split 'heldout'{' and the same task' if name else ' and no task'}"}
+    if not any(p.answer is not None for p in heldout_by_task[name]) and not task.label_checks():
+        return {"candidate": None, "promoted": False, "task": name, "metrics": {},
+                "reason": f"the held-out problems of task {name or 'none (generic)'!r} carry no answers and the task has "
+                          f"no label checks, so nothing can tell a better policy from a worse one: give them answers"}
     results = [results[i] for i in by_task[name]]
     ids = [ids[i] for i in by_task[name]]
     heldout: dict[str, list[Problem]] = {}

@@ -137,3 +137,18 @@ def test_results_on_heldout_problems_are_never_trained_on(setup, monkeypatch):
     _result(store, Problem("cat backwards:", "tac", id="t-cat"), ["tac"], job="j-cat")
     out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
     assert out["examples"] == 1 and {e["completion"] for e in mixes[0]} == {"tac"}, out
+
+
+def test_heldout_problems_that_nothing_can_check_refuse_to_train(setup):
+    """Without answers and without label checks every policy scores 0 on them: a gate of 0 vs 0 is no gate."""
+    settings, store, registry = setup
+    with store.session() as s:
+        from sqlalchemy import update
+
+        from agent.store import ProblemRow
+
+        s.execute(update(ProblemRow).where(ProblemRow.split == "heldout").values(answer=None))
+    _result(store, Problem("cat backwards:", id="t-cat"), ["tac"], job="j-cat")
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
+    assert out["promoted"] is False and out["candidate"] is None and "carry no answers" in out["reason"], out
+    assert [r.version for r in store.policies()] == ["v0"]
