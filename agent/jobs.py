@@ -59,11 +59,19 @@ class StoreRetry:
                 return fn(*args, **kwargs)
 
 
-def submit_jobs(store: Store, problems: list, rounds: int = 1, search: dict | None = None) -> list[str]:
-    """Put problems and one job per problem in the store; returns the job ids (only now may they be shown)."""
-    ids = store.add_problems(problems)
+def submit_jobs(store: Store, problems: list, rounds: int = 1, search: dict | None = None, key: str = "") -> list[str]:
+    """Put problems and one job per problem in the store, in one transaction; returns the job ids (only now may they
+    be shown). Idempotent: the same problems submitted the same way (same rounds, search and `key`) are the same
+    jobs, so a submit that crashed part-way is simply run again."""
     kind = "refine" if rounds > 1 else "solve"
-    return [store.create_job(kind, problem_id=pid, rounds=rounds, params={"search": search or {}}) for pid in ids]
+    return store.submit(problems, kind, rounds, {"search": search or {}}, key)
+
+
+def unsent(store: Store, job_ids: list[str]) -> list[str]:
+    """The jobs of a submission that still need sending: those queued (a job that ran or runs is left alone; one
+    sent twice runs once, its effects recorded once)."""
+    status = store.job_status(job_ids)
+    return [j for j in dict.fromkeys(job_ids) if status.get(j) == "queued"]
 
 
 def record_once(store: Store, job_id: str, result: dict | None, rounds_rows: list[list[dict]],

@@ -6,6 +6,8 @@ Writes that a retried job may repeat are idempotent by key: problems by id, a jo
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import time
 import uuid
 from contextlib import contextmanager
@@ -160,6 +162,10 @@ class Store:
         An id already stored with the same content changes nothing (a resubmission); an id stored, or given twice
         here, with different content raises ProblemConflict and adds nothing. Concurrent calls are safe: rows go in
         with INSERT ... ON CONFLICT DO NOTHING and are compared with what the table holds afterwards."""
+        with self.session() as s:
+            return self._add_problems(s, problems)
+
+    def _add_problems(self, s, problems: list[Problem]) -> list[str]:
         ids, batch = [], {}
         for p in problems:
             p.id = p.id or p.content_id()
@@ -172,19 +178,34 @@ class Store:
             batch[p.id] = p
         conflicts = []
         unique = list(batch.values())
+        dialect_insert = _insert(self.engine.dialect.name)
+        for at in range(0, len(unique), 500):  # bounded statements and IN lists
+            chunk = unique[at : at + 500]
+            rows = [dict(id=p.id, prompt=p.prompt, answer=p.answer, checker=p.checker, task=p.task, split=p.split,
+                         difficulty=p.difficulty, meta=p.meta or {}, created_at=_now()) for p in chunk]
+            s.execute(dialect_insert(ProblemRow).on_conflict_do_nothing(index_elements=["id"]), rows)
+            stored = {r.id: r.to_problem().content() for r in s.scalars(select(ProblemRow).where(ProblemRow.id.in_([p.id for p in chunk])))}
+            conflicts += [f"{p.id!r} ({_differences(stored[p.id], p.content())})" for p in chunk if stored[p.id] != p.content()]
+        if conflicts:  # raising rolls the whole transaction back: nothing of it is added
+            raise ProblemConflict(f"{len(conflicts)} problem id(s) already stored with different content: "
+                                  f"{'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}: give each "
+                                  "new problem its own id, or leave 'id' out (then it is derived from the content)")
+        return ids
+
+    def submit(self, problems: list[Problem], kind: str, rounds: int, params: dict, key: str = "") -> list[str]:
+        """Problems and one job per problem, in one transaction: all of them or (a crash, a conflict) none.
+
+        A job's id is a hash of its problem, kind, rounds, params and the submission `key`, so that submitting the
+        same problems the same way again adds nothing and returns the same ids (INSERT ... ON CONFLICT DO NOTHING);
+        another `key` makes new jobs of the same problems."""
         with self.session() as s:
+            pids = self._add_problems(s, problems)
+            ids = [job_id(pid, kind, rounds, params, key) for pid in pids]
+            rows = list({i: dict(id=i, kind=kind, problem_id=pid, rounds=rounds, params=params, status="queued", attempts=0,
+                                 created_at=_now()) for i, pid in zip(ids, pids)}.values())
             dialect_insert = _insert(self.engine.dialect.name)
-            for at in range(0, len(unique), 500):  # bounded statements and IN lists
-                chunk = unique[at : at + 500]
-                rows = [dict(id=p.id, prompt=p.prompt, answer=p.answer, checker=p.checker, task=p.task, split=p.split,
-                             difficulty=p.difficulty, meta=p.meta or {}, created_at=_now()) for p in chunk]
-                s.execute(dialect_insert(ProblemRow).on_conflict_do_nothing(index_elements=["id"]), rows)
-                stored = {r.id: r.to_problem().content() for r in s.scalars(select(ProblemRow).where(ProblemRow.id.in_([p.id for p in chunk])))}
-                conflicts += [f"{p.id!r} ({_differences(stored[p.id], p.content())})" for p in chunk if stored[p.id] != p.content()]
-            if conflicts:  # raising rolls the whole call back: nothing of it is added
-                raise ProblemConflict(f"{len(conflicts)} problem id(s) already stored with different content: "
-                                      f"{'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}: give each "
-                                      "new problem its own id, or leave 'id' out (then it is derived from the content)")
+            for at in range(0, len(rows), 500):
+                s.execute(dialect_insert(JobRow).on_conflict_do_nothing(index_elements=["id"]), rows[at : at + 500])
         return ids
 
     def get_problem(self, problem_id: str) -> Problem | None:
@@ -242,6 +263,14 @@ class Store:
             changed = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running",
                                                      JobRow.attempts == attempts).values(status="queued")).rowcount
         return changed == 1
+
+    def job_status(self, job_ids: list[str]) -> dict[str, str]:
+        """Job id -> status, for the ids that exist (bounded IN lists)."""
+        ids, out = list(dict.fromkeys(job_ids)), {}
+        with self.session() as s:
+            for at in range(0, len(ids), 500):
+                out.update(s.execute(select(JobRow.id, JobRow.status).where(JobRow.id.in_(ids[at : at + 500]))).all())
+        return out
 
     def list_jobs(self, kind: str | None = None) -> list[JobRow]:
         with self.session() as s:
@@ -368,6 +397,13 @@ class Store:
         with self.session() as s:
             return s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
                              .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())).first()
+
+
+def job_id(problem_id: str, kind: str, rounds: int, params: dict, key: str = "") -> str:
+    """A job's id from what it runs: the same problem submitted the same way (and under the same key) is one job."""
+    blob = json.dumps({"problem": problem_id, "kind": kind, "rounds": rounds, "params": params, "key": key},
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 def _sqlite_pragmas(dbapi_connection, _record):

@@ -229,7 +229,7 @@ class Service:
 
     def submit(self, parse, source: str, refine: int, search: Any) -> dict:
         """Check everything, then store problems and jobs, then queue them: a refused request stores nothing."""
-        from agent.jobs import submit_jobs
+        from agent.jobs import submit_jobs, unsent
         from tasks import TASKS
 
         if refine < 1:
@@ -244,13 +244,13 @@ class Service:
         self.check_broker()
         job_ids = submit_jobs(self.store, problems, rounds=refine, search=config)
         kind = "refine" if refine > 1 else "solve"
-        sent = 0
+        sent, pending = 0, unsent(self.store, job_ids)  # the same request again sends what is still queued
         try:
-            for job_id in job_ids:  # the job id is the task id, as `arbor submit` sends it
+            for job_id in pending:  # the job id is the task id, as `arbor submit` sends it
                 self.celery().send_task(f"arbor.{kind}", args=[job_id], task_id=job_id)
                 sent += 1
         except Exception as exc:
-            raise ApiError(503, f"{len(job_ids) - sent} of {len(job_ids)} jobs are in the store but not queued "
+            raise ApiError(503, f"{len(pending) - sent} of {len(job_ids)} jobs are in the store but not queued "
                                 f"({type(exc).__name__}: {exc}): run `arbor requeue` once the broker is back") from None
         return {"job_ids": job_ids, "problem_ids": [p.id for p in problems]}
 

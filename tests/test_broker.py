@@ -11,7 +11,7 @@ from queue import Empty
 import pytest
 import redis
 
-from tests.support import RedisServer, arbor, arbor_env, free_port, postgres_database, seed_policy, wait_for, worker
+from tests.support import RedisServer, arbor, arbor_env, free_port, postgres_database, seed_policy, worker
 
 REDIS_PASSWORD = "r3dis-Secret/with:odd@chars"
 DB_PASSWORD = "pg-Secret-7d1f"  # the test server trusts local connections: the password only travels and must not show

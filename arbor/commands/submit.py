@@ -75,6 +75,8 @@ def submit(
     refine: int = typer.Option(1, help="refinement rounds (1: search once)"),
     wait: bool = typer.Option(False, "--wait", help="return once every job is finished"),
     timeout: float = option(QueueConfig, "wait_timeout_s", "--timeout"),
+    key: str = typer.Option("", "--key", help="a name for this submission: submitting the same problems the same way "
+                            "again adds nothing and prints the same job ids, unless under another key (to run them again)"),
     search_config: Optional[Path] = typer.Option(
         None, "--search-config", help="a JSON object of search settings (SearchConfig fields); flags override it"),
     strategy: Optional[str] = option(JOB_SEARCH, "strategy", unset=True),
@@ -98,7 +100,7 @@ def submit(
     """Submit problems: they are stored, then one job per problem is queued (or run here without a broker)."""
     from tasks import TASKS
     from tasks.jsonl import read_problems
-    from agent.jobs import submit_jobs
+    from agent.jobs import submit_jobs, unsent
 
     flags = dict(strategy=strategy, n=n, temperature=temperature, max_new_tokens=max_new_tokens, beams=beams,
                  children=children, simulations=simulations, c_puct=c_puct, scorer=scorer, confidence=confidence,
@@ -127,11 +129,13 @@ def submit(
         _check_broker(settings.broker_url)
     store = _store(settings)
     # the whole configuration, JSON-safe: run_job rebuilds it with SearchConfig(**params["search"])
-    job_ids = submit_jobs(store, problems, rounds=refine, search=asdict(search))
+    # one transaction, ids derived from the jobs: a submit killed part-way is run again and adds nothing twice
+    job_ids = submit_jobs(store, problems, rounds=refine, search=asdict(search), key=key)
     for job_id in job_ids:  # the problems and jobs are committed: only now are the ids shown
         typer.echo(job_id)
     if settings.broker_url:
-        _enqueue(job_ids, ["refine" if refine > 1 else "solve"] * len(job_ids))
+        pending = unsent(store, job_ids)  # a resubmit sends what is still queued; finished jobs stay finished
+        _enqueue(pending, ["refine" if refine > 1 else "solve"] * len(pending))
         if wait:
             _wait(store, job_ids, timeout)
     else:
