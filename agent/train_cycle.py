@@ -57,22 +57,26 @@ def task_of(problem: Problem) -> Task:
     return get_task(problem.task) if problem.task is not None else Task()
 
 
-def _new_results(store: Store) -> tuple[list, list[list[int]]]:
-    """The search results whose best trajectory no train cycle has consumed yet, rebuilt from their rows (ranked
-    best first, as the workers recorded them), with each candidate's trajectory id."""
+def _new_results(store: Store, limit: int) -> tuple[list, list[list[int]]]:
+    """The oldest `limit` search results whose best trajectory no train cycle has consumed yet, rebuilt from their
+    rows (ranked best first, as the workers recorded them), with each candidate's trajectory id. Bounded: one page of
+    best rows, then the rows of those jobs only; the rest wait for the next cycle."""
     from search import Candidate, SearchResult
 
     with store.session() as s:
-        fresh = sql_select(TrajectoryRow.problem_id).where(*Store._untrained_best())  # what count_untrained_best counts
-        rows = list(s.scalars(sql_select(TrajectoryRow).where(TrajectoryRow.problem_id.in_(fresh)).order_by(TrajectoryRow.id)))
-    groups: list[list[TrajectoryRow]] = []
-    for row in rows:  # a result's rows were inserted together, its best first
-        key = (row.problem_id, row.job_id, row.cycle, row.round)
-        if row.is_best or not groups or (groups[-1][0].problem_id, groups[-1][0].job_id, groups[-1][0].cycle, groups[-1][0].round) != key:
-            groups.append([row])
-        else:
-            groups[-1].append(row)
-    groups = [g for g in groups if g[0].is_best and not g[0].trained_on and g[0].job_id is not None]
+        best = list(s.scalars(sql_select(TrajectoryRow).where(*Store._untrained_best())
+                              .order_by(TrajectoryRow.id).limit(limit)))
+        jobs = sorted({b.job_id for b in best})
+        rows: list[TrajectoryRow] = []
+        for at in range(0, len(jobs), 500):  # bounded IN lists (SQLite's variable limit)
+            rows += s.scalars(sql_select(TrajectoryRow).where(TrajectoryRow.job_id.in_(jobs[at : at + 500]))
+                              .order_by(TrajectoryRow.id))
+    wanted = {(b.job_id, b.round) for b in best}
+    by_result: dict[tuple, list[TrajectoryRow]] = {}
+    for row in rows:  # a result is a job's round: its best row, then its other candidates in rank order
+        if (row.job_id, row.round) in wanted:
+            by_result.setdefault((row.job_id, row.round), []).append(row)
+    groups = [sorted(by_result[(b.job_id, b.round)], key=lambda r: (not r.is_best, r.id)) for b in best]
     problems = store.get_problems(sorted({g[0].problem_id for g in groups}))
     results, ids = [], []
     for g in groups:
@@ -83,10 +87,12 @@ def _new_results(store: Store) -> tuple[list, list[list[int]]]:
     return results, ids
 
 
-def _earlier_labels(store: Store, task_name: str | None) -> list[dict]:
-    """The labels earlier store cycles trained this task on (recorded with their versions), for replay."""
+def _earlier_labels(store: Store, task_name: str | None, limit: int) -> list[dict]:
+    """The newest `limit` labels earlier store cycles trained this task on (recorded with their versions), for
+    replay: a mix draws at most that many, however many cycles ran before."""
     label_ids = [i for row in store.policies() if (row.trained_on or {}).get("source") == "store"
                  and row.trained_on.get("task") == task_name for i in row.trained_on.get("labels", [])]
+    label_ids = sorted(set(label_ids))[-limit:]
     labels = []
     with store.session() as s:
         for at in range(0, len(label_ids), 500):  # bounded IN lists (SQLite's variable limit)
@@ -104,7 +110,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     from agent.select import select
 
     cfg = cfg or LoopConfig()
-    results, ids = _new_results(store)
+    results, ids = _new_results(store, cfg.problems_per_cycle)  # the oldest first; the rest wait for the next cycle
     if not results:
         return {"candidate": None, "promoted": False, "reason": "no new search results", "metrics": {}}
     by_task: dict[str | None, list[int]] = {}
@@ -156,7 +162,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     newest = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
     seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed) if task.name in TASKS else []
     rng = random.Random(f"{cfg.seed}/{len(store.policies())}")
-    mix = replay_mix(seed_examples, newest, _earlier_labels(store, name), cfg, rng)
+    mix = replay_mix(seed_examples, newest, _earlier_labels(store, name, cfg.examples_per_cycle), cfg, rng)
     mode = "verifier" if any(p.answer is not None for ps in heldout.values() for p in ps) else "label_free"
     trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples), "filters": filters,
                   "mode": mode, "labels": labels}

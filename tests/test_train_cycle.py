@@ -152,3 +152,39 @@ def test_heldout_problems_that_nothing_can_check_refuse_to_train(setup):
     out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
     assert out["promoted"] is False and out["candidate"] is None and "carry no answers" in out["reason"], out
     assert [r.version for r in store.policies()] == ["v0"]
+
+
+def test_a_cycle_reads_one_bounded_page_of_results_oldest_first(tmp_path):
+    """However many results wait, a cycle loads the oldest `limit` of them and only their rows: the consumed and
+    the newer ones stay in the database (the rows loaded are counted)."""
+    from sqlalchemy import event
+
+    from agent.store import TrajectoryRow
+    from agent.train_cycle import _new_results
+
+    store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
+    for i in range(30):
+        _result(store, Problem(f"p{i}:", None, id=f"p{i}"), [f"a{i}", f"b{i}", f"c{i}"], job=f"j{i:02d}")
+    store.mark_trained([t.id for t in store.trajectories(job_id="j00") if t.is_best])  # judged by an earlier cycle
+    loaded = []
+
+    def count(row, _context):
+        loaded.append(row.id)
+
+    event.listen(TrajectoryRow, "load", count)
+    try:
+        results, ids = _new_results(store, limit=10)
+    finally:
+        event.remove(TrajectoryRow, "load", count)
+    assert [r.problem.id for r in results] == [f"p{i}" for i in range(1, 11)]
+    assert [c.completion for c in results[0].candidates] == ["a1", "b1", "c1"] and all(len(g) == 3 for g in ids)
+    assert len(loaded) == 10 * 3  # the page's best rows and the other rows of their jobs, nothing else
+    statements = []
+
+    def seen(conn, cursor, statement, *_):
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    assert store.count_untrained_best() == 29 and store.count_trainable() == 0  # no held-out problems: none trainable
+    event.remove(store.engine, "before_cursor_execute", seen)
+    assert len(statements) == 2 and all("count(" in s.lower() for s in statements)  # one COUNT each, no ids fetched
