@@ -245,3 +245,26 @@ def test_a_stopped_worker_puts_its_running_job_back_at_once(tmp_path):
         row = store.get_job(job)
         assert row.attempts == 2 and row.worker.endswith(f":{w2.children()[0]}")
         assert len(store.trajectories(job_id=job)) == 512
+
+
+def test_a_train_cycle_whose_worker_died_is_sent_again(pg_url, tmp_path):
+    """A running train job is alive while the train lock names it; one whose worker died mid-cycle (the lock
+    expired, or another cycle holds it) is sent again under its own id."""
+    from agent.store import Store
+    from workers.recovery import TRAIN_LOCK, recover
+
+    store = Store(pg_url)
+    dead, alive = store.create_job("train", job_id="cycle-dead"), store.create_job("train", job_id="cycle-alive")
+    store.start_job(dead, "gone:1")
+    store.start_job(alive, "here:2")
+    server = RedisServer(tmp_path, appendonly=False).start()
+    try:
+        client = redis.Redis(port=server.port)
+        client.set(TRAIN_LOCK, alive, ex=60)
+        sent = []
+        assert recover(store, client, lambda job_id, kind: sent.append((job_id, kind)), grace_s=0) == [dead]
+        assert sent == [(dead, "train")] and store.get_job(dead).status == "queued"
+        assert store.get_job(alive).status == "running"
+    finally:
+        server.stop()
+        store.engine.dispose()

@@ -7,6 +7,10 @@ message with the job id only) and marks it queued with a compare-and-swap on (st
 delivery started in the meantime is left alone. Effects stay exactly once: the store records a job's result once
 (agent/jobs.py), and a second delivery of a running job waits on its lease.
 
+A train cycle is recovered the same way: it runs under the train lock (`arbor:lock:train`, held by the cycle's
+job id), so a train job marked `running` while the lock is free or held by another cycle died (SIGKILL mid-save:
+the registry adopts or removes what its save left) and is sent again under the same id.
+
 The beat process runs `recover` every QueueConfig.recover_every_s seconds in a thread (`arbor beat`: exactly one
 per deployment; a Redis lock keeps two from scanning at once); `arbor requeue` runs it once with no grace.
 """
@@ -19,7 +23,8 @@ import time
 
 log = logging.getLogger("arbor.workers")
 
-KINDS = ("solve", "refine")
+KINDS = ("solve", "refine", "train")
+TRAIN_LOCK = "arbor:lock:train"  # the train cycle's lock (workers/tasks.py), its value the running cycle's job id
 
 
 def lease_key(job_id: str) -> str:
@@ -32,18 +37,21 @@ def _mark_key(job_id: str) -> str:
 
 def send(app, job_id: str, kind: str) -> None:
     # the job id is the task id: logs, task state and the store agree on one name
-    app.send_task(f"arbor.{kind}", args=[job_id], task_id=job_id)
+    if kind == "train":
+        app.send_task("arbor.train_cycle", task_id=job_id)  # the cycle's job id is its task id
+    else:
+        app.send_task(f"arbor.{kind}", args=[job_id], task_id=job_id)
 
 
 def stranded(store, client) -> tuple[list, list]:
-    """(running jobs without a live lease, running jobs with one)."""
+    """(running jobs without a live lease, running jobs with one); a train cycle's lease is the train lock."""
     running = store.running_jobs(KINDS)
     if not running:
         return [], []
     pipe = client.pipeline(transaction=False)
     for job in running:
-        pipe.exists(lease_key(job.id))
-    alive = pipe.execute()
+        pipe.get(TRAIN_LOCK) if job.kind == "train" else pipe.exists(lease_key(job.id))
+    alive = [v == job.id.encode() if job.kind == "train" else bool(v) for job, v in zip(running, pipe.execute())]
     return [j for j, a in zip(running, alive) if not a], [j for j, a in zip(running, alive) if a]
 
 
