@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.policy import Policy, PolicyLoadError, load_policy
-from agent.store import Store
+from agent.store import RunStore, Store
 
 log = logging.getLogger("arbor.registry")
 
@@ -208,6 +208,16 @@ class PolicyRegistry:
         if rows[version].status == "saving":
             raise PolicyLoadError(f"policy version {version!r} is still being saved")
         return Policy.load(rows[version].path, version=version, device=device, dtype=dtype)
+
+    def discard(self, version: str) -> None:
+        """Delete a version that was never promoted or rejected (saved by a run killed before it recorded the
+        cycle): its folder first, then its row, so that a kill in between leaves a folder that tidy() adopts and
+        the next discard removes."""
+        row = next((r for r in self.store.policies() if r.version == version), None)
+        if row is not None and row.status not in ("saving", "candidate"):
+            raise RuntimeError(f"policy version {version} is {row.status}: only an undecided version may be discarded")
+        shutil.rmtree(self.root / version, ignore_errors=True)
+        RunStore(self.store).delete_undecided_policy(version)
 
 
 def _created(row) -> float:

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, exists, func,
-                        Index, insert, select, text, update)
+                        ForeignKeyConstraint, Index, insert, select, text, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column, sessionmaker
 
@@ -412,3 +412,147 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
+
+
+# runs ------------------------------------------------------------------------------------------------
+# `arbor run` keeps its run here, so that a killed run resumes after its last recorded cycle: the run's settings,
+# one row per finished cycle (unique per run and cycle) and the labels it accepted (its replay buffer). A cycle's
+# record, trajectories, labels and its candidate's promotion or rejection are written in one transaction
+# (RunStore.record_cycle): a kill before it leaves nothing of the cycle but a candidate version, which the resumed
+# run discards (RunStore.unrecorded_versions); a kill after it loses nothing.
+
+class RunRow(Base):
+    __tablename__ = "runs"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    config: Mapped[dict] = mapped_column(JSON)  # asdict(LoopConfig)
+    inputs: Mapped[dict] = mapped_column(JSON)  # the user's files (path, sha256) and model folder
+    base_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None until the warm start is saved
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | finished
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class RunCycleRow(Base):
+    __tablename__ = "run_cycles"
+    run: Mapped[str] = mapped_column(ForeignKey("runs.name"), primary_key=True)
+    cycle: Mapped[int] = mapped_column(Integer, primary_key=True)  # the key (run, cycle): a cycle is recorded once
+    record: Mapped[dict] = mapped_column(JSON)  # asdict(CycleRecord)
+    state: Mapped[dict] = mapped_column(JSON)  # what a resume needs besides the record (the curriculum's metrics)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class RunLabelRow(Base):
+    __tablename__ = "run_labels"
+    __table_args__ = (ForeignKeyConstraint(["run", "cycle"], ["run_cycles.run", "run_cycles.cycle"]),)
+    run: Mapped[str] = mapped_column(String(100), primary_key=True)
+    cycle: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # order of selection within the cycle
+    problem_id: Mapped[str | None] = mapped_column(ForeignKey("problems.id"), nullable=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    completion: Mapped[str] = mapped_column(Text)
+
+
+class RunExists(ValueError):
+    """A run name that is already taken."""
+
+
+class CycleRecorded(ValueError):
+    """A cycle of a run that is already recorded (another process resumed the same run)."""
+
+
+class RunStore:
+    """The runs of `arbor run` in a Store's database (the tables above)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def create(self, name: str, config: dict, inputs: dict) -> None:
+        try:
+            with self.store.session() as s:
+                s.add(RunRow(name=name, config=config, inputs=inputs))
+        except IntegrityError:
+            raise RunExists(f"run {name!r} already exists") from None
+
+    def get(self, name: str) -> RunRow | None:
+        with self.store.session() as s:
+            return s.get(RunRow, name)
+
+    def set_config(self, name: str, config: dict) -> None:
+        with self.store.session() as s:
+            s.execute(update(RunRow).where(RunRow.name == name).values(config=config))
+
+    def set_base(self, name: str, version: str, promote: bool) -> None:
+        """Record the run's first policy and, with `promote`, promote it if no version is promoted yet, in one
+        transaction: a run never demotes a version it did not train (an earlier run's improved policy)."""
+        with self.store.session() as s:
+            s.execute(update(RunRow).where(RunRow.name == name).values(base_version=version))
+            if promote and s.scalar(select(func.count()).select_from(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")) == 0:
+                row = s.get(PolicyVersionRow, version, with_for_update=True)
+                row.status, row.promoted_at = "promoted", _now()
+
+    def finish(self, name: str) -> None:
+        with self.store.session() as s:
+            s.execute(update(RunRow).where(RunRow.name == name).values(status="finished", finished_at=_now()))
+
+    def cycles(self, name: str) -> list[RunCycleRow]:
+        with self.store.session() as s:
+            return list(s.scalars(select(RunCycleRow).where(RunCycleRow.run == name).order_by(RunCycleRow.cycle)))
+
+    def labels(self, name: str) -> list[RunLabelRow]:
+        with self.store.session() as s:
+            return list(s.scalars(select(RunLabelRow).where(RunLabelRow.run == name)
+                                  .order_by(RunLabelRow.cycle, RunLabelRow.seq)))
+
+    def record_cycle(self, name: str, cycle: int, record: dict, state: dict, labels: list[dict] = (),
+                     trajectories: list[dict] = (), candidate: str | None = None, promoted: bool = False) -> None:
+        """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `trained_on`
+        marks say which rows the cycle trained on) and the candidate's promotion or rejection (promoting retires
+        the promoted version). Raises CycleRecorded, and writes nothing, when the cycle is recorded already."""
+        for attempt in range(20):
+            try:
+                with self.store.session() as s:
+                    if s.get(RunCycleRow, (name, cycle)) is not None:
+                        raise CycleRecorded(f"cycle {cycle} of run {name!r} is already recorded")
+                    s.add(RunCycleRow(run=name, cycle=cycle, record=record, state=state))
+                    s.flush()  # the label rows' foreign key needs it
+                    if labels:
+                        s.execute(insert(RunLabelRow), [dict(run=name, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
+                                                             prompt=e["prompt"], completion=e["completion"])
+                                                        for i, e in enumerate(labels)])
+                    if trajectories:
+                        s.execute(insert(TrajectoryRow), list(trajectories))
+                    if candidate is not None:
+                        row = s.get(PolicyVersionRow, candidate, with_for_update=True)
+                        if row is None or row.status != "candidate":
+                            raise RuntimeError(f"cycle {cycle} of run {name!r}: its candidate {candidate} is "
+                                               f"{'missing' if row is None else row.status}, expected an undecided candidate")
+                        if promoted:
+                            s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted",
+                                                                     PolicyVersionRow.version != candidate).values(status="retired"))
+                            s.flush()
+                            row.promoted_at = _now()
+                        row.status = "promoted" if promoted else "rejected"
+                return
+            except IntegrityError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.01 * (attempt + 1))  # two promotions at once, or the same cycle: the check above decides
+
+    def unrecorded_versions(self, name: str) -> list[PolicyVersionRow]:
+        """Versions the run saved (`trained_on["run"]`) that neither its base nor a recorded cycle names: a process
+        killed after saving a candidate and before recording its cycle left them."""
+        with self.store.session() as s:
+            run = s.get(RunRow, name)
+            named = {run.base_version} | {c.record.get("candidate") for c in s.scalars(select(RunCycleRow).where(RunCycleRow.run == name))}
+            rows = s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.version))
+            return [r for r in rows if (r.trained_on or {}).get("run") == name and r.version not in named]
+
+    def delete_undecided_policy(self, version: str) -> None:
+        """Forget a version that was never promoted or rejected (status saving or candidate)."""
+        with self.store.session() as s:
+            row = s.get(PolicyVersionRow, version, with_for_update=True)
+            if row is None:
+                return
+            if row.status not in ("saving", "candidate"):
+                raise RuntimeError(f"policy version {version} is {row.status}: only an undecided version may be deleted")
+            s.delete(row)
