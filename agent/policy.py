@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from memory.context import ContextMemory, check_model
 from memory.recycling import RecyclingMemory
 from search.decoder import float_mask, sequential_tree_inputs, tree_paths
 
@@ -289,3 +290,9 @@ class Policy:
         model, tokenizer = load_policy(path, device, dtype)
         memory = RecyclingMemory.load(path, model.config.vocab_size, device=model.device)
         return cls(model, tokenizer, version or Path(path).name, str(path), memory)
+
+    def memory_cache_factory(self):
+        """The Decoder's cache factory for the context memory (SearchConfig.memory): a fresh ContextMemory sized
+        to the model's trained window per prefill. ValueError (one line) when this model cannot run it."""
+        check_model(self.model)
+        return ContextMemory

@@ -1,16 +1,20 @@
-"""Iterative refinement: search, show the policy its best attempt and the verdict, search again.
+"""Iterative refinement: search, show the policy its attempts and the verdicts, search again.
 
-Round 0 searches the problem's own prompt. Round r >= 1 searches a prompt that holds the best attempt so far
-and its feedback, with the problem last so that the completion continues the problem as in round 0:
+Round 0 searches the problem's own prompt. Round r >= 1 searches a prompt that holds every earlier round's best
+attempt and its feedback, oldest first, with the problem last so that the completion continues the problem as
+in round 0:
 
     # attempt: 0721
+    # feedback: rejected by the exact checker
+    # attempt: 0821
     # feedback: rejected by the exact checker
     1234+5678=
 
 The feedback is the checker's verdict when the problem carries an answer, otherwise the search's confidence
-(never the answer itself). The loop stops at the first verified attempt or after `rounds` rounds. Plain
-functions over agent.solve, callable without a broker; agent/jobs.py records the rounds, each linked to
-the attempt it refined.
+(never the answer itself). The loop stops at the first verified attempt or after `rounds` rounds. The history
+grows with the rounds; once it runs past the policy's trained window, agent.solve searches it through the
+context memory. Plain functions over agent.solve, callable without a broker; agent/jobs.py records the rounds,
+each linked to the best earlier attempt it refined.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ def feedback(problem: Problem, attempt: Candidate) -> str:
     return f"{'accepted' if attempt.verified else 'rejected'} by the {problem.checker} checker"
 
 
-def round_prompt(problem: Problem, attempt: Candidate) -> str:
-    return f"# attempt: {attempt.completion.strip()}\n# feedback: {feedback(problem, attempt)}\n{problem.prompt}"
+def round_prompt(problem: Problem, *attempts: Candidate) -> str:
+    """The problem after the attempts so far (oldest first), each with its feedback."""
+    history = "".join(f"# attempt: {a.completion.strip()}\n# feedback: {feedback(problem, a)}\n" for a in attempts)
+    return history + problem.prompt
 
 
 def _better(a: Candidate, b: Candidate | None) -> bool:
@@ -50,10 +56,12 @@ def refine(problem: Problem, policy, cfg: SearchConfig, rounds: int,
         raise ValueError(f"rounds must be at least 1 (got rounds={rounds})")
     results: list[SearchResult] = []
     best: Candidate | None = None
+    history: list[Candidate] = []  # each round's best attempt, oldest first
     for r in range(rounds):
-        asked = problem if best is None else replace(problem, prompt=round_prompt(problem, best))
+        asked = problem if not history else replace(problem, prompt=round_prompt(problem, *history))
         result = solve([asked], policy, cfg)[0]
         results.append(result)
+        history.append(result.best)
         if on_round is not None:
             on_round(r, result)
         if _better(result.best, best):
@@ -64,9 +72,10 @@ def refine(problem: Problem, policy, cfg: SearchConfig, rounds: int,
 
 
 def refine_rows(problem: Problem, results: list[SearchResult], job_id: str | None = None) -> tuple[list[list[dict]], list[int | None]]:
-    """Trajectory rows per round, and per round the earlier round whose best attempt its prompt showed (None for
-    round 0); the store links them through `parent_id`. Only the job's overall best is marked `is_best` (the one
-    training uses, paired with the problem's own prompt); a round's own prompt is kept in `prompt`."""
+    """Trajectory rows per round, and per round the earlier round whose attempt it refined: the best one its
+    prompt showed (None for round 0); the store links them through `parent_id`. Only the job's overall best is
+    marked `is_best` (the one training uses, paired with the problem's own prompt); a round's own prompt is kept
+    in `prompt`."""
     per_round, parents = [], []
     best, at = None, None
     for r, result in enumerate(results):

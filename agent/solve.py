@@ -5,8 +5,13 @@ Plain functions, callable without a broker; the Celery tasks in workers/ are thi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from memory.context import exceeds_window
 from tasks import Problem
 from search import SearchConfig, SearchResult, run_search
+
+MEMORY_STRATEGIES = ("greedy", "best_of_n", "beam", "diverse_beam")
 
 
 def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int | None = None, round: int = 0) -> list[dict]:
@@ -23,5 +28,21 @@ def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int 
 
 
 def solve(problems: list[Problem], policy, cfg: SearchConfig) -> list[SearchResult]:
-    """Search every problem (the caller records the trajectories: agent/jobs.py, agent/loop.py)."""
-    return run_search(problems, cfg, policy)
+    """Search every problem (the caller records the trajectories: agent/jobs.py, agent/loop.py).
+
+    A problem whose prompt and completion would run past the policy's trained window is searched through the
+    context memory (SearchConfig.memory) when the model can run it: long statements in submitted jobs and the
+    history a refinement job accumulates. A model asked past its trained length otherwise fails."""
+    if cfg.memory or cfg.recycling or cfg.strategy not in MEMORY_STRATEGIES or not problems:
+        return run_search(problems, cfg, policy)
+    lengths = [len(ids) for ids in policy.tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids]
+    long = [exceeds_window(policy.model, n + cfg.max_new_tokens) for n in lengths]
+    if not any(long):
+        return run_search(problems, cfg, policy)
+    results: list[SearchResult | None] = [None] * len(problems)
+    for flag, group_cfg in ((False, cfg), (True, replace(cfg, memory=True))):
+        at = [i for i, is_long in enumerate(long) if is_long == flag]
+        if at:
+            for i, r in zip(at, run_search([problems[i] for i in at], group_cfg, policy)):
+                results[i] = r
+    return results

@@ -81,7 +81,7 @@ class ContextMemoryConfig:
         n_local = min(4096, window // 2)
         topk = min(16, (window - n_init - n_local) // block)
         return cls(n_init=n_init, n_local=n_local, block_size=block, topk=topk,
-                   exec_chunk=min(512, 2 * block), max_cached=max(32, 2 * topk))
+                   exec_chunk=min(512, 2 * block), max_cached=max(1, 2 * topk))
 
 
 def trained_window(model) -> int:
@@ -101,6 +101,19 @@ def check_model(model) -> None:
     if getattr(rope, "attention_scaling", 1.0) != 1.0:
         raise ValueError(f"the context memory re-rotates keys with plain RoPE; this model's RoPE scales attention "
                          f"({rope.rope_type})")
+
+
+def supports(model) -> bool:
+    try:
+        check_model(model)
+    except ValueError:
+        return False
+    return True
+
+
+def exceeds_window(model, n_tokens: int) -> bool:
+    """Whether a sequence of n_tokens runs past the model's trained window and the context memory can take it."""
+    return n_tokens > trained_window(model) and supports(model)
 
 
 class Rotary:

@@ -18,7 +18,7 @@ import torch
 from search.decoder import DecodeStats, Decoder
 from search.scorers import load_scorer, rank_by
 from search.scores import confidence
-from search.types import Candidate, SearchConfig, SearchResult
+from search.types import Candidate, SearchConfig, SearchResult, cache_factory
 from tasks import Problem, verify
 
 NEG = -1.0e9  # generate's "impossible" score
@@ -151,7 +151,7 @@ def candidates_from_state(problem: Problem, st: BeamState, i: int, tokenizer, eo
 
 @torch.inference_mode()
 def _beam_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: DecodeStats) -> list[SearchResult]:
-    decoder, tok = Decoder(policy.model, policy.tokenizer), policy.tokenizer
+    decoder, tok = Decoder(policy.model, policy.tokenizer, cache_factory=cache_factory(cfg, policy)), policy.tokenizer
     nb, max_new, eos = cfg.beams, cfg.max_new_tokens, tok.eos_token_id
     scorer = load_scorer(cfg)
     cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)

@@ -15,13 +15,13 @@ import torch
 from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done, run_in_chunks, step_logprobs
 from search.decoder import DecodeStats, Decoder
 from search.scorers import load_scorer, rank_by
-from search.types import SearchConfig, SearchResult
+from search.types import SearchConfig, SearchResult, cache_factory
 from tasks import Problem
 
 
 @torch.inference_mode()
 def _diverse_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: DecodeStats) -> list[SearchResult]:
-    decoder, tok = Decoder(policy.model, policy.tokenizer), policy.tokenizer
+    decoder, tok = Decoder(policy.model, policy.tokenizer, cache_factory=cache_factory(cfg, policy)), policy.tokenizer
     nb, G, max_new, eos = cfg.beams, cfg.groups, cfg.max_new_tokens, tok.eos_token_id
     gb = nb // G  # beams per group
     scorer = load_scorer(cfg)

@@ -6,13 +6,14 @@ from tasks import Problem, verify
 from search.decoder import DecodeStats, Decoder
 from search.scorers import load_scorer, rank_by
 from search.scores import confidence
-from search.types import Candidate, SearchConfig, SearchResult
+from search.types import Candidate, SearchConfig, SearchResult, cache_factory
 
 
 def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, temperature: float, strategy: str,
                     draft_source=None) -> list[SearchResult]:
     stats = DecodeStats()
-    decoded = Decoder(policy.model, policy.tokenizer, draft_source=draft_source).decode(
+    decoded = Decoder(policy.model, policy.tokenizer, draft_source=draft_source,
+                      cache_factory=cache_factory(cfg, policy)).decode(
         [p.prompt for p in problems],
         n=n,
         temperature=temperature,

@@ -51,6 +51,9 @@ class SearchConfig:
     recycling: bool = field(default=False, metadata={
         "help": "greedy decoding verifies draft trees of recycled tokens (same output, fewer forwards; the tree is "
                 "sized to the device, and drafting switches itself off at batch sizes where it measured no gain)"})
+    memory: bool = field(default=False, metadata={
+        "help": "attend through the context memory (initial tokens, blocks retrieved from FAISS, a local window) so "
+                "prompts longer than the policy's trained window still work (greedy, best_of_n, beam, diverse_beam)"})
 
     def __post_init__(self):
         import math
@@ -91,16 +94,27 @@ class SearchConfig:
             raise ValueError(f"groups must be at least 1 (got groups={self.groups})")
         if self.strategy == "diverse_beam" and self.beams % self.groups:
             raise ValueError(f"groups must divide beams (got beams={self.beams}, groups={self.groups})")
-        for name in ("use_verifier", "reuse_prefix", "keep_tree", "recycling"):
+        for name in ("use_verifier", "reuse_prefix", "keep_tree", "recycling", "memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r})")
         if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
             raise ValueError(f"early_stopping must be true, false or 'never' (got {self.early_stopping!r})")
         if not isinstance(self.confidence, str) or not (self.scorer is None or isinstance(self.scorer, str)):
             raise ValueError(f"confidence and scorer must be names (got confidence={self.confidence!r}, scorer={self.scorer!r})")
+        if self.memory and self.strategy in ("step_beam", "mcts"):
+            raise ValueError(f"memory works with greedy, best_of_n, beam and diverse_beam (got strategy={self.strategy}): "
+                             "tree strategies copy key/value segments between nodes, which a context memory does not hold")
+        if self.memory and self.recycling:
+            raise ValueError("memory and recycling cannot be combined: draft verification crops the cache, a context memory cannot")
         from search.scorers import load_scorer
 
         load_scorer(self)  # an unknown scorer or confidence fails here, with the scorer's own message
+
+
+def cache_factory(cfg: SearchConfig, policy):
+    """The Decoder's cache factory for a search: the policy's context memory when `cfg.memory`, else None (the
+    plain cache). Strategies import nothing from memory/ (a layer above search); the policy carries it."""
+    return policy.memory_cache_factory() if cfg.memory else None
 
 
 @dataclass

@@ -40,8 +40,9 @@ def test_refine_stops_when_verified_and_links_rounds(monkeypatch):
     results = refine(problem, policy=None, cfg=SearchConfig(), rounds=5)
     assert len(results) == 3  # stopped at the verified attempt, not after 5 rounds
     assert scripted.prompts[0] == "123+456="
-    # round 2 shows the best attempt so far (round 0's, higher score than round 1's) and the checker's verdict
-    assert scripted.prompts[2] == "# attempt: 12\n# feedback: rejected by the exact checker\n123+456="
+    # round 2 shows every attempt so far, oldest first, with the checker's verdicts
+    assert scripted.prompts[2] == ("# attempt: 12\n# feedback: rejected by the exact checker\n"
+                                   "# attempt: 13\n# feedback: rejected by the exact checker\n123+456=")
     rows, parents = refine_rows(problem, results, job_id=None)
     assert parents == [None, 0, 0]
     assert [r["is_best"] for rr in rows for r in rr].count(True) == 1 and rows[2][0]["is_best"]

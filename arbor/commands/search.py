@@ -3,6 +3,7 @@
     arbor search --model PATH --strategy beam --beams 4 --prompt "12+34="
     arbor search --model PATH --strategy mcts --simulations 8 --problems probs.jsonl --json
     arbor search --model PATH --strategy step_beam --prompt "12+34=" --tree tree.html
+    arbor search --model PATH --memory --problems long.jsonl     # prompts past the model's trained window
 
 With --json the last line printed is one JSON object per prompt (a JSON list for --problems):
 {"completion", "token_ids", "score", "generated_tokens", "forward_passes", ...}.
@@ -68,6 +69,7 @@ def search_command(
     use_verifier: bool = option(CLI_SEARCH, "use_verifier"),
     seed: int = option(CLI_SEARCH, "seed"),
     recycling: bool = option(CLI_SEARCH, "recycling"),
+    memory: bool = option(CLI_SEARCH, "memory"),
     device: Optional[str] = option(Settings, "device"),
     dtype: Optional[str] = option(Settings, "dtype"),
     tree: Optional[Path] = typer.Option(None, help="write an HTML view of the search tree here"),
@@ -96,10 +98,12 @@ def search_command(
             use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
             diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
             simulations=simulations, c_puct=c_puct, scorer=scorer, keep_tree=tree is not None,
-            recycling=recycling,
+            recycling=recycling, memory=memory,
         )
         settings = load_settings(device=device, dtype=dtype)
         policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
+        if memory:
+            policy.memory_cache_factory()  # a model that cannot run the context memory fails here, in one line
     except (ValueError, PolicyLoadError) as exc:
         raise typer.BadParameter(str(exc)) from exc
     results = run_search(items, cfg, policy)
