@@ -58,11 +58,12 @@ class DraftSource(Protocol):
     `accepted(best_nodes [B])` hears which node ended each row's accepted path after a verify step.
     `ready(decoder, batch, context) -> bool` says whether drafting pays for this batch size and context (the
     source may resize its tree first); when it does not, the Decoder decodes one token per forward.
-    `finished(decoder, batch, context, seconds, tokens)` hears how fast a drafted decode really went."""
+    `finished(decoder, batch, context, seconds, tokens, drafted)` hears how fast a greedy decode really went,
+    drafted or one token per forward after `ready` said no."""
 
     def ready(self, decoder: "Decoder", batch: int, context: int) -> bool: ...
 
-    def finished(self, decoder: "Decoder", batch: int, context: int, seconds: float, tokens: int) -> None: ...
+    def finished(self, decoder: "Decoder", batch: int, context: int, seconds: float, tokens: int, drafted: bool) -> None: ...
 
     def propose(self, last_tokens: torch.Tensor) -> tuple[torch.Tensor, list[int]]: ...
 
@@ -194,6 +195,20 @@ class Decoder:
                 k = keep.to(layer.keys.device)[:, None, :, None].expand(B, H, keep.shape[1], D)
                 layer.keys, layer.values = layer.keys.gather(2, k), layer.values.gather(2, k)
 
+    @staticmethod
+    def compact_tail(cache, start: int, keep: torch.Tensor) -> None:
+        """Keep positions [0, start) of every row as they are and, after them, the positions `start + keep`
+        ([B, K], per row). Only the tail moves: a full `compact` would copy the whole prefix at every verify
+        step, and the next forward's cache update copies it once more anyway."""
+        for layer in cache.layers:
+            B, H, _, D = layer.keys.shape
+            k = keep.to(layer.keys.device)[:, None, :, None].expand(B, H, keep.shape[1], D)
+            for name in ("keys", "values"):
+                full = getattr(layer, name)
+                tail = full[:, :, start:].gather(2, k)  # a copy: source and destination overlap
+                full[:, :, start: start + keep.shape[1]] = tail
+                setattr(layer, name, full[:, :, : start + keep.shape[1]])
+
     # ----- forwards -----
 
     def _forward(self, **inputs) -> torch.Tensor:
@@ -280,10 +295,15 @@ class Decoder:
             if n > 1:
                 self.repeat_rows(cache, n)
                 ids, mask, logits = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), logits.repeat_interleave(n, 0)
-            if temperature == 0 and self.draft_source is not None and self.draft_source.ready(self, ids.shape[0], ids.shape[1]):
+            greedy_source = self.draft_source if temperature == 0 else None
+            if greedy_source is not None and greedy_source.ready(self, ids.shape[0], ids.shape[1]):
                 rows_out = [_trim_at_eos(row, self.eos) for row in self.greedy_with_drafts(ids, mask, cache, logits, max_new_tokens, stats)]
             else:
+                start_s = time.perf_counter()
                 rows_out = self._sample_rows(ids, mask, cache, logits, temperature, max_new_tokens, generator, stats)
+                if greedy_source is not None:  # the rows are Python lists now: the device has synchronised
+                    greedy_source.finished(self, ids.shape[0], ids.shape[1], time.perf_counter() - start_s,
+                                           sum(len(d.token_ids) + d.finished for d in rows_out), drafted=False)
             for r, d in enumerate(rows_out):
                 results[chunk[r // n]].append(d)
         return results
@@ -367,11 +387,11 @@ class Decoder:
                 path, depth, anc = tree_paths(parents, dev)
                 parent_index = torch.tensor([max(p, 0) for p in parents], device=dev)[None, :]
             T = ids.shape[1]
-            logp = torch.log_softmax(self.tree_step(ids, mask, cache, tree, parents), dim=-1)  # [b, n, V]
+            logits = self.tree_step(ids, mask, cache, tree, parents)  # [b, n, V]
             stats.forward_passes += 1
             for r in rows:
                 passes[r] += 1
-            pred = logp.argmax(-1)  # [b, n]
+            pred = logits.argmax(-1)  # [b, n]
             # a node is accepted when every node on its path matches the argmax at its parent: one gather and
             # one [b, n, n] reduction instead of a comparison per depth (a 16-deep chain made that 16 small ops)
             match = tree == pred.gather(1, parent_index.expand(tree.shape[0], -1))
@@ -386,8 +406,10 @@ class Decoder:
             emit_nodes = torch.cat([chain[:, 1:], torch.full_like(chain[:, :1], -1)], dim=1)  # [b, D]
             src = chain.clamp(min=0)  # the node whose logits score each emitted token
             emit_tok = torch.where(emit_nodes >= 0, tree.gather(1, emit_nodes.clamp(min=0)), bonus[:, None])
-            emit_lp = logp.gather(1, src[:, :, None].expand(-1, -1, logp.shape[-1])).gather(2, emit_tok[:, :, None])[..., 0]
-            emit_ent = _entropy(logp).gather(1, src)
+            # log-softmax only at the path's nodes (D of n): the argmax above needs no normalising
+            src_logp = torch.log_softmax(logits.gather(1, src[:, :, None].expand(-1, -1, logits.shape[-1])), dim=-1)
+            emit_lp = src_logp.gather(2, emit_tok[:, :, None])[..., 0]
+            emit_ent = _entropy(src_logp)
             D = chain.shape[1]
             counts = n_acc.tolist()
             tok_l, lp_l, ent_l = emit_tok.tolist(), emit_lp.tolist(), emit_ent.tolist()
@@ -399,7 +421,7 @@ class Decoder:
                     stats.generated_tokens += 1
             # the cache keeps the prefix and the accepted path (holes where a row accepted fewer than D)
             slots = torch.where(chain >= 0, chain, chain.max(dim=1, keepdim=True).values)
-            self.compact(cache, torch.cat([torch.arange(T, device=dev).expand(len(rows), T), T + slots], dim=1))
+            self.compact_tail(cache, T, slots)
             ids = torch.cat([ids, tree.gather(1, slots)], dim=1)
             mask = torch.cat([mask, (chain >= 0).long()], dim=1)
             root = bonus
@@ -408,7 +430,7 @@ class Decoder:
                 self.crop(cache, T + trim)
                 ids, mask = ids[:, : T + trim], mask[:, : T + trim]
         # the source compares the real speed with one-token steps (the .tolist() calls above synchronised)
-        self.draft_source.finished(self, B, context, time.perf_counter() - start, sum(len(o) for o in out_ids))
+        self.draft_source.finished(self, B, context, time.perf_counter() - start, sum(len(o) for o in out_ids), drafted=True)
         return [Decoded(out_ids[r], out_lps[r], out_ents[r], finished=finished[r], forward_passes=passes[r]) for r in range(B)]
 
 
