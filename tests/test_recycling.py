@@ -144,3 +144,24 @@ def test_mcts_rollouts_with_recycling_reach_the_same_answers_with_fewer_forwards
         assert [c.score for c in a.candidates] == pytest.approx([c.score for c in b.candidates], abs=1e-4)
     assert sum(r.forward_passes for r in drafted) < sum(r.forward_passes for r in plain)
     assert sum(r.generated_tokens for r in drafted) == sum(r.generated_tokens for r in plain)
+
+
+def test_drafting_at_a_batch_size_is_decided_by_turns_of_both_arms():
+    """Drafted and one-token decodes take turns until each has DraftTrial.TOKENS tokens; the faster stays."""
+    from memory.recycling import DraftTrial, RecyclingMemory
+
+    for drafted_seconds, decision in ((2.0, False), (0.5, True)):
+        memory = RecyclingMemory(100)
+        memory.steps = memory.WARMUP_STEPS  # warmed up: the sizer has kept a tree for batch 1, context 128
+        memory._sized[(1, 128)] = [(0,), (0, 0)]
+        arms = []
+        while memory._trials.get(1) is None or memory._trials[1].decision is None:
+            drafts = memory.ready(None, batch=1, context=100)
+            arms.append(drafts)
+            memory.finished(None, 1, 100, seconds=drafted_seconds if drafts else 1.0, tokens=64, drafted=drafts)
+        assert arms == [True, False] * (DraftTrial.TOKENS // 64), arms
+        assert memory._trials[1].decision is decision and memory.ready(None, batch=1, context=100) is decision
+        assert memory.trials()["batch 1"]["drafting"] is decision
+        # decided: later decodes change nothing, and another batch size has its own trial
+        memory.finished(None, 1, 100, seconds=100.0, tokens=64, drafted=decision)
+        assert memory._trials[1].decision is decision and 2 not in memory._trials
