@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from agent import distributed
@@ -19,7 +19,7 @@ from agent.policy import BuiltinConfig, Policy
 from agent.registry import PolicyRegistry
 from agent.select import Pseudo, SelectConfig, select, task_filters
 from agent.solve import trajectory_rows
-from agent.store import Store
+from agent.store import RunStore, Store
 from tasks import Problem, Task
 from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
 from search import SearchConfig, run_search
@@ -168,14 +168,16 @@ class GateOutcome:
 
 def train_and_gate(current: Policy, examples: list[dict], task: Task | None, heldout: dict[str, list[Problem]],
                    cfg: LoopConfig, registry: PolicyRegistry, trained_on: dict, mode: str | None = None,
-                   verify_keys: list[str] | None = None, current_eval: dict | None = None) -> GateOutcome:
+                   verify_keys: list[str] | None = None, current_eval: dict | None = None, decide: bool = True) -> GateOutcome:
     """Fine-tune a copy of `current` on `examples`, evaluate candidate and current on the same held-out problems
     with the same search (cfg.eval_search), save the candidate as a version and promote it only if its gate score
     beats the current one's by more than cfg.promote_margin; otherwise it is recorded as rejected.
 
     `mode` picks the gate metric (default cfg.select.mode, see gate_metric); `verify_keys` are the held-out keys the
     gate averages over (default: all of `heldout`). `current_eval` is what the current policy already scored on
-    some of these keys (the loop keeps it between cycles); the current policy is evaluated on the others only."""
+    some of these keys (the loop keeps it between cycles); the current policy is evaluated on the others only.
+    `decide=False` leaves the saved version a candidate: the caller promotes or rejects it (the loop does so in the
+    transaction that records the cycle, RunStore.record_cycle)."""
     mode = mode or cfg.select.mode
     seconds = {}
     t = time.monotonic()
@@ -205,10 +207,11 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     version = registry.save(model, current.tokenizer, parent=current.version, trained_on={**trained_on, "train": train_stats},
                             metrics=metrics, draft_source=current.draft_source)
     if promoted:
-        registry.promote(version, metrics)
+        if decide:
+            registry.promote(version, metrics)
         current = Policy(model, current.tokenizer, version, str(registry.root / version), current.draft_source)
         current_eval, current_metric = cand_eval, cand_metric
-    else:
+    elif decide:
         registry.reject(version, metrics)
     return GateOutcome(version=version, promoted=promoted, current=current, current_eval=current_eval,
                        current_metric=current_metric, parent_eval=parent_eval, candidate_eval=cand_eval, candidate_score=cand_score,
@@ -237,15 +240,16 @@ class SelfImprovementLoop:
                  seed_examples: list[dict], device: str = "cpu", on_cycle: Callable[[CycleRecord], None] | None = None):
         self.cfg = cfg
         self.store = store
+        self.runs = RunStore(store)
         self.registry = registry
         self.source = source
         self.task = source.task
         self.seed_examples = seed_examples
         self.device = device
-        self.on_cycle = on_cycle
+        self.on_cycle = on_cycle  # called with every record of the run, the recorded ones first
         self.accepted: list[list[dict]] = []  # labels accepted per cycle, for replay
-        self.rng = random.Random(cfg.seed)
         self.curriculum = Curriculum(source.difficulties(), cfg.threshold)
+        self.name: str | None = None
 
     def _heldout(self, frontier_index: int | None) -> dict:
         return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self.cfg.eval_ahead, self.cfg.report_difficulties))
@@ -254,23 +258,46 @@ class SelfImprovementLoop:
         verify_keys = self.curriculum.keys_up_to(frontier_index, self.cfg.eval_ahead)
         return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task, verify_keys)
 
-    def training_mix(self) -> list[dict]:
+    def training_mix(self, cycle: int) -> list[dict]:
         newest = self.accepted[-1] if self.accepted else []
         older = [e for batch in self.accepted[:-1] for e in batch]
-        return replay_mix(self.seed_examples, newest, older, self.cfg, self.rng)
+        # one generator per cycle: a resumed cycle draws the mix an uninterrupted run would have drawn
+        return replay_mix(self.seed_examples, newest, older, self.cfg, random.Random(self.cfg.seed * 1000 + cycle))
 
-    def run(self, start_version: str, start_time: float, warm_start_seconds: float = 0.0) -> list[CycleRecord]:
+    def run(self, name: str, start_time: float, warm_start_seconds: float = 0.0) -> list[CycleRecord]:
+        """Run the cycles of run `name` (in the store, with its base version) that follow its last recorded one: a
+        killed run goes on with the policy, curriculum, replay buffer and clock its records hold. Every cycle is
+        written in one transaction (RunStore.record_cycle). Returns all of the run's records."""
         cfg = self.cfg
-        current = self.registry.load(start_version, self.device)
-        records = []
-        # cycle 0: the warm-started policy, before any self-training
-        t = time.monotonic()
-        evaluation = self.evaluate(current, self.curriculum.frontier_index)
-        metric = gate_metric(evaluation, cfg.select.mode)
-        self.curriculum.update(metric)
-        records.append(self._record(0, current.version, None, False, evaluation, metric, [], 0, {},
-                                    {"warm_start": warm_start_seconds, "eval": time.monotonic() - t}, start_time))
-        for cycle in range(1, cfg.cycles + 1):
+        self.name = name
+        stored = self.runs.cycles(name)
+        records = [CycleRecord(**c.record) for c in stored]
+        for record in records:
+            if self.on_cycle:
+                self.on_cycle(record)
+        if not records:
+            # cycle 0: the warm-started policy, before any self-training
+            current = self.registry.load(self.runs.get(name).base_version, self.device)
+            t = time.monotonic()
+            evaluation = self.evaluate(current, self.curriculum.frontier_index)
+            metric = gate_metric(evaluation, cfg.select.mode)
+            self.curriculum.update(metric)
+            records.append(self._commit(self._record(0, current.version, None, False, evaluation, [], 0, {},
+                                                     {"warm_start": warm_start_seconds, "eval": time.monotonic() - t},
+                                                     start_time)))
+        else:
+            last = records[-1]
+            current = self.registry.load(last.policy_version, self.device)
+            self.curriculum.update(stored[-1].state["known"])
+            # a record holds the current policy's evaluation after its cycle, which is what the next cycle starts from
+            evaluation = {"accuracy": dict(last.heldout), "self_verified": dict(last.self_verified), "generated_tokens": 0}
+            metric = gate_metric(evaluation, cfg.select.mode)
+            start_time = time.monotonic() - last.elapsed_s  # the clock counts recorded work, not the time the run lay dead
+            by_cycle: dict[int, list[dict]] = {}
+            for label in self.runs.labels(name):
+                by_cycle.setdefault(label.cycle, []).append({"prompt": label.prompt, "completion": label.completion})
+            self.accepted = [by_cycle[c] for c in sorted(by_cycle)]
+        for cycle in range(records[-1].cycle + 1, cfg.cycles + 1):
             if self._should_stop(records[-1], start_time):
                 break
             record, current, evaluation, metric = self.cycle(cycle, current, evaluation, metric, start_time)
@@ -298,7 +325,7 @@ class SelfImprovementLoop:
         for offset, count in enumerate(counts):
             key = self.curriculum.key(None if frontier_index is None else min(frontier_index + offset, len(self.curriculum.keys) - 1))
             problems += self.source.train_problems(key, count, seed=cfg.seed * 1000 + cycle * 10 + offset)
-        self.store.add_problems(problems)
+        self.store.add_problems(problems)  # content ids: a resumed cycle adds the same problems, not new ones
         search_cfg = replace(cfg.search, max_new_tokens=self.source.max_new_tokens(problems), seed=cfg.seed * 1000 + cycle)
         results = run_search(problems, search_cfg, current)
         timings["search"] = time.monotonic() - t
@@ -307,38 +334,45 @@ class SelfImprovementLoop:
         selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg))
         accepted_ids = {e["problem_id"] for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
-        for row in rows:
+        for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded
             row["trained_on"] = row["is_best"] and row["problem_id"] in accepted_ids
-        self.store.add_trajectories(rows)
         timings["select"] = time.monotonic() - t
         if selection.examples:
             self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in selection.examples])
 
         if not self.accepted:
-            record = self._record(cycle, current.version, None, False, current_eval, current_metric, selection.filters, 0, {}, timings, start_time)
-            return record, current, current_eval, current_metric
+            record = self._record(cycle, current.version, None, False, current_eval, selection.filters, 0, {}, timings, start_time)
+            return self._commit(record, rows=rows), current, current_eval, current_metric
 
         trained_on = {"cycle": cycle, "frontier": frontier, "examples": len(selection.examples), "filters": selection.filters,
-                      "mode": cfg.select.mode}
-        gate = train_and_gate(current, self.training_mix(), self.task, self._heldout(frontier_index), cfg, self.registry,
+                      "mode": cfg.select.mode, "run": self.name}
+        gate = train_and_gate(current, self.training_mix(cycle), self.task, self._heldout(frontier_index), cfg, self.registry,
                               trained_on=trained_on, verify_keys=self.curriculum.keys_up_to(frontier_index, cfg.eval_ahead),
-                              current_eval=current_eval)
+                              current_eval=current_eval, decide=False)
         timings.update(gate.seconds)
         current, current_eval, current_metric = gate.current, gate.current_eval, gate.current_metric
         if gate.promoted:
             self.curriculum.update(current_metric)
-        record = self._record(cycle, current.version, gate.version, gate.promoted, current_eval, current_metric, selection.filters,
+        record = self._record(cycle, current.version, gate.version, gate.promoted, current_eval, selection.filters,
                               len(selection.examples), gate.train, timings, start_time,
                               gate={"candidate": gate.candidate_score, "current": gate.current_score})
+        self._commit(record, labels=selection.examples, rows=rows, candidate=gate.version, promoted=gate.promoted)
+        if not gate.promoted:
+            self.registry.prune_rejected()
         return record, current, current_eval, current_metric
 
-    def _record(self, cycle, version, candidate, promoted, evaluation, metric, filters, accepted, train, timings, start_time, gate=None):
-        record = CycleRecord(
+    def _record(self, cycle, version, candidate, promoted, evaluation, filters, accepted, train, timings, start_time, gate=None):
+        return CycleRecord(
             cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
             frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation["accuracy"]),
             self_verified=dict(evaluation["self_verified"]), gate=gate or {}, accepted=accepted, filters=filters,
             train=train, seconds={k: round(v, 2) for k, v in timings.items()}, elapsed_s=round(time.monotonic() - start_time, 1),
         )
+
+    def _commit(self, record: CycleRecord, labels: list[dict] = (), rows: list[dict] = (), candidate: str | None = None,
+                promoted: bool = False) -> CycleRecord:
+        self.runs.record_cycle(self.name, record.cycle, asdict(record), {"known": dict(self.curriculum.known)}, labels=labels,
+                               trajectories=rows, candidate=candidate, promoted=promoted)
         if self.on_cycle:
             self.on_cycle(record)
         return record
@@ -353,8 +387,13 @@ def warm_start_examples(task: Task, cfg: WarmStartConfig, seed: int = 0) -> list
 
 
 def ensure_policy(settings, store: Store, registry: PolicyRegistry, cfg: LoopConfig | None = None,
-                  demos: list[dict] | None = None, charset: str | None = None, task: Task | None = None) -> str:
-    """The promoted version; when there is none, create the built-in policy and warm-start it as v0."""
+                  demos: list[dict] | None = None, charset: str | None = None, task: Task | None = None,
+                  run: str | None = None) -> str:
+    """The promoted version; when there is none, create the built-in policy and warm-start it as v0.
+
+    With `run`, a new version is saved for that run and left a candidate: the run records it as its base and
+    promotes it in one transaction (RunStore.set_base), so a kill in between leaves nothing promoted that the
+    run does not know."""
     from agent.policy import DEFAULT_CHARSET, build_builtin_policy
     from tasks import get_task
 
@@ -368,7 +407,10 @@ def ensure_policy(settings, store: Store, registry: PolicyRegistry, cfg: LoopCon
     stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, examples) if examples else {}
     trained_on = {"warm_start": True, "examples": len(examples), "train": stats,
                   "difficulties": list(cfg.warm_start.difficulties) if demos is None else "demos"}
-    version = registry.save(model, tokenizer, parent=None, trained_on=trained_on)
-    registry.promote(version, {"warm_start": stats})
+    if run is not None:
+        trained_on["run"] = run
+    version = registry.save(model, tokenizer, parent=None, trained_on=trained_on, metrics={"warm_start": stats})
+    if run is None:
+        registry.promote(version, {"warm_start": stats})
     return version
 

@@ -61,3 +61,16 @@ def test_model_path_that_is_not_a_model(tmp_path):
     proc = _arbor(["run", "--model", str(tmp_path / "empty"), "--cycles", "1"], tmp_path / "home")
     assert proc.returncode == 2
     assert "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_name_must_be_plain_and_resume_keeps_the_run_settings(tmp_path):
+    home = tmp_path / "home"
+    proc = _arbor(["run", "--run-name", "../x", "--cycles", "0", "--heldout", "1", "--warm-start-seconds", "1"], home)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: --run-name '../x' is not a plain name: use letters, digits" in proc.stderr  # one line
+    assert not (home / "x").exists() and not (tmp_path / "x").exists()
+    proc = _arbor(["run", "--resume", "nope"], home)
+    assert proc.returncode == 2 and "error: no run 'nope' in the store" in proc.stderr
+    proc = _arbor(["run", "--resume", "nope", "--samples", "8", "--problems", "p.jsonl", "--cycles", "3"], home)
+    assert proc.returncode == 2
+    assert "error: --resume continues run 'nope' with the inputs and settings it was started with: drop --samples, --problems" in proc.stderr

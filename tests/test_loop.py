@@ -1,7 +1,7 @@
 """The loop on a tiny budget: it really trains, records, promotes, and its gate rejects a worse candidate."""
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from agent.policy import BuiltinConfig
 from agent.registry import PolicyRegistry
 from agent.select import SelectConfig
 from agent.settings import Settings
-from agent.store import Store
+from agent.store import RunStore, Store
 from tasks import get_task
 from agent.trainer import TrainConfig
 from search import SearchConfig
@@ -51,12 +51,20 @@ def _loop(cfg, store, registry):
     return SelfImprovementLoop(cfg, store, registry, source, warm_start_examples(task, cfg.warm_start, cfg.seed))
 
 
+def _run(cfg, store, registry, base: str, name: str = "test") -> list:
+    """A run from `base` in the store, as agent/runner.py starts one, run to its end."""
+    runs = RunStore(store)
+    runs.create(name, asdict(cfg), {})
+    runs.set_base(name, base, promote=False)
+    return _loop(cfg, store, registry).run(name, time.monotonic())
+
+
 def test_tiny_loop_trains_and_promotes(setup):
     settings, store, registry = setup
     cfg = tiny_config()
     v0 = ensure_policy(settings, store, registry, cfg)
     before = registry.load(v0).model.state_dict()
-    records = _loop(cfg, store, registry).run(v0, time.monotonic())
+    records = _run(cfg, store, registry, v0)
     assert [r.cycle for r in records] == [0, 1]
     first, second = records
     assert first.policy_version == v0 and first.candidate is None
@@ -78,7 +86,7 @@ def test_gate_rejects_a_worse_candidate(setup):
     v0 = ensure_policy(settings, store, registry, cfg)
     # a learning rate this large wrecks the weights: the candidate must lose to the current policy
     broken = replace(cfg, train=TrainConfig(learning_rate=5.0, time_budget_s=2.0, max_steps=5))
-    records = _loop(broken, store, registry).run(v0, time.monotonic())
+    records = _run(broken, store, registry, v0)
     assert records[1].candidate == "v1" and not records[1].promoted
     assert records[1].gate["candidate"] < records[1].gate["current"]
     assert registry.promoted()[0] == v0

@@ -1,4 +1,8 @@
-"""`arbor run`: the self-improvement loop in one process, with a live per-cycle table."""
+"""`arbor run`: the self-improvement loop in one process, with a live per-cycle table.
+
+    arbor run --cycles 20 --run-name addition     # the run is kept in the store, cycle by cycle
+    arbor run --resume addition                   # after any stop: continue after its last recorded cycle
+"""
 
 from __future__ import annotations
 
@@ -32,8 +36,13 @@ def _cycle_row(record) -> list[str]:
             str(record.accepted), "" if loss is None else f"{loss:.3f}", status]
 
 
+# the options a resumed run may be given: when to stop (agent/runner.py RESUME_CHANGES) and where it runs
+RESUME_OPTIONS = {"resume", "cycles", "time_budget", "home", "device", "json_out"}
+
+
 @app.command("run")
 def run(
+    ctx: typer.Context,
     model: Optional[Path] = typer.Option(None, help="A local transformers causal-LM folder to start from (default: the built-in policy)."),
     demos: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} pairs for the warm start."),
     problems: Optional[Path] = typer.Option(None, help="JSONL of problems (default: the built-in addition task)."),
@@ -46,7 +55,9 @@ def run(
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
     heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
-    run_name: Optional[str] = typer.Option(None, help="Folder name under $ARBOR_HOME/runs."),
+    run_name: Optional[str] = typer.Option(None, help="The run's name: its folder under $ARBOR_HOME/runs (letters, digits, '.', '_', '-')."),
+    resume: Optional[str] = typer.Option(None, metavar="RUN", help="Continue run RUN after its last recorded cycle, with "
+                                         "the inputs and settings it was started with (--cycles and --time-budget may change)."),
     home: Optional[Path] = option(Settings, "home"),
     device: Optional[str] = option(Settings, "device"),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on the last line."),
@@ -56,6 +67,17 @@ def run(
     from agent.runner import RunError, RunInputs, run_main
 
     settings = load_settings(home=home, device=device)
+    # typer carries its own copy of click: its ParameterSource is matched by name
+    given = [name for name in ctx.params if ctx.get_parameter_source(name).name == "COMMANDLINE"]
+    changes = {}
+    if resume is not None:
+        refused = [f"--{name.replace('_', '-')}" for name in given if name not in RESUME_OPTIONS]
+        if refused:
+            console.print(f"[red]error:[/] --resume continues run {resume!r} with the inputs and settings it was started "
+                          f"with: drop {', '.join(refused)}")
+            raise typer.Exit(2)
+        changes = {field: value for name, field, value in (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
+                   if name in given}
     try:
         cfg = replace(
             LOOP,
@@ -86,7 +108,7 @@ def run(
 
     try:
         with console.status("running the self-improvement loop (each cycle: search, select, train, evaluate)"):
-            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name), on_event)
+            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name, resume, changes), on_event)
     except (RunError, PolicyLoadError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
