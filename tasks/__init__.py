@@ -1,15 +1,10 @@
-"""Built-in task families and the problem format."""
+"""Task families and the problem format."""
 
-from tasks.addition import Addition
 from tasks.base import CHECKERS, SPLITS, LabelCheck, Problem, Solve, Task, verify
+from tasks.registry import BUILTIN, allow, allow_from_setting, get_task, names
 
-TASKS: dict[str, Task] = {"addition": Addition()}
+# the built-in families (they can generate problems; a user's JSONL task may not)
+TASKS: dict[str, Task] = {name: get_task(name) for name in BUILTIN}
 
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}: built-in tasks are {', '.join(sorted(TASKS))}")
-    return TASKS[name]
-
-
-__all__ = ["CHECKERS", "SPLITS", "TASKS", "LabelCheck", "Problem", "Solve", "Task", "get_task", "verify"]
+__all__ = ["CHECKERS", "SPLITS", "TASKS", "LabelCheck", "Problem", "Solve", "Task", "allow", "allow_from_setting",
+           "get_task", "names", "verify"]

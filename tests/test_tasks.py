@@ -1,0 +1,71 @@
+"""Task families as plugins: the registry (built-ins, `module:Class` named by the operator, entry points) and
+the built-in reversal family with its own label checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import TASKS, Problem, allow, get_task, names
+from tasks.reversal import Reversal, make_problem
+
+
+def _perfect(problems):
+    """A solver that reverses correctly: what a policy that mastered shorter words answers."""
+    return [p.prompt[:-1][::-1] for p in problems]
+
+
+def test_reversal_is_builtin_with_checks_of_its_own_kind():
+    task = get_task("reversal")
+    assert isinstance(task, Reversal) and "reversal" in TASKS and task.name == "reversal"
+    problems = task.generate(6, 20, seed=0)
+    assert all(p.task == "reversal" and p.difficulty == 6 and p.answer == p.prompt[:-1][::-1] for p in problems)
+    assert not {p.prompt for p in problems} & {p.prompt for p in task.generate(6, 20, seed=0, split="heldout")}
+    checks = task.label_checks()
+    assert list(checks) == ["round_trip", "halves"]
+    right = [p.answer for p in problems]
+    wrong = [a[1:] + a[0] for a in right]  # a rotation: right letters, wrong order
+    for name, check in checks.items():
+        assert check(problems, right, _perfect) == [True] * 20, name
+        assert sum(check(problems, wrong, _perfect)) <= 2, name  # only a word whose rotation equals it passes
+    # the round trip asks about the answer, the halves about shorter words: different problems reach the solver
+    asked = []
+    checks["round_trip"]([make_problem("abcd")], ["dcba"], lambda ps: asked.append([p.prompt for p in ps]) or _perfect(ps))
+    checks["halves"]([make_problem("abcd")], ["dcba"], lambda ps: asked.append([p.prompt for p in ps]) or _perfect(ps))
+    assert asked == [["dcba<"], ["ab<", "cd<"]]
+    assert task.extract(problems[0], " " + right[0] + "\n") == right[0] and task.extract(problems[0], "ab1") is None
+
+
+def test_a_module_class_task_is_usable_once_the_operator_names_it():
+    spec = "tests.plugins.rot13_task:Rot13"
+    with pytest.raises(ValueError, match="module:Class task must be named with --task"):
+        get_task(spec)
+    assert spec not in names()
+    assert allow(spec) == spec and spec in names()
+    task = get_task(spec)
+    assert task.name == spec and task.generate(3, 2, seed=1)[0].task == spec
+    problem = task.generate(3, 1, seed=1)[0]
+    assert task.label_checks()["inverse"]([problem], [problem.answer],
+                                          lambda ps: [__import__("codecs").encode(p.prompt[:-1], "rot13") for p in ps]) == [True]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nosuchmodule_xyz:Task", "cannot import 'nosuchmodule_xyz'"),
+    ("tests.plugins.rot13_task:Missing", "has no 'Missing'"),
+    ("tests.plugins.rot13_task:NotATask", "is not an arbor Task subclass"),
+    ("justaname", "unknown task 'justaname'"),
+])
+def test_a_bad_task_name_is_one_clear_line(spec, message):
+    with pytest.raises(ValueError, match=message) as err:
+        allow(spec)
+    assert "\n" not in str(err.value)
+
+
+def test_a_problem_file_cannot_import_a_module_by_naming_it(tmp_path):
+    from tasks.jsonl import read_problems
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "x", "task": "os:system"}\n{"prompt": "abc<", "task": "reversal"}\n')
+    problems, errors = read_problems(path, known_tasks=names())
+    assert [p.task for p in problems] == ["reversal"]
+    assert len(errors) == 1 and "'os:system': not a known task" in errors[0].message
+    assert all(p.task != "os:system" for p in problems) and Problem("x").task is None
