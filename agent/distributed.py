@@ -11,7 +11,6 @@ message. On CPU the process group is gloo, on CUDA nccl (accelerate picks it fro
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict
 from datetime import timedelta
@@ -21,12 +20,28 @@ from typing import Callable
 WAIT_FOR_RANK0 = timedelta(hours=6)
 
 
+def launched() -> bool:
+    """Whether this process was started by torchrun (what `accelerate launch --multi_gpu` runs underneath)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_torchelastic_launched()
+
+
+def _group():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """Processes in this launch's group (1 outside a launch, or before `join`)."""
+    group = _group()
+    return group.get_world_size() if group else 1
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    group = _group()
+    return group.get_rank() if group else 0
 
 
 def is_follower() -> bool:
@@ -34,8 +49,8 @@ def is_follower() -> bool:
 
 
 def join(device: str) -> None:
-    """Join the launch's process group before anything is sent (no-op in a single process)."""
-    if world_size() > 1:
+    """Join the launch's process group before anything is sent (no-op outside a launch)."""
+    if launched():
         from accelerate import PartialState
 
         PartialState(cpu=not str(device).startswith("cuda"), timeout=WAIT_FOR_RANK0)

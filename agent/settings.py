@@ -168,6 +168,9 @@ class Settings:
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "
                                               "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)
+    # task families beside the built-in and installed (arbor.tasks entry point) ones
+    tasks: str | None = _env("ARBOR_TASKS", None, "module:Class task families this process may run, comma-separated "
+                             "(problems name them in their `task` field)")
     train_processes: int = _env("ARBOR_TRAIN_PROCESSES", 1,
                                 "processes (one per GPU) a worker's train cycle spans through `accelerate launch`; "
                                 "the first writes the version", _int, minimum=1)
@@ -187,6 +190,10 @@ class Settings:
             self.check(f.name, getattr(self, f.name))
         if self.device == "auto":
             self.device = _default_device()
+        if self.tasks:
+            from tasks import allow_from_setting
+
+            allow_from_setting(self.tasks)  # a bad spec is one ValueError line, like any other setting
 
     @classmethod
     def env(cls, name: str):

@@ -205,7 +205,7 @@ def train(
     from agent import distributed
 
     settings = _settings()
-    if settings.broker_url and not here and distributed.world_size() == 1:
+    if settings.broker_url and not here and not distributed.launched():
         _check_broker(settings.broker_url)
         from workers.app import app as celery_app
 
