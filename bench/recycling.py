@@ -132,9 +132,9 @@ def compare(model, tokenizer, prompts: list[str], warmup: list[str], new: int, b
     memory_full = RecyclingMemory(vocab, tree=PAPER_TREE, size_to_device=False)  # the paper's 80-node template, as is
     arbor(model, tokenizer, warmup, new, 1, memory_full)  # a hot matrix
     hf_generate(model, tokenizer, warmup[:2], new, 1)
-    memory_sized = RecyclingMemory(vocab)  # warms up on the grown template, then sizes its tree for batch 1
-    arbor(model, tokenizer, warmup, new, 1, memory_sized)
-    arbor(model, tokenizer, warmup, new, 1, memory_sized)
+    memory_sized = RecyclingMemory(vocab)  # warms up on the grown template, sizes its tree for batch 1, runs its trial
+    for _ in range(3):
+        arbor(model, tokenizer, warmup, new, 1, memory_sized)
 
     ref, hf_s = hf_generate(model, tokenizer, prompts, new, 1)
     pld, pld_s = hf_generate(model, tokenizer, prompts, new, 1, prompt_lookup_num_tokens=10)
@@ -168,7 +168,7 @@ def compare(model, tokenizer, prompts: list[str], warmup: list[str], new: int, b
         ref8, hf8_s = hf_generate(model, tokenizer, prompts, new, 8)
         plain8, plain8_s, _ = arbor(model, tokenizer, prompts, new, 8)
         memory8 = memory_sized.copy()
-        arbor(model, tokenizer, (warmup * 8)[:8], new, 8, memory8)  # chooses its tree (or none) for batch 8
+        arbor(model, tokenizer, (warmup * 8)[:24], new, 8, memory8)  # sizes its tree for batch 8 and runs its trial
         rec8, rec8_s, rec8_st = arbor(model, tokenizer, prompts, new, 8, memory8)
         full8, full8_s, _ = arbor(model, tokenizer, prompts, new, 8, memory_full)
         result["batch8"] = {
