@@ -3,6 +3,8 @@ the built-in reversal family with its own label checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tasks import TASKS, Problem, allow, get_task, names
@@ -35,8 +37,12 @@ def test_reversal_is_builtin_with_checks_of_its_own_kind():
     assert task.extract(problems[0], " " + right[0] + "\n") == right[0] and task.extract(problems[0], "ab1") is None
 
 
-def test_a_module_class_task_is_usable_once_the_operator_names_it():
-    spec = "tests.plugins.rot13_task:Rot13"
+PACKAGE = Path(__file__).parent / "plugins" / "rot13_package"  # a task package outside Arbor
+
+
+def test_a_module_class_task_is_usable_once_the_operator_names_it(monkeypatch):
+    monkeypatch.syspath_prepend(str(PACKAGE))
+    spec = "arbor_rot13:Rot13"
     with pytest.raises(ValueError, match="module:Class task must be named with --task"):
         get_task(spec)
     assert spec not in names()
@@ -50,8 +56,8 @@ def test_a_module_class_task_is_usable_once_the_operator_names_it():
 
 @pytest.mark.parametrize("spec, message", [
     ("nosuchmodule_xyz:Task", "cannot import 'nosuchmodule_xyz'"),
-    ("tests.plugins.rot13_task:Missing", "has no 'Missing'"),
-    ("tests.plugins.rot13_task:NotATask", "is not an arbor Task subclass"),
+    ("tasks.reversal:Missing", "has no 'Missing'"),
+    ("tasks.reversal:LabelCheck", "is not an arbor Task subclass"),
     ("justaname", "unknown task 'justaname'"),
 ])
 def test_a_bad_task_name_is_one_clear_line(spec, message):
