@@ -3,6 +3,8 @@
     arbor submit problems.jsonl [--refine 3] [--wait]
     arbor submit problems.jsonl --search-config search.json                     # a JSON object of SearchConfig fields
     arbor submit problems.jsonl --search-config search.json --simulations 3     # a flag overrides the file
+    arbor submit long.jsonl --memory     # every job through the context memory (without the flag: only the
+                                         # problems longer than the policy's trained window, automatically)
 
 The configuration is validated here (SearchConfig's own checks; an unknown field is named) and stored whole in the
 job's params, so that the worker (agent/jobs.py run_job) searches with exactly what was submitted.
@@ -96,6 +98,7 @@ def submit(
     step_delimiter: Optional[str] = option(JOB_SEARCH, "step_delimiter", unset=True),
     max_step_tokens: Optional[int] = option(JOB_SEARCH, "max_step_tokens", unset=True),
     seed: Optional[int] = option(JOB_SEARCH, "seed", unset=True),
+    memory: Optional[bool] = option(JOB_SEARCH, "memory", unset=True),
 ):
     """Submit problems: they are stored, then one job per problem is queued (or run here without a broker)."""
     from tasks import TASKS
@@ -106,7 +109,7 @@ def submit(
                  children=children, simulations=simulations, c_puct=c_puct, scorer=scorer, confidence=confidence,
                  use_verifier=use_verifier, length_penalty=length_penalty, groups=groups,
                  diversity_penalty=diversity_penalty, step_delimiter=step_delimiter, max_step_tokens=max_step_tokens,
-                 seed=seed)
+                 seed=seed, memory=memory)
     if not file.is_file():
         _fail(f"{file} does not exist: pass a JSONL file of problems")
     if refine < 1:
