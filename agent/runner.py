@@ -23,7 +23,7 @@ from agent.report import write_report
 from agent.settings import Settings
 from agent.store import RunExists, RunStore, Store
 from agent.train_cycle import FileLease
-from tasks import Task, get_task
+from tasks import Task, allow, get_task
 from tasks.jsonl import LineError, read_demos, read_problems
 from agent.trainer import SFTFineTuner
 
@@ -43,6 +43,7 @@ class RunInputs:
     run_name: str | None = None
     resume: str | None = None  # a run to continue, with the inputs and settings it was started with
     changes: dict = field(default_factory=dict)  # with resume: new values of RESUME_CHANGES fields
+    task: str | None = None  # a task family by name (tasks/registry.py); default: addition, or the files' own
 
 
 def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(),
@@ -53,6 +54,8 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
     store = Store(settings.db_url)
     registry = PolicyRegistry(settings.policies_dir, store)
     runs = RunStore(store)
+    if inputs.task is not None:
+        _usable_task(inputs.task, generated=inputs.problems is None)
     if inputs.resume is not None:
         name, cfg, inputs = _resumed(runs, inputs, settings)
         demos, problems = _read_inputs(inputs, on_event)
@@ -77,12 +80,12 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
             registry.discard(row.version)
             on_event("warning", f"discarded policy {row.version}: saved by run {name} before it was stopped, never recorded")
         if problems is None:
-            task: Task = get_task("addition")
+            task: Task = get_task(inputs.task or "addition")
             source = BuiltinSource(task, cfg.heldout_per_difficulty, cfg.max_difficulty, cfg.seed)
             seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed)
         else:
             store.add_problems(problems)
-            task = Task()
+            task = get_task(inputs.task) if inputs.task else Task()
             source = FileSource(problems, task)
             seed_examples = demos or []
         warm_seconds = 0.0
@@ -104,6 +107,16 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
                             {"run": name, "run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1]})
     finally:
         lock.release()
+
+
+def _usable_task(name: str, generated: bool) -> None:
+    """The task can be named (see tasks/registry.py) and, without --problems, generates its own problems."""
+    try:
+        allow(name)
+    except ValueError as exc:
+        raise RunError(f"--task: {exc}") from None
+    if generated and type(get_task(name)).generate is Task.generate:
+        raise RunError(f"--task {name}: this task has no problem generator: give its problems with --problems FILE")
 
 
 def _plain_name(name: str, flag: str) -> str:
@@ -140,8 +153,10 @@ def _resumed(runs: RunStore, inputs: RunInputs, settings: Settings) -> tuple[str
         if _sha256(path) != stored["sha256"]:
             raise RunError(f"--{key} {path} changed since run {name!r} started: a resumed run needs the same file")
         files[key] = path
-    model = row.inputs.get("model")
-    return name, cfg, RunInputs(model=Path(model) if model else None, run_name=name, **files)
+    model, task = row.inputs.get("model"), row.inputs.get("task")
+    if task is not None:
+        _usable_task(task, generated=row.inputs.get("problems") is None)
+    return name, cfg, RunInputs(model=Path(model) if model else None, run_name=name, task=task, **files)
 
 
 def _restored(default, data: dict):
@@ -168,7 +183,7 @@ def _sha256(path: Path) -> str:
 
 
 def _describe_inputs(inputs: RunInputs) -> dict:
-    out = {"model": str(Path(inputs.model).resolve()) if inputs.model is not None else None}
+    out = {"model": str(Path(inputs.model).resolve()) if inputs.model is not None else None, "task": inputs.task}
     for key in ("demos", "problems"):
         path = getattr(inputs, key)
         out[key] = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path))} if path is not None else None
@@ -184,9 +199,10 @@ def _base_policy(settings, store, registry, cfg, inputs, demos, problems, name, 
     promoted = registry.promoted()
     if promoted is not None:
         return promoted[0], False
-    on_event("phase", f"warm-starting the built-in policy on {list(cfg.warm_start.difficulties)}-digit addition "
+    task = get_task(inputs.task or "addition")
+    on_event("phase", f"warm-starting the built-in policy on {task.name} at difficulties {list(cfg.warm_start.difficulties)} "
                       f"({cfg.warm_start.train.time_budget_s:.0f} s)")
-    return ensure_policy(settings, store, registry, cfg, demos=demos, run=name), True
+    return ensure_policy(settings, store, registry, cfg, demos=demos, task=task, run=name), True
 
 
 def _read_inputs(inputs: RunInputs, on_event):
@@ -195,7 +211,7 @@ def _read_inputs(inputs: RunInputs, on_event):
         demos, errors = read_demos(_existing(inputs.demos, "--demos"))
         _report_line_errors(errors, on_event)
     if inputs.problems is not None:
-        problems, errors = read_problems(_existing(inputs.problems, "--problems"))
+        problems, errors = read_problems(_existing(inputs.problems, "--problems"), default_task=inputs.task)
         _report_line_errors(errors, on_event)
         if not any(p.split == "train" for p in problems):
             raise RunError(f"{inputs.problems}: no usable problem with split 'train': add some, or fix the lines reported above")

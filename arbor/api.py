@@ -230,12 +230,12 @@ class Service:
     def submit(self, parse, source: str, refine: int, search: Any) -> dict:
         """Check everything, then store problems and jobs, then queue them: a refused request stores nothing."""
         from agent.jobs import submit_jobs, unsent
-        from tasks import TASKS
+        from tasks import names
 
         if refine < 1:
             raise ApiError(422, f"refine must be at least 1 (got {refine})")
         config = self.search_config(search)
-        problems, errors = parse(set(TASKS))
+        problems, errors = parse(names())
         if errors:
             raise ApiError(422, f"{len(errors)} bad line(s) in {source}; nothing was submitted: fix them and submit again",
                            [{"line": e.line, "message": e.message} for e in errors])

@@ -109,7 +109,9 @@ def _field_error(record: dict, known_tasks: set[str] | None) -> str | None:
     return None
 
 
-def read_problems(path: str | Path, known_tasks: set[str] | None = None) -> tuple[list[Problem], list[LineError]]:
+def read_problems(path: str | Path, known_tasks: set[str] | None = None,
+                  default_task: str | None = None) -> tuple[list[Problem], list[LineError]]:
+    """Problems from a JSONL file and the bad lines; `default_task` is the task of lines that name none."""
     path = Path(path)
     problems, errors = [], []
     seen: dict[str, tuple[int, dict]] = {}  # id -> (line, content) of its first good line
@@ -123,7 +125,7 @@ def read_problems(path: str | Path, known_tasks: set[str] | None = None) -> tupl
             prompt=record["prompt"],
             answer=None if answer is None else str(answer),
             checker=record.get("checker", "exact"),
-            task=record.get("task"),
+            task=record.get("task", default_task),
             split=record.get("split", "train"),
             difficulty=record.get("difficulty"),
             meta=record.get("meta") or {},

@@ -46,6 +46,8 @@ def run(
     model: Optional[Path] = typer.Option(None, help="A local transformers causal-LM folder to start from (default: the built-in policy)."),
     demos: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} pairs for the warm start."),
     problems: Optional[Path] = typer.Option(None, help="JSONL of problems (default: the built-in addition task)."),
+    task: Optional[str] = typer.Option(None, help="A task family: built-in (addition, reversal), installed (arbor.tasks "
+                                       "entry point) or module:Class; with --problems, the task of lines that name none."),
     cycles: int = option(LOOP, "cycles"),
     time_budget: Optional[float] = option(LOOP, "time_budget_s", "--time-budget"),
     strategy: str = option(LOOP.search, "strategy"),
@@ -108,7 +110,7 @@ def run(
 
     try:
         with console.status("running the self-improvement loop (each cycle: search, select, train, evaluate)"):
-            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name, resume, changes), on_event)
+            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name, resume, changes, task), on_event)
     except (RunError, PolicyLoadError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)

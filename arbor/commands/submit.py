@@ -99,9 +99,11 @@ def submit(
     max_step_tokens: Optional[int] = option(JOB_SEARCH, "max_step_tokens", unset=True),
     seed: Optional[int] = option(JOB_SEARCH, "seed", unset=True),
     memory: Optional[bool] = option(JOB_SEARCH, "memory", unset=True),
+    task: Optional[str] = typer.Option(None, help="The task of lines that name none: built-in (addition, reversal), "
+                                       "installed (arbor.tasks entry point) or module:Class (workers need it in ARBOR_TASKS)."),
 ):
     """Submit problems: they are stored, then one job per problem is queued (or run here without a broker)."""
-    from tasks import TASKS
+    from tasks import allow, names
     from tasks.jsonl import read_problems
     from agent.jobs import submit_jobs, unsent
 
@@ -120,7 +122,12 @@ def submit(
         search = SearchConfig(**{**asdict(JOB_SEARCH), **given})
     except ValueError as exc:
         _fail(f"bad search configuration: {exc}")
-    problems, errors = read_problems(file, known_tasks=set(TASKS))
+    if task is not None:
+        try:
+            allow(task)
+        except ValueError as exc:
+            _fail(f"--task: {exc}")
+    problems, errors = read_problems(file, known_tasks=names(), default_task=task)
     if errors:
         for e in errors:
             typer.echo(f"error: {e}", err=True)
