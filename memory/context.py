@@ -214,6 +214,8 @@ class MemoryLayer(CacheLayerMixin):
         B, Hq, c, D = query.shape
         if not self.rows:
             self.rows = [RowState(BlockStore(Hq * D, query.device, self.memory.cfg.max_cached)) for _ in range(B)]
+            # empty, a device marker only: the Decoder moves row indices to cache.layers[0].keys.device
+            self.keys = self.values = torch.empty(0, device=query.device)
         if len(self.rows) != B:
             raise RuntimeError(f"the context memory holds {len(self.rows)} rows but the forward has {B}")
         out = torch.zeros(B, Hq, c, D, dtype=query.dtype, device=query.device)

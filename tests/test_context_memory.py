@@ -208,3 +208,16 @@ def test_memory_flag_on_a_model_that_cannot_run_it_is_one_line(tmp_path):
     assert res.exit_code != 0 and "needs a Llama-architecture model" in res.output and "'gpt2'" in res.output
     with pytest.raises(ValueError, match="greedy, best_of_n, beam and diverse_beam"):
         SearchConfig(strategy="mcts", memory=True)
+
+
+@pytest.mark.parametrize("strategy", ["beam", "best_of_n"])
+def test_search_with_memory_equals_plain_search_inside_the_window(strategy):
+    from search import run_search
+
+    model, tok = model_tok
+    policy = Policy(model, tok, "t")
+    problems = [Problem(TEXT[:50], id="a"), Problem(TEXT[:20], id="b")]  # padded together, well inside the window
+    cfg = SearchConfig(strategy=strategy, beams=2, n=3, max_new_tokens=4, temperature=1.0, seed=0)
+    plain = run_search(problems, cfg, policy)
+    memory = run_search(problems, replace(cfg, memory=True), policy)  # rows repeated and reordered inside the memory
+    assert [[c.token_ids for c in r.candidates] for r in memory] == [[c.token_ids for c in r.candidates] for r in plain]
