@@ -44,6 +44,7 @@ class RunInputs:
     resume: str | None = None  # a run to continue, with the inputs and settings it was started with
     changes: dict = field(default_factory=dict)  # with resume: new values of RESUME_CHANGES fields
     task: str | None = None  # a task family by name (tasks/registry.py); default: addition, or the files' own
+    select_given: bool = False  # --select was given; otherwise answers on the train problems pick verifier mode
 
 
 def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(),
@@ -65,6 +66,8 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         if (settings.runs_dir / name).exists():
             raise RunError(taken)
         demos, problems = _read_inputs(inputs, on_event)  # a bad file stops the run before it is created
+        if problems is not None and not inputs.select_given:
+            cfg = _select_from_answers(cfg, problems, on_event)
         try:
             runs.create(name, asdict(cfg), _describe_inputs(inputs))
         except RunExists:
@@ -107,6 +110,21 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
                             {"run": name, "run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1]})
     finally:
         lock.release()
+
+
+def _select_from_answers(cfg: LoopConfig, problems, on_event) -> LoopConfig:
+    """Use what the user gives: train problems that all carry answers are selected by them (verifier mode);
+    label-free selection is the default only where answers are missing."""
+    train = [p for p in problems if p.split == "train"]
+    with_answers = sum(p.answer is not None for p in train)
+    if train and with_answers == len(train):
+        on_event("phase", f"all {len(train)} train problems carry answers: selecting with them (verifier mode; "
+                          "--select label_free ignores them)")
+        return replace(cfg, select=replace(cfg.select, mode="verifier"))
+    if with_answers:
+        on_event("phase", f"{with_answers} of {len(train)} train problems carry answers: label-free selection "
+                          "(--select verifier keeps only the answered ones)")
+    return cfg
 
 
 def _usable_task(name: str, generated: bool) -> None:

@@ -74,3 +74,19 @@ def test_run_name_must_be_plain_and_resume_keeps_the_run_settings(tmp_path):
     proc = _arbor(["run", "--resume", "nope", "--samples", "8", "--problems", "p.jsonl", "--cycles", "3"], home)
     assert proc.returncode == 2
     assert "error: --resume continues run 'nope' with the inputs and settings it was started with: drop --samples, --problems" in proc.stderr
+
+
+def test_answers_on_the_train_problems_select_with_them_unless_told_otherwise(tmp_path):
+    from agent.store import RunStore, Store
+
+    words = ["cat", "dog", "owl", "elk", "ant", "bee"]
+    problems = tmp_path / "p.jsonl"
+    _write_jsonl(problems, [{"prompt": f"{w}<", "answer": w[::-1], "split": "heldout" if i > 3 else "train"}
+                            for i, w in enumerate(words)])
+    for flags, mode in (([], "verifier"), (["--select", "label_free"], "label_free")):
+        home = tmp_path / mode
+        proc = _arbor(["run", "--problems", str(problems), "--cycles", "0", "--warm-start-seconds", "1", "--heldout", "2",
+                       "--run-name", "r", *flags], home)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert RunStore(Store(f"sqlite:///{home / 'arbor.db'}")).get("r").config["select"]["mode"] == mode
+        assert ("all 4 train problems carry answers: selecting with them" in proc.stderr) == (not flags), proc.stderr

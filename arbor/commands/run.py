@@ -52,7 +52,9 @@ def run(
     time_budget: Optional[float] = option(LOOP, "time_budget_s", "--time-budget"),
     strategy: str = option(LOOP.search, "strategy"),
     samples: int = option(LOOP.search, "n", "--samples"),
-    select: str = option(LOOP.select, "mode", "--select"),
+    select: Optional[str] = option(LOOP.select, "mode", "--select", unset=True,
+                                   help="label_free or verifier (default: verifier when every train problem of "
+                                        "--problems carries an answer, else label_free)"),
     problems_per_cycle: int = option(LOOP, "problems_per_cycle"),
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
@@ -88,7 +90,7 @@ def run(
             problems_per_cycle=problems_per_cycle,
             heldout_per_difficulty=heldout,
             search=replace(LOOP.search, strategy=strategy, n=samples),
-            select=replace(LOOP.select, mode=select),
+            select=replace(LOOP.select, mode=select or LOOP.select.mode),
             train=replace(LOOP.train, time_budget_s=train_seconds),
             warm_start=replace(LOOP.warm_start, train=replace(LOOP.warm_start.train, time_budget_s=warm_start_seconds)),
         )
@@ -110,7 +112,8 @@ def run(
 
     try:
         with console.status("running the self-improvement loop (each cycle: search, select, train, evaluate)"):
-            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name, resume, changes, task), on_event)
+            report = run_main(settings, cfg, RunInputs(model, demos, problems, run_name, resume, changes, task,
+                                                        select_given=select is not None), on_event)
     except (RunError, PolicyLoadError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
