@@ -258,7 +258,12 @@ def test_sigkilled_three_times_then_resumed(tmp_path, request, database, one_tor
     start = ["run", "--model", str(model), "--problems", str(problems), "--select", "label_free", "--strategy", "greedy",
              "--samples", "1", "--problems-per-cycle", "16", "--train-seconds", "1", "--cycles", "100", "--run-name", "k"]
     log = tmp_path / "arbor.log"
-    kills = []
+    kills, window = [], []
+
+    def undecided():
+        return [(r.version, r.status) for r in store.policies()
+                if (r.trained_on or {}).get("run") == "k" and r.parent is not None and r.status in ("saving", "candidate")]
+
     for launch in range(3):
         recorded = len(runs.cycles("k"))
         with open(log, "a") as out:
@@ -266,18 +271,23 @@ def test_sigkilled_three_times_then_resumed(tmp_path, request, database, one_tor
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             # the first launch is killed anywhere from the run's creation on (its base policy's save included), the
-            # others once they have recorded a cycle of their own, somewhere in the next (a cycle: 5-10 s)
+            # third once it has recorded a cycle of its own, somewhere in the next (a cycle: 5-10 s); the second the
+            # moment a candidate is being saved or saved and its cycle not yet recorded, the narrowest window
             progress = (lambda: runs.get("k") is not None) if launch == 0 else (lambda: len(runs.cycles("k")) > recorded)
             wait_for(lambda: proc.poll() is not None or progress(), 300, f"launch {launch} to make progress")
-            time.sleep(rng.uniform(0, 8))
+            if launch == 1:
+                wait_for(lambda: proc.poll() is not None or undecided(), 300, "a candidate being saved", interval=0.01)
+                window.append(undecided())
+            else:
+                time.sleep(rng.uniform(0, 8))
             assert proc.poll() is None, f"launch {launch} ended with {proc.returncode} before its kill:\n{log.read_text()[-3000:]}"
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         kills.append(len(runs.cycles("k")))
-    print(f"seed {seed}: killed with {kills} cycles recorded; {log.read_text().count('discarded policy')} unrecorded "
-          "candidate(s) discarded on resume")
+    print(f"seed {seed}: killed with {kills} cycles recorded, the second kill with {window[0]} undecided; "
+          f"{log.read_text().count('discarded policy')} unrecorded candidate(s) discarded on resume")
     last = len(runs.cycles("k"))
     final = subprocess.run([sys.executable, "-m", "arbor", "run", "--resume", "k", "--cycles", str(max(last, 3)), "--json"],
                            env=env, capture_output=True, text=True, timeout=300)
@@ -294,7 +304,7 @@ def test_sigkilled_three_times_then_resumed(tmp_path, request, database, one_tor
     for before, r in zip(records, records[1:]):  # each cycle went on from the policy the previous one left
         assert r["policy_version"] == (r["candidate"] if r["promoted"] else before["policy_version"])
     assert store.promoted_policy().version == next((r["candidate"] for r in reversed(records) if r["promoted"]), base)
-    rows = {r.version: r for r in store.policies()}
     folders = {p.name for p in (home / "policies").iterdir()}
-    assert folders == {v for v, r in rows.items() if not (r.metrics or {}).get("files_deleted")}  # no .tmp-*, no stray vN
+    assert folders <= {r.version for r in store.policies()}  # no .tmp-* left, no vN without its row
+    assert {r["policy_version"] for r in records} <= folders  # rejected candidates' folders may be pruned, never these
     assert runs.get("k").status == "finished"
