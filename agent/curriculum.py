@@ -87,23 +87,30 @@ class BuiltinSource:
 
 
 class FileSource:
-    """A user's problems (train and held-out splits), grouped by difficulty when every problem has one."""
+    """A user's problems (train and held-out splits), grouped for the curriculum by difficulty: the top-level
+    `difficulty`, else a whole number in `meta.difficulty`, and where some problem has neither, by prompt length
+    (LENGTH_GROUPS groups of about equal size, named by their longest prompt)."""
 
     builtin = False
+    LENGTH_GROUPS = 5
 
     def __init__(self, problems: list[Problem], task: Task, max_new_tokens: int = 64):
         self.task = task
         self.problems = problems
         self._max_new_tokens = max_new_tokens
-        self.by_difficulty = all(p.difficulty is not None for p in problems)
+        given = [_difficulty(p) for p in problems]
+        if all(d is not None for d in given):
+            self.grouping = "difficulty"
+            self._keys = {p.id: str(d) for p, d in zip(problems, given)}
+        else:
+            self.grouping = "prompt length"
+            self._keys = _length_groups(problems, self.LENGTH_GROUPS)
 
     def _key(self, p: Problem) -> str:
-        return str(p.difficulty) if self.by_difficulty else "all"
+        return self._keys[p.id]
 
     def difficulties(self) -> list[str]:
-        if not self.by_difficulty:
-            return ["all"]
-        return [str(d) for d in sorted({p.difficulty for p in self.problems})]
+        return sorted(set(self._keys.values()), key=int)
 
     def heldout_set(self, keys: list[str]) -> dict[str, list[Problem]]:
         out = {k: [p for p in self.problems if p.split == "heldout" and self._key(p) == k] for k in keys}
@@ -117,3 +124,18 @@ class FileSource:
 
     def max_new_tokens(self, problems: list[Problem]) -> int:
         return self._max_new_tokens
+
+
+def _difficulty(problem: Problem) -> int | None:
+    if problem.difficulty is not None:
+        return problem.difficulty
+    value = (problem.meta or {}).get("difficulty")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _length_groups(problems: list[Problem], groups: int) -> dict[str, str]:
+    """Problem id -> the longest prompt length in its group; lengths split into about equal-sized groups (a length
+    never straddles two)."""
+    lengths = sorted(len(p.prompt) for p in problems)
+    cuts = sorted({lengths[min(len(lengths) - 1, (i + 1) * len(lengths) // groups - 1)] for i in range(groups)})
+    return {p.id: str(next(c for c in cuts if len(p.prompt) <= c)) for p in problems}

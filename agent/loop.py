@@ -89,11 +89,12 @@ def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task |
     self-verified rate: the share of greedy answers that pass them (no ground truth), for `verify_keys`
     (default: every difficulty). Difficulties shown only in reports need no self-verification."""
     problems = [p for ps in by_difficulty.values() for p in ps]
+    key_of = {p.id: key for key, ps in by_difficulty.items() for p in ps}  # the caller's grouping, whatever it is
     results = run_search(problems, cfg, policy) if problems else []
     accuracy, self_verified = {}, {}
     by_key = {}
     for r in results:
-        by_key.setdefault(_key(r.problem), []).append(r)
+        by_key.setdefault(key_of[r.problem.id], []).append(r)
     for key, rs in by_key.items():
         judged = [r for r in rs if r.best.verified is not None]
         if judged:
@@ -102,21 +103,18 @@ def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task |
         items = []
         for r in results:
             answer = task.extract(r.problem, r.best.completion)
-            if answer is not None and (verify_keys is None or _key(r.problem) in verify_keys):
+            if answer is not None and (verify_keys is None or key_of[r.problem.id] in verify_keys):
                 items.append(Pseudo(r, answer=answer, completion=r.best.completion))
         solve = greedy_solver(policy, cfg)
         for f in task_filters(task):
             items = f(items, task, solve)
         passed = {}
         for p in items:
-            passed[_key(p.result.problem)] = passed.get(_key(p.result.problem), 0) + 1
+            key = key_of[p.result.problem.id]
+            passed[key] = passed.get(key, 0) + 1
         self_verified = {key: passed.get(key, 0) / len(rs) for key, rs in by_key.items()
                          if verify_keys is None or key in verify_keys}
     return {"accuracy": accuracy, "self_verified": self_verified, "generated_tokens": sum(r.generated_tokens for r in results)}
-
-
-def _key(problem: Problem) -> str:
-    return str(problem.difficulty) if problem.difficulty is not None else "all"
 
 
 def gate_metric(evaluation: dict, mode: str) -> dict:

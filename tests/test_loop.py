@@ -91,3 +91,15 @@ def test_gate_rejects_a_worse_candidate(setup):
     assert records[1].gate["candidate"] < records[1].gate["current"]
     assert registry.promoted()[0] == v0
     assert {r.version: r.status for r in store.policies()} == {"v0": "promoted", "v1": "rejected"}
+
+
+def test_a_files_problems_are_grouped_by_difficulty_meta_or_prompt_length():
+    from agent.curriculum import FileSource
+    from tasks import Problem, Task
+
+    top = FileSource([Problem("a", id="1", difficulty=2), Problem("b", id="2", meta={"difficulty": 1})], Task())
+    assert top.grouping == "difficulty" and top.difficulties() == ["1", "2"]
+    bad_meta = [Problem("x" * n, id=str(n), meta={"difficulty": "hard"}) for n in (1, 1, 2, 4, 4, 9, 9, 9, 16, 30)]
+    by_length = FileSource(bad_meta, Task())
+    assert by_length.grouping == "prompt length" and by_length.difficulties() == ["1", "4", "9", "30"]  # about equal groups
+    assert by_length.heldout_set(["9"]) == {} and len(by_length.train_problems("9", 10, seed=0)) == 3
