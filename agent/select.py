@@ -9,7 +9,7 @@ survives it (ground truth is read only for that report).
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from dataclasses import dataclass, field
 from search import SearchResult
 from tasks import Solve, Task, verify
@@ -56,7 +56,31 @@ def _precision(items: list[Pseudo], task: Task) -> float | None:
     return sum(bool(verify(p.result.problem, text)) for p, text in zip(judged, labels)) / len(judged)
 
 
+def answer_support(result: SearchResult, task: Task) -> dict[str, float]:
+    """Each well-formed answer's share of the candidates. Samples (best-of-N, with repeats) are counted: the
+    count is the Monte Carlo estimate of the answer's probability. Distinct candidates (tree strategies return
+    each completion once, so a count would give every answer 1/k) are weighed by their sequence probability
+    under the policy instead, normalised over the candidates."""
+    candidates = result.candidates
+    answers = [task.extract(result.problem, c.completion) for c in candidates]
+    distinct = len(candidates) > 1 and len({c.completion for c in candidates}) == len(candidates)
+    if distinct:
+        logps = [sum(c.logprobs) if c.logprobs else c.mean_logprob * max(1, len(c.token_ids)) for c in candidates]
+        top = max(logps)
+        weights = [math.exp(lp - top) for lp in logps]
+    else:
+        weights = [1.0] * len(candidates)
+    total = sum(weights)
+    support: dict[str, float] = {}
+    for answer, weight in zip(answers, weights):
+        if answer is not None:
+            support[answer] = support.get(answer, 0.0) + weight / total
+    return support
+
+
 class VoteShare:
+    """The answer with the most support (see answer_support) is the label when its share reaches min_share."""
+
     name = "vote_share"
 
     def __init__(self, min_share: float):
@@ -65,12 +89,11 @@ class VoteShare:
     def __call__(self, items: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
         kept = []
         for p in items:
-            answers = [task.extract(p.result.problem, c.completion) for c in p.result.candidates]
-            answers = [a for a in answers if a is not None]
-            if not answers:
+            support = answer_support(p.result, task)
+            if not support:
                 continue
-            answer, votes = Counter(answers).most_common(1)[0]
-            p.share = votes / len(p.result.candidates)
+            answer = max(support, key=support.get)
+            p.share = support[answer]
             if p.share >= self.min_share:
                 best = max((c for c in p.result.candidates if task.extract(p.result.problem, c.completion) == answer),
                            key=lambda c: c.mean_logprob)

@@ -103,3 +103,25 @@ def test_a_files_problems_are_grouped_by_difficulty_meta_or_prompt_length():
     by_length = FileSource(bad_meta, Task())
     assert by_length.grouping == "prompt length" and by_length.difficulties() == ["1", "4", "9", "30"]  # about equal groups
     assert by_length.heldout_set(["9"]) == {} and len(by_length.train_problems("9", 10, seed=0)) == 3
+
+
+def test_support_weighs_distinct_tree_candidates_by_probability_and_counts_samples():
+    from agent.select import SelectConfig, answer_support, select
+    from search import Candidate, SearchResult
+    from tasks import Problem, Task
+
+    def cand(text, logprobs):
+        return Candidate(text, token_ids=list(range(len(logprobs))), mean_logprob=sum(logprobs) / len(logprobs),
+                         min_logprob=min(logprobs), mean_entropy=0.0, finished=True, logprobs=logprobs)
+
+    problem = Problem("q", "42", id="q")
+    # a beam's distinct candidates: "42" is far more probable, though it is one completion of three
+    beam = SearchResult(problem, [cand("42", [-0.05, -0.05]), cand("41", [-3.0, -2.0]), cand("24", [-4.0, -3.0])], "beam", "v0")
+    support = answer_support(beam, Task())
+    assert support["42"] > 0.98 and abs(sum(support.values()) - 1) < 1e-9
+    # samples with repeats are counted, whatever their probability
+    samples = SearchResult(problem, [cand("41", [-3.0]), cand("41", [-3.0]), cand("42", [-0.1]), cand("41", [-3.0])], "best_of_n", "v0")
+    assert answer_support(samples, Task()) == {"41": 0.75, "42": 0.25}
+    # label-free selection keeps the tree's label now; a count (1/3) would have dropped it
+    chosen = select([beam], Task(), SelectConfig(min_vote_share=0.75), solve=lambda ps: [])
+    assert [e["completion"] for e in chosen.examples] == ["42"]
