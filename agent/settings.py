@@ -106,7 +106,10 @@ class MaskPasswords(logging.Filter):
     """A handler filter that masks URL passwords in a record's message and in its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: logging reports it itself when the handler formats the record
+            return True
         if "://" in message:
             record.msg, record.args = mask(message), None
         if record.exc_info and not record.exc_text:
