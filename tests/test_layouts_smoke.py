@@ -16,8 +16,7 @@ import subprocess
 import pytest
 
 from agent.registry import PolicyRegistry
-from agent.store import Store
-from tests.support import ArborProcess, RedisServer, arbor, arbor_env, postgres_database, seed_policy
+from tests.support import ArborProcess, arbor, deployment_stack, seed_policy
 from tests.test_compose import PASSWORDS, ROOT, _binary
 
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "emu", "yak", "gnu", "cow"]
@@ -52,51 +51,40 @@ def test_layout_submits_refuses_without_heldout_then_promotes_and_reloads(layout
     queues = {q for cmd in commands for q in cmd[cmd.index("--queues") + 1].split(",")}
     assert {"search", "train"} <= queues, workers  # the layout serves both
 
-    server = RedisServer(tmp_path / "redis", appendonly=True).start()
-    procs: list[ArborProcess] = []
-    try:
-        with postgres_database() as db_url:
-            home = tmp_path / "home"
-            seed_policy(home, db_url)
-            env = arbor_env(home, db_url, server.url, ARBOR_TRAIN_THRESHOLD=0, ARBOR_TRAIN_BUDGET_S=2,
-                            ARBOR_PROMOTE_MARGIN=-1, ARBOR_LEASE_TTL=10)
-            for name, cmd in zip(workers, commands):
-                procs.append(ArborProcess(cmd + ["--loglevel", "INFO"], env, tmp_path / f"{name}.log").start())
-            for p in procs:
-                p.wait_ready()
-            store = Store(db_url)
-            registry = PolicyRegistry(home / "policies", store)
-            search = ["--strategy", "greedy", "--max-new-tokens", "6", "--wait", "--timeout", "180"]
+    with deployment_stack(tmp_path, seed_policy, appendonly=True, ARBOR_TRAIN_THRESHOLD=0, ARBOR_TRAIN_BUDGET_S=2,
+                          ARBOR_PROMOTE_MARGIN=-1, ARBOR_LEASE_TTL=10) as stack:
+        env, store = stack["env"], stack["store"]
+        for name, cmd in zip(workers, commands):
+            stack["workers"].append(ArborProcess(cmd + ["--loglevel", "INFO"], env, tmp_path / f"{name}.log").start())
+        for p in stack["workers"]:
+            p.wait_ready()
+        registry = PolicyRegistry(tmp_path / "home" / "policies", store)
+        search = ["--strategy", "greedy", "--max-new-tokens", "6", "--wait", "--timeout", "180"]
 
-            # a user's task (no task name, answers on held-out problems only): the batch through the cli's submit
-            batch = _jsonl(tmp_path / "problems.jsonl", [{"prompt": f"{w} backwards:", "id": f"t-{w}"} for w in WORDS[:6]])
-            out = arbor("submit", batch, *search, env=env, timeout=200)
-            assert out.returncode == 0, out.stderr
-            ids = out.stdout.split()
-            assert len(ids) == 6 and all(store.get_job(j).status == "done" for j in ids)
+        # a user's task (no task name, answers on held-out problems only): the batch through the cli's submit
+        batch = _jsonl(tmp_path / "problems.jsonl", [{"prompt": f"{w} backwards:", "id": f"t-{w}"} for w in WORDS[:6]])
+        out = arbor("submit", batch, *search, env=env, timeout=200)
+        assert out.returncode == 0, out.stderr
+        ids = out.stdout.split()
+        assert len(ids) == 6 and all(store.get_job(j).status == "done" for j in ids)
 
-            refused = _train(env)
-            assert refused["candidate"] is None and refused["promoted"] is False, refused
-            assert "no held-out problems for task" in refused["reason"], refused
-            assert registry.promoted()[0] == "v0" and [r.version for r in store.policies()] == ["v0"]
+        refused = _train(env)
+        assert refused["candidate"] is None and refused["promoted"] is False, refused
+        assert "no held-out problems for task" in refused["reason"], refused
+        assert registry.promoted()[0] == "v0" and [r.version for r in store.policies()] == ["v0"]
 
-            heldout = _jsonl(tmp_path / "heldout.jsonl", [{"prompt": f"{w} backwards:", "answer": w[::-1], "split": "heldout",
-                                                           "id": f"h-{w}"} for w in WORDS[6:]])
-            out = arbor("submit", heldout, *search, env=env, timeout=200)
-            assert out.returncode == 0, out.stderr
+        heldout = _jsonl(tmp_path / "heldout.jsonl", [{"prompt": f"{w} backwards:", "answer": w[::-1], "split": "heldout",
+                                                       "id": f"h-{w}"} for w in WORDS[6:]])
+        out = arbor("submit", heldout, *search, env=env, timeout=200)
+        assert out.returncode == 0, out.stderr
 
-            promoted = _train(env)
-            assert promoted["candidate"] == "v1" and promoted["promoted"] is True and promoted["task"] is None, promoted
-            assert promoted["examples"] >= 1 and set(promoted["metrics"]["heldout"]) == {"all"}
-            assert registry.promoted()[0] == "v1"
+        promoted = _train(env)
+        assert promoted["candidate"] == "v1" and promoted["promoted"] is True and promoted["task"] is None, promoted
+        assert promoted["examples"] >= 1 and set(promoted["metrics"]["heldout"]) == {"all"}
+        assert registry.promoted()[0] == "v1"
 
-            # the workers load the promoted version before their next search, without a restart
-            again = _jsonl(tmp_path / "again.jsonl", [{"prompt": "ram backwards:", "id": "t-ram"}])
-            out = arbor("submit", again, *search, env=env, timeout=200)
-            assert out.returncode == 0, out.stderr
-            assert store.get_job(out.stdout.split()[0]).result["policy_version"] == "v1"
-            store.engine.dispose()
-    finally:
-        for p in procs:
-            p.stop()
-        server.stop()
+        # the workers load the promoted version before their next search, without a restart
+        again = _jsonl(tmp_path / "again.jsonl", [{"prompt": "ram backwards:", "id": "t-ram"}])
+        out = arbor("submit", again, *search, env=env, timeout=200)
+        assert out.returncode == 0, out.stderr
+        assert store.get_job(out.stdout.split()[0]).result["policy_version"] == "v1"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from agent.loop import LoopConfig
-from agent.policy import BuiltinConfig, build_builtin_policy
 from agent.registry import PolicyRegistry
 from agent.select import SelectConfig
 from agent.settings import Settings
@@ -15,6 +14,7 @@ from agent.train_cycle import run_train_cycle
 from agent.trainer import TrainConfig
 from search import SearchConfig
 from tasks import Problem
+from tests.support import tiny_promoted_policy
 
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee"]
 
@@ -39,9 +39,7 @@ def setup(tmp_path, monkeypatch):
     settings = Settings(home=tmp_path / "home", device="cpu")
     store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
     registry = PolicyRegistry(tmp_path / "policies", store)
-    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                                                    position_scheme="sequential"))
-    registry.promote(registry.save(model, tok, parent=None, trained_on={}), {})
+    tiny_promoted_policy(registry)
     store.add_problems([Problem(f"{w} backwards:", w[::-1], split="heldout", id=f"h-{w}") for w in WORDS[3:]])
     return settings, store, registry
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.policy import BuiltinConfig, build_builtin_policy
 from agent.registry import PolicyRegistry
 from agent.store import Store
 from tasks import Problem
+from tests.support import tiny_promoted_policy
 
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "emu", "yak"]
@@ -28,9 +28,7 @@ def _home(root: Path) -> dict:
     home.mkdir(parents=True)
     store = Store(f"sqlite:///{home / 'arbor.db'}")
     registry = PolicyRegistry(home / "policies", store)
-    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                                                    position_scheme="sequential"))
-    registry.promote(registry.save(model, tok, parent=None, trained_on={}), {})
+    tiny_promoted_policy(registry)
     store.add_problems([Problem(f"{w} backwards:", w[::-1], split="heldout", id=f"h-{w}") for w in WORDS[5:]])
     for w in WORDS[:5]:
         p = Problem(f"{w} backwards:", w[::-1], id=f"t-{w}")
