@@ -248,8 +248,9 @@ def test_sigkilled_three_times_then_resumed(tmp_path, request, database, one_tor
     db_url = f"sqlite:///{home / 'arbor.db'}" if database == "sqlite" else request.getfixturevalue("pg_url")
     demos, problems = _files(tmp_path)
     model = _warm_model(tmp_path / "model", demos, problems)
+    # one OpenMP thread as well: with faiss loaded beside torch, the default made fine-tunes ~30x slower here
     env = {**os.environ, "ARBOR_HOME": str(home), "ARBOR_DATABASE_URL": db_url, "ARBOR_DEVICE": "cpu",
-           "ARBOR_TORCH_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+           "ARBOR_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("ARBOR_BROKER_URL", None)
     store = Store(db_url)
     runs = RunStore(store)
