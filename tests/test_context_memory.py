@@ -167,7 +167,7 @@ def _history_policy(window: int):
         model(**enc, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
-        if step % 25 == 24:
+        if step % 10 == 9:
             model.eval()
             with torch.no_grad():
                 pred = model(**held).logits[:, -3:-1].argmax(-1)  # the positions that predict the digit and EOS
