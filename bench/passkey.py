@@ -1,14 +1,14 @@
 """Passkey retrieval past the trained window: full attention, a sliding window with initial tokens, and the
 context memory (memory/context.py), on a small policy trained here within a window of W tokens.
 
-    python -m bench.passkey --window 128 --train-seconds 600 --samples 2   # ~20 min on a busy 2-core CPU
-    python -m bench.passkey --train-seconds 300 --samples 1 --multiples 1,16  # a quick look
+    python -m bench.passkey --samples 4 --full-samples-64x 2   # 5 min on an idle 2-core CPU, 30 on a busy one
+    python -m bench.passkey --train-steps 300 --samples 1 --multiples 1,16   # a quick look
 
 JSON lines as it goes, the whole summary on the last line.
 
 The model is the built-in policy's class (agent/policy.py ArborForCausalLM: Llama, RoPE) with sequential
-positions and a word-level tokenizer built here (each word, each punctuation mark and each number 0-999 one
-token), trained for `--train-seconds` on passkey prompts of at most W tokens:
+positions and a word-level tokenizer built here (each word, each punctuation mark and each number 0-99 one
+token), trained for `--train-steps` on passkey prompts of at most W tokens:
 
     <filler> The pass key is 714 . <filler> What is the pass key ? The pass key is 714
 
@@ -88,7 +88,7 @@ def random_key(rng: random.Random) -> str:
     return rng.choice(KEYS)
 
 
-def train(model, tok, window: int, seconds: float, seed: int) -> dict:
+def train(model, tok, window: int, steps_budget: int, seconds: float, seed: int) -> dict:
     """The answer's loss on passkey prompts of at most `window` tokens, lengths uniform over a quarter to all of it."""
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -100,7 +100,7 @@ def train(model, tok, window: int, seconds: float, seed: int) -> dict:
     held_ids = torch.tensor(tok.convert_tokens_to_ids(held_keys))
     model.train()
     losses, held_acc = [], 0.0
-    while time.monotonic() - start < seconds:
+    while steps < steps_budget and time.monotonic() - start < seconds:
         texts = []
         for _ in range(batch):
             key = random_key(rng)
@@ -156,7 +156,8 @@ def evaluate(decoder: Decoder, prompt: str, key: str) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--window", type=int, default=128, help="trained window W, tokens")
-    p.add_argument("--train-seconds", type=float, default=600)
+    p.add_argument("--train-steps", type=int, default=800, help="optimizer steps (batch 32); held prompts are all right by about 200")
+    p.add_argument("--train-seconds", type=float, default=1800, help="a wall-clock cap on training")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
@@ -170,7 +171,7 @@ def main(argv=None) -> dict:
     W = args.window
     tok = build_tokenizer()
     model = build_model(tok, W, args.hidden, args.layers, args.heads, args.seed)
-    training = train(model, tok, W, args.train_seconds, args.seed)
+    training = train(model, tok, W, args.train_steps, args.train_seconds, args.seed)
     print(json.dumps({"trained": training}), flush=True)
     mem_cfg = ContextMemoryConfig.for_window(W)
     sliding_cfg = ContextMemoryConfig(n_init=mem_cfg.n_init, n_local=W - mem_cfg.n_init, topk=0,
@@ -195,7 +196,9 @@ def main(argv=None) -> dict:
                 "method": name, "multiple": mult, "tokens": mult * W, "samples": len(results),
                 "accuracy": sum(r["correct"] for r in results) / len(results),
                 "accuracy_by_depth": {str(d): sum(r["correct"] for r in results if r["depth"] == d) / max(1, sum(r["depth"] == d for r in results)) for d in DEPTHS},
-                "seconds_per_token": sum(r["prefill_s"] for r in results) / sum(r["tokens"] for r in results),
+                # the fastest prompt: contention on a shared CPU only ever adds time, so the minimum is the cost
+                "seconds_per_token": min(r["prefill_s"] / r["tokens"] for r in results),
+                "seconds_per_token_mean": sum(r["prefill_s"] for r in results) / sum(r["tokens"] for r in results),
                 "resident_kv_bytes": max(r["resident_kv_bytes"] for r in results),
                 "stored_kv_bytes": max(r["stored_kv_bytes"] for r in results),
                 "answers": [r["answer"] for r in results[:5]],
