@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import faiss
 import numpy as np
 import torch
 
@@ -28,7 +27,7 @@ class BlockStore:
         self.keys: list[torch.Tensor] = []  # per block [H_kv, block_size, D], on the storage device
         self.values: list[torch.Tensor] = []
         self.reprs = np.zeros((0, dim), dtype=np.float32)  # [N, H_q * D]
-        self.index: faiss.Index | None = None
+        self.index = None  # a faiss.IndexFlatIP once the store first searches
         self.indexed = 0  # representatives already in self.index
         self.cached: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # block -> (k, v) on device
         self.loads = 0  # blocks copied to the device (misses of the cache)
@@ -50,6 +49,10 @@ class BlockStore:
         if n == 0 or topk == 0:
             return []
         if self.index is None:
+            # imported here, not at module level: agent.policy imports this module, and faiss's OpenMP runtime
+            # loaded beside torch's in every process slowed CPU fine-tunes on a loaded machine
+            import faiss
+
             self.index, self.indexed = faiss.IndexFlatIP(self.dim), 0
         if self.indexed < n:  # representatives are indexed lazily: a copied store builds its own index once
             self.index.add(self.reprs[self.indexed:n])
