@@ -1,7 +1,7 @@
 """Passkey retrieval past the trained window: full attention, a sliding window with initial tokens, and the
 context memory (memory/context.py), on a small policy trained here within a window of W tokens.
 
-    python -m bench.passkey --samples 4 --full-samples-64x 2   # 5 min on an idle 2-core CPU, 30 on a busy one
+    python -m bench.passkey --samples 4 --full-samples-64x 2   # about 90 s on an idle 2-core CPU
     python -m bench.passkey --train-steps 300 --samples 1 --multiples 1,16   # a quick look
 
 JSON lines as it goes, the whole summary on the last line.
