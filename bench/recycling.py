@@ -235,6 +235,8 @@ def main() -> None:
     report["code_model"] = {**info, **compare(model, tokenizer, prompts[4:], prompts[:4], args.new_tokens)}
 
     if args.skip_builtin:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
         print(json.dumps(report))
         return
     cfg = LoopConfig()
