@@ -76,6 +76,16 @@ def end_cycle() -> None:
         _broadcast(None)
 
 
+def leave() -> None:
+    """Every rank, when the cycle is over: wait for the others, then tear the group down. A process that exits
+    with the group still up can abort in its destructor (seen as SIGABRT after the result was printed)."""
+    import torch.distributed as dist
+
+    if _group():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def agree(flag: bool) -> bool:
     """Rank 0's value of `flag` on every rank: the time budget must end the fine-tune at the same step everywhere,
     or the ranks that stop first leave the others waiting in a gradient all-reduce."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, exists, func,
                         ForeignKeyConstraint, Index, insert, select, text, update)
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column, sessionmaker
 
 from tasks import Problem
@@ -368,24 +368,28 @@ class Store:
 
     def set_policy_status(self, version: str, status: str, metrics: dict | None = None) -> None:
         """Set a version's status; promoting one retires the previously promoted version in the same transaction.
-        Two promotions at once: the unique index makes the later one fail, and it runs again (demoting the first)."""
+        Two promotions at once: the unique index makes the later one fail, and it runs again (demoting the first).
+
+        The transaction writes before it reads: on SQLite a row read first comes from a snapshot that a racing
+        promotion may have changed by the time this one writes, and an ORM write of a status the stale row already
+        shows is skipped (a promoted version retired under it stayed retired: nothing promoted)."""
         for attempt in range(20):
             try:
                 with self.session() as s:
-                    row = s.get(PolicyVersionRow, version, with_for_update=True)
-                    if row is None:
-                        raise KeyError(f"no policy version {version!r}")
                     if status == "promoted":
                         s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted",
                                                                  PolicyVersionRow.version != version).values(status="retired"))
-                        s.flush()
-                        row.promoted_at = _now()
-                    row.status = status
+                    values = {"status": status, **({"promoted_at": _now()} if status == "promoted" else {})}
+                    if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version).values(**values)).rowcount != 1:
+                        raise KeyError(f"no policy version {version!r}")
                     if metrics is not None:
+                        row = s.get(PolicyVersionRow, version, populate_existing=True)
                         row.metrics = {**(row.metrics or {}), **metrics}
                 return
-            except IntegrityError:
-                if attempt == 19:
+            except (IntegrityError, OperationalError) as exc:
+                # the unique index refused a racing promotion, or PostgreSQL broke a deadlock between two of them
+                retry = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
+                if not retry or attempt == 19:
                     raise
                 time.sleep(0.01 * (attempt + 1))
 

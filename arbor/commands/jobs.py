@@ -238,10 +238,12 @@ def train(
             return policy.model, policy.tokenizer
 
         distributed.follow(parent)
+        distributed.leave()
         return
     registry = PolicyRegistry(settings.policies_dir, store)
     if distributed.world_size() > 1 and registry.promoted() is None:
         distributed.end_cycle()  # the warm start is a single-process fine-tune: the other ranks could not join it
+        distributed.leave()
         _fail("no promoted policy to train: run `arbor policies init` once, then launch the multi-process cycle")
     ensure_policy(settings, store, registry)
     worker = "in-process" if distributed.world_size() == 1 else f"{distributed.world_size()} processes"
@@ -251,6 +253,7 @@ def train(
                                   lock=HeldByCaller() if lock_held else None)
     finally:
         distributed.end_cycle()
+        distributed.leave()
     typer.echo(json.dumps(out, indent=2, default=str))
 
 
