@@ -6,19 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from agent import distributed
 from agent.registry import PolicyRegistry
 from agent.store import Store
 from tasks import Problem
 from tests.support import tiny_promoted_policy
 
-ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "emu", "yak"]
 
 
@@ -54,10 +53,8 @@ def _versions(home: Path) -> list[str]:
     return sorted(p.name for p in (home / "policies").iterdir())
 
 
-@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_a_two_process_cycle_writes_one_version_the_single_process_cycle_would(tmp_path):
-    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "arbor", "train"]
+    launch = distributed.launch_command(2, ["train"])  # accelerate launch --multi_gpu --num_processes 2 -m arbor train
     single = [sys.executable, "-m", "arbor", "train"]
     outs = {}
     for name, cmd in (("two", launch), ("one", single)):
@@ -84,7 +81,6 @@ def test_a_two_process_cycle_writes_one_version_the_single_process_cycle_would(t
     assert home2["store"].count_untrained_best() == home1["store"].count_untrained_best() == 0
 
 
-@pytest.mark.skipif(ACCELERATE is None, reason="accelerate's launcher is not installed")
 def test_a_worker_set_to_two_train_processes_launches_the_cycle_and_returns_what_it_recorded(tmp_path, monkeypatch):
     from agent.settings import Settings
     from agent.train_cycle import run_train_cycle
