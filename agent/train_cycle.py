@@ -11,7 +11,6 @@ most new results that has held-out problems); the others wait for the next cycle
 from __future__ import annotations
 
 import logging
-import os
 import random
 import subprocess
 from dataclasses import replace
@@ -218,7 +217,7 @@ def _launched_cycle(store: Store, job_id: str, processes: int) -> dict:
     from agent import distributed
 
     cmd = distributed.launch_command(processes, ["train", "--in-process", "--lock-held", "--job-id", job_id])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ARBOR_TRAIN_PROCESSES": "1"})
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     job = store.get_job(job_id)
     if job is None or job.status not in FINISHED:
         lines = proc.stderr.strip().splitlines()

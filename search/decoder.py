@@ -8,7 +8,7 @@ Strategies ask it for steps; none of them touches the model or a cache class dir
                  needs no special case
     tree_step    a draft tree per row in one forward: a 4D float mask (a node sees the prefix and its
                  ancestors), explicit position ids, logits at every node
-    cache ops    repeat, select and reorder rows; crop; compact to kept positions; slice a segment out and
+    cache ops    repeat, select and reorder rows; crop; keep a tree step's accepted path; slice a segment out and
                  build a cache back from segments
     decode       the batched sampling loop (greedy at temperature 0) that drops finished rows
 
@@ -183,24 +183,12 @@ class Decoder:
             cache.crop(-drop)
 
     @staticmethod
-    def compact(cache, keep: torch.Tensor) -> None:
-        """Keep the positions `keep` of every row, in that order: [K] for all rows or [B, K] per row (after a
-        tree step: the prefix plus the accepted path)."""
-        for layer in cache.layers:
-            if keep.dim() == 1:
-                k = keep.to(layer.keys.device)
-                layer.keys, layer.values = layer.keys.index_select(-2, k), layer.values.index_select(-2, k)
-            else:
-                B, H, _, D = layer.keys.shape
-                k = keep.to(layer.keys.device)[:, None, :, None].expand(B, H, keep.shape[1], D)
-                layer.keys, layer.values = layer.keys.gather(2, k), layer.values.gather(2, k)
-
-    @staticmethod
     def compact_tail(cache, start: int, keep: torch.Tensor) -> None:
         """Keep positions [0, start) of every row as they are and, after them, the positions `start + keep`
-        ([B, K], per row). Only the tail moves: a full `compact` would copy the whole prefix at every verify
-        step, and the next forward's cache update copies it once more anyway. Measured on the benchmark's code
-        model, interleaved runs on the busy 2-core machine: decoding 1.2x faster with a small tree."""
+        ([B, K], per row; after a tree step: the accepted path). Only the tail moves: gathering the whole cache
+        copied the prefix at every verify step, and the next forward's cache update copies it once more anyway.
+        Measured on the benchmark's code model, interleaved runs on the busy 2-core machine: decoding 1.2x faster
+        with a small tree."""
         for layer in cache.layers:
             B, H, _, D = layer.keys.shape
             k = keep.to(layer.keys.device)[:, None, :, None].expand(B, H, keep.shape[1], D)
@@ -256,7 +244,7 @@ class Decoder:
     def tree_step(self, ids: torch.Tensor, mask: torch.Tensor, cache, tree: torch.Tensor, parents: list[int]) -> torch.Tensor:
         """One forward over a draft tree per row: `tree` [B, n] tokens after `ids` [B, T] (already in `cache`),
         `parents` the shared tree shape. Returns float logits at every node [B, n, V]; the nodes' key/values are
-        appended to the cache (compact it to the accepted path afterwards)."""
+        appended to the cache (`compact_tail` keeps the accepted path afterwards)."""
         if cache.get_seq_length() != ids.shape[1]:
             raise ValueError(f"the cache holds {cache.get_seq_length()} positions but ids have {ids.shape[1]}: forward pending tokens first")
         if tree.shape[1] != len(parents):

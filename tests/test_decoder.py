@@ -92,7 +92,7 @@ def test_compacting_to_an_accepted_path_continues_like_plain_decoding(name):
         # row 0 keeps the path 0 -> 1 -> 3 -> 5, row 1 keeps 0 -> 2 -> 4 (padded with a repeat of its last node
         # and masked out, as a row that accepts fewer tokens does)
         keep_nodes = torch.tensor([[0, 1, 3, 5], [0, 2, 4, 4]])
-        decoder.compact(cache, torch.cat([torch.arange(T).expand(2, T), T + keep_nodes], dim=1))
+        decoder.compact_tail(cache, T, keep_nodes)
         accepted = [[digits[j] for j in [0, 1, 3, 5]], [digits[j] for j in [0, 2, 4]]]
         nxt = tok.convert_tokens_to_ids("7")
         full = torch.cat([ids, torch.tensor([[digits[j] for j in row] for row in keep_nodes.tolist()])], dim=1)
