@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-from transformers import DynamicCache
+
+from search.kv import growing_cache
 
 
 @dataclass
@@ -151,7 +152,7 @@ class Decoder:
         return ids.to(self.device), mask.to(self.device)
 
     def new_cache(self):
-        return self.cache_factory(self.model) if self.cache_factory is not None else DynamicCache(config=self.model.config)
+        return self.cache_factory(self.model) if self.cache_factory is not None else growing_cache(self.model.config)
 
     def cache_from_kv(self, kv: torch.Tensor):
         """A cache holding kv [L, 2, B, H, T, D] (segments gathered by the tree expander)."""
