@@ -38,7 +38,7 @@ class WarmStartConfig:
 
 @dataclass
 class LoopConfig:
-    cycles: int = field(default=20, metadata={"help": "self-training cycles after the warm start"})
+    cycles: int = field(default=30, metadata={"help": "self-training cycles after the warm start"})
     time_budget_s: float | None = field(default=None, metadata={
         "help": "stop starting cycles after this many seconds (warm start included)"})
     # search is cheap next to training: more problems, more distinct labels
@@ -46,11 +46,16 @@ class LoopConfig:
     # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
     # lengths sooner
     frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
-        "help": "share of each cycle's problems at the frontier and the difficulties just past it"})
+        "help": "share of each cycle's problems at the frontier and at the difficulties past it (frontier_stride apart)"})
+    # a mastered length generalises a few lengths past itself, more so the longer it is: labels further ahead
+    # teach longer lengths sooner, and the decomposition check keeps them exact while the halves are mastered
+    frontier_stride: float = field(default=0.2, metadata={
+        "help": "spacing of the difficulties past the frontier, as a share of the frontier's (at least one apart)"})
     heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
-    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24), metadata={
+    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
         "help": "difficulties always evaluated for the report"})
-    eval_ahead: int = field(default=3, metadata={"help": "also evaluate this many difficulties past the frontier"})
+    eval_ahead: int = field(default=3, metadata={
+        "help": "also evaluate this many difficulties past the frontier (at least as far as the cycle trains)"})
     max_difficulty: int = field(default=40, metadata={"help": "hardest difficulty the curriculum reaches"})
     threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
     promote_margin: float = field(default=0.0, metadata={
@@ -249,11 +254,20 @@ class SelfImprovementLoop:
         self.curriculum = Curriculum(source.difficulties(), cfg.threshold)
         self.name: str | None = None
 
+    def _stride(self, frontier_index: int | None) -> int:
+        """How many difficulties apart the cycle's training lengths past the frontier lie."""
+        return 1 if frontier_index is None else max(1, round((frontier_index + 1) * self.cfg.frontier_stride))
+
+    def _ahead(self, frontier_index: int | None) -> int:
+        """How far past the frontier the held-out evaluation reaches: at least to the longest length trained on."""
+        return max(self.cfg.eval_ahead, self._stride(frontier_index) * (len(self.cfg.frontier_spread) - 1))
+
     def _heldout(self, frontier_index: int | None) -> dict:
-        return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self.cfg.eval_ahead, self.cfg.report_difficulties))
+        return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self._ahead(frontier_index),
+                                                                 self.cfg.report_difficulties))
 
     def evaluate(self, policy, frontier_index: int | None) -> dict:
-        verify_keys = self.curriculum.keys_up_to(frontier_index, self.cfg.eval_ahead)
+        verify_keys = self.curriculum.keys_up_to(frontier_index, self._ahead(frontier_index))
         return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task, verify_keys)
 
     def training_mix(self, cycle: int) -> list[dict]:
@@ -320,8 +334,9 @@ class SelfImprovementLoop:
         problems = []
         counts = [int(cfg.problems_per_cycle * share) for share in cfg.frontier_spread]
         counts[0] += cfg.problems_per_cycle - sum(counts)  # rounding remainder goes to the frontier itself
+        stride = self._stride(frontier_index)
         for offset, count in enumerate(counts):
-            key = self.curriculum.key(None if frontier_index is None else min(frontier_index + offset, len(self.curriculum.keys) - 1))
+            key = self.curriculum.key(None if frontier_index is None else min(frontier_index + offset * stride, len(self.curriculum.keys) - 1))
             problems += self.source.train_problems(key, count, seed=cfg.seed * 1000 + cycle * 10 + offset)
         self.store.add_problems(problems)  # content ids: a resumed cycle adds the same problems, not new ones
         search_cfg = replace(cfg.search, max_new_tokens=self.source.max_new_tokens(problems), seed=cfg.seed * 1000 + cycle)
@@ -345,7 +360,7 @@ class SelfImprovementLoop:
         trained_on = {"cycle": cycle, "frontier": frontier, "examples": len(selection.examples), "filters": selection.filters,
                       "mode": cfg.select.mode, "run": self.name}
         gate = train_and_gate(current, self.training_mix(cycle), self.task, self._heldout(frontier_index), cfg, self.registry,
-                              trained_on=trained_on, verify_keys=self.curriculum.keys_up_to(frontier_index, cfg.eval_ahead),
+                              trained_on=trained_on, verify_keys=self.curriculum.keys_up_to(frontier_index, self._ahead(frontier_index)),
                               current_eval=current_eval, decide=False)
         timings.update(gate.seconds)
         current, current_eval, current_metric = gate.current, gate.current_eval, gate.current_metric

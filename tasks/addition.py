@@ -56,7 +56,8 @@ class Addition(Task):
         return difficulty + 3
 
     def label_checks(self) -> dict[str, LabelCheck]:
-        return {"commute": commute_check, "split": split_check}
+        # the same answers pass in either order; split rejects more, so it runs first and commute decodes fewer
+        return {"split": split_check, "commute": commute_check}
 
 
 def _answer(problem: Problem, completion: str) -> str | None:

@@ -59,6 +59,7 @@ def run(
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
     heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
+    seed: int = option(LOOP, "seed"),
     run_name: Optional[str] = typer.Option(None, help="The run's name: its folder under $ARBOR_HOME/runs (letters, digits, '.', '_', '-')."),
     resume: Optional[str] = typer.Option(None, metavar="RUN", help="Continue run RUN after its last recorded cycle, with "
                                          "the inputs and settings it was started with (--cycles and --time-budget may change)."),
@@ -89,6 +90,7 @@ def run(
             time_budget_s=time_budget,
             problems_per_cycle=problems_per_cycle,
             heldout_per_difficulty=heldout,
+            seed=seed,
             search=replace(LOOP.search, strategy=strategy, n=samples),
             select=replace(LOOP.select, mode=select or LOOP.select.mode),
             train=replace(LOOP.train, time_budget_s=train_seconds),
