@@ -414,9 +414,10 @@ def ensure_policy(settings, store: Store, registry: PolicyRegistry, cfg: LoopCon
     if promoted is not None:
         return promoted[0]
     cfg = cfg or LoopConfig()
-    model, tokenizer = build_builtin_policy(replace(cfg.builtin, seed=cfg.seed), charset or DEFAULT_CHARSET)
+    task = task or get_task("addition")
+    model, tokenizer = build_builtin_policy(replace(cfg.builtin, seed=cfg.seed), charset or DEFAULT_CHARSET, task.coupling)
     model.to(settings.device)
-    examples = demos if demos is not None else warm_start_examples(task or get_task("addition"), cfg.warm_start, cfg.seed)
+    examples = demos if demos is not None else warm_start_examples(task, cfg.warm_start, cfg.seed)
     stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, examples) if examples else {}
     trained_on = {"warm_start": True, "examples": len(examples), "train": stats,
                   "difficulties": list(cfg.warm_start.difficulties) if demos is None else "demos"}

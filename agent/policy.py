@@ -33,12 +33,21 @@ from transformers import (
 from memory.context import ContextMemory, check_model
 from memory.recycling import RecyclingMemory
 from search.decoder import float_mask, sequential_tree_inputs, tree_paths
+from tasks.addition import COUPLING as ADDITION_COUPLING
+from tasks.base import PositionCoupling
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARSET = "0123456789+-*/=()<>.,:;?!'\" \n#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_|[]{}%&@$^~`\\"
 
 
 class ArborConfig(LlamaConfig):
+    """Llama plus position coupling (Cho et al. 2024). With `position_scheme="coupled"`, operand tokens
+    (`digit_token_ids`: the task's operand alphabet) are numbered within their run, forward from its start or
+    backward from its end (`operand_order`); the answer after the separator (`equals_token_id`) is numbered
+    forward, so that the token predicting answer token i shares its position id with the operand tokens that
+    answer token is made from. Addition counts forward (digit i of both operands and answer digit i); reversal
+    counts backward (the word's last letter and the answer's first)."""
+
     model_type = "arbor"
 
     def __init__(
@@ -47,14 +56,18 @@ class ArborConfig(LlamaConfig):
         digit_token_ids: list[int] | None = None,
         plus_token_id: int | None = None,
         equals_token_id: int | None = None,
+        operand_order: str = "forward",
         **kwargs,
     ):
         if position_scheme not in ("sequential", "coupled"):
             raise ValueError(f"position_scheme must be 'sequential' or 'coupled' (got {position_scheme!r})")
+        if operand_order not in ("forward", "backward"):
+            raise ValueError(f"operand_order must be 'forward' or 'backward' (got {operand_order!r})")
         self.position_scheme = position_scheme
         self.digit_token_ids = list(digit_token_ids or [])
         self.plus_token_id = plus_token_id
         self.equals_token_id = equals_token_id
+        self.operand_order = operand_order
         super().__init__(**kwargs)
 
 
@@ -69,7 +82,7 @@ def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch
     lut[torch.tensor(config.digit_token_ids, device=device)] = True
     is_digit = lut[input_ids] & valid.bool()
     is_eq = (input_ids == config.equals_token_id) & valid.bool()
-    is_plus = (input_ids == config.plus_token_id) & valid.bool()
+    is_plus = ((input_ids == config.plus_token_id) if config.plus_token_id is not None else torch.zeros_like(is_eq)) & valid.bool()
     real = valid.bool()
     t = torch.arange(T, device=device).expand(B, T)
     # tokens are counted among real ones only, so that a masked hole (a row that accepted fewer draft tokens than
@@ -81,6 +94,13 @@ def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch
     run_index = count - count_at_nondigit - 1
     after_eq = is_eq.gather(1, last_nondigit.clamp(min=0)) & (last_nondigit >= 0)
     digit_pos = run_index + 1 + after_eq.long()
+    if getattr(config, "operand_order", "forward") == "backward":
+        # operand tokens count from the end of their run (its last token is 1): index of the next real non-operand
+        # token at or after t (T if none), and the real-token count there
+        next_nondigit = torch.where(real & ~is_digit, t, torch.full_like(t, T)).flip(1).cummin(dim=1).values.flip(1)
+        total = real.long().sum(dim=1, keepdim=True).expand(B, T)
+        count_at_next = torch.where(next_nondigit < T, count.gather(1, next_nondigit.clamp(max=T - 1)), total)
+        digit_pos = torch.where(after_eq, digit_pos, count_at_next - count)
     pos = torch.zeros_like(t)
     pos = torch.where(is_digit, digit_pos, pos)
     pos = torch.where(is_eq, torch.ones_like(pos), pos)
@@ -211,16 +231,21 @@ class BuiltinConfig:
     seed: int = field(default=0, metadata={"help": "seed of the initial weights"})
 
 
-def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DEFAULT_CHARSET):
-    """A fresh (untrained) built-in model and its tokenizer."""
+def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DEFAULT_CHARSET,
+                         coupling: PositionCoupling | None = ADDITION_COUPLING):
+    """A fresh (untrained) built-in model and its tokenizer. With the coupled scheme, `coupling` (the task's,
+    see tasks.PositionCoupling) says which tokens are operands; without one, or when the charset lacks its
+    tokens, positions are sequential."""
     tokenizer = build_char_tokenizer(charset)
     vocab = tokenizer.get_vocab()
-    coupled = cfg.position_scheme == "coupled" and all(c in vocab for c in "0123456789+=")
+    coupled = (cfg.position_scheme == "coupled" and coupling is not None
+               and all(c in vocab for c in coupling.operand_chars + coupling.separator + (coupling.joiner or "")))
     config = ArborConfig(
         position_scheme="coupled" if coupled else "sequential",
-        digit_token_ids=[vocab[c] for c in "0123456789"] if coupled else [],
-        plus_token_id=vocab.get("+") if coupled else None,
-        equals_token_id=vocab.get("=") if coupled else None,
+        digit_token_ids=[vocab[c] for c in coupling.operand_chars] if coupled else [],
+        plus_token_id=vocab[coupling.joiner] if coupled and coupling.joiner else None,
+        equals_token_id=vocab[coupling.separator] if coupled else None,
+        operand_order=coupling.order if coupled else "forward",
         vocab_size=len(vocab),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from tasks.base import LabelCheck, Problem, Solve, Task
+from tasks.base import LabelCheck, PositionCoupling, Problem, Solve, Task
 
 
 def _rev(n: int, width: int) -> str:
@@ -33,9 +33,14 @@ def operands(problem: Problem) -> tuple[str, str]:
     return a, b
 
 
+# digit i of both operands and answer digit i share a position (operands least significant digit first)
+COUPLING = PositionCoupling(operand_chars="0123456789", separator="=", joiner="+", order="forward")
+
+
 class Addition(Task):
     name = "addition"
     min_difficulty = 1
+    coupling = COUPLING
 
     def generate(self, difficulty: int, n: int, seed: int, split: str = "train") -> list[Problem]:
         # train and held-out draw from different streams, so they never share a problem by construction

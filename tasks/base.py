@@ -94,6 +94,21 @@ Solve = Callable[[list[Problem]], list[str]]
 LabelCheck = Callable[[list[Problem], list[str], Solve], list[bool]]
 
 
+@dataclass(frozen=True)
+class PositionCoupling:
+    """How a position-coupled built-in policy numbers this task's tokens (agent/policy.py): operand tokens
+    (`operand_chars`) count within their run, forward from its start or backward from its end (`order`); the
+    answer after `separator` counts forward; `joiner` (if any) separates operands. Chosen so that the token
+    predicting answer token i shares its position with the operand tokens that answer token depends on: that
+    geometry is the same at every length, which is what lets a policy trained on short problems solve longer
+    ones."""
+
+    operand_chars: str
+    separator: str
+    joiner: str | None = None
+    order: str = "forward"
+
+
 class Task:
     """A family of problems. Built-in families generate problems at a difficulty and may declare label
     checks: tests of a proposed answer that need no ground truth (decompositions, invariances) and belong to
@@ -101,6 +116,7 @@ class Task:
 
     name: str = ""
     min_difficulty: int = 1
+    coupling: PositionCoupling | None = None  # for a fresh built-in policy; None: sequential positions
 
     def generate(self, difficulty: int, n: int, seed: int, split: str = "train") -> list[Problem]:
         raise NotImplementedError

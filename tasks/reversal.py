@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from tasks.base import LabelCheck, Problem, Solve, Task
+from tasks.base import LabelCheck, PositionCoupling, Problem, Solve, Task
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -26,9 +26,14 @@ def word_of(problem: Problem) -> str:
     return problem.prompt[:-1]
 
 
+# the word's letters count back from its end, so its last letter and the answer's first share a position
+COUPLING = PositionCoupling(operand_chars=LETTERS, separator="<", order="backward")
+
+
 class Reversal(Task):
     name = "reversal"
     min_difficulty = 1
+    coupling = COUPLING
 
     def generate(self, difficulty: int, n: int, seed: int, split: str = "train") -> list[Problem]:
         # train and held-out draw from different streams, as addition's do

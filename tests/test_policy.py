@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from agent.policy import PolicyLoadError, build_builtin_policy, coupled_positions, count_parameters, load_policy
@@ -26,11 +27,32 @@ def test_coupled_positions_follow_digit_columns():
     assert operand[0].tolist() == [True] * 7 + [False] * 5
 
 
-def test_incremental_decoding_matches_full_forward():
+def test_backward_coupling_pairs_a_word_with_its_reversal():
+    from tasks import get_task
+
+    model, tok = build_builtin_policy(coupling=get_task("reversal").coupling)
+    enc = tok(["abcd<dcba", "xy<yx"], return_tensors="pt", padding=True)
+    pos, operand = coupled_positions(model.config, enc.input_ids, enc.attention_mask)
+    # the word counts back from its end; '<' predicts the last letter (both 1), answer letter j sits at j + 2,
+    # beside the word letter it predicts next
+    assert pos[0].tolist() == [4, 3, 2, 1, 1, 2, 3, 4, 5]
+    assert pos[1, -5:].tolist() == [2, 1, 1, 2, 3]  # padding changes nothing
+    assert operand[0].tolist() == [True] * 4 + [False] * 5
+    # a query may not see word letters numbered above its own: '<' sees only the last letter
+    with torch.no_grad():
+        a = model(**tok(["abcd<"], return_tensors="pt")).logits[0, -1]
+        b = model(**tok(["zbcd<"], return_tensors="pt")).logits[0, -1]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("task,prompts", [("addition", ["123+456=", "9+9="]), ("reversal", ["abcdef<", "xy<"])])
+def test_incremental_decoding_matches_full_forward(task, prompts):
     """generate (KV cache, positions from prepare_inputs_for_generation) agrees with one full forward."""
-    model, tok = build_builtin_policy()
+    from tasks import get_task
+
+    model, tok = build_builtin_policy(coupling=get_task(task).coupling)
     model.eval()
-    enc = tok(["123+456=", "9+9="], return_tensors="pt", padding=True)
+    enc = tok(prompts, return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=6, do_sample=False)
     new = out[:, enc.input_ids.shape[1]:]
     mask = torch.cat([enc.attention_mask, torch.ones_like(new)], dim=1)
