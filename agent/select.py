@@ -35,6 +35,8 @@ class SelectConfig:
     min_confidence: float | None = field(default=None, metadata={
         "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
     use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
+    given_answers: bool = field(default=True, metadata={
+        "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
 
     def __post_init__(self):
         if self.mode not in ("label_free", "verifier"):
@@ -142,7 +144,7 @@ def task_filters(task: Task) -> list[TaskCheck]:
 
 def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solve) -> Selection:
     if cfg.mode == "verifier":
-        return _select_verified(results, task)
+        return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
     filters = [FormatCheck(), VoteShare(cfg.min_vote_share)]
     if cfg.use_task_filters:
@@ -159,13 +161,24 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     return Selection(examples, report)
 
 
-def _select_verified(results: list[SearchResult], task: Task) -> Selection:
-    examples = []
+def _select_verified(results: list[SearchResult], given_answers: bool) -> Selection:
+    """The most confident verified candidate per problem; where none verified, the problem's own answer when it
+    is a completion (exact checker; a numeric or regex answer is a test, not a text to write): the policy then
+    learns the problems it cannot solve yet, not only those it already can."""
+    examples, given = [], 0
     for r in results:
         correct = [c for c in r.candidates if c.verified]
         if correct:
             best = max(correct, key=lambda c: c.mean_logprob)
             examples.append({"prompt": r.problem.prompt, "completion": best.completion, "problem_id": r.problem.id})
+        elif given_answers and r.problem.answer is not None and r.problem.checker == "exact":
+            examples.append({"prompt": r.problem.prompt, "completion": r.problem.answer, "problem_id": r.problem.id})
+            given += 1
     total = len(results)
-    return Selection(examples, [{"name": "verifier", "kept": len(examples),
-                                 "kept_fraction": len(examples) / total if total else 0.0, "precision": 1.0 if examples else None}])
+    searched = len(examples) - given
+    report = [{"name": "verifier", "kept": searched, "kept_fraction": searched / total if total else 0.0,
+               "precision": 1.0 if searched else None}]
+    if given_answers:
+        report.append({"name": "given_answer", "kept": len(examples), "kept_fraction": len(examples) / total if total else 0.0,
+                       "precision": 1.0 if examples else None})
+    return Selection(examples, report)

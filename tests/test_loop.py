@@ -125,3 +125,24 @@ def test_support_weighs_distinct_tree_candidates_by_probability_and_counts_sampl
     # label-free selection keeps the tree's label now; a count (1/3) would have dropped it
     chosen = select([beam], Task(), SelectConfig(min_vote_share=0.75), solve=lambda ps: [])
     assert [e["completion"] for e in chosen.examples] == ["42"]
+
+
+def test_verifier_mode_trains_on_the_given_answer_where_no_candidate_verified():
+    from agent.select import SelectConfig, select
+    from search import Candidate, SearchResult
+    from tasks import Problem, Task, verify
+
+    def result(problem, *texts):
+        cands = [Candidate(t, token_ids=[1], mean_logprob=-0.1 * i, min_logprob=-0.1 * i, mean_entropy=0.0, finished=True,
+                           verified=verify(problem, t)) for i, t in enumerate(texts)]
+        return SearchResult(problem, cands, "best_of_n", "v0")
+
+    solved = Problem("a=", "x", id="a")
+    unsolved = Problem("b=", "y", id="b")
+    pattern = Problem("c=", "[0-9]+", checker="regex", id="c")  # a regex answer is a test, never a text to train on
+    results = [result(solved, "z", "x"), result(unsolved, "z", "w"), result(pattern, "q")]
+    chosen = select(results, Task(), SelectConfig(mode="verifier"), solve=lambda ps: [])
+    assert {e["problem_id"]: e["completion"] for e in chosen.examples} == {"a": "x", "b": "y"}
+    assert [(f["name"], f["kept"]) for f in chosen.filters] == [("verifier", 1), ("given_answer", 2)]
+    only_searched = select(results, Task(), SelectConfig(mode="verifier", given_answers=False), solve=lambda ps: [])
+    assert [e["problem_id"] for e in only_searched.examples] == ["a"]
