@@ -16,12 +16,13 @@ from typing import Callable
 from agent import distributed
 from agent.curriculum import Curriculum, ProblemSource
 from agent.policy import BuiltinConfig, Policy
+from agent.preference import preference_pairs
 from agent.registry import PolicyRegistry
 from agent.select import Pseudo, SelectConfig, select, task_filters
 from agent.solve import trajectory_rows
 from agent.store import RunStore, Store
 from tasks import Problem, Task
-from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
+from agent.trainer import DPOFineTuner, PreferenceConfig, SFTFineTuner, TrainConfig, clone_for_training
 from search import SearchConfig, run_search
 
 
@@ -34,6 +35,9 @@ class WarmStartConfig:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(learning_rate=3e-3, time_budget_s=180.0, schedule="time_cosine"),
         metadata={"help": "the warm start's fine-tune"})
+
+
+TRAIN_METHODS = ("sft", "dpo", "sft+dpo")
 
 
 @dataclass
@@ -71,11 +75,20 @@ class LoopConfig:
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "which trajectories become labels"})
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0),
                                metadata={"help": "each cycle's fine-tune"})
+    train_method: str = field(default="sft", metadata={
+        "help": "sft (the replay mix), dpo (this cycle's preference pairs) or sft+dpo (DPO after SFT, on the same candidate)"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
+        "help": "each cycle's preference fine-tune (train_method dpo or sft+dpo; an sft+dpo cycle without pairs gives "
+                "its time to SFT)"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
     seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})
     stop_when: dict | None = field(default=None, metadata={
         "help": 'stop once reached, e.g. {"difficulty": 20, "accuracy": 0.9} (benchmarks)'})
+
+    def __post_init__(self):
+        if self.train_method not in TRAIN_METHODS:
+            raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)} (got {self.train_method!r})")
 
 
 def greedy_solver(policy, cfg: SearchConfig) -> Callable[[list[Problem]], list[str]]:
@@ -171,7 +184,8 @@ class GateOutcome:
 
 def train_and_gate(current: Policy, examples: list[dict], task: Task | None, heldout: dict[str, list[Problem]],
                    cfg: LoopConfig, registry: PolicyRegistry, trained_on: dict, mode: str | None = None,
-                   verify_keys: list[str] | None = None, current_eval: dict | None = None, decide: bool = True) -> GateOutcome:
+                   verify_keys: list[str] | None = None, current_eval: dict | None = None, decide: bool = True,
+                   pairs: list[dict] | None = None) -> GateOutcome:
     """Fine-tune a copy of `current` on `examples`, evaluate candidate and current on the same held-out problems
     with the same search (cfg.eval_search), save the candidate as a version and promote it only if its gate score
     beats the current one's by more than cfg.promote_margin; otherwise it is recorded as rejected.
@@ -180,13 +194,21 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     gate averages over (default: all of `heldout`). `current_eval` is what the current policy already scored on
     some of these keys (the loop keeps it between cycles); the current policy is evaluated on the others only.
     `decide=False` leaves the saved version a candidate: the caller promotes or rejects it (the loop does so in the
-    transaction that records the cycle, RunStore.record_cycle)."""
+    transaction that records the cycle, RunStore.record_cycle). `pairs` (agent/preference.py) are what a DPO
+    fine-tune trains on, after SFT when cfg.train_method is sft+dpo; its stats are the train stats' "dpo"."""
     mode = mode or cfg.select.mode
     seconds = {}
     t = time.monotonic()
     model = clone_for_training(current.model)
-    distributed.share_fine_tune(current.version, examples, cfg.train)  # other ranks of a multi-process launch join it
-    train_stats = SFTFineTuner(cfg.train).train(model, current.tokenizer, examples)
+    pairs, train_stats, sft_cfg = pairs or [], {}, cfg.train
+    if cfg.train_method == "sft+dpo" and not pairs:  # nothing to prefer: SFT gets the DPO time, a cycle costs the same
+        sft_cfg = replace(cfg.train, time_budget_s=cfg.train.time_budget_s + cfg.preference.time_budget_s)
+    if cfg.train_method in ("sft", "sft+dpo"):
+        distributed.share_fine_tune(current.version, examples, sft_cfg)  # other ranks of a multi-process launch join it
+        train_stats = SFTFineTuner(sft_cfg).train(model, current.tokenizer, examples)
+    if cfg.train_method in ("dpo", "sft+dpo"):
+        dpo = DPOFineTuner(cfg.preference).train(model, current.tokenizer, pairs) if pairs else {"steps": 0, "seconds": 0.0}
+        train_stats["dpo"] = {**dpo, "pairs": len(pairs)}
     seconds["train"] = time.monotonic() - t
     t = time.monotonic()
     candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
@@ -359,9 +381,10 @@ class SelfImprovementLoop:
 
         trained_on = {"cycle": cycle, "frontier": frontier, "examples": len(selection.examples), "filters": selection.filters,
                       "mode": cfg.select.mode, "run": self.name}
+        pairs = preference_pairs(results, selection, self.task, cfg.preference.max_pairs) if cfg.train_method != "sft" else None
         gate = train_and_gate(current, self.training_mix(cycle), self.task, self._heldout(frontier_index), cfg, self.registry,
                               trained_on=trained_on, verify_keys=self.curriculum.keys_up_to(frontier_index, self._ahead(frontier_index)),
-                              current_eval=current_eval, decide=False)
+                              current_eval=current_eval, decide=False, pairs=pairs)
         timings.update(gate.seconds)
         current, current_eval, current_metric = gate.current, gate.current_eval, gate.current_metric
         if gate.promoted:

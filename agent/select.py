@@ -47,6 +47,7 @@ class SelectConfig:
 class Selection:
     examples: list[dict]  # {"prompt", "completion", "problem_id"}
     filters: list[dict] = field(default_factory=list)  # name, kept, kept_fraction, precision
+    mode: str = "label_free"  # the rule that accepted the labels; preference pairs judge the siblings by it
 
 
 def _precision(items: list[Pseudo], task: Task) -> float | None:
@@ -181,4 +182,4 @@ def _select_verified(results: list[SearchResult], given_answers: bool) -> Select
     if given_answers:
         report.append({"name": "given_answer", "kept": len(examples), "kept_fraction": len(examples) / total if total else 0.0,
                        "precision": 1.0 if examples else None})
-    return Selection(examples, report)
+    return Selection(examples, report, mode="verifier")

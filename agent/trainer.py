@@ -1,6 +1,7 @@
-"""Fine-tuning with TRL's SFTTrainer on prompt-completion pairs (loss on the completion only).
+"""Fine-tuning with TRL: SFTTrainer on prompt-completion pairs (loss on the completion only) and DPOTrainer on
+preference pairs (agent/preference.py).
 
-A fresh SFTTrainer per cycle, bounded by wall-clock time rather than epochs so that a cycle's cost is
+A fresh trainer per cycle, bounded by wall-clock time rather than epochs so that a cycle's cost is
 predictable on a CPU; the learning rate is constant because the number of steps is not known ahead.
 """
 
@@ -12,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +40,24 @@ class TrainConfig:
     def __post_init__(self):
         if self.time_budget_s <= 0 and self.max_steps <= 0:
             raise ValueError("a fine-tune needs a positive time_budget_s or max_steps")
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the preference fine-tune"})
+    batch_size: int = field(default=32, metadata={"help": "preference pairs per step"})
+    time_budget_s: float = field(default=15.0, metadata={"help": "wall-clock limit of one preference fine-tune, seconds"})
+    max_steps: int = field(default=100_000, metadata={"help": "a second bound, for tests and tiny budgets"})
+    max_pairs: int = field(default=2000, metadata={"help": "pairs per cycle at most (the most confident mistakes)"})
+    max_length: int = field(default=512, metadata={"help": "longest prompt and completion, in tokens"})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+
+    def __post_init__(self):
+        if self.time_budget_s <= 0 and self.max_steps <= 0:
+            raise ValueError("a preference fine-tune needs a positive time_budget_s or max_steps")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive (got {self.beta})")
 
 
 class _TimeBudget(TrainerCallback):
@@ -148,6 +168,84 @@ class SFTFineTuner:
             "examples": len(examples),
             "seconds": round(seconds, 2),
             "processes": int(trainer.args.world_size),
+        }
+
+
+class DPOFineTuner:
+    """Fine-tunes a policy in place with TRL's DPOTrainer on {"prompt", "chosen", "rejected"} pairs, against a
+    frozen copy of itself as it was before this fine-tune."""
+
+    def __init__(self, cfg: PreferenceConfig):
+        self.cfg = cfg
+
+    def train(self, model, tokenizer, pairs: list[dict]) -> dict:
+        from trl import DPOConfig, DPOTrainer
+
+        if not pairs:
+            raise ValueError("nothing to train on: no preference pairs")
+        if distributed.world_size() > 1:
+            # the other ranks of a launch join SFT fine-tunes only (agent/distributed.py follow)
+            raise RuntimeError("a preference fine-tune runs in one process")
+        cfg = self.cfg
+        use_cuda = torch.cuda.is_available() and model.device.type == "cuda"
+        dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
+        reference = clone_for_training(model)
+        reference.requires_grad_(False)
+        _quiet_libraries()
+        with tempfile.TemporaryDirectory(prefix="arbor-dpo-") as out:
+            args = DPOConfig(
+                output_dir=out,
+                per_device_train_batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate,
+                lr_scheduler_type="constant",  # the step count of a time-bounded run is unknown
+                num_train_epochs=1_000,
+                max_steps=cfg.max_steps,
+                max_length=cfg.max_length,
+                beta=cfg.beta,
+                # a frozen reference model of this size costs one extra forward a step; precomputing its
+                # log-probs would spend the time budget on pairs the run may never reach
+                precompute_ref_log_probs=False,
+                bf16=_bf16_supported(),
+                use_cpu=not use_cuda,
+                activation_checkpointing=False,  # TRL turns it on; tiny models only pay its recompute
+                report_to="none",
+                save_strategy="no",
+                logging_steps=10,
+                log_level="error",
+                disable_tqdm=True,
+                seed=cfg.seed,
+                dataset_num_proc=None,
+            )
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=reference,
+                args=args,
+                train_dataset=dataset,
+                processing_class=tokenizer,
+                callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cosine=False)],
+            )
+            trainer.remove_callback(PrinterCallback)
+            start = time.monotonic()
+            with warnings.catch_warnings():
+                # TRL's reference forward asks the model for a deprecated attribute name on every step
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+                result = trainer.train()
+            seconds = time.monotonic() - start
+            logs = [h for h in trainer.state.log_history if "loss" in h]
+        # as for SFT: drop TRL's forward patch (a fused LM head) so that clones of this model are plain
+        model.__dict__.pop("forward", None)
+        model.eval()
+        last = logs[-1] if logs else {}
+        # TRL's rewards are beta-scaled log-ratios to the reference, logged every logging_steps
+        rewards = {name: last[key] for name, key in (("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies"))
+                   if key in last}
+        return {
+            "train_loss": last.get("loss", float(result.training_loss)),
+            "mean_loss": float(result.training_loss),
+            **rewards,
+            "steps": int(trainer.state.global_step),
+            "pairs": len(pairs),
+            "seconds": round(seconds, 2),
         }
 
 
