@@ -132,7 +132,10 @@ def evaluate_policy(policy, by_difficulty: dict, cfg: SearchConfig, task: Task |
             passed[key] = passed.get(key, 0) + 1
         self_verified = {key: passed.get(key, 0) / len(rs) for key, rs in by_key.items()
                          if verify_keys is None or key in verify_keys}
-    return {"accuracy": accuracy, "self_verified": self_verified, "generated_tokens": sum(r.generated_tokens for r in results)}
+    # confidence of each greedy answer per key: what calibrates label-free selection for tasks without label checks
+    confidence = {key: [r.best.mean_logprob for r in rs] for key, rs in by_key.items()}
+    return {"accuracy": accuracy, "self_verified": self_verified, "confidence": confidence,
+            "generated_tokens": sum(r.generated_tokens for r in results)}
 
 
 def gate_metric(evaluation: dict, mode: str) -> dict:
@@ -220,8 +223,8 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     cur_missing = {k: v for k, v in heldout.items() if k not in current_metric}
     if cur_missing:  # the current policy was not evaluated at some of these keys yet (the loop's frontier moved)
         extra = evaluate_policy(current, cur_missing, cfg.eval_search, task, keys)
-        for part in ("accuracy", "self_verified"):
-            current_eval[part].update(extra[part])
+        for part in ("accuracy", "self_verified", "confidence"):
+            current_eval.setdefault(part, {}).update(extra[part])
         current_metric = gate_metric(current_eval, mode)
     parent_eval = current_eval
     cand_score, cur_score = gate_score(cand_metric, keys), gate_score(current_metric, keys)
@@ -366,7 +369,9 @@ class SelfImprovementLoop:
         timings["search"] = time.monotonic() - t
 
         t = time.monotonic()
-        selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg))
+        mastered = [key for key, value in current_metric.items() if value >= cfg.threshold]
+        confidences = [c for key in mastered for c in current_eval.get("confidence", {}).get(key, [])]
+        selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg), confidences)
         accepted_ids = {e["problem_id"] for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded

@@ -35,6 +35,9 @@ class SelectConfig:
     min_confidence: float | None = field(default=None, metadata={
         "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
     use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
+    calibration_quantile: float | None = field(default=0.1, metadata={
+        "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
+                "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
     given_answers: bool = field(default=True, metadata={
         "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
 
@@ -115,10 +118,10 @@ class FormatCheck:
 
 
 class ConfidenceFloor:
-    name = "confidence"
+    """The chosen candidate's mean token log-prob is at least `floor`."""
 
-    def __init__(self, floor: float):
-        self.floor = floor
+    def __init__(self, floor: float, name: str = "confidence"):
+        self.floor, self.name = floor, name
 
     def __call__(self, items, task, solve):
         return [p for p in items if p.confidence >= self.floor]
@@ -143,13 +146,31 @@ def task_filters(task: Task) -> list[TaskCheck]:
     return [TaskCheck(name, check) for name, check in task.label_checks().items()]
 
 
-def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solve) -> Selection:
+def calibrated_floor(mastered_confidences: list[float], quantile: float | None) -> float | None:
+    """The `quantile` of the policy's confidence on greedy answers at difficulties it has mastered (at least 90%
+    right there, so this is about the confidence of right answers), or None without any."""
+    if quantile is None or not mastered_confidences:
+        return None
+    ordered = sorted(mastered_confidences)
+    return ordered[min(len(ordered) - 1, int(quantile * len(ordered)))]
+
+
+def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solve,
+           mastered_confidences: list[float] | None = None) -> Selection:
+    """`mastered_confidences`: the current policy's greedy confidences on held-out problems of mastered difficulties,
+    which calibrate the confidence filter of tasks without label checks (SelectConfig.calibration_quantile)."""
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
     filters = [FormatCheck(), VoteShare(cfg.min_vote_share)]
     if cfg.use_task_filters:
         filters += task_filters(task)
+    floor = calibrated_floor(mastered_confidences or [], cfg.calibration_quantile)
+    if not task.label_checks() and floor is not None:
+        # no check of the task's own: vote share alone keeps the policy's unanimous mistakes (measured on files whose
+        # problems carried answers: 91% kept, about the greedy accuracy); a label must also be as confident as
+        # answers the policy gets right
+        filters.append(ConfidenceFloor(floor, "calibrated_confidence"))
     if cfg.min_confidence is not None:
         filters.append(ConfidenceFloor(cfg.min_confidence))
     report = []

@@ -146,3 +146,28 @@ def test_verifier_mode_trains_on_the_given_answer_where_no_candidate_verified():
     assert [(f["name"], f["kept"]) for f in chosen.filters] == [("verifier", 1), ("given_answer", 2)]
     only_searched = select(results, Task(), SelectConfig(mode="verifier", given_answers=False), solve=lambda ps: [])
     assert [e["problem_id"] for e in only_searched.examples] == ["a"]
+
+
+def test_tasks_without_checks_keep_labels_as_confident_as_mastered_answers():
+    from agent.select import SelectConfig, calibrated_floor, select
+    from search import Candidate, SearchResult
+    from tasks import Problem, Task, get_task
+
+    def result(problem, text, logprob):
+        cands = [Candidate(text, token_ids=[1], mean_logprob=logprob, min_logprob=logprob, mean_entropy=0.0, finished=True)
+                 for _ in range(4)]  # unanimous: vote share keeps every one
+        return SearchResult(problem, cands, "best_of_n", "v0")
+
+    mastered = [-0.01 * i for i in range(1, 101)]  # greedy confidences where the policy is at least 90% right
+    assert calibrated_floor(mastered, 0.1) == pytest.approx(-0.90) and calibrated_floor([], 0.1) is None
+    results = [result(Problem("a", "x", id="a"), "x", -0.05),  # as confident as right answers
+               result(Problem("b", "y", id="b"), "z", -2.0),  # a unanimous, unconfident mistake
+               result(Problem("c", "w", id="c"), "w", -1.5)]  # right, but no more confident than the mistake
+    chosen = select(results, Task(), SelectConfig(), solve=lambda ps: [], mastered_confidences=mastered)
+    assert [e["problem_id"] for e in chosen.examples] == ["a"]
+    assert [f["name"] for f in chosen.filters] == ["format", "vote_share", "calibrated_confidence"]
+    assert chosen.filters[1]["precision"] == 2 / 3 and chosen.filters[2]["precision"] == 1.0  # measured each cycle
+    # before anything is mastered, and for tasks with checks of their own, the filter stays off
+    assert [f["name"] for f in select(results, Task(), SelectConfig(), solve=lambda ps: []).filters] == ["format", "vote_share"]
+    addition = select([], get_task("addition"), SelectConfig(), solve=lambda ps: [], mastered_confidences=mastered)
+    assert "calibrated_confidence" not in [f["name"] for f in addition.filters]
