@@ -92,6 +92,13 @@ def refine_rows(problem: Problem, results: list[SearchResult], job_id: str | Non
     return per_round, parents
 
 
+def refinement_examples(results: list[SearchResult], round_prompts: list[str | None]) -> list[dict]:
+    """Training examples from refinement: a result whose best attempt verified in a later round (its round prompt is
+    given: it holds the earlier attempts and their feedback) becomes {round prompt, attempt}."""
+    return [{"prompt": prompt, "completion": r.best.completion}
+            for r, prompt in zip(results, round_prompts) if prompt is not None and r.best.verified]
+
+
 def best_of_rounds(results: list[SearchResult]) -> tuple[Candidate, int]:
     """The best attempt over all rounds and the round that produced it."""
     best, at = None, 0

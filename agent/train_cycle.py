@@ -19,6 +19,7 @@ from sqlalchemy import select as sql_select
 from sqlalchemy.exc import IntegrityError
 
 from agent.jobs import FINISHED, LeaseBusy, record_once
+from agent.refine import refinement_examples
 from agent.store import ProblemRow, Store, TrajectoryRow
 from tasks import TASKS, Problem, Task, get_task
 
@@ -56,10 +57,11 @@ def task_of(problem: Problem) -> Task:
     return get_task(problem.task) if problem.task is not None else Task()
 
 
-def _new_results(store: Store, limit: int) -> tuple[list, list[list[int]]]:
+def _new_results(store: Store, limit: int) -> tuple[list, list[list[int]], list[str | None]]:
     """The oldest `limit` search results whose best trajectory no train cycle has consumed yet, rebuilt from their
-    rows (ranked best first, as the workers recorded them), with each candidate's trajectory id. Bounded: one page of
-    best rows, then the rows of those jobs only; the rest wait for the next cycle."""
+    rows (ranked best first, as the workers recorded them), with each candidate's trajectory id and the prompt the
+    best row's round searched (None: the problem's own; a refinement round's holds the earlier attempts). Bounded:
+    one page of best rows, then the rows of those jobs only; the rest wait for the next cycle."""
     from search import Candidate, SearchResult
 
     with store.session() as s:
@@ -83,7 +85,7 @@ def _new_results(store: Store, limit: int) -> tuple[list, list[list[int]]]:
                                 mean_entropy=r.mean_entropy, finished=True, verified=r.verified, score=r.score) for r in g]
         results.append(SearchResult(problems[g[0].problem_id], candidates, g[0].strategy, g[0].policy_version))
         ids.append([r.id for r in g])
-    return results, ids
+    return results, ids, [g[0].prompt for g in groups]
 
 
 def _earlier_labels(store: Store, task_name: str | None, limit: int) -> list[dict]:
@@ -109,7 +111,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     from agent.select import select
 
     cfg = cfg or LoopConfig()
-    results, ids = _new_results(store, cfg.problems_per_cycle)  # the oldest first; the rest wait for the next cycle
+    results, ids, round_prompts = _new_results(store, cfg.problems_per_cycle)  # the oldest first; the rest wait
     if not results:
         return {"candidate": None, "promoted": False, "reason": "no new search results", "metrics": {}}
     by_task: dict[str | None, list[int]] = {}
@@ -132,6 +134,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
                           f"no label checks, so nothing can tell a better policy from a worse one: give them answers"}
     results = [results[i] for i in by_task[name]]
     ids = [ids[i] for i in by_task[name]]
+    round_prompts = [round_prompts[i] for i in by_task[name]]
     heldout: dict[str, list[Problem]] = {}
     for p in heldout_by_task[name]:
         heldout.setdefault(str(p.difficulty) if p.difficulty is not None else "all", []).append(p)
@@ -157,19 +160,26 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     for r, group in zip(results, ids):
         for c, i in zip(r.candidates, group):
             row_of.setdefault((r.problem.id, c.completion), i)
-    labels = sorted({row_of[(e["problem_id"], e["completion"])] for e in examples})
+    # the trajectories trained on (a problem's own given answer is no trajectory: replay draws it from no row)
+    labels = sorted({row_of[key] for key in ((e["problem_id"], e["completion"]) for e in examples) if key in row_of})
     newest = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    # a refinement round that succeeded after failed ones: its prompt (attempts and feedback) with the answer that
+    # passed, so the policy learns to use feedback as well as to solve the problem outright
+    refined = refinement_examples(results, round_prompts)
+    newest += refined
     seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed) if task.name in TASKS else []
     rng = random.Random(f"{cfg.seed}/{len(store.policies())}")
     mix = replay_mix(seed_examples, newest, _earlier_labels(store, name, cfg.examples_per_cycle), cfg, rng)
     mode = "verifier" if any(p.answer is not None for ps in heldout.values() for p in ps) else "label_free"
-    trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples), "filters": filters,
+    trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples),
+                  "refinement_examples": len(refined), "filters": filters,
                   "mode": mode, "labels": labels}
     gate = train_and_gate(current, mix, task, heldout, cfg, registry, trained_on=trained_on, mode=mode)
     store.mark_trained(consumed)
     metrics = {**gate.metrics, "current_heldout": gate.parent_eval["accuracy"]}
     return {"candidate": gate.version, "promoted": gate.promoted, "parent": current.version, "task": name,
-            "examples": len(examples), "filters": filters, "metrics": metrics, "train": gate.train, "pending_tasks": pending}
+            "examples": len(examples), "refinement_examples": len(refined), "filters": filters, "metrics": metrics,
+            "train": gate.train, "pending_tasks": pending}
 
 
 def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None,

@@ -44,15 +44,18 @@ def setup(tmp_path, monkeypatch):
     return settings, store, registry
 
 
-def _result(store: Store, problem: Problem, completions: list[str], job: str) -> None:
-    """What a worker records for one search: the candidates, best first, with the checker's verdicts."""
+def _result(store: Store, problem: Problem, completions: list[str], job: str, round: int = 0, prompt: str | None = None,
+            best: bool = True) -> None:
+    """What a worker records for one search (a refinement job: for one round, with the prompt it searched): the
+    candidates, best first, with the checker's verdicts."""
     store.add_problems([problem])
-    store.create_job("solve", problem_id=problem.id, job_id=job)
+    if round == 0:
+        store.create_job("solve", problem_id=problem.id, job_id=job)
     verdict = (lambda c: c == problem.answer) if problem.answer is not None else (lambda c: None)
-    store.add_trajectories([dict(problem_id=problem.id, job_id=job, cycle=None, round=0, completion=c, token_count=len(c),
+    store.add_trajectories([dict(problem_id=problem.id, job_id=job, cycle=None, round=round, completion=c, token_count=len(c),
                                  mean_logprob=-1.0 - i, min_logprob=-2.0 - i, mean_entropy=0.5, score=-1.0 - i,
-                                 verified=verdict(c), policy_version="v0", strategy="best_of_n", is_best=i == 0,
-                                 search_stats={}) for i, c in enumerate(completions)])
+                                 verified=verdict(c), policy_version="v0", strategy="best_of_n", is_best=best and i == 0,
+                                 prompt=prompt, search_stats={}) for i, c in enumerate(completions)])
 
 
 def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(setup, monkeypatch):
@@ -74,11 +77,12 @@ def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(set
         _result(store, p, ["zz", w[::-1], "qq"] if i == 0 else ["zz", "qq", "xx"], job=f"j-{w}")
     out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
     assert out["candidate"] == "v1" and out["promoted"] and out["task"] is None, out
-    assert out["examples"] == 1 and out["filters"]["verifier"][0]["kept"] == 1
+    # the second problem's candidates all failed: its own answer is the label (given_answer)
+    assert out["examples"] == 2 and [f["kept"] for f in out["filters"]["verifier"]] == [1, 2]
     heldout_ids = sorted(f"h-{w}" for w in WORDS[3:])
     assert evaluated == [heldout_ids, heldout_ids]  # candidate, then current: the store's held-out problems
     assert out["metrics"]["gate_keys"] == ["all"] and set(out["metrics"]["heldout"]) == {"all"}
-    assert {e["completion"] for e in mixes[0]} == {"tac"} and len(mixes[0]) == 40  # no warm-start data: none stored
+    assert {e["completion"] for e in mixes[0]} == {"tac", "god"} and len(mixes[0]) == 40  # no warm-start data: none stored
     assert store.count_untrained_best() == 0
     row = {r.version: r for r in store.policies()}["v1"]
     assert row.status == "promoted" and row.trained_on["source"] == "store" and len(row.trained_on["labels"]) == 1
@@ -92,6 +96,23 @@ def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(set
     assert sum(e["completion"] == "eeb" for e in mixes[1]) == int(40 * 0.35)
     assert run_train_cycle(settings, store, registry, job_id="c3", worker="t", cfg=_cfg()) == {
         "skipped": "no new best trajectories to train on"}
+
+
+def test_a_refinement_round_that_succeeded_trains_on_its_prompt_with_the_attempts(setup, monkeypatch):
+    from agent.trainer import SFTFineTuner
+
+    settings, store, registry = setup
+    mixes = []
+    train = SFTFineTuner.train
+    monkeypatch.setattr(SFTFineTuner, "train", lambda self, model, tok, examples: mixes.append(examples) or train(self, model, tok, examples))
+    p = Problem("cat backwards:", "tac", id="t-cat")
+    shown = "# attempt: cta\n# feedback: rejected by the exact checker\ncat backwards:"
+    _result(store, p, ["cta", "act"], job="j-cat", best=False)  # round 0 failed
+    _result(store, p, ["tac", "cat"], job="j-cat", round=1, prompt=shown)  # round 1, shown round 0's attempt, passed
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
+    assert out["examples"] == 1 and out["refinement_examples"] == 1
+    pairs = {(e["prompt"], e["completion"]) for e in mixes[0]}
+    assert pairs == {("cat backwards:", "tac"), (shown, "tac")}  # solved outright, and solved from the feedback
 
 
 def test_label_free_selection_applies_to_results_without_answers(setup):
@@ -171,7 +192,7 @@ def test_a_cycle_reads_one_bounded_page_of_results_oldest_first(tmp_path):
 
     event.listen(TrajectoryRow, "load", count)
     try:
-        results, ids = _new_results(store, limit=10)
+        results, ids, _ = _new_results(store, limit=10)
     finally:
         event.remove(TrajectoryRow, "load", count)
     assert [r.problem.id for r in results] == [f"p{i}" for i in range(1, 11)]
