@@ -52,21 +52,32 @@ def refine(problem: Problem, policy, cfg: SearchConfig, rounds: int,
     Each result's `problem` is the round's problem (its prompt is the round's prompt; id, answer and checker are
     the original's), so every candidate is verified against the original answer.
     """
+    each = None if on_round is None else (lambda r, results: on_round(r, results[0]))
+    return refine_many([problem], policy, cfg, rounds, each)[0]
+
+
+def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
+                on_round: Callable[[int, list[SearchResult]], None] | None = None) -> list[list[SearchResult]]:
+    """`refine` for many problems at once: each round searches every problem still unsolved in one batch.
+    `on_round(r, results)` hears the round's results (the problems still going, in order)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1 (got rounds={rounds})")
-    results: list[SearchResult] = []
-    best: Candidate | None = None
-    history: list[Candidate] = []  # each round's best attempt, oldest first
+    results: list[list[SearchResult]] = [[] for _ in problems]
+    best: list[Candidate | None] = [None] * len(problems)
+    going = list(range(len(problems)))
     for r in range(rounds):
-        asked = problem if not history else replace(problem, prompt=round_prompt(problem, *history))
-        result = solve([asked], policy, cfg)[0]
-        results.append(result)
-        history.append(result.best)
+        # each round's prompt shows every earlier round's best attempt, oldest first
+        asked = [problems[i] if r == 0 else replace(problems[i], prompt=round_prompt(problems[i], *(x.best for x in results[i])))
+                 for i in going]
+        found = solve(asked, policy, cfg)
         if on_round is not None:
-            on_round(r, result)
-        if _better(result.best, best):
-            best = result.best
-        if best.verified:
+            on_round(r, found)
+        for i, result in zip(going, found):
+            results[i].append(result)
+            if _better(result.best, best[i]):
+                best[i] = result.best
+        going = [i for i in going if not best[i].verified]
+        if not going:
             break
     return results
 

@@ -306,3 +306,22 @@ def test_a_promoted_version_that_fails_to_load_is_not_swapped_in(store_registry,
     finally:
         registry.promote("v0", {})
         shutil.rmtree(registry.root / broken, ignore_errors=True)
+
+
+def test_refine_many_searches_the_unsolved_problems_of_each_round_in_one_batch(monkeypatch):
+    from agent.refine import refine_many
+
+    calls = []
+
+    def solve(problems, policy, cfg):  # p1 passes in round 0, p2 in round 2, p3 never
+        calls.append([p.id for p in problems])
+        passes = {("p1", 0), ("p2", 2)}
+        r = len(calls) - 1
+        return [SearchResult(p, [_cand(f"{p.id}-{r}", (p.id, r) in passes, -1.0)], "greedy", "v0") for p in problems]
+
+    monkeypatch.setattr("agent.refine.solve", solve)
+    problems = [Problem(f"{i}=", "x", id=f"p{i}") for i in (1, 2, 3)]
+    results = refine_many(problems, policy=None, cfg=SearchConfig(), rounds=4)
+    assert calls == [["p1", "p2", "p3"], ["p2", "p3"], ["p2", "p3"], ["p3"]]
+    assert [len(r) for r in results] == [1, 3, 4]
+    assert results[1][2].problem.prompt.count("# attempt: ") == 2 and results[1][2].best.verified
