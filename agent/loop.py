@@ -291,8 +291,18 @@ class SelfImprovementLoop:
         return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self._ahead(frontier_index),
                                                                  self.cfg.report_difficulties))
 
+    def _gate_keys(self, frontier_index: int | None) -> list[str]:
+        """The held-out keys promotion and the curriculum judge by: the window around the frontier and the report's
+        difficulties below it. Without the easier ones a candidate that learned longer problems by forgetting shorter
+        ones would pass, and the curriculum would keep them as mastered from an older evaluation (a run once ended
+        with everything "mastered" while 24 digits had fallen from 1.00 to 0.87)."""
+        window = self.curriculum.keys_up_to(frontier_index, self._ahead(frontier_index))
+        report = {str(d) for d in self.cfg.report_difficulties}
+        below = [k for k in self.curriculum.keys[: self.curriculum.keys.index(window[0])] if k in report] if window else []
+        return below + window
+
     def evaluate(self, policy, frontier_index: int | None) -> dict:
-        verify_keys = self.curriculum.keys_up_to(frontier_index, self._ahead(frontier_index))
+        verify_keys = self._gate_keys(frontier_index)
         return evaluate_policy(policy, self._heldout(frontier_index), self.cfg.eval_search, self.task, verify_keys)
 
     def training_mix(self, cycle: int) -> list[dict]:
@@ -388,7 +398,7 @@ class SelfImprovementLoop:
                       "mode": cfg.select.mode, "run": self.name}
         pairs = preference_pairs(results, selection, self.task, cfg.preference.max_pairs) if cfg.train_method != "sft" else None
         gate = train_and_gate(current, self.training_mix(cycle), self.task, self._heldout(frontier_index), cfg, self.registry,
-                              trained_on=trained_on, verify_keys=self.curriculum.keys_up_to(frontier_index, self._ahead(frontier_index)),
+                              trained_on=trained_on, verify_keys=self._gate_keys(frontier_index),
                               current_eval=current_eval, decide=False, pairs=pairs)
         timings.update(gate.seconds)
         current, current_eval, current_metric = gate.current, gate.current_eval, gate.current_metric

@@ -171,3 +171,16 @@ def test_tasks_without_checks_keep_labels_as_confident_as_mastered_answers():
     assert [f["name"] for f in select(results, Task(), SelectConfig(), solve=lambda ps: []).filters] == ["format", "vote_share"]
     addition = select([], get_task("addition"), SelectConfig(), solve=lambda ps: [], mastered_confidences=mastered)
     assert "calibrated_confidence" not in [f["name"] for f in addition.filters]
+
+
+def test_the_gate_and_curriculum_judge_the_reported_easier_difficulties_too(setup):
+    """Past the window below the frontier, the report's difficulties still count: a candidate that forgot them
+    is caught, and the curriculum goes back to them rather than keeping an old "mastered"."""
+    settings, store, registry = setup
+    cfg = tiny_config(max_difficulty=40, report_difficulties=(4, 8, 40), eval_ahead=3, frontier_stride=0.2)
+    loop = _loop(cfg, store, registry)
+    loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})  # frontier at 20: window 17..(20 + 2 * 4)
+    assert loop.curriculum.key(loop.curriculum.frontier_index) == "20"
+    assert loop._gate_keys(loop.curriculum.frontier_index) == ["4", "8"] + [str(d) for d in range(17, 29)]
+    loop.curriculum.update({"8": 0.5})  # forgotten: the frontier goes back
+    assert loop.curriculum.key(loop.curriculum.frontier_index) == "8"
