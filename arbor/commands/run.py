@@ -56,6 +56,7 @@ def run(
                                    help="label_free or verifier (default: verifier when every train problem of "
                                         "--problems carries an answer, else label_free)"),
     problems_per_cycle: int = option(LOOP, "problems_per_cycle"),
+    train_method: str = option(LOOP, "train_method"),
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
     heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
@@ -89,6 +90,7 @@ def run(
             cycles=cycles,
             time_budget_s=time_budget,
             problems_per_cycle=problems_per_cycle,
+            train_method=train_method,
             heldout_per_difficulty=heldout,
             seed=seed,
             search=replace(LOOP.search, strategy=strategy, n=samples),
