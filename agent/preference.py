@@ -17,7 +17,7 @@ def _wrong(result: SearchResult, example: dict, task: Task, mode: str) -> list[C
     """Siblings that disagree with the accepted label (malformed ones included)."""
     if mode == "verifier":
         return [c for c in result.candidates if c.verified is False]
-    answer = example.get("answer") or task.extract(result.problem, example["completion"])
+    answer = task.extract(result.problem, example["completion"])
     if answer is None:  # nothing to disagree with
         return []
     return [c for c in result.candidates if task.extract(result.problem, c.completion) != answer]
