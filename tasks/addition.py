@@ -61,18 +61,14 @@ class Addition(Task):
         return difficulty + 3
 
     def label_checks(self) -> dict[str, LabelCheck]:
-        # the same answers pass in either order; split rejects more, so it runs first and commute decodes fewer
-        return {"split": split_check, "commute": commute_check}
+        # Commutativity (b+a must agree) was dropped: after split it rejected under 1% more labels and raised
+        # precision by at most 0.007 in the measured cycles, yet cost a full-length greedy solve per label in
+        # selection and in every self-verified evaluation, and held the self-verified rate near accuracy squared.
+        return {"split": split_check}
 
 
 def _answer(problem: Problem, completion: str) -> str | None:
     return Addition().extract(problem, completion)
-
-
-def commute_check(problems: list[Problem], answers: list[str], solve: Solve) -> list[bool]:
-    """Addition commutes: the policy's greedy answer to b+a must equal the proposed answer to a+b."""
-    swapped = [make_problem(*operands(p)[::-1]) for p in problems]
-    return [_answer(p, got) == answer for p, got, answer in zip(problems, solve(swapped), answers)]
 
 
 def split_check(problems: list[Problem], answers: list[str], solve: Solve) -> list[bool]:
