@@ -261,6 +261,7 @@ class CycleRecord:
     train: dict
     seconds: dict
     elapsed_s: float
+    search_tokens: int = 0  # tokens the cycle's search generated (what data sources are compared at)
 
 
 class SelfImprovementLoop:
@@ -377,6 +378,7 @@ class SelfImprovementLoop:
         search_cfg = replace(cfg.search, max_new_tokens=self.source.max_new_tokens(problems), seed=cfg.seed * 1000 + cycle)
         results = run_search(problems, search_cfg, current)
         timings["search"] = time.monotonic() - t
+        search_tokens = sum(r.generated_tokens for r in results)
 
         t = time.monotonic()
         mastered = [key for key, value in current_metric.items() if value >= cfg.threshold]
@@ -391,7 +393,8 @@ class SelfImprovementLoop:
             self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in selection.examples])
 
         if not self.accepted:
-            record = self._record(cycle, current.version, None, False, current_eval, selection.filters, 0, {}, timings, start_time)
+            record = self._record(cycle, current.version, None, False, current_eval, selection.filters, 0, {}, timings, start_time,
+                                  search_tokens=search_tokens)
             return self._commit(record, rows=rows), current, current_eval, current_metric
 
         trained_on = {"cycle": cycle, "frontier": frontier, "examples": len(selection.examples), "filters": selection.filters,
@@ -406,18 +409,20 @@ class SelfImprovementLoop:
             self.curriculum.update(current_metric)
         record = self._record(cycle, current.version, gate.version, gate.promoted, current_eval, selection.filters,
                               len(selection.examples), gate.train, timings, start_time,
-                              gate={"candidate": gate.candidate_score, "current": gate.current_score})
+                              gate={"candidate": gate.candidate_score, "current": gate.current_score}, search_tokens=search_tokens)
         self._commit(record, labels=selection.examples, rows=rows, candidate=gate.version, promoted=gate.promoted)
         if not gate.promoted:
             self.registry.prune_rejected()
         return record, current, current_eval, current_metric
 
-    def _record(self, cycle, version, candidate, promoted, evaluation, filters, accepted, train, timings, start_time, gate=None):
+    def _record(self, cycle, version, candidate, promoted, evaluation, filters, accepted, train, timings, start_time, gate=None,
+                search_tokens=0):
         return CycleRecord(
             cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
             frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation["accuracy"]),
             self_verified=dict(evaluation["self_verified"]), gate=gate or {}, accepted=accepted, filters=filters,
             train=train, seconds={k: round(v, 2) for k, v in timings.items()}, elapsed_s=round(time.monotonic() - start_time, 1),
+            search_tokens=search_tokens,
         )
 
     def _commit(self, record: CycleRecord, labels: list[dict] = (), rows: list[dict] = (), candidate: str | None = None,

@@ -69,6 +69,8 @@ def test_tiny_loop_trains_and_promotes(setup):
     first, second = records
     assert first.policy_version == v0 and first.candidate is None
     assert second.candidate == "v1" and second.accepted > 0 and second.train["steps"] > 0
+    # best-of-n generates at least one token per sample; nothing is searched before the first cycle
+    assert first.search_tokens == 0 and second.search_tokens >= cfg.problems_per_cycle * cfg.search.n
     rows = {r.version: r for r in store.policies()}
     assert rows["v1"].parent == v0 and "gate_score" in rows["v1"].metrics and rows["v1"].trained_on["examples"] > 0
     after = registry.load("v1").model.state_dict()
