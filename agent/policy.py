@@ -46,7 +46,9 @@ class ArborConfig(LlamaConfig):
     backward from its end (`operand_order`); the answer after the separator (`equals_token_id`) is numbered
     forward, so that the token predicting answer token i shares its position id with the operand tokens that
     answer token is made from. Addition counts forward (digit i of both operands and answer digit i); reversal
-    counts backward (the word's last letter and the answer's first)."""
+    counts backward (the word's last letter and the answer's first). Only the separator's own line holds operands
+    (`line_break_token_id`): the digits of a refinement prompt's earlier attempts, on the lines above, are plain text
+    (position 0, never masked), not more operands."""
 
     model_type = "arbor"
 
@@ -57,6 +59,7 @@ class ArborConfig(LlamaConfig):
         plus_token_id: int | None = None,
         equals_token_id: int | None = None,
         operand_order: str = "forward",
+        line_break_token_id: int | None = None,
         **kwargs,
     ):
         if position_scheme not in ("sequential", "coupled"):
@@ -68,6 +71,7 @@ class ArborConfig(LlamaConfig):
         self.plus_token_id = plus_token_id
         self.equals_token_id = equals_token_id
         self.operand_order = operand_order
+        self.line_break_token_id = line_break_token_id
         super().__init__(**kwargs)
 
 
@@ -111,6 +115,17 @@ def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch
     pos = torch.where(is_plus, torch.where(prev_digit, prev_pos + 1, torch.ones_like(pos)), pos)
     before_eq = is_eq.long().cumsum(dim=1) == 0
     is_operand = before_eq & (is_digit | is_plus)
+    break_id = getattr(config, "line_break_token_id", None)
+    if break_id is not None:
+        # operands lie on the separator's line (the last line while no separator is there yet): digits shown on earlier
+        # lines (a refinement prompt's attempts) are plain text at position 0, as any other non-operand token, or they
+        # would be numbered and masked as a third operand
+        line = ((input_ids == break_id) & real).long().cumsum(dim=1)
+        first_eq = is_eq.long().argmax(dim=1, keepdim=True)
+        problem_line = torch.where(is_eq.any(dim=1, keepdim=True), line.gather(1, first_eq), line[:, -1:])
+        elsewhere = (is_digit | is_plus) & (line != problem_line)
+        pos = torch.where(elsewhere, torch.zeros_like(pos), pos)
+        is_operand &= ~elsewhere
     return pos, is_operand
 
 
@@ -246,6 +261,7 @@ def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DE
         plus_token_id=vocab[coupling.joiner] if coupled and coupling.joiner else None,
         equals_token_id=vocab[coupling.separator] if coupled else None,
         operand_order=coupling.order if coupled else "forward",
+        line_break_token_id=vocab.get("\n") if coupled else None,
         vocab_size=len(vocab),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,

@@ -27,6 +27,24 @@ def test_coupled_positions_follow_digit_columns():
     assert operand[0].tolist() == [True] * 7 + [False] * 5
 
 
+def test_only_the_problems_own_line_holds_operands():
+    """A refinement prompt shows earlier attempts on the lines above the problem: their digits are plain text
+    (position 0, never masked), and the problem's operands and answer are numbered as without them."""
+    model, tok = build_builtin_policy()
+    plain = tok(["321+654=9750"], return_tensors="pt")
+    shown = tok(["# attempt: 0751\n# feedback: rejected\n321+654=9750"], return_tensors="pt")
+    pos, operand = coupled_positions(model.config, shown.input_ids, shown.attention_mask)
+    plain_pos, plain_operand = coupled_positions(model.config, plain.input_ids, plain.attention_mask)
+    n = plain.input_ids.shape[1]
+    assert pos[0, -n:].tolist() == plain_pos[0].tolist() and operand[0, -n:].tolist() == plain_operand[0].tolist()
+    assert pos[0, :-n].eq(0).all() and not operand[0, :-n].any()
+    # the attempt's last digit would be a masked operand above the first query's position: as text, it is seen
+    with torch.no_grad():
+        a = model(**tok(["# attempt: 0751\n321+654="], return_tensors="pt")).logits[0, -1]
+        b = model(**tok(["# attempt: 9999\n321+654="], return_tensors="pt")).logits[0, -1]
+    assert not torch.equal(a, b)
+
+
 def test_backward_coupling_pairs_a_word_with_its_reversal():
     from tasks import get_task
 
