@@ -22,13 +22,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agent.loop import LoopConfig, WarmStartConfig, ensure_policy
+from agent.loop import LoopConfig, WarmStartConfig
 from agent.policy import BuiltinConfig
-from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
-from agent.store import Store
 from agent.trainer import TrainConfig
+from bench.selfimprove import shared_warm_start
 from search import SearchConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -108,13 +107,7 @@ def main() -> None:
 
     # one warm start for both arms: the comparison starts from the same weights
     shutil.rmtree(args.home, ignore_errors=True)
-    warm = Settings(home=args.home / "warm", device="cpu")
-    store = Store(warm.db_url)
-    registry = PolicyRegistry(warm.policies_dir, store)
-    t = time.monotonic()
-    version = ensure_policy(warm, store, registry, base)
-    warm_s = time.monotonic() - t
-    policy = Path({r.version: r.path for r in store.policies()}[version])
+    policy, warm_s = shared_warm_start(args.home / "warm", base, "addition")
 
     arms = {method: run_arm(method, arm_config(base, method, cycle_s, dpo_s), policy, args.home / method.replace("+", "-"),
                             args.target, args.accuracy)

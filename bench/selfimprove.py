@@ -9,6 +9,12 @@ accuracy and pseudo-label precision. The baseline in the same run is the warm-st
     python -m bench.selfimprove --seeds 0 1 2                          # addition, 40 digits (~25 min a seed)
     python -m bench.selfimprove --task reversal --target 8 --seeds 0    # reversal, twice the warm-start length
     python -m bench.selfimprove --mode verifier --target 20 --seeds 0
+    python -m bench.selfimprove --sources --target 8 --budget 420 --seeds 0   # the data-source comparison
+
+`--sources` compares the loop's data sources (the search that finds each cycle's trajectories, DATA_SOURCES):
+best-of-4, beam, diverse beam and MCTS, each sized to generate about as many tokens per problem. All arms of a
+seed start from one shared warm start (its seconds are reported apart, not in the arms' clocks), and every
+cycle records the tokens its search generated (`search_tokens`), so the comparison shows what each arm spent.
 
 Prints one JSON object (last line) and writes bench/results/selfimprove-<task>-<mode>.json plus each seed's
 report (.md) and learning curve (.png) beside it.
@@ -23,19 +29,52 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agent.loop import LoopConfig
+from agent.loop import LoopConfig, ensure_policy
+from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
+from agent.store import Store
+from search.types import SearchConfig
+from tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
 
+# Data sources at about equal generated tokens per problem (an answer of L tokens): best-of-4 samples 4L; beam and
+# diverse beam keep 4 beams (4 tokens a step); MCTS with 2 children and 2 simulations expands the root into 2 steps
+# with a greedy rollout each (2L), then the best child into 2 more (about 2L).
+DATA_SOURCES = {
+    "best_of_n": SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
+    "beam": SearchConfig(strategy="beam", beams=4),
+    "diverse_beam": SearchConfig(strategy="diverse_beam", beams=4, groups=2, diversity_penalty=1.0),
+    "mcts": SearchConfig(strategy="mcts", children=2, simulations=2, temperature=1.0),
+}
 
-def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budget: float, home: Path) -> dict:
-    shutil.rmtree(home, ignore_errors=True)  # a fresh policy every time: the warm start is part of the clock
+
+def bench_config(mode: str, seed: int, target: int, accuracy: float, budget: float, source: str | None = None) -> LoopConfig:
+    """`arbor run`'s defaults plus the benchmark's stop at the target, its budget and (optionally) a data source."""
     base = LoopConfig()
-    cfg = replace(base, seed=seed, time_budget_s=budget, stop_when={"difficulty": target, "accuracy": accuracy},
-                  select=replace(base.select, mode=mode),
-                  report_difficulties=tuple(sorted(set(base.report_difficulties) | {target})))
+    return replace(base, seed=seed, time_budget_s=budget, stop_when={"difficulty": target, "accuracy": accuracy},
+                   select=replace(base.select, mode=mode), search=DATA_SOURCES[source] if source else base.search,
+                   report_difficulties=tuple(sorted(set(base.report_difficulties) | {target})))
+
+
+def shared_warm_start(home: Path, cfg: LoopConfig, task: str) -> tuple[Path, float]:
+    """One warm-started built-in policy for several arms (the folder an arm adopts as `arbor run --model` would),
+    and the seconds it took: arms compared from it start from the same weights."""
+    shutil.rmtree(home, ignore_errors=True)
+    settings = Settings(home=home, device="cpu")
+    store = Store(settings.db_url)
+    registry = PolicyRegistry(settings.policies_dir, store)
+    t = time.monotonic()
+    version = ensure_policy(settings, store, registry, cfg, task=get_task(task))
+    return Path({r.version: r.path for r in store.policies()}[version]), time.monotonic() - t
+
+
+def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budget: float, home: Path,
+             source: str | None = None, policy: Path | None = None) -> dict:
+    """One run; from a fresh policy (its warm start in the clock) unless `policy` (a shared warm start) is given."""
+    shutil.rmtree(home, ignore_errors=True)
+    cfg = bench_config(mode, seed, target, accuracy, budget, source)
 
     def on_event(kind, payload):
         if kind == "cycle":
@@ -43,31 +82,34 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
             shown = {k: round(v, 2) for k, v in r.heldout.items() if int(k) % 4 == 0 or k in {str(target), str(r.frontier)}}
             filters = " ".join(f"{f['name']}={f['kept_fraction']:.2f}/{f['precision'] if f['precision'] is None else round(f['precision'], 3)}"
                                for f in r.filters)
-            print(f"[seed {seed} {r.elapsed_s:7.1f}s] cycle {r.cycle} {r.policy_version} frontier={r.frontier} promoted={r.promoted} "
+            print(f"[seed {seed}{' ' + source if source else ''} {r.elapsed_s:7.1f}s] cycle {r.cycle} {r.policy_version} frontier={r.frontier} promoted={r.promoted} "
                   f"accepted={r.accepted} acc={shown} {filters} t={r.seconds}", flush=True)
         else:
-            print(f"[seed {seed} {kind}] {payload}", flush=True)
+            print(f"[seed {seed}{' ' + source if source else ''} {kind}] {payload}", flush=True)
 
     start = time.monotonic()
-    report = run_main(Settings(home=home, device="cpu"), cfg, RunInputs(run_name=f"bench-{task}-{mode}-s{seed}", task=task),
-                      on_event)
+    report = run_main(Settings(home=home, device="cpu"), cfg,
+                      RunInputs(model=policy, run_name=f"bench-{task}-{mode}-s{seed}", task=task), on_event)
     cycles = report["cycles"]
     reached = next((c for c in cycles if c["heldout"].get(str(target), 0.0) >= accuracy), None)
-    stem = f"selfimprove-{task}-{mode}-s{seed}"
+    stem = f"selfimprove-{task}-{mode}" + (f"-{source}" if source else "") + f"-s{seed}"
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(Path(report["run_dir"]) / "learning_curve.png", RESULTS / f"{stem}.png")
     shutil.copy(Path(report["run_dir"]) / "report.md", RESULTS / f"{stem}.md")
     return {
         "seed": seed,
+        "source": source or "best_of_n",
         "baseline_warm_start_accuracy_at_target": cycles[0]["heldout"].get(str(target)),
         "final_accuracy_at_target": cycles[-1]["heldout"].get(str(target)),
         "reached": reached is not None,
         "seconds_to_target": reached["elapsed_s"] if reached else None,
         "cycles_run": len(cycles) - 1,
+        "search_tokens": sum(c.get("search_tokens", 0) for c in cycles),
         "promotions": sum(c["promoted"] for c in cycles),
         "wall_s": round(time.monotonic() - start, 1),
         "curve": [{"cycle": c["cycle"], "elapsed_s": c["elapsed_s"], "frontier": c["frontier"], "promoted": c["promoted"],
-                   "heldout": c["heldout"], "filters": c["filters"], "accepted": c["accepted"], "seconds": c["seconds"]}
+                   "heldout": c["heldout"], "filters": c["filters"], "accepted": c["accepted"], "seconds": c["seconds"],
+                   "search_tokens": c.get("search_tokens", 0)}
                   for c in cycles],
     }
 
@@ -78,13 +120,36 @@ def main() -> None:
     parser.add_argument("--mode", choices=["label_free", "verifier"], default="label_free")
     parser.add_argument("--target", type=int, default=40, help="difficulty (digits, letters) to reach")
     parser.add_argument("--accuracy", type=float, default=0.9)
-    parser.add_argument("--budget", type=float, default=1800.0, help="seconds per seed, warm start included")
+    parser.add_argument("--budget", type=float, default=1800.0,
+                        help="seconds per run, warm start included (with --sources: after the shared warm start)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sources", nargs="*", choices=sorted(DATA_SOURCES), default=None,
+                        help="compare these data sources (no names: all of them) from one warm start per seed")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-selfimprove"))
     args = parser.parse_args()
 
-    runs = [run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget, args.home / f"{args.task}-{args.mode}-s{seed}")
-            for seed in args.seeds]
+    stem = f"selfimprove-{args.task}-{args.mode}" + ("-sources" if args.sources is not None else "")
+    runs, warm_seconds = [], {}
+    for seed in args.seeds:  # the summary is rewritten after every run: a stopped benchmark keeps what it finished
+        if args.sources is None:
+            runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
+                                 args.home / f"{args.task}-{args.mode}-s{seed}"))
+        else:
+            warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
+            policy, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg, args.task)
+            for source in args.sources or list(DATA_SOURCES):
+                runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
+                                     args.home / f"{args.task}-{args.mode}-{source}-s{seed}", source, policy))
+                summary = summarize(args, runs, warm_seconds)
+                (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+        summary = summarize(args, runs, warm_seconds)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}
+                     | {"per_run": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}))
+
+
+def summarize(args, runs: list[dict], warm_seconds: dict) -> dict:
     times = [r["seconds_to_target"] for r in runs]
     summary = {
         "benchmark": "selfimprove",
@@ -93,16 +158,20 @@ def main() -> None:
         "target_difficulty": args.target,
         "target_accuracy": args.accuracy,
         "budget_s": args.budget,
+        "seeds": sorted({r["seed"] for r in runs}),
         "all_reached": all(r["reached"] for r in runs),
         "seconds_to_target": times,
         "slowest_s": max(times) if all(t is not None for t in times) else None,
         "runs": runs,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"selfimprove-{args.task}-{args.mode}.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}
-                     | {"per_seed": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}))
-
+    if args.sources is not None:  # per source: time to the target after the shared warm start, and tokens per cycle
+        summary["shared_warm_start_s"] = {str(k): round(v, 1) for k, v in warm_seconds.items()}
+        summary["sources"] = [
+            {"source": r["source"], "seed": r["seed"], "seconds_to_target": r["seconds_to_target"], "cycles_run": r["cycles_run"],
+             "final_accuracy_at_target": r["final_accuracy_at_target"],
+             "search_tokens_per_cycle": round(r["search_tokens"] / max(1, r["cycles_run"]))}
+            for r in runs]
+    return summary
 
 if __name__ == "__main__":
     main()
