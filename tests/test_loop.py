@@ -124,6 +124,12 @@ def test_support_weighs_distinct_tree_candidates_by_probability_and_counts_sampl
     # samples with repeats are counted, whatever their probability
     samples = SearchResult(problem, [cand("41", [-3.0]), cand("41", [-3.0]), cand("42", [-0.1]), cand("41", [-3.0])], "best_of_n", "v0")
     assert answer_support(samples, Task()) == {"41": 0.75, "42": 0.25}
+    # diverse beam's groups may return one completion twice: it still counts once, by its probability
+    diverse = SearchResult(problem, [cand("42", [-0.05, -0.05]), cand("41", [-3.0, -2.0]), cand("42", [-0.05, -0.05])],
+                           "diverse_beam", "v0")
+    assert answer_support(diverse, Task()) == answer_support(
+        SearchResult(problem, diverse.candidates[:2], "diverse_beam", "v0"), Task())
+    assert answer_support(diverse, Task())["42"] > 0.98
     # label-free selection keeps the tree's label now; a count (1/3) would have dropped it
     chosen = select([beam], Task(), SelectConfig(min_vote_share=0.75), solve=lambda ps: [])
     assert [e["completion"] for e in chosen.examples] == ["42"]
