@@ -24,6 +24,7 @@ from agent.settings import Settings
 from agent.store import RunExists, RunStore, Store
 from agent.train_cycle import FileLease
 from tasks import Task, allow, get_task
+from tasks.alignment import infer_coupling
 from tasks.jsonl import LineError, read_demos, read_problems
 from agent.trainer import SFTFineTuner
 
@@ -259,10 +260,18 @@ def _adopt_user_folder(registry: PolicyRegistry, path: Path, demos, cfg: LoopCon
 
 
 def _fresh_builtin_for_files(registry: PolicyRegistry, problems, demos, cfg: LoopConfig, on_event, run: str) -> str:
-    """A new built-in policy for `run` (a candidate) whose tokenizer covers every character of the user's files."""
+    """A new built-in policy for `run` (a candidate) whose tokenizer covers every character of the user's files. Where
+    the examples show each answer character made from the prompt character at the same place, the policy couples
+    their positions (tasks/alignment.py); otherwise it numbers tokens in sequence."""
     texts = [p.prompt + (p.answer or "") for p in problems] + [d["prompt"] + d["completion"] for d in demos or []]
     charset = "".join(sorted(set("".join(texts)) | set(DEFAULT_CHARSET)))
-    model, tokenizer = build_builtin_policy(BuiltinConfig(position_scheme="sequential", seed=cfg.seed), charset)
+    examples = [(d["prompt"], d["completion"]) for d in demos or []] + [(p.prompt, p.answer) for p in problems if p.answer]
+    coupling = infer_coupling(examples)
+    if coupling is not None:
+        on_event("phase", f"the examples align answer and prompt characters ({coupling.order}, separator "
+                          f"{coupling.separator!r}): the new policy couples their positions")
+    shape = BuiltinConfig(position_scheme="coupled" if coupling else "sequential", seed=cfg.seed)
+    model, tokenizer = build_builtin_policy(shape, charset, coupling)
     stats = {}
     if demos:
         on_event("phase", f"warm-starting a fresh built-in policy on {len(demos)} demonstrations")
