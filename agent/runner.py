@@ -265,7 +265,9 @@ def _fresh_builtin_for_files(registry: PolicyRegistry, problems, demos, cfg: Loo
     their positions (tasks/alignment.py); otherwise it numbers tokens in sequence."""
     texts = [p.prompt + (p.answer or "") for p in problems] + [d["prompt"] + d["completion"] for d in demos or []]
     charset = "".join(sorted(set("".join(texts)) | set(DEFAULT_CHARSET)))
-    examples = [(d["prompt"], d["completion"]) for d in demos or []] + [(p.prompt, p.answer) for p in problems if p.answer]
+    examples = [(d["prompt"], d["completion"]) for d in demos or []]
+    if cfg.select.mode == "verifier":  # a label-free run ignores the problems' answers, here too
+        examples += [(p.prompt, p.answer) for p in problems if p.answer]
     coupling = infer_coupling(examples)
     if coupling is not None:
         on_event("phase", f"the examples align answer and prompt characters ({coupling.order}, separator "

@@ -29,6 +29,7 @@ def test_tasks_without_that_alignment_keep_sequential_positions():
 
 def test_a_files_fresh_policy_couples_positions_when_its_examples_align(tmp_path):
     import json
+    from dataclasses import replace
 
     from agent.loop import LoopConfig
     from agent.registry import PolicyRegistry
@@ -43,7 +44,12 @@ def test_a_files_fresh_policy_couples_positions_when_its_examples_align(tmp_path
     store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
     registry = PolicyRegistry(tmp_path / "policies", store)
     events = []
-    version = _fresh_builtin_for_files(registry, problems, None, LoopConfig(), lambda kind, msg: events.append(msg), "r")
+    with_answers = replace(LoopConfig(), select=replace(LoopConfig().select, mode="verifier"))  # as answered files make it
+    version = _fresh_builtin_for_files(registry, problems, None, with_answers, lambda kind, msg: events.append(msg), "r")
     config = registry.load(version).model.config
     assert config.position_scheme == "coupled" and config.equals_token_id is not None
     assert any("couples their positions" in e for e in events)
+    # label-free, the problems' answers are not read, and without demonstrations nothing shows an alignment
+    label_free = replace(LoopConfig(), select=replace(LoopConfig().select, mode="label_free"))
+    version = _fresh_builtin_for_files(registry, problems, None, label_free, lambda kind, msg: None, "r2")
+    assert registry.load(version).model.config.position_scheme == "sequential"
