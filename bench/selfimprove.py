@@ -39,9 +39,10 @@ from tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"
 
-# Data sources at about equal generated tokens per problem (an answer of L tokens): best-of-4 samples 4L; beam and
-# diverse beam keep 4 beams (4 tokens a step); MCTS with 2 children and 2 simulations expands the root into 2 steps
-# with a greedy rollout each (2L), then the best child into 2 more (about 2L).
+# Data sources sized for about equal generated tokens per problem (an answer of L tokens): best-of-4 samples 4L;
+# beam and diverse beam keep 4 beams (4 tokens a step). MCTS with 2 children and 2 simulations was sized as 2L + 2L,
+# but merged identical children and shorter second rollouts made it 0.54x (reversal) and 0.62x (addition) of
+# best-of-4's tokens; diverse beam measured 1.1-1.3x, beam 1.0x. Each cycle's `search_tokens` shows it.
 DATA_SOURCES = {
     "best_of_n": SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
     "beam": SearchConfig(strategy="beam", beams=4),
@@ -125,31 +126,45 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sources", nargs="*", choices=sorted(DATA_SOURCES), default=None,
                         help="compare these data sources (no names: all of them) from one warm start per seed")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="with --sources and one seed: start every arm from this warm-started policy folder instead of "
+                             "a new warm start; runs of other sources already recorded from the same folder are kept")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-selfimprove"))
     args = parser.parse_args()
+    if args.policy is not None and (args.sources is None or len(args.seeds) != 1):
+        parser.error("--policy goes with --sources and a single seed")
 
     stem = f"selfimprove-{args.task}-{args.mode}" + ("-sources" if args.sources is not None else "")
     runs, warm_seconds = [], {}
+    earlier = RESULTS / f"{stem}.json"
+    if args.policy is not None and earlier.exists():  # arms measured before from the same warm start stay in the summary
+        kept = json.loads(earlier.read_text())
+        if kept.get("policy") == str(args.policy.resolve()):
+            runs = [r for r in kept["runs"] if r["source"] not in (args.sources or list(DATA_SOURCES))]
+            warm_seconds = {int(k): v for k, v in kept.get("shared_warm_start_s", {}).items()}
     for seed in args.seeds:  # the summary is rewritten after every run: a stopped benchmark keeps what it finished
         if args.sources is None:
             runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
                                  args.home / f"{args.task}-{args.mode}-s{seed}"))
         else:
-            warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
-            policy, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg, args.task)
+            if args.policy is None:
+                warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
+                policy, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg, args.task)
+            else:
+                policy = args.policy
             for source in args.sources or list(DATA_SOURCES):
                 runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
                                      args.home / f"{args.task}-{args.mode}-{source}-s{seed}", source, policy))
-                summary = summarize(args, runs, warm_seconds)
+                summary = summarize(args, runs, warm_seconds, policy)
                 (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
-        summary = summarize(args, runs, warm_seconds)
+        summary = summarize(args, runs, warm_seconds, policy if args.sources is not None else None)
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}
                      | {"per_run": [{k: v for k, v in r.items() if k != "curve"} for r in runs]}))
 
 
-def summarize(args, runs: list[dict], warm_seconds: dict) -> dict:
+def summarize(args, runs: list[dict], warm_seconds: dict, policy: Path | None = None) -> dict:
     times = [r["seconds_to_target"] for r in runs]
     summary = {
         "benchmark": "selfimprove",
@@ -165,6 +180,7 @@ def summarize(args, runs: list[dict], warm_seconds: dict) -> dict:
         "runs": runs,
     }
     if args.sources is not None:  # per source: time to the target after the shared warm start, and tokens per cycle
+        summary["policy"] = str(policy.resolve())  # the shared warm start every arm began from
         summary["shared_warm_start_s"] = {str(k): round(v, 1) for k, v in warm_seconds.items()}
         summary["sources"] = [
             {"source": r["source"], "seed": r["seed"], "seconds_to_target": r["seconds_to_target"], "cycles_run": r["cycles_run"],
