@@ -12,7 +12,7 @@ difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from
 The baseline in the same run is the warm-started policy (cycle 0). Every promoted version is re-evaluated
 greedily on all 300 held-out problems, so each arm's curve is over the same problems at every cycle.
 
-    python -m bench.jsonl_family                       # both arms, 600 s each (warm start included)
+    python -m bench.jsonl_family                       # both arms, 540 s each (warm start included)
     python -m bench.jsonl_family --arms label_free --budget 300
 
 Prints one JSON object (last line) and writes bench/results/jsonl-family.json and a plot of both curves.
@@ -148,7 +148,7 @@ def plot(arms: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", choices=["answers", "label_free"], default=["answers", "label_free"])
-    parser.add_argument("--budget", type=float, default=600.0, help="seconds per arm, warm start included")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-jsonl"))
     parser.add_argument("--out", type=Path, default=RESULTS / "jsonl-family.json")
