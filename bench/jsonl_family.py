@@ -33,6 +33,7 @@ from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
 from agent.store import Store
+from bench.selfimprove import format_filters
 from tasks.jsonl import read_problems
 
 RESULTS = Path(__file__).parent / "results"
@@ -108,8 +109,7 @@ def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, se
     def on_event(kind, payload):
         if kind == "cycle":
             r = payload
-            filters = " ".join(f"{f['name']}={f['kept_fraction']:.2f}/{f['precision'] if f['precision'] is None else round(f['precision'], 3)}"
-                               for f in r.filters)
+            filters = format_filters(r.filters)
             print(f"[{arm} {r.elapsed_s:6.1f}s] cycle {r.cycle} {r.policy_version} frontier={r.frontier} promoted={r.promoted} "
                   f"accepted={r.accepted} acc={ {k: round(v, 2) for k, v in r.heldout.items()} } {filters}", flush=True)
         else:

@@ -51,6 +51,12 @@ DATA_SOURCES = {
 }
 
 
+def format_filters(filters: list[dict]) -> str:
+    """A cycle's label filters as `name=kept fraction/precision` for a progress line."""
+    return " ".join(f"{f['name']}={f['kept_fraction']:.2f}/{f['precision'] if f['precision'] is None else round(f['precision'], 3)}"
+                    for f in filters)
+
+
 def bench_config(mode: str, seed: int, target: int, accuracy: float, budget: float, source: str | None = None) -> LoopConfig:
     """`arbor run`'s defaults plus the benchmark's stop at the target, its budget and (optionally) a data source."""
     base = LoopConfig()
@@ -81,8 +87,7 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
         if kind == "cycle":
             r = payload
             shown = {k: round(v, 2) for k, v in r.heldout.items() if int(k) % 4 == 0 or k in {str(target), str(r.frontier)}}
-            filters = " ".join(f"{f['name']}={f['kept_fraction']:.2f}/{f['precision'] if f['precision'] is None else round(f['precision'], 3)}"
-                               for f in r.filters)
+            filters = format_filters(r.filters)
             print(f"[seed {seed}{' ' + source if source else ''} {r.elapsed_s:7.1f}s] cycle {r.cycle} {r.policy_version} frontier={r.frontier} promoted={r.promoted} "
                   f"accepted={r.accepted} acc={shown} {filters} t={r.seconds}", flush=True)
         else:
