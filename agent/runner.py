@@ -220,7 +220,8 @@ def _base_policy(settings, store, registry, cfg, inputs, demos, problems, name, 
         return promoted[0], False
     task = get_task(inputs.task or "addition")
     on_event("phase", f"warm-starting the built-in policy on {task.name} at difficulties {list(cfg.warm_start.difficulties)} "
-                      f"({cfg.warm_start.train.time_budget_s:.0f} s)")
+                      f"({cfg.warm_start.train.time_budget_s:.0f} s"
+                      + (f", extended until each reaches {cfg.warm_start.mastery:.2f})" if cfg.warm_start.mastery is not None else ")"))
     return ensure_policy(settings, store, registry, cfg, demos=demos, task=task, run=name), True
 
 

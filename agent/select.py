@@ -24,6 +24,12 @@ class Pseudo:
     completion: str | None = None  # the candidate text to train on
     share: float = 0.0
     confidence: float = float("-inf")
+    # (answer, completion, share, confidence) of every answer still in the running, most supported first: the
+    # task's checks pick the first that passes them (SelectConfig.checked_min_share); empty means `answer` alone
+    contenders: list[tuple[str, str, float, float]] = field(default_factory=list)
+
+    def choose(self, contender: tuple[str, str, float, float]) -> None:
+        self.answer, self.completion, self.share, self.confidence = contender
 
 
 @dataclass
@@ -35,6 +41,12 @@ class SelectConfig:
     min_confidence: float | None = field(default=None, metadata={
         "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
     use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
+    # the checks, not the vote, carry the precision: a minority answer that passes them is as sound as a majority
+    # one, and at a new length, where the policy's samples rarely agree, it is most of the labels there are
+    checked_min_share: float | None = field(default=0.25, metadata={
+        "help": "label_free, tasks with label checks: every answer with at least this support goes to the checks, most "
+                "supported first, and the first that passes all of them is the label (unset: the majority answer only, "
+                "when it reaches min_vote_share)"})
     calibration_quantile: float | None = field(default=0.1, metadata={
         "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
                 "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
@@ -88,27 +100,35 @@ def answer_support(result: SearchResult, task: Task) -> dict[str, float]:
 
 
 class VoteShare:
-    """The answer with the most support (see answer_support) is the label when its share reaches min_share."""
+    """The answer with the most support (see answer_support) is the label when its share reaches min_share.
+    With `contender_share`, every answer with at least that support stays a contender for the checks that follow
+    (most supported first), and a problem is kept when it has any."""
 
     name = "vote_share"
 
-    def __init__(self, min_share: float):
-        self.min_share = min_share
+    def __init__(self, min_share: float, contender_share: float | None = None):
+        self.min_share, self.contender_share = min_share, contender_share
 
     def __call__(self, items: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
         kept = []
         for p in items:
             support = answer_support(p.result, task)
-            if not support:
+            ranked = sorted(support, key=support.get, reverse=True)
+            bar = self.min_share if self.contender_share is None else self.contender_share
+            contenders = [self._contender(p.result, task, a, support[a]) for a in ranked if support[a] >= bar]
+            if self.contender_share is not None and contenders:
+                p.contenders = contenders
+            elif not ranked or support[ranked[0]] < self.min_share:
                 continue
-            answer = max(support, key=support.get)
-            p.share = support[answer]
-            if p.share >= self.min_share:
-                best = max((c for c in p.result.candidates if task.extract(p.result.problem, c.completion) == answer),
-                           key=lambda c: c.mean_logprob)
-                p.answer, p.completion, p.confidence = answer, best.completion, best.mean_logprob
-                kept.append(p)
+            p.choose(contenders[0])
+            kept.append(p)
         return kept
+
+    @staticmethod
+    def _contender(result: SearchResult, task: Task, answer: str, share: float) -> tuple[str, str, float, float]:
+        best = max((c for c in result.candidates if task.extract(result.problem, c.completion) == answer),
+                   key=lambda c: c.mean_logprob)
+        return answer, best.completion, share, best.mean_logprob
 
 
 class FormatCheck:
@@ -131,7 +151,8 @@ class ConfidenceFloor:
 
 
 class TaskCheck:
-    """One of the task's own label checks (tasks/: invariances, decompositions) as a filter stage."""
+    """One of the task's own label checks (tasks/: invariances, decompositions) as a filter stage. Every contender
+    of a problem is checked (one batch); those that fail drop out, and the label is the best supported survivor."""
 
     def __init__(self, name: str, check):
         self.name, self.check = name, check
@@ -139,10 +160,33 @@ class TaskCheck:
     def __call__(self, items: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
         if not items:
             return []
-        passed = self.check([p.result.problem for p in items], [p.answer for p in items], solve)
-        if len(passed) != len(items):
-            raise RuntimeError(f"label check {self.name!r} returned {len(passed)} verdicts for {len(items)} answers")
-        return [p for p, ok in zip(items, passed) if ok]
+        pending = [(p, c) for p in items for c in (p.contenders or [(p.answer, p.completion, p.share, p.confidence)])]
+        passed = self.check([p.result.problem for p, _ in pending], [c[0] for _, c in pending], solve)
+        if len(passed) != len(pending):
+            raise RuntimeError(f"label check {self.name!r} returned {len(passed)} verdicts for {len(pending)} answers")
+        survivors: dict[int, list] = {}
+        for (p, contender), ok in zip(pending, passed):
+            if ok:
+                survivors.setdefault(id(p), []).append(contender)
+        kept = []
+        for p in items:
+            if id(p) in survivors:
+                p.contenders = survivors[id(p)] if p.contenders else []
+                p.choose(survivors[id(p)][0])
+                kept.append(p)
+        return kept
+
+
+def memoized(solve: Solve) -> Solve:
+    """`solve` that answers each distinct prompt once however often it is asked (within one selection)."""
+    answers: dict[str, str] = {}
+
+    def run(problems):
+        fresh = list({p.prompt: p for p in problems if p.prompt not in answers}.values())
+        answers.update(zip((p.prompt for p in fresh), solve(fresh) if fresh else []))
+        return [answers[p.prompt] for p in problems]
+
+    return run
 
 
 def task_filters(task: Task) -> list[TaskCheck]:
@@ -165,9 +209,11 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
-    filters = [FormatCheck(), VoteShare(cfg.min_vote_share)]
+    checked = cfg.use_task_filters and bool(task.label_checks())
+    filters = [FormatCheck(), VoteShare(cfg.min_vote_share, cfg.checked_min_share if checked else None)]
     if cfg.use_task_filters:
         filters += task_filters(task)
+        solve = memoized(solve)  # a problem's contenders share its sub-problems (the split check's halves)
     floor = calibrated_floor(mastered_confidences or [], cfg.calibration_quantile)
     if not task.label_checks() and floor is not None:
         # no check of the task's own: vote share alone keeps the policy's unanimous mistakes (measured on files whose

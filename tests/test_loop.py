@@ -31,7 +31,8 @@ def tiny_config(**changes) -> LoopConfig:
         search=SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
         select=SelectConfig(mode="verifier"),
         train=TrainConfig(learning_rate=2e-3, time_budget_s=120.0, max_steps=40),
-        warm_start=WarmStartConfig(difficulties=(1, 2), examples_per_difficulty=800,
+        # a deliberately short warm start, not extended: a cycle must have something left to improve
+        warm_start=WarmStartConfig(difficulties=(1, 2), examples_per_difficulty=800, mastery=None,
                                    train=TrainConfig(learning_rate=3e-3, time_budget_s=120.0, max_steps=120, schedule="time_cosine")),
     )
     return replace(cfg, **changes)
@@ -192,3 +193,73 @@ def test_the_gate_and_curriculum_judge_the_reported_easier_difficulties_too(setu
     assert loop._gate_keys(loop.curriculum.frontier_index) == ["4", "8"] + [str(d) for d in range(17, 29)]
     loop.curriculum.update({"8": 0.5})  # forgotten: the frontier goes back
     assert loop.curriculum.key(loop.curriculum.frontier_index) == "8"
+
+
+def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
+    """Addition's split check decides among a problem's sampled answers: the majority's systematic mistake fails it,
+    the one right sample passes, and each half is solved once however many answers are checked."""
+    from agent.select import SelectConfig, select
+    from search import Candidate, SearchResult
+    from tasks import get_task
+    from tasks.addition import make_problem
+
+    addition = get_task("addition")
+    problem = make_problem("1234", "5678")  # least significant digit first
+    right = problem.answer
+    wrong = right[:-1] + str((int(right[-1]) + 1) % 10)
+
+    def samples(*texts):
+        cands = [Candidate(t, token_ids=[1], mean_logprob=-0.1, min_logprob=-0.1, mean_entropy=0.0, finished=True) for t in texts]
+        return SearchResult(problem, cands, "best_of_n", "v0")
+
+    asked = []
+
+    def solve(problems):  # an oracle on the halves: what a policy that masters the shorter lengths answers
+        asked.extend(p.prompt for p in problems)
+        return [p.answer for p in problems]
+
+    result = samples(wrong, wrong, wrong, right)
+    chosen = select([result], addition, SelectConfig(), solve)
+    assert [e["completion"] for e in chosen.examples] == [right]
+    assert [(f["name"], f["kept"], f["precision"]) for f in chosen.filters] == [
+        ("format", 1, 0.0), ("vote_share", 1, 0.0), ("split", 1, 1.0)]
+    assert len(asked) == len(set(asked)) == 2  # the two halves, once for both answers
+    # the majority answer alone (the previous rule) loses the problem
+    assert select([result], addition, SelectConfig(checked_min_share=None), solve).examples == []
+    # an answer below the contender share is never checked
+    assert select([result], addition, SelectConfig(checked_min_share=0.5), solve).examples == []
+
+
+def test_label_free_cycles_train_past_the_frontier_only_where_the_policy_finds_labels(setup):
+    _, store, registry = setup
+    cfg = tiny_config(max_difficulty=40, select=SelectConfig(mode="label_free"), frontier_spread=(0.5, 0.3, 0.2),
+                      frontier_stride=0.2)
+    loop = _loop(cfg, store, registry)
+    frontier = loop.curriculum.keys.index("15")  # stride 3: aimed at 15, 18, 21
+    assert loop._training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.3, "21": 0.15}) == ["15", "18", "21"]
+    # 18 and 21 self-verify almost nothing yet: the shares go to the furthest lengths that give labels
+    assert loop._training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.05, "20": 0.01}) == ["15", "17", "17"]
+    assert loop._training_keys(frontier, {}) == ["15", "15", "15"]
+    # with answers to train on, every length has labels
+    verifier = _loop(replace(cfg, select=SelectConfig(mode="verifier")), store, registry)
+    assert verifier._training_keys(frontier, {}) == ["15", "18", "21"]
+    assert loop._training_keys(None, {}) == [None, None, None]
+
+
+def test_a_warm_start_short_of_mastery_is_extended_until_it_masters_or_runs_out():
+    from agent.loop import master_warm_start
+    from agent.policy import build_builtin_policy
+
+    task = get_task("addition")
+    model, tokenizer = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2))
+    cfg = WarmStartConfig(difficulties=(1, 2), examples_per_difficulty=20, check_problems=10, extensions=2,
+                          train=TrainConfig(time_budget_s=60.0, max_steps=6))
+    examples = warm_start_examples(task, cfg, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checks = master_warm_start(model, tokenizer, task, cfg, examples, seed=0)
+    assert len(checks) == 3 and all(set(c) == {"1", "2"} for c in checks)  # an untrained model: both extensions ran
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # and they trained it
+    assert cfg.extension().max_steps == 2 and cfg.extension().learning_rate == pytest.approx(cfg.train.learning_rate / 3)
+    reached = master_warm_start(model, tokenizer, task, replace(cfg, mastery=0.0), examples, seed=0)
+    assert len(reached) == 1  # mastered at the first check: nothing more to train
+    assert master_warm_start(model, tokenizer, task, replace(cfg, mastery=None), examples, seed=0) == []

@@ -123,7 +123,8 @@ def test_a_loop_cycle_trains_per_train_method_and_records_it(tmp_path, one_torch
         select=SelectConfig(mode="verifier"),
         train=TrainConfig(time_budget_s=60.0, max_steps=2, batch_size=16),
         train_method=method, preference=PreferenceConfig(time_budget_s=60.0, max_steps=2, batch_size=8, max_pairs=16),
-        warm_start=WarmStartConfig(difficulties=(1,), examples_per_difficulty=50, train=TrainConfig(time_budget_s=60.0, max_steps=2)),
+        warm_start=WarmStartConfig(difficulties=(1,), examples_per_difficulty=50, mastery=None,
+                                   train=TrainConfig(time_budget_s=60.0, max_steps=2)),
     )
     settings = Settings(home=tmp_path / "home", device="cpu")
     store = Store(settings.db_url)

@@ -108,7 +108,7 @@ def tiny(**changes) -> LoopConfig:
     cfg = LoopConfig(cycles=2, problems_per_cycle=8, examples_per_cycle=64,
                      search=SearchConfig(strategy="greedy"), select=SelectConfig(mode="label_free"),
                      train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=3),
-                     warm_start=WarmStartConfig(train=TrainConfig(learning_rate=3e-3, time_budget_s=120.0, max_steps=40,
+                     warm_start=WarmStartConfig(mastery=None, train=TrainConfig(learning_rate=3e-3, time_budget_s=120.0, max_steps=40,
                                                                   schedule="time_cosine")))
     return replace(cfg, **changes)
 
