@@ -62,6 +62,11 @@ class LoopConfig:
         "help": "stop starting cycles after this many seconds (warm start included)"})
     # search is cheap next to training: more problems, more distinct labels
     problems_per_cycle: int = field(default=3000, metadata={"help": "problems searched per cycle"})
+    # a search's cost grows with the answers' length: past the lengths where labels are scarce, fewer problems
+    # give enough labels for the mix (each cycle draws 2800 of its newest) at a fraction of the search and checks
+    answer_tokens_per_cycle: int | None = field(default=45_000, metadata={
+        "help": "built-in tasks: at most this many problems x answer tokens (max_new_tokens) a cycle: 3000 problems up to "
+                "12 digits, 1000 at 40 (unset: always problems_per_cycle)"})
     # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
     # lengths sooner
     frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
@@ -403,13 +408,18 @@ class SelfImprovementLoop:
         frontier_index = self.curriculum.frontier_index
         frontier = self.curriculum.key(frontier_index)
         t = time.monotonic()
-        problems = []
         counts = [int(cfg.problems_per_cycle * share) for share in cfg.frontier_spread]
         counts[0] += cfg.problems_per_cycle - sum(counts)  # rounding remainder goes to the frontier itself
-        for offset, (key, count) in enumerate(zip(self._training_keys(frontier_index, current_metric), counts)):
-            problems += self.source.train_problems(key, count, seed=cfg.seed * 1000 + cycle * 10 + offset)
+        buckets = [self.source.train_problems(key, count, seed=cfg.seed * 1000 + cycle * 10 + offset)
+                   for offset, (key, count) in enumerate(zip(self._training_keys(frontier_index, current_metric), counts))]
+        max_new_tokens = self.source.max_new_tokens([p for bucket in buckets for p in bucket])
+        # a file task's max_new_tokens is a cap, not its answers' length: only a built-in task's is exact
+        if cfg.answer_tokens_per_cycle is not None and self.source.builtin:  # every share shrinks alike
+            scale = min(1.0, cfg.answer_tokens_per_cycle / (cfg.problems_per_cycle * max_new_tokens))
+            buckets = [bucket[: max(1, round(len(bucket) * scale))] for bucket in buckets]
+        problems = [p for bucket in buckets for p in bucket]
         self.store.add_problems(problems)  # content ids: a resumed cycle adds the same problems, not new ones
-        search_cfg = replace(cfg.search, max_new_tokens=self.source.max_new_tokens(problems), seed=cfg.seed * 1000 + cycle)
+        search_cfg = replace(cfg.search, max_new_tokens=max_new_tokens, seed=cfg.seed * 1000 + cycle)
         results = run_search(problems, search_cfg, current)
         timings["search"] = time.monotonic() - t
         search_tokens = sum(r.generated_tokens for r in results)

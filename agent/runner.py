@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent.curriculum import BuiltinSource, FileSource
+from agent.allocator import keep_freed_memory
 from agent.loop import CycleRecord, LoopConfig, SelfImprovementLoop, ensure_policy, warm_start_examples
 from agent.policy import DEFAULT_CHARSET, BuiltinConfig, build_builtin_policy, load_policy
 from agent.registry import PolicyRegistry
@@ -52,6 +53,7 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
              on_event: Callable[[str, object], None] = lambda kind, payload: None) -> dict:
     """Run the loop, or resume a run (`inputs.resume`); `on_event(kind, payload)` reports progress ("warning",
     "phase", "cycle": every record of the run, the recorded ones first)."""
+    keep_freed_memory()
     start = time.monotonic()
     store = Store(settings.db_url)
     registry = PolicyRegistry(settings.policies_dir, store)

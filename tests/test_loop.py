@@ -263,3 +263,18 @@ def test_a_warm_start_short_of_mastery_is_extended_until_it_masters_or_runs_out(
     reached = master_warm_start(model, tokenizer, task, replace(cfg, mastery=0.0), examples, seed=0)
     assert len(reached) == 1  # mastered at the first check: nothing more to train
     assert master_warm_start(model, tokenizer, task, replace(cfg, mastery=None), examples, seed=0) == []
+
+
+def test_a_cycle_searches_fewer_problems_as_answers_grow_past_its_token_budget(setup):
+    settings, store, registry = setup
+    # 64 problems with answers of up to 7 tokens (4 digits + 3) would be 448 answer tokens: half of them fit
+    cfg = tiny_config(answer_tokens_per_cycle=224, train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=2))
+    v0 = ensure_policy(settings, store, registry, cfg)
+    records = _run(cfg, store, registry, v0)
+    searched = store.trajectories(cycle=1, best_only=True)
+    # problems x answer tokens stays within the budget (give or take a problem's rounding): each sample is at most
+    # max_new_tokens long, so the search generated at most n times the budget
+    assert 30 <= len(searched) < cfg.problems_per_cycle
+    assert 0 < records[1].search_tokens <= cfg.search.n * (cfg.answer_tokens_per_cycle + 3 * 7)
+    unbounded = tiny_config(answer_tokens_per_cycle=None)
+    assert unbounded.problems_per_cycle * 7 > 224  # without the budget all 64 would have been searched

@@ -44,6 +44,9 @@ def _context() -> dict:
 
 @worker_process_init.connect
 def _load_policy_once(**_):
+    from agent.allocator import keep_freed_memory
+
+    keep_freed_memory()  # a worker decodes all day: see the function for what it saves
     ctx = _context()
     if ctx["registry"].promoted() is not None:  # a fresh deployment may have none yet: the first job reports it
         ctx["cache"].get()
