@@ -219,13 +219,13 @@ def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
         return [p.answer for p in problems]
 
     result = samples(wrong, wrong, wrong, right)
-    chosen = select([result], addition, SelectConfig(), solve)
+    chosen = select([result], addition, SelectConfig(checked_min_share=0.25), solve)
     assert [e["completion"] for e in chosen.examples] == [right]
     assert [(f["name"], f["kept"], f["precision"]) for f in chosen.filters] == [
         ("format", 1, 0.0), ("vote_share", 1, 0.0), ("split", 1, 1.0)]
     assert len(asked) == len(set(asked)) == 2  # the two halves, once for both answers
-    # the majority answer alone (the previous rule) loses the problem
-    assert select([result], addition, SelectConfig(checked_min_share=None), solve).examples == []
+    # the majority answer alone (the default) loses the problem
+    assert select([result], addition, SelectConfig(), solve).examples == []
     # an answer below the contender share is never checked
     assert select([result], addition, SelectConfig(checked_min_share=0.5), solve).examples == []
 
