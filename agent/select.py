@@ -117,10 +117,10 @@ class VoteShare:
             ranked = sorted(support, key=support.get, reverse=True)
             bar = self.min_share if self.contender_share is None else self.contender_share
             contenders = [self._contender(p.result, task, a, support[a]) for a in ranked if support[a] >= bar]
-            if self.contender_share is not None and contenders:
-                p.contenders = contenders
-            elif not ranked or support[ranked[0]] < self.min_share:
+            if not contenders:
                 continue
+            if self.contender_share is not None:
+                p.contenders = contenders
             p.choose(contenders[0])
             kept.append(p)
         return kept
