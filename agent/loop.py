@@ -78,8 +78,9 @@ class LoopConfig:
     # label-free labels exist only where the policy is already sometimes right: problems at a length where it
     # self-verifies nothing are searched for nothing
     min_label_yield: float | None = field(default=0.1, metadata={
-        "help": "label_free: a difficulty past the frontier is trained on only where the current policy's self-verified "
-                "rate reaches this; a share aimed further falls back to the furthest one that does (unset: no fallback)"})
+        "help": "label_free without label proposals: a difficulty past the frontier is trained on only where the current "
+                "policy's self-verified rate reaches this; a share aimed further falls back to the furthest one that does "
+                "(unset: no fallback)"})
     heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
     report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
         "help": "difficulties always evaluated for the report"})
@@ -319,11 +320,17 @@ class SelfImprovementLoop:
         chosen = []
         for offset in range(len(self.cfg.frontier_spread)):
             i = min(frontier_index + offset * stride, len(keys) - 1)
-            if floor is not None and self.cfg.select.mode == "label_free":
+            if floor is not None and self._labels_need_the_policy_right():
                 while i > frontier_index and metric.get(keys[i], 0.0) < floor:
                     i -= 1
             chosen.append(keys[i])
         return chosen
+
+    def _labels_need_the_policy_right(self) -> bool:
+        """Label-free labels come from the search's own agreeing answers, unless the task proposes labels by
+        decomposition (those need only the shorter lengths mastered)."""
+        select = self.cfg.select
+        return select.mode == "label_free" and not (select.use_task_proposals and self.task.label_proposals())
 
     def _ahead(self, frontier_index: int | None) -> int:
         """How far past the frontier the held-out evaluation reaches: at least to the longest length trained on."""
@@ -428,10 +435,10 @@ class SelfImprovementLoop:
         mastered = [key for key, value in current_metric.items() if value >= cfg.threshold]
         confidences = [c for key in mastered for c in current_eval.get("confidence", {}).get(key, [])]
         selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg), confidences)
-        accepted_ids = {e["problem_id"] for e in selection.examples}
+        accepted = {(e["problem_id"], e["completion"]) for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded
-            row["trained_on"] = row["is_best"] and row["problem_id"] in accepted_ids
+            row["trained_on"] = row["is_best"] and (row["problem_id"], row["completion"]) in accepted
         timings["select"] = time.monotonic() - t
         if selection.examples:
             self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in selection.examples])

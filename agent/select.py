@@ -2,9 +2,10 @@
 
 Verifier mode: verified-correct candidates, the most confident one per problem.
 Label-free mode (answers never used): a pipeline of filters over each problem's group of candidates, as in
-Lee et al. 2025: format/length -> vote share -> the task's own consistency checks -> confidence. Every
-filter reports the fraction of problems it keeps and, when ground truth exists, the precision of what
-survives it (ground truth is read only for that report).
+Lee et al. 2025: format/length -> vote share -> the task's own consistency checks -> confidence, then the
+task's label proposals (decompositions the policy solves) for the problems the filters dropped. Every stage
+reports the fraction of problems kept so far and, when ground truth exists, the precision of what survives it
+(ground truth is read only for that report).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class SelectConfig:
     calibration_quantile: float | None = field(default=0.1, metadata={
         "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
                 "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
+    # the search's agreeing answers are labels only where the policy already solves a problem; the problems it gets
+    # wrong are what it must learn (true labels for them took a warm start from 7 to 9 digits in one cycle)
+    use_task_proposals: bool = field(default=True, metadata={
+        "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
+                "with the answer all of the task's proposals agree on"})
     given_answers: bool = field(default=True, metadata={
         "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
 
@@ -178,6 +184,31 @@ class TaskCheck:
         return kept
 
 
+class ProposedLabels:
+    """The task's label proposals (decompositions into problems the policy has mastered) for the problems the
+    filters before it dropped: a problem whose proposals all state the same answer is labelled with it. It
+    reports the kept fraction and precision of everything kept so far, plus the problems it added."""
+
+    name = "proposed"
+
+    def __init__(self, proposals: dict):
+        self.proposals = proposals
+
+    def __call__(self, kept: list[Pseudo], dropped: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
+        if not dropped:
+            return []
+        problems = [p.result.problem for p in dropped]
+        proposed = [propose(problems, solve) for propose in self.proposals.values()]
+        added = []
+        for i, p in enumerate(dropped):
+            completions = [texts[i] for texts in proposed]
+            answers = {task.extract(p.result.problem, c) if c is not None else None for c in completions}
+            if len(answers) == 1 and None not in answers:
+                p.answer, p.completion, p.contenders = answers.pop(), completions[0], []
+                added.append(p)
+        return added
+
+
 def memoized(solve: Solve) -> Solve:
     """`solve` that answers each distinct prompt once however often it is asked (within one selection)."""
     answers: dict[str, str] = {}
@@ -214,7 +245,8 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     filters = [FormatCheck(), VoteShare(cfg.min_vote_share, cfg.checked_min_share if checked else None)]
     if cfg.use_task_filters:
         filters += task_filters(task)
-        solve = memoized(solve)  # a problem's contenders share its sub-problems (the split check's halves)
+    # a problem's contenders share its sub-problems (the split check's halves), and so do the proposals
+    solve = memoized(solve)
     floor = calibrated_floor(mastered_confidences or [], cfg.calibration_quantile)
     if not task.label_checks() and floor is not None:
         # no check of the task's own: vote share alone keeps the policy's unanimous mistakes (measured on files whose
@@ -224,11 +256,18 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     if cfg.min_confidence is not None:
         filters.append(ConfidenceFloor(cfg.min_confidence))
     report = []
-    total = len(items)
+    everything, total = list(items), len(items)
     for f in filters:
         items = f(items, task, solve)
         report.append({"name": f.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
                        "precision": _precision(items, task)})
+    if cfg.use_task_proposals and task.label_proposals():
+        proposals = ProposedLabels(task.label_proposals())
+        kept_ids = {id(p) for p in items}
+        added = proposals(items, [p for p in everything if id(p) not in kept_ids], task, solve)
+        items = items + added
+        report.append({"name": proposals.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
+                       "precision": _precision(items, task), "added": len(added), "added_precision": _precision(added, task)})
     examples = [{"prompt": p.result.problem.prompt, "completion": p.completion, "problem_id": p.result.problem.id} for p in items]
     return Selection(examples, report)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import random
 
-from tasks.base import LabelCheck, PositionCoupling, Problem, Solve, Task
+from typing import Callable
+
+from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task
 
 
 def _rev(n: int, width: int) -> str:
@@ -66,36 +68,64 @@ class Addition(Task):
         # label in selection and in every self-verified evaluation, and held the self-verified rate near accuracy squared.
         return {"split": split_check}
 
+    def label_proposals(self) -> dict[str, LabelProposal]:
+        # two split points: a label needs both to agree, and an error of a sub-problem at one split is rarely
+        # repeated by the other's differently aligned sub-problems
+        return {"split_half": split_proposal(lambda d: d // 2), "split_half_plus_one": split_proposal(lambda d: d // 2 + 1)}
+
 
 def _answer(problem: Problem, completion: str) -> str | None:
     return Addition().extract(problem, completion)
 
 
-def split_check(problems: list[Problem], answers: list[str], solve: Solve) -> list[bool]:
-    """Decomposition: the policy's own answers on the low and high halves (shorter, already mastered lengths),
-    joined through the low half's carry, must equal the proposed answer. Errors at a new length are systematic
-    (the same wrong answer under resampling or swapping), but the halves move the work to lengths the policy
-    masters, so this check stays exact as lengths grow (it kept pseudo-label precision at 99-100%)."""
-    halves = []
+def compose(problems: list[Problem], solve: Solve, split_at: Callable[[int], int]) -> list[str | None]:
+    """Each problem's answer built from the policy's own answers to shorter problems: the low digits (first
+    `split_at(d)` of each operand) and the high digits, then the high sum plus the low sum's carry, which is
+    another addition the policy solves (its second operand is 1). Every digit is the policy's; the code only
+    cuts and joins strings. None where a part is malformed or a problem has no shorter parts."""
+    cuts = []
     for p in problems:
         a, b = operands(p)
-        k = len(a) // 2
-        halves += [make_problem(a[:k], b[:k]), make_problem(a[k:], b[k:])] if len(a) >= 2 else []
-    solved = iter(solve(halves) if halves else [])
+        k = split_at(len(a))
+        cuts.append((make_problem(a[:k], b[:k]), make_problem(a[k:], b[k:])) if 1 <= k < len(a) else None)
+    solved = iter(solve([part for cut in cuts if cut for part in cut]) if any(cuts) else [])
+    joined = []  # (low digits, high sum, needs the carry) per problem, or None
+    for cut in cuts:
+        if cut is None:
+            joined.append(None)
+            continue
+        low, high = _answer(cut[0], next(solved)), _answer(cut[1], next(solved))
+        carry = low[-1] if low is not None else None
+        joined.append((low[:-1], high, carry == "1") if high is not None and carry in ("0", "1") else None)
+    carries = [make_problem(high, "1" + "0" * (len(high) - 1)) for j in joined if j and j[2] for high in [j[1]]]
+    carried = iter(solve(carries) if carries else [])
     out = []
-    for p, answer in zip(problems, answers):
-        a, _ = operands(p)
-        if len(a) < 2:  # nothing shorter to check against
-            out.append(True)
+    for j in joined:
+        if j is None:
+            out.append(None)
             continue
-        k = len(a) // 2
-        low_problem = make_problem(*(x[:k] for x in operands(p)))
-        high_problem = make_problem(*(x[k:] for x in operands(p)))
-        low, high = _answer(low_problem, next(solved)), _answer(high_problem, next(solved))
-        if low is None or high is None:
-            out.append(False)
-            continue
-        high_width = len(a) - k + 1
-        high_plus_carry = str(int(high[::-1]) + int(low[k])).zfill(high_width)[::-1]
-        out.append(len(high_plus_carry) == high_width and low[:k] + high_plus_carry == answer)
+        low, high, needs_carry = j
+        if needs_carry:
+            plus_one = _answer(make_problem(high, "1" + "0" * (len(high) - 1)), next(carried))
+            # high + 1 stays within high's width (high <= 2 * 10**h - 2), so its extra top digit must be 0
+            high = plus_one[:-1] if plus_one is not None and plus_one[-1] == "0" else None
+        out.append(low + high if high is not None else None)
     return out
+
+
+def split_proposal(split_at: Callable[[int], int]):
+    """A label proposal (tasks.LabelProposal): the composed answer is the completion."""
+
+    def propose(problems: list[Problem], solve: Solve) -> list[str | None]:
+        return compose(problems, solve, split_at)
+
+    return propose
+
+
+def split_check(problems: list[Problem], answers: list[str], solve: Solve) -> list[bool]:
+    """Decomposition: the answer composed from the policy's own answers on the low and high halves (shorter,
+    already mastered lengths; see compose) must equal the proposed answer. Errors at a new length are systematic
+    (the same wrong answer under resampling or swapping), but the halves move the work to lengths the policy
+    masters, so this check stays exact as lengths grow (it kept pseudo-label precision at 99-100%)."""
+    composed = compose(problems, solve, lambda d: d // 2)
+    return [len(operands(p)[0]) < 2 or c == answer for p, answer, c in zip(problems, answers, composed)]

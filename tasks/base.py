@@ -92,6 +92,9 @@ Solve = Callable[[list[Problem]], list[str]]
 # a label check: (problems, proposed answers, solve) -> which answers pass; batched so that one check issues one
 # batched solve for all its sub-problems rather than a decode per problem
 LabelCheck = Callable[[list[Problem], list[str], Solve], list[bool]]
+# a label proposal: (problems, solve) -> a completion per problem built only from the policy's own answers to
+# smaller problems (a decomposition), or None where it cannot; batched like a check
+LabelProposal = Callable[[list[Problem], Solve], list[str | None]]
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,12 @@ class Task:
 
     def label_checks(self) -> dict[str, LabelCheck]:
         """The task's own label checks by name, run in this order (none for a generic task)."""
+        return {}
+
+    def label_proposals(self) -> dict[str, LabelProposal]:
+        """Decompositions that write a label for a problem the search got wrong, from the policy's answers to
+        smaller problems it has mastered. A label needs every proposal to state the same answer, so they should
+        decompose differently (none for a generic task)."""
         return {}
 
     def max_new_tokens(self, difficulty: int) -> int:

@@ -222,18 +222,56 @@ def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
     chosen = select([result], addition, SelectConfig(checked_min_share=0.25), solve)
     assert [e["completion"] for e in chosen.examples] == [right]
     assert [(f["name"], f["kept"], f["precision"]) for f in chosen.filters] == [
-        ("format", 1, 0.0), ("vote_share", 1, 0.0), ("split", 1, 1.0)]
+        ("format", 1, 0.0), ("vote_share", 1, 0.0), ("split", 1, 1.0), ("proposed", 1, 1.0)]
     assert len(asked) == len(set(asked)) == 2  # the two halves, once for both answers
-    # the majority answer alone (the default) loses the problem
-    assert select([result], addition, SelectConfig(), solve).examples == []
+    # the majority answer alone (the default) loses the problem to the checks (the proposals are tested on their own)
+    assert select([result], addition, SelectConfig(use_task_proposals=False), solve).examples == []
     # an answer below the contender share is never checked
-    assert select([result], addition, SelectConfig(checked_min_share=0.5), solve).examples == []
+    assert select([result], addition, SelectConfig(checked_min_share=0.5, use_task_proposals=False), solve).examples == []
 
 
-def test_label_free_cycles_train_past_the_frontier_only_where_the_policy_finds_labels(setup):
+def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_agree():
+    """A unanimous mistake fails the split check; the task's two decompositions, solved by a policy that masters the
+    shorter lengths, both write the right answer, which becomes the label. Where one decomposition's sub-problem is
+    answered wrongly they disagree and the problem stays unlabelled."""
+    from agent.select import SelectConfig, select
+    from search import Candidate, SearchResult
+    from tasks.addition import make_problem
+
+    addition = get_task("addition")
+    problem = make_problem("99999", "10000")  # least significant digit first: the low halves carry
+    right = problem.answer
+    wrong = right[:-2] + "10"
+
+    def samples(*texts):
+        cands = [Candidate(t, token_ids=[1], mean_logprob=-0.1, min_logprob=-0.1, mean_entropy=0.0, finished=True) for t in texts]
+        return SearchResult(problem, cands, "best_of_n", "v0")
+
+    def masters_shorter(problems):
+        assert all(p.difficulty < problem.difficulty for p in problems)  # sub-problems only
+        return [p.answer for p in problems]
+
+    chosen = select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter)
+    assert [e["completion"] for e in chosen.examples] == [right]
+    proposed = chosen.filters[-1]
+    assert (proposed["name"], proposed["kept"], proposed["added"], proposed["added_precision"]) == ("proposed", 1, 1, 1.0)
+    assert chosen.filters[-2]["kept"] == 0  # the split check had dropped it
+
+    def errs_on_three_digits(problems):  # the 2 + 3 split goes wrong; the 3 + 2 split does not see a 3-digit sum
+        return [p.answer if p.difficulty != 3 else p.answer[::-1] for p in problems]
+
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits).examples == []
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(use_task_proposals=False),
+                  masters_shorter).examples == []
+
+
+def test_label_free_cycles_train_past_the_frontier_only_where_labels_can_be_found(setup):
     _, store, registry = setup
     cfg = tiny_config(max_difficulty=40, select=SelectConfig(mode="label_free"), frontier_spread=(0.5, 0.3, 0.2),
                       frontier_stride=0.2)
+    loop = _loop(cfg, store, registry)
+    # labels from the search's agreeing answers only (addition's decompositions off)
+    cfg = replace(cfg, select=SelectConfig(mode="label_free", use_task_proposals=False))
     loop = _loop(cfg, store, registry)
     frontier = loop.curriculum.keys.index("15")  # stride 3: aimed at 15, 18, 21
     assert loop._training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.3, "21": 0.15}) == ["15", "18", "21"]
@@ -243,6 +281,9 @@ def test_label_free_cycles_train_past_the_frontier_only_where_the_policy_finds_l
     # with answers to train on, every length has labels
     verifier = _loop(replace(cfg, select=SelectConfig(mode="verifier")), store, registry)
     assert verifier._training_keys(frontier, {}) == ["15", "18", "21"]
+    # and so does a task that proposes labels by decomposition (addition's default)
+    proposing = _loop(replace(cfg, select=SelectConfig(mode="label_free")), store, registry)
+    assert proposing._training_keys(frontier, {}) == ["15", "18", "21"]
     assert loop._training_keys(None, {}) == [None, None, None]
 
 

@@ -75,3 +75,30 @@ def test_a_problem_file_cannot_import_a_module_by_naming_it(tmp_path):
     assert [p.task for p in problems] == ["reversal"]
     assert len(errors) == 1 and "'os:system': not a known task" in errors[0].message
     assert all(p.task != "os:system" for p in problems) and Problem("x").task is None
+
+
+def test_addition_decompositions_write_every_answer_from_the_policys_shorter_sums():
+    """Both split points compose the true sum from a solver that is right on shorter problems, including the
+    carry into the high part (itself an addition the solver is asked); a wrong sub-answer never composes the
+    true sum, and a malformed one composes nothing."""
+    from tasks.addition import compose, make_problem
+
+    addition = get_task("addition")
+    problems = [p for d in range(4, 13) for p in addition.generate(d, 30, seed=d)] + [make_problem("9999", "1999")]
+    asked = []
+
+    def oracle(ps):
+        asked.extend(ps)
+        return [p.answer for p in ps]
+
+    for name, propose in addition.label_proposals().items():
+        asked.clear()
+        assert propose(problems, oracle) == [p.answer for p in problems], name
+        assert all(p.difficulty < 4 or p.difficulty < max(q.difficulty for q in problems) for p in asked)
+        assert any(p.prompt.endswith("+" + "1" + "0" * (p.difficulty - 1) + "=") for p in asked), name  # the carries
+    plus_one_wrong = lambda ps: [p.answer[::-1] if p.prompt.split("+")[1].strip("=").lstrip("1").strip("0") == ""
+                                 and p.prompt.split("+")[1].startswith("1") else p.answer for p in ps]
+    carried = make_problem("9999", "1999")  # low halves 99 + 19 carry
+    assert compose([carried], plus_one_wrong, lambda d: d // 2) != [carried.answer]
+    assert compose([carried], lambda ps: ["x"] * len(ps), lambda d: d // 2) == [None]
+    assert compose([make_problem("5", "4")], oracle, lambda d: d // 2) == [None]  # nothing shorter to ask
