@@ -84,6 +84,11 @@ class LoopConfig:
     heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
     report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
         "help": "difficulties always evaluated for the report"})
+    # a report's difficulties far past the frontier score 0 for most of a run, and their long answers made up most
+    # of an evaluation's decoding: a sample tells the report as much there
+    heldout_past_window: int | None = field(default=25, metadata={
+        "help": "report difficulties past the evaluated window around the frontier are scored on this many of their "
+                "held-out problems (unset: all); the window and everything below it always use all"})
     eval_ahead: int = field(default=3, metadata={
         "help": "also evaluate this many difficulties past the frontier (at least as far as the cycle trains)"})
     max_difficulty: int = field(default=40, metadata={"help": "hardest difficulty the curriculum reaches"})
@@ -246,7 +251,8 @@ def train_and_gate(current: Policy, examples: list[dict], task: Task | None, hel
     keys = [k for k in (verify_keys if verify_keys is not None else sorted(heldout)) if k in cand_metric]
     current_eval = current_eval if current_eval is not None else {"accuracy": {}, "self_verified": {}, "generated_tokens": 0}
     current_metric = gate_metric(current_eval, mode)
-    cur_missing = {k: v for k, v in heldout.items() if k not in current_metric}
+    # only the keys the scores compare: past them the current policy's report accuracy is already in current_eval
+    cur_missing = {k: heldout[k] for k in keys if k not in current_metric}
     if cur_missing:  # the current policy was not evaluated at some of these keys yet (the loop's frontier moved)
         extra = evaluate_policy(current, cur_missing, cfg.eval_search, task, keys)
         for part in ("accuracy", "self_verified", "confidence"):
@@ -337,8 +343,14 @@ class SelfImprovementLoop:
         return max(self.cfg.eval_ahead, self._stride(frontier_index) * (len(self.cfg.frontier_spread) - 1))
 
     def _heldout(self, frontier_index: int | None) -> dict:
-        return self.source.heldout_set(self.curriculum.eval_keys(frontier_index, self._ahead(frontier_index),
-                                                                 self.cfg.report_difficulties))
+        ahead = self._ahead(frontier_index)
+        heldout = self.source.heldout_set(self.curriculum.eval_keys(frontier_index, ahead, self.cfg.report_difficulties))
+        window = self.curriculum.keys_up_to(frontier_index, ahead)
+        sample = self.cfg.heldout_past_window
+        if sample is None or not window:
+            return heldout
+        past = set(self.curriculum.keys[self.curriculum.keys.index(window[-1]) + 1:])
+        return {k: problems[:sample] if k in past else problems for k, problems in heldout.items()}
 
     def _gate_keys(self, frontier_index: int | None) -> list[str]:
         """The held-out keys promotion and the curriculum judge by: the window around the frontier and the report's

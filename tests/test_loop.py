@@ -195,6 +195,43 @@ def test_the_gate_and_curriculum_judge_the_reported_easier_difficulties_too(setu
     assert loop.curriculum.key(loop.curriculum.frontier_index) == "8"
 
 
+def test_report_difficulties_past_the_window_are_scored_on_a_sample(setup):
+    _, store, registry = setup
+    cfg = tiny_config(max_difficulty=40, report_difficulties=(4, 8, 40), eval_ahead=3, frontier_stride=0.2,
+                      heldout_per_difficulty=40, heldout_past_window=10)
+    loop = _loop(cfg, store, registry)
+    loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})  # frontier 20: window 17..28
+    heldout = loop._heldout(loop.curriculum.frontier_index)
+    assert {k: len(v) for k, v in heldout.items()} == {"4": 40, "8": 40, **{str(d): 40 for d in range(17, 29)}, "40": 10}
+    assert heldout["40"] == loop.source.heldout_set(["40"])["40"][:10]  # the same problems every cycle
+    everything = _loop(replace(cfg, heldout_past_window=None), store, registry)
+    everything.curriculum.update({str(d): 1.0 for d in range(1, 20)})
+    assert len(everything._heldout(everything.curriculum.frontier_index)["40"]) == 40
+
+
+def test_the_gate_evaluates_the_current_policy_only_where_the_scores_compare(setup, monkeypatch):
+    """The current policy's evaluation carries over between cycles: the gate evaluates it again only at gate keys it
+    has no score for, never at report-only difficulties (the candidate is evaluated everywhere)."""
+    import agent.loop
+    from agent.loop import train_and_gate
+
+    settings, store, registry = setup
+    cfg = tiny_config(train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=1))
+    v0 = ensure_policy(settings, store, registry, cfg)
+    current = registry.load(v0, "cpu")
+    task = get_task("addition")
+    heldout = {str(d): task.generate(d, 6, seed=0, split="heldout") for d in (2, 3, 4)}
+    calls, real = [], agent.loop.evaluate_policy
+    monkeypatch.setattr(agent.loop, "evaluate_policy",
+                        lambda policy, by, *a, **k: calls.append((policy.version, sorted(by))) or real(policy, by, *a, **k))
+    current_eval = {"accuracy": {"2": 1.0, "3": 0.5, "4": 0.0}, "self_verified": {"2": 1.0}, "generated_tokens": 0}
+    examples = [{"prompt": p.prompt, "completion": p.answer} for p in task.generate(2, 8, seed=1)]
+    gate = train_and_gate(current, examples, task, heldout, cfg, registry, trained_on={}, mode="label_free",
+                          verify_keys=["2", "3"], current_eval=current_eval, decide=False)
+    assert calls == [("candidate", ["2", "3", "4"]), (v0, ["3"])]
+    assert gate.keys == ["2", "3"] and set(gate.parent_eval["self_verified"]) == {"2", "3"}
+
+
 def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
     """Addition's split check decides among a problem's sampled answers: the majority's systematic mistake fails it,
     the one right sample passes, and each half is solved once however many answers are checked."""
