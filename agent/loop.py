@@ -446,7 +446,9 @@ class SelfImprovementLoop:
         t = time.monotonic()
         mastered = [key for key, value in current_metric.items() if value >= cfg.threshold]
         confidences = [c for key in mastered for c in current_eval.get("confidence", {}).get(key, [])]
-        selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg), confidences)
+        # the latest metric of every difficulty, those below the evaluated window included (what proposals trust)
+        known = {**self.curriculum.known, **current_metric}
+        selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg), confidences, known)
         accepted = {(e["problem_id"], e["completion"]) for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded

@@ -79,37 +79,30 @@ def _answer(problem: Problem, completion: str) -> str | None:
 
 
 def compose(problems: list[Problem], solve: Solve, split_at: Callable[[int], int]) -> list[str | None]:
-    """Each problem's answer built from the policy's own answers to shorter problems: the low digits (first
-    `split_at(d)` of each operand) and the high digits, then the high sum plus the low sum's carry, which is
-    another addition the policy solves (its second operand is 1). Every digit is the policy's; the code only
-    cuts and joins strings. None where a part is malformed or a problem has no shorter parts."""
+    """Each problem's answer from the policy's own answers to shorter problems: the low digits (the first
+    `split_at(d)` of each operand) and the high digits, joined through the low sum's carry digit (the high sum
+    plus that 0 or 1). None where a part is malformed or a problem has no shorter parts.
+
+    The carry is added here rather than asked of the policy as `high + 1`: that second operand (a 1 and zeros) is
+    far from the problems it learns, and a policy measured 8-14% wrong on it against 6% on ordinary parts."""
     cuts = []
     for p in problems:
         a, b = operands(p)
         k = split_at(len(a))
         cuts.append((make_problem(a[:k], b[:k]), make_problem(a[k:], b[k:])) if 1 <= k < len(a) else None)
     solved = iter(solve([part for cut in cuts if cut for part in cut]) if any(cuts) else [])
-    joined = []  # (low digits, high sum, needs the carry) per problem, or None
+    out = []
     for cut in cuts:
         if cut is None:
-            joined.append(None)
-            continue
-        low, high = _answer(cut[0], next(solved)), _answer(cut[1], next(solved))
-        carry = low[-1] if low is not None else None
-        joined.append((low[:-1], high, carry == "1") if high is not None and carry in ("0", "1") else None)
-    carries = [make_problem(high, "1" + "0" * (len(high) - 1)) for j in joined if j and j[2] for high in [j[1]]]
-    carried = iter(solve(carries) if carries else [])
-    out = []
-    for j in joined:
-        if j is None:
             out.append(None)
             continue
-        low, high, needs_carry = j
-        if needs_carry:
-            plus_one = _answer(make_problem(high, "1" + "0" * (len(high) - 1)), next(carried))
-            # high + 1 stays within high's width (high <= 2 * 10**h - 2), so its extra top digit must be 0
-            high = plus_one[:-1] if plus_one is not None and plus_one[-1] == "0" else None
-        out.append(low + high if high is not None else None)
+        low, high = _answer(cut[0], next(solved)), _answer(cut[1], next(solved))
+        if low is None or high is None or low[-1] not in "01":
+            out.append(None)
+            continue
+        width = len(high)
+        high_plus_carry = str(int(high[::-1]) + int(low[-1])).zfill(width)[::-1]
+        out.append(low[:-1] + high_plus_carry if len(high_plus_carry) == width else None)
     return out
 
 

@@ -300,6 +300,14 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits).examples == []
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(use_task_proposals=False),
                   masters_shorter).examples == []
+    # the policy's answers write labels only at lengths it masters to proposal_mastery, from the easiest up
+    mastered = {"1": 1.0, "2": 0.99, "3": 0.985}
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
+                  gate_metric=mastered).examples[0]["completion"] == right
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
+                  gate_metric={**mastered, "2": 0.95}).examples == []  # 3 digits' older value is not trusted past it
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(proposal_mastery=0.99), masters_shorter,
+                  gate_metric=mastered).examples == []
 
 
 def test_label_free_cycles_train_past_the_frontier_only_where_labels_can_be_found(setup):
