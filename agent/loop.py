@@ -449,10 +449,10 @@ class SelfImprovementLoop:
         # the latest metric of every difficulty, those below the evaluated window included (what proposals trust)
         known = {**self.curriculum.known, **current_metric}
         selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg), confidences, known)
-        accepted = {(e["problem_id"], e["completion"]) for e in selection.examples}
+        accepted_ids = {e["problem_id"] for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded
-            row["trained_on"] = row["is_best"] and (row["problem_id"], row["completion"]) in accepted
+            row["trained_on"] = row["is_best"] and row["problem_id"] in accepted_ids
         timings["select"] = time.monotonic() - t
         if selection.examples:
             self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in selection.examples])

@@ -199,8 +199,7 @@ class ProposedLabels:
     def __init__(self, proposals: dict):
         self.proposals = proposals
 
-    def __call__(self, kept: list[Pseudo], dropped: list[Pseudo], task: Task, solve: Solve,
-                 trusted: set[int] | None = None) -> list[Pseudo]:
+    def __call__(self, dropped: list[Pseudo], task: Task, solve: Solve, trusted: set[int] | None = None) -> list[Pseudo]:
         """`trusted`: the difficulties at which the policy's answers may write a label (None: all)."""
         if not dropped:
             return []
@@ -297,7 +296,7 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
         proposals = ProposedLabels(task.label_proposals())
         kept_ids = {id(p) for p in items}
         trusted = None if gate_metric is None else mastered_prefix(gate_metric, cfg.proposal_mastery)
-        added = proposals(items, [p for p in everything if id(p) not in kept_ids], task, solve, trusted)
+        added = proposals([p for p in everything if id(p) not in kept_ids], task, solve, trusted)
         items = items + added
         report.append({"name": proposals.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
                        "precision": _precision(items, task), "added": len(added), "added_precision": _precision(added, task)})
