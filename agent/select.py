@@ -58,7 +58,7 @@ class SelectConfig:
         "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
                 "with the answer all of the task's proposals agree on"})
     # a decomposition repeats its parts' mistakes, and the problems the search gets wrong are those whose parts are
-    # hard too: with parts at lengths self-verified at 0.91-0.96, added labels were 74-88% right and the run's
+    # hard too: with parts at lengths self-verified at 0.90-0.98, added labels were 74-88% right and the run's
     # shorter lengths degraded with them
     proposal_mastery: float = field(default=0.98, metadata={
         "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric reaches this"})

@@ -9,7 +9,6 @@ Difficulty = d, the number of digits of each operand.
 from __future__ import annotations
 
 import random
-
 from typing import Callable
 
 from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task
@@ -69,8 +68,8 @@ class Addition(Task):
         return {"split": split_check}
 
     def label_proposals(self) -> dict[str, LabelProposal]:
-        # two split points: a label needs both to agree, and an error of a sub-problem at one split is rarely
-        # repeated by the other's differently aligned sub-problems
+        # two split points: a label needs both to agree, which catches a wrong part that only one of them asks; a
+        # part hard for one cut is often hard for the other, hence the mastery guard (SelectConfig.proposal_mastery)
         return {"split_half": split_proposal(lambda d: d // 2), "split_half_plus_one": split_proposal(lambda d: d // 2 + 1)}
 
 
