@@ -18,7 +18,7 @@ from agent.curriculum import Curriculum, ProblemSource
 from agent.policy import BuiltinConfig, Policy
 from agent.preference import preference_pairs
 from agent.registry import PolicyRegistry
-from agent.select import Pseudo, SelectConfig, select, task_filters
+from agent.select import Pseudo, SelectConfig, proposals_in_use, select, task_filters
 from agent.solve import trajectory_rows
 from agent.store import RunStore, Store
 from tasks import Problem, Task
@@ -335,8 +335,7 @@ class SelfImprovementLoop:
     def _labels_need_the_policy_right(self) -> bool:
         """Label-free labels come from the search's own agreeing answers, unless the task proposes labels by
         decomposition (those need only the shorter lengths mastered)."""
-        select = self.cfg.select
-        return select.mode == "label_free" and not (select.use_task_proposals and self.task.label_proposals())
+        return self.cfg.select.mode == "label_free" and not proposals_in_use(self.task, self.cfg.select)
 
     def _ahead(self, frontier_index: int | None) -> int:
         """How far past the frontier the held-out evaluation reaches: at least to the longest length trained on."""

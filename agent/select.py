@@ -216,6 +216,11 @@ class ProposedLabels:
         return added
 
 
+def proposals_in_use(task: Task, cfg: SelectConfig) -> bool:
+    """Whether label-free selection labels dropped problems by the task's decompositions."""
+    return cfg.mode == "label_free" and cfg.use_task_proposals and bool(task.label_proposals())
+
+
 def mastered_prefix(metric: dict, bar: float) -> set[int]:
     """The difficulties from the easiest up to the first whose metric is below `bar`. An older value above a length
     that has since fallen is not trusted: forgetting reaches the lengths that are no longer evaluated first."""
@@ -292,7 +297,7 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
         items = f(items, task, solve)
         report.append({"name": f.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
                        "precision": _precision(items, task)})
-    if cfg.use_task_proposals and task.label_proposals():
+    if proposals_in_use(task, cfg):
         proposals = ProposedLabels(task.label_proposals())
         kept_ids = {id(p) for p in items}
         trusted = None if gate_metric is None else mastered_prefix(gate_metric, cfg.proposal_mastery)

@@ -9,6 +9,7 @@ Difficulty = d, the number of digits of each operand.
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import Callable
 
 from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task
@@ -70,7 +71,8 @@ class Addition(Task):
     def label_proposals(self) -> dict[str, LabelProposal]:
         # two split points: a label needs both to agree, which catches a wrong part that only one of them asks; a
         # part hard for one cut is often hard for the other, hence the mastery guard (SelectConfig.proposal_mastery)
-        return {"split_half": split_proposal(lambda d: d // 2), "split_half_plus_one": split_proposal(lambda d: d // 2 + 1)}
+        return {"split_half": partial(compose, split_at=lambda d: d // 2),
+                "split_half_plus_one": partial(compose, split_at=lambda d: d // 2 + 1)}
 
 
 def _answer(problem: Problem, completion: str) -> str | None:
@@ -103,15 +105,6 @@ def compose(problems: list[Problem], solve: Solve, split_at: Callable[[int], int
         high_plus_carry = str(int(high[::-1]) + int(low[-1])).zfill(width)[::-1]
         out.append(low[:-1] + high_plus_carry if len(high_plus_carry) == width else None)
     return out
-
-
-def split_proposal(split_at: Callable[[int], int]):
-    """A label proposal (tasks.LabelProposal): the composed answer is the completion."""
-
-    def propose(problems: list[Problem], solve: Solve) -> list[str | None]:
-        return compose(problems, solve, split_at)
-
-    return propose
 
 
 def split_check(problems: list[Problem], answers: list[str], solve: Solve) -> list[bool]:
