@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
-from agent import distributed
+from agent import process_group
 
 
 @dataclass
@@ -84,7 +84,7 @@ class _TimeBudget(TrainerCallback):
             group["lr"] = self.base_lr * scale
 
     def on_step_end(self, args, state, control, **kwargs):
-        if distributed.agree(time.monotonic() - self.start >= self.seconds):
+        if process_group.agree(time.monotonic() - self.start >= self.seconds):
             control.should_training_stop = True
 
 
@@ -146,7 +146,7 @@ class SFTFineTuner:
             args = SFTConfig(
                 output_dir=out,
                 # the same examples per optimiser step however many processes share the fine-tune
-                per_device_train_batch_size=max(1, cfg.batch_size // distributed.world_size()),
+                per_device_train_batch_size=max(1, cfg.batch_size // process_group.world_size()),
                 weight_decay=cfg.weight_decay,
                 **_time_bounded_args(cfg, bf16, use_cuda),
                 completion_only_loss=True,
@@ -191,7 +191,7 @@ class DPOFineTuner:
 
         if not pairs:
             raise ValueError("nothing to train on: no preference pairs")
-        if distributed.world_size() > 1:
+        if process_group.world_size() > 1:
             # the other ranks of a launch join SFT fine-tunes only (agent/distributed.py follow)
             raise RuntimeError("a preference fine-tune runs in one process")
         cfg = self.cfg
