@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from search import SearchResult
+from search import SearchResult, traits_of
 from tasks import Solve, Task, verify
 
 
@@ -86,16 +86,13 @@ def _precision(items: list[Pseudo], task: Task) -> float | None:
     return sum(bool(verify(p.result.problem, text)) for p, text in zip(judged, labels)) / len(judged)
 
 
-SAMPLING_STRATEGIES = ("best_of_n",)  # candidates are independent samples: repeats are counts
-
-
 def answer_support(result: SearchResult, task: Task) -> dict[str, float]:
     """Each well-formed answer's share of the candidates. Samples (best-of-N, with repeats) are counted: the
     count is the Monte Carlo estimate of the answer's probability. A tree strategy's candidates are weighed by
     their sequence probability under the policy instead, each completion once, normalised over them: a count
     would give every answer 1/k, and diverse beam's groups can return the same completion more than once."""
     candidates = result.candidates
-    if result.strategy not in SAMPLING_STRATEGIES and len(candidates) > 1:
+    if not traits_of(result.strategy).samples and len(candidates) > 1:
         candidates = list({c.completion: c for c in reversed(candidates)}.values())  # each completion once (its best-ranked copy)
         logps = [sum(c.logprobs) if c.logprobs else c.mean_logprob * max(1, len(c.token_ids)) for c in candidates]
         top = max(logps)

@@ -9,9 +9,7 @@ from dataclasses import replace
 
 from memory.context import exceeds_window
 from tasks import Problem
-from search import SearchConfig, SearchResult, run_search
-
-MEMORY_STRATEGIES = ("greedy", "best_of_n", "beam", "diverse_beam")
+from search import SearchConfig, SearchResult, run_search, traits_of
 
 
 def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int | None = None, round: int = 0) -> list[dict]:
@@ -33,7 +31,7 @@ def solve(problems: list[Problem], policy, cfg: SearchConfig) -> list[SearchResu
     A problem whose prompt and completion would run past the policy's trained window is searched through the
     context memory (SearchConfig.memory) when the model can run it: long statements in submitted jobs and the
     history a refinement job accumulates. A model asked past its trained length otherwise fails."""
-    if cfg.memory or cfg.recycling or cfg.strategy not in MEMORY_STRATEGIES or not problems:
+    if cfg.memory or cfg.recycling or not traits_of(cfg.strategy).memory or not problems:
         return run_search(problems, cfg, policy)
     lengths = [len(ids) for ids in policy.tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids]
     long = [exceeds_window(policy.model, n + cfg.max_new_tokens) for n in lengths]

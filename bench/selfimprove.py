@@ -34,7 +34,7 @@ from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
 from agent.store import Store
-from search.types import SearchConfig
+from search import SearchConfig
 from tasks import get_task
 
 RESULTS = Path(__file__).parent / "results"

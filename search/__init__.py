@@ -1,13 +1,17 @@
 """Search over a policy's completions. Every strategy: fn(problems, cfg, policy) -> list[SearchResult]."""
 
+from tasks import Problem
 from search.beam import beam
 from search.best_of_n import best_of_n
+from search.config import SearchConfig
 from search.diverse_beam import diverse_beam
 from search.greedy import greedy
 from search.mcts import mcts
 from search.step_beam import step_beam
-from search.types import Candidate, SearchConfig, SearchResult
+from search.traits import TRAITS, StrategyTraits, traits_of
+from search.types import Candidate, SearchPolicy, SearchResult
 
+# in the order of TRAITS, whose names they are
 STRATEGIES = {
     "greedy": greedy,
     "best_of_n": best_of_n,
@@ -18,10 +22,10 @@ STRATEGIES = {
 }
 
 
-def run_search(problems, cfg: SearchConfig, policy) -> list[SearchResult]:
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"unknown search strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+def run_search(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
+    traits_of(cfg.strategy)  # a name changed after the config was made fails here, in one line
     return STRATEGIES[cfg.strategy](problems, cfg, policy)
 
 
-__all__ = ["STRATEGIES", "Candidate", "SearchConfig", "SearchResult", "run_search"]
+__all__ = ["STRATEGIES", "TRAITS", "Candidate", "SearchConfig", "SearchPolicy", "SearchResult", "StrategyTraits",
+           "run_search", "traits_of"]

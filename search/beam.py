@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from search.config import SearchConfig, cache_factory
 from search.decoder import DecodeStats, Decoder
-from search.scorers import load_scorer, rank_by
-from search.scores import confidence
-from search.types import Candidate, SearchConfig, SearchResult, cache_factory
+from search.scorers import rank_by
+from search.types import Candidate, SearchPolicy, SearchResult, confidence
 from tasks import Problem, verify
 
 NEG = -1.0e9  # generate's "impossible" score
@@ -150,10 +150,11 @@ def candidates_from_state(problem: Problem, st: BeamState, i: int, tokenizer, eo
 
 
 @torch.inference_mode()
-def _beam_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: DecodeStats) -> list[SearchResult]:
+def _beam_chunk(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy,
+                stats: DecodeStats) -> list[SearchResult]:
     decoder, tok = Decoder(policy.model, policy.tokenizer, cache_factory=cache_factory(cfg, policy)), policy.tokenizer
     nb, max_new, eos = cfg.beams, cfg.max_new_tokens, tok.eos_token_id
-    scorer = load_scorer(cfg)
+    scorer = cfg.build_scorer()
     cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)
     stats.forward_passes += 1
     b = len(problems)
@@ -200,7 +201,7 @@ def _drop_done(decoder: Decoder, done, nb, st, active, cache, prompt_ids, prompt
     return st.select(keep), active[keep], prompt_ids[rows], prompt_mask[rows]
 
 
-def run_in_chunks(chunk_fn, problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+def run_in_chunks(chunk_fn, problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     """Problems in chunks of at most cfg.max_rows decoded rows (beams rows each)."""
     stats = DecodeStats()
     per_chunk = max(1, cfg.max_rows // cfg.beams)
@@ -210,5 +211,5 @@ def run_in_chunks(chunk_fn, problems: list[Problem], cfg: SearchConfig, policy) 
     return results
 
 
-def beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+def beam(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     return run_in_chunks(_beam_chunk, problems, cfg, policy)

@@ -13,18 +13,20 @@ from __future__ import annotations
 import torch
 
 from search.beam import BeamState, beam_update, candidates_from_state, prefill_prompts, problem_done, run_in_chunks, step_logprobs
+from search.config import SearchConfig, cache_factory
 from search.decoder import DecodeStats, Decoder
-from search.scorers import load_scorer, rank_by
-from search.types import SearchConfig, SearchResult, cache_factory
+from search.scorers import rank_by
+from search.types import SearchPolicy, SearchResult
 from tasks import Problem
 
 
 @torch.inference_mode()
-def _diverse_chunk(problems: list[Problem], cfg: SearchConfig, policy, stats: DecodeStats) -> list[SearchResult]:
+def _diverse_chunk(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy,
+                   stats: DecodeStats) -> list[SearchResult]:
     decoder, tok = Decoder(policy.model, policy.tokenizer, cache_factory=cache_factory(cfg, policy)), policy.tokenizer
     nb, G, max_new, eos = cfg.beams, cfg.groups, cfg.max_new_tokens, tok.eos_token_id
     gb = nb // G  # beams per group
-    scorer = load_scorer(cfg)
+    scorer = cfg.build_scorer()
     cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)
     stats.forward_passes += 1
     b = len(problems)
@@ -66,5 +68,5 @@ def _true_scores(st: BeamState, length_penalty: float) -> BeamState:
                      st.lengths, st.is_finished, st.unsatisfied)
 
 
-def diverse_beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+def diverse_beam(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     return run_in_chunks(_diverse_chunk, problems, cfg, policy)

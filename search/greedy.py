@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from tasks import Problem
 from search.sampling import sample_and_rank
-from search.types import SearchConfig, SearchResult
+from search.config import SearchConfig
+from search.types import SearchPolicy, SearchResult
 
 
-def greedy(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
+def greedy(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     draft_source = None
     if cfg.recycling:
         draft_source = policy.draft_source

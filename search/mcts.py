@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 
 from tasks import Problem
+from search.config import SearchConfig
 from search.decoder import Decoder
 from search.expand import Expander
-from search.scorers import load_scorer, rank_by
+from search.scorers import rank_by
 from search.tree import Node, dedupe_children, mark_path, puct, release_kv, to_candidate
-from search.types import SearchConfig, SearchResult
+from search.types import SearchPolicy, SearchResult
 
 
 def _select(root: Node, c_puct: float, lo: float, hi: float) -> Node:
@@ -37,8 +38,8 @@ def _backup(node: Node, value: float) -> None:
         node = node.parent
 
 
-def mcts(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
-    scorer = load_scorer(cfg)
+def mcts(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
+    scorer = cfg.build_scorer()
     tok = policy.tokenizer
     # with cfg.recycling the greedy rollouts verify recycled-token drafts (same tokens, fewer forwards)
     decoder = Decoder(policy.model, tok, draft_source=policy.draft_source if cfg.recycling else None)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from tasks import Problem, verify
-from search.decoder import DecodeStats, Decoder
-from search.scorers import load_scorer, rank_by
-from search.scores import confidence
-from search.types import Candidate, SearchConfig, SearchResult, cache_factory
+from search.config import SearchConfig, cache_factory
+from search.decoder import DecodeStats, Decoder, DraftSource
+from search.scorers import rank_by
+from search.types import Candidate, SearchPolicy, SearchResult, confidence
 
 
-def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, temperature: float, strategy: str,
-                    draft_source=None) -> list[SearchResult]:
+def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy, n: int, temperature: float,
+                    strategy: str, draft_source: DraftSource | None = None) -> list[SearchResult]:
     stats = DecodeStats()
     decoded = Decoder(policy.model, policy.tokenizer, draft_source=draft_source,
                       cache_factory=cache_factory(cfg, policy)).decode(
@@ -22,7 +22,7 @@ def sample_and_rank(problems: list[Problem], cfg: SearchConfig, policy, n: int, 
         seed=cfg.seed,
         stats=stats,
     )
-    scorer = load_scorer(cfg)
+    scorer = cfg.build_scorer()
     # one batched decode of every row's text instead of a tokenizer call per candidate
     texts = iter(policy.tokenizer.batch_decode([d.token_ids for outs in decoded for d in outs], skip_special_tokens=True))
     results = []

@@ -1,8 +1,8 @@
 """Scorers: how tree strategies value a (partial or finished) completion. Higher is better.
 
 `Scorer.score(problems, candidates) -> list[list[float]]` sees the problem and the candidate (text, token ids,
-per-token log-probs, summaries), so a reward model can implement it later; `load_scorer(cfg)` builds one from
-`cfg.scorer`: a name, or names joined by "+" (a sum), e.g. "verifier+mean_logprob".
+per-token log-probs, summaries), so a reward model can implement it later; `load_scorer(spec)` builds one from
+a name, or names joined by "+" (a sum), e.g. "verifier+mean_logprob" (SearchConfig.build_scorer: the run's).
 
     mean_logprob   length-normalised log-prob of the path
     min_logprob    its least likely token (one bad digit sinks an answer)
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import Counter
 
 from tasks import Problem
-from search.types import Candidate, SearchConfig
+from search.types import Candidate
 
 
 class Scorer:
@@ -77,27 +77,19 @@ class Sum(Scorer):
         return [[sum(t[i][j] for t in tables) for j in range(len(cs))] for i, cs in enumerate(candidates)]
 
 
-BEAM_STRATEGIES = ("beam", "diverse_beam")
 SCORERS = ("mean_logprob", "min_logprob", "neg_entropy", "beam_score", "verifier")
 
 
-def default_scorer(cfg: SearchConfig) -> str:
-    """Beam strategies rank by the beam score, the others by the configured confidence; the verifier is added
-    first when the run may use answers."""
-    base = "beam_score" if cfg.strategy in BEAM_STRATEGIES else cfg.confidence
-    return f"verifier+{base}" if cfg.use_verifier else base
-
-
-def load_scorer(cfg: SearchConfig) -> Scorer:
-    spec = cfg.scorer or default_scorer(cfg)
+def load_scorer(spec: str, use_verifier: bool, length_penalty: float) -> Scorer:
+    """The scorer `spec` names; "verifier" only when the run may use answers (`use_verifier`)."""
     parts = []
     for name in spec.split("+"):
         if name == "verifier":
-            if not cfg.use_verifier:
+            if not use_verifier:
                 raise ValueError("scorer 'verifier' needs use_verifier=True (the run must be allowed to use answers)")
             parts.append(Verifier())
         elif name == "beam_score":
-            parts.append(BeamScore(cfg.length_penalty))
+            parts.append(BeamScore(length_penalty))
         elif name in Confidence.KINDS:
             parts.append(Confidence(name))
         else:
@@ -111,6 +103,7 @@ def rank_by(scorer: Scorer, problem: Problem, candidates: list[Candidate]) -> li
     for c, s in zip(candidates, scores):
         c.score = s if (c.finished or not scorer.penalise_unfinished) else s - 1e6
     return sorted(candidates, key=lambda c: c.score, reverse=True)
+
 
 
 def majority_vote(candidates: list[Candidate]) -> Candidate:

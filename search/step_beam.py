@@ -7,15 +7,16 @@ expansion per depth for the whole batch, on shared-prefix key/values (search/exp
 from __future__ import annotations
 
 from tasks import Problem
+from search.config import SearchConfig
 from search.decoder import Decoder
 from search.expand import Expander
-from search.scorers import load_scorer, rank_by
+from search.scorers import rank_by
 from search.tree import Node, dedupe_children, mark_path, release_kv, to_candidate
-from search.types import SearchConfig, SearchResult
+from search.types import SearchPolicy, SearchResult
 
 
-def step_beam(problems: list[Problem], cfg: SearchConfig, policy) -> list[SearchResult]:
-    scorer = load_scorer(cfg)
+def step_beam(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
+    scorer = cfg.build_scorer()
     decoder = Decoder(policy.model, policy.tokenizer)
     ex = Expander(decoder, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
     generator = decoder.generator(cfg.seed)

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tasks import Problem, verify
-from search.scores import confidence
-from search.types import Candidate
+from search.types import Candidate, confidence
 
 
 @dataclass(eq=False)  # identity: nodes hold tensors, and two equal-looking steps are still two nodes

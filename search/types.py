@@ -1,120 +1,41 @@
-"""The search seam: one config, one candidate type, one result type for every strategy."""
+"""The search seam's types: what search needs of a policy, one candidate type and one result type for every
+strategy (the configuration: search/config.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Protocol, runtime_checkable
 
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from search.decoder import DraftSource
 from tasks import Problem
 
-Strategy = Literal["greedy", "best_of_n", "beam", "step_beam", "diverse_beam", "mcts"]
 
+@runtime_checkable
+class SearchPolicy(Protocol):
+    """What search and the memory it draws on use of a policy (agent.policy.Policy is one): read-only."""
 
-@dataclass
-class SearchConfig:
-    strategy: Strategy = field(default="greedy", metadata={
-        "help": "search strategy: greedy, best_of_n, beam, step_beam, diverse_beam or mcts"})
-    # sampling
-    n: int = field(default=8, metadata={"help": "candidates per problem (best_of_n)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (best_of_n, step_beam, mcts)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest completion, in tokens"})
-    # ranking: the verifier may rank candidates only when the run is allowed to use answers
-    use_verifier: bool = field(default=False, metadata={
-        "help": "let the checker rank finished answers (problems with answers)"})
-    confidence: Literal["mean_logprob", "min_logprob"] = field(default="mean_logprob", metadata={
-        "help": "confidence that ranks candidates when no scorer is given: mean_logprob or min_logprob"})
-    # batching
-    max_rows: int = field(default=2048, metadata={"help": "sequences decoded at once"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    # tree search: beam, step_beam, diverse_beam, mcts
-    beams: int = field(default=4, metadata={"help": "beam width (beam, step_beam, diverse_beam)"})
-    length_penalty: float = field(default=1.0, metadata={
-        "help": "beam score = sum logprob / length**length_penalty, as in generate"})
-    early_stopping: bool | str = field(default=False, metadata={
-        "help": "generate's beam early_stopping: False, True or 'never'"})
-    groups: int = field(default=2, metadata={"help": "diverse_beam: groups of beams // groups beams each"})
-    diversity_penalty: float = field(default=1.0, metadata={
-        "help": "diverse_beam: Hamming penalty per earlier-group use of a token"})
-    step_delimiter: str = field(default="\n", metadata={
-        "help": "a tree step (step_beam, mcts) ends after a token containing this text ..."})
-    max_step_tokens: int = field(default=4, metadata={"help": "... or after this many tokens"})
-    children: int = field(default=4, metadata={"help": "sampled children per expanded node (step_beam, mcts)"})
-    simulations: int = field(default=8, metadata={"help": "mcts: selection-expansion-backup rounds per problem"})
-    c_puct: float = field(default=1.0, metadata={"help": "mcts: exploration weight of the prior"})
-    scorer: str | None = field(default=None, metadata={
-        "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, verifier+min_logprob "
-                "(default: from confidence and use_verifier)"})
-    reuse_prefix: bool = field(default=True, metadata={
-        "help": "reuse a node's cached prefix (False recomputes it: the benchmark's baseline)"})
-    keep_tree: bool = field(default=False, metadata={
-        "help": "attach the search tree to each result (for `arbor search --tree`)"})
-    recycling: bool = field(default=False, metadata={
-        "help": "greedy decoding verifies draft trees of recycled tokens (same output, fewer forwards; the tree is "
-                "sized to the device, and drafting switches itself off at batch sizes where it measured no gain)"})
-    memory: bool = field(default=False, metadata={
-        "help": "attend through the context memory (initial tokens, blocks retrieved from FAISS, a local window) so "
-                "prompts longer than the policy's trained window still work (greedy, best_of_n, beam, diverse_beam)"})
+    @property
+    def model(self) -> torch.nn.Module:
+        """A transformers causal LM (the Decoder calls its forward and prepare_inputs_for_generation)."""
 
-    def __post_init__(self):
-        import math
-        from typing import get_args
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """Its tokenizer, with pad and EOS tokens."""
 
-        if self.strategy not in get_args(Strategy):
-            raise ValueError(f"unknown strategy {self.strategy!r}: choose one of {', '.join(get_args(Strategy))}")
-        # sizes are bounded so that no configuration (a job's JSON included) can ask for unbounded work or memory
-        limits = {"n": 4096, "max_new_tokens": 32768, "max_rows": 65536, "beams": 256, "children": 256,
-                  "simulations": 10000, "max_step_tokens": 1024, "groups": 256}
-        for name, high in limits.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be a whole number (got {value!r})")
-            if value > high:
-                raise ValueError(f"{name} must be at most {high} (got {name}={value})")
-        for name in ("temperature", "length_penalty", "diversity_penalty", "c_puct"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > 1e6:
-                raise ValueError(f"{name} must be a finite number of magnitude at most 1e6 (got {value!r})")
-        if self.temperature > 100:
-            raise ValueError(f"temperature must be at most 100 (got {self.temperature})")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (got {self.seed!r})")
-        if not isinstance(self.step_delimiter, str) or len(self.step_delimiter) > 64:
-            raise ValueError("step_delimiter must be a string of at most 64 characters")
-        if self.c_puct < 0:
-            raise ValueError(f"c_puct must be >= 0 (got {self.c_puct})")
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1 (got n={self.n})")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.beams < 1 or self.children < 1 or self.simulations < 1 or self.max_step_tokens < 1:
-            raise ValueError("beams, children, simulations and max_step_tokens must be at least 1")
-        if self.groups < 1:
-            raise ValueError(f"groups must be at least 1 (got groups={self.groups})")
-        if self.strategy == "diverse_beam" and self.beams % self.groups:
-            raise ValueError(f"groups must divide beams (got beams={self.beams}, groups={self.groups})")
-        for name in ("use_verifier", "reuse_prefix", "keep_tree", "recycling", "memory"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r})")
-        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
-            raise ValueError(f"early_stopping must be true, false or 'never' (got {self.early_stopping!r})")
-        if not isinstance(self.confidence, str) or not (self.scorer is None or isinstance(self.scorer, str)):
-            raise ValueError(f"confidence and scorer must be names (got confidence={self.confidence!r}, scorer={self.scorer!r})")
-        if self.memory and self.strategy in ("step_beam", "mcts"):
-            raise ValueError(f"memory works with greedy, best_of_n, beam and diverse_beam (got strategy={self.strategy}): "
-                             "tree strategies copy key/value segments between nodes, which a context memory does not hold")
-        if self.memory and self.recycling:
-            raise ValueError("memory and recycling cannot be combined: draft verification crops the cache, a context memory cannot")
-        from search.scorers import load_scorer
+    @property
+    def version(self) -> str:
+        """The version each SearchResult records."""
 
-        load_scorer(self)  # an unknown scorer or confidence fails here, with the scorer's own message
+    @property
+    def draft_source(self) -> DraftSource | None:
+        """Recycled-token drafts for greedy decoding (SearchConfig.recycling); None: no recycling."""
 
-
-def cache_factory(cfg: SearchConfig, policy):
-    """The Decoder's cache factory for a search: the policy's context memory when `cfg.memory`, else None (the
-    plain cache). Strategies import nothing from memory/ (a layer above search); the policy carries it."""
-    return policy.memory_cache_factory() if cfg.memory else None
+    def memory_cache_factory(self) -> Callable:
+        """The Decoder's cache factory for the context memory (SearchConfig.memory); ValueError when this model
+        cannot run it."""
 
 
 @dataclass
@@ -130,6 +51,18 @@ class Candidate:
     logprobs: list[float] = field(default_factory=list)  # per token, for scorers that need more than summaries
     visits: int = 0  # mcts: visits of the node the candidate ends in
     beam_score: float | None = None  # beam strategies: sum logprob / length**length_penalty, as generate ranks
+
+
+def confidence(logprobs: list[float], entropies: list[float]) -> dict[str, float]:
+    """A Candidate's confidence summaries from the policy's own token log-probs and entropies: length-normalised
+    log-prob, minimum log-prob and mean entropy (ranking by them: search/scorers.py)."""
+    if not logprobs:
+        return {"mean_logprob": 0.0, "min_logprob": 0.0, "mean_entropy": 0.0}
+    return {
+        "mean_logprob": sum(logprobs) / len(logprobs),
+        "min_logprob": min(logprobs),
+        "mean_entropy": sum(entropies) / len(entropies),
+    }
 
 
 @dataclass

@@ -94,3 +94,35 @@ def test_not_a_model_folder_gives_one_clear_error(tmp_path):
         assert "could not be loaded" in str(exc)
     else:
         raise AssertionError("a corrupt config must fail")
+
+
+def _protocol_members(protocol) -> set[str]:
+    return {name for name in vars(protocol) if not name.startswith("_")}
+
+
+def test_a_loaded_policy_is_what_search_needs(tmp_path):
+    from agent.policy import Policy
+    from search import SearchPolicy
+
+    model, tok = build_builtin_policy()
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy = Policy.load(tmp_path)
+    assert isinstance(policy, SearchPolicy) and isinstance(Policy(model, tok), SearchPolicy)
+    assert _protocol_members(SearchPolicy) == {"model", "tokenizer", "version", "draft_source", "memory_cache_factory"}
+    bare = type("Bare", (), {"model": model, "tokenizer": tok, "version": "v"})()  # no drafts, no context memory
+    assert not isinstance(bare, SearchPolicy)
+
+
+def test_search_uses_nothing_of_a_policy_beyond_its_protocol():
+    import ast
+    from pathlib import Path
+
+    from search import SearchPolicy
+
+    used = set()
+    for path in (Path(__file__).resolve().parents[1] / "search").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "policy":
+                used.add(node.attr)
+    assert used == _protocol_members(SearchPolicy)

@@ -8,7 +8,7 @@ from tasks import get_task
 from search import SearchConfig, run_search
 from search.decoder import Decoder
 from search.expand import Expander
-from search.scorers import Confidence, Sum, Verifier, load_scorer, majority_vote
+from search.scorers import Confidence, Sum, Verifier, majority_vote
 from search.tree import walk
 from search.tree_html import tree_from_candidates, tree_to_html
 from search.types import Candidate
@@ -102,7 +102,7 @@ def test_verifier_scorer_steers_mcts_to_checked_answers():
     for r in results:  # an untrained model is never right: the verifier term is 0 everywhere
         assert all(c.score < 0 for c in r.candidates)
     with pytest.raises(ValueError, match="use_verifier"):
-        load_scorer(SearchConfig(scorer="verifier+mean_logprob"))
+        SearchConfig(scorer="verifier+mean_logprob")
 
 
 def test_scorers_and_majority_vote():
@@ -114,7 +114,9 @@ def test_scorers_and_majority_vote():
     assert Confidence("min_logprob").score([None], [cs]) == [[-0.5, -0.3, -0.4]]
     assert Confidence("neg_entropy").score([None], [cs]) == [[-1.0, -0.2, -0.3]]
     assert Sum([Verifier(), Confidence("mean_logprob")]).score([None], [cs]) == [[-0.1, 0.7, 0.6]]
-    assert load_scorer(SearchConfig(use_verifier=True)).name == "verifier+mean_logprob"
+    assert SearchConfig(use_verifier=True).build_scorer().name == "verifier+mean_logprob"
+    assert SearchConfig(strategy="diverse_beam", use_verifier=True).build_scorer().name == "verifier+beam_score"
+    assert SearchConfig(strategy="beam", scorer="min_logprob").build_scorer().name == "min_logprob"
     assert majority_vote(cs).completion == "13"
 
 
@@ -178,3 +180,16 @@ def test_mcts_rollouts_run_to_the_end_of_multi_line_completions(line_policy):
                 assert len(node.token_ids) <= cfg.max_step_tokens
                 assert node.token_ids[-1] == line_policy.tokenizer.convert_tokens_to_ids("\n") or len(node.token_ids) == cfg.max_step_tokens
     assert lines_seen >= 3  # rollouts crossed step delimiters: a three-line answer is one rollout's end
+
+
+def test_every_strategy_has_traits_and_the_config_reads_them():
+    from search import STRATEGIES, TRAITS
+
+    assert list(STRATEGIES) == list(TRAITS)
+    for name, traits in TRAITS.items():
+        if traits.memory:
+            SearchConfig(strategy=name, memory=True)
+        else:
+            with pytest.raises(ValueError, match="memory works with greedy, best_of_n, beam and diverse_beam"):
+                SearchConfig(strategy=name, memory=True)
+        assert (SearchConfig(strategy=name).build_scorer().name == "beam_score") == traits.beam_score

@@ -1,0 +1,36 @@
+"""What each search strategy is, as data: the one place its name and properties are written down. The layers
+above read them here (agent/select.py, agent/solve.py, the CLI's and the API's strategy lists); the functions
+that run each strategy are `search.STRATEGIES`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    # candidates are independent samples of the policy, so a repeated completion counts again (agent/select.py
+    # votes by counts); other strategies' candidates are distinct paths, weighed by their probability
+    samples: bool = False
+    # can attend through the context memory (SearchConfig.memory); step_beam and mcts cannot: they copy key/value
+    # segments between tree nodes, which a context memory does not hold
+    memory: bool = False
+    # ranks by the beam score (sum logprob / length**length_penalty) unless a scorer is named, as `generate` does
+    beam_score: bool = False
+
+
+TRAITS: dict[str, StrategyTraits] = {
+    "greedy": StrategyTraits(memory=True),
+    "best_of_n": StrategyTraits(samples=True, memory=True),
+    "beam": StrategyTraits(memory=True, beam_score=True),
+    "step_beam": StrategyTraits(),
+    "diverse_beam": StrategyTraits(memory=True, beam_score=True),
+    "mcts": StrategyTraits(),
+}
+
+
+def traits_of(strategy: str) -> StrategyTraits:
+    if not isinstance(strategy, str) or strategy not in TRAITS:
+        raise ValueError(f"unknown strategy {strategy!r}: choose one of {', '.join(TRAITS)}")
+    return TRAITS[strategy]
+
