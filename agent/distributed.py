@@ -15,8 +15,11 @@ import sys
 from dataclasses import asdict
 from typing import Callable
 
-# is_follower, join, launched and leave: `arbor train` makes its process-group calls through this module
-from agent.process_group import broadcast, is_follower, join, launched, leave, rank, world_size  # noqa: F401
+from agent.process_group import broadcast, is_follower, join, launched, leave, rank, world_size
+
+# `arbor train` makes its process-group calls (is_follower, join, launched, leave, world_size) through this module
+__all__ = ["end_cycle", "follow", "is_follower", "join", "launch_command", "launched", "leave", "share_fine_tune",
+           "world_size"]
 
 
 def share_fine_tune(parent_version: str, examples: list[dict], train_cfg) -> None:
