@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from search import SearchResult, traits_of
+from search import Candidate, SearchResult, traits_of
 from tasks import Solve, Task, verify
 
 
@@ -135,9 +135,14 @@ class VoteShare:
 
     @staticmethod
     def _contender(result: SearchResult, task: Task, answer: str, share: float) -> tuple[str, str, float, float]:
-        best = max((c for c in result.candidates if task.extract(result.problem, c.completion) == answer),
-                   key=lambda c: c.mean_logprob)
+        best = most_confident_with(result, task, answer)
         return answer, best.completion, share, best.mean_logprob
+
+
+def most_confident_with(result: SearchResult, task: Task, answer: str) -> Candidate:
+    """The candidate stating `answer` whose mean token log-prob is highest."""
+    return max((c for c in result.candidates if task.extract(result.problem, c.completion) == answer),
+               key=lambda c: c.mean_logprob)
 
 
 class FormatCheck:

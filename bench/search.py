@@ -30,7 +30,7 @@ from agent.policy import BuiltinConfig, Policy, build_builtin_policy  # noqa: E4
 from tasks import get_task  # noqa: E402
 from agent.trainer import SFTFineTuner, TrainConfig  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
-from search.scorers import majority_vote  # noqa: E402
+from agent.select import answer_support, most_confident_with  # noqa: E402
 
 
 def train_policy(seconds: float, seed: int) -> Policy:
@@ -64,6 +64,13 @@ def run(policy, problems, **kw):
     return res, time.perf_counter() - t
 
 
+def voted(result, task):
+    """Self-consistency as the label-free selection votes (agent/select.py): the most confident candidate of the
+    answer with the most support (the best-ranked one when no candidate is well formed)."""
+    support = answer_support(result, task)
+    return most_confident_with(result, task, max(support, key=support.get)) if support else result.best
+
+
 def summarise(label, res, seconds, pick=lambda r: r.best) -> dict:
     n = len(res)
     return {
@@ -76,13 +83,13 @@ def summarise(label, res, seconds, pick=lambda r: r.best) -> dict:
 
 
 def quality(policy, problems, quick: bool) -> list[dict]:
-    rows = []
+    rows, task = [], get_task("addition")
     res, s = run(policy, problems, strategy="greedy")
     rows.append(summarise("greedy", res, s))
     for n in (4, 8, 16) if not quick else (4, 16):
         res, s = run(policy, problems, strategy="best_of_n", n=n, temperature=1.0)
         rows.append(summarise(f"best_of_n n={n} (confidence)", res, s))
-        rows.append(summarise(f"best_of_n n={n} (majority vote)", res, s, pick=lambda r: majority_vote(r.candidates)))
+        rows.append(summarise(f"best_of_n n={n} (majority vote)", res, s, pick=lambda r: voted(r, task)))
     for b in (2, 4, 8) if not quick else (2, 4):
         res, s = run(policy, problems, strategy="beam", beams=b)
         rows.append(summarise(f"beam B={b}", res, s))

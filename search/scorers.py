@@ -14,8 +14,6 @@ a name, or names joined by "+" (a sum), e.g. "verifier+mean_logprob" (SearchConf
 
 from __future__ import annotations
 
-from collections import Counter
-
 from tasks import Problem
 from search.types import Candidate
 
@@ -104,11 +102,3 @@ def rank_by(scorer: Scorer, problem: Problem, candidates: list[Candidate]) -> li
         c.score = s if (c.finished or not scorer.penalise_unfinished) else s - 1e6
     return sorted(candidates, key=lambda c: c.score, reverse=True)
 
-
-
-def majority_vote(candidates: list[Candidate]) -> Candidate:
-    """Self-consistency: the most frequent finished completion (ties: the first in the given order)."""
-    finished = [c for c in candidates if c.finished] or candidates
-    counts = Counter(c.completion.strip() for c in finished)
-    top = max(counts.values())
-    return next(c for c in finished if counts[c.completion.strip()] == top)
