@@ -38,7 +38,8 @@ def follow(load_parent: Callable[[str], tuple]) -> int:
     """Ranks 1..N-1: join each fine-tune rank 0 announces, until it ends the cycle. `load_parent(version)` gives
     (model, tokenizer) for the announced parent. Returns how many fine-tunes this rank joined."""
     # imported here: the parent that launches the processes (agent/train_cycle.py) needs no trainer
-    from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
+    from agent.config import TrainConfig
+    from agent.trainer import SFTFineTuner, clone_for_training
 
     joined = 0
     while (message := broadcast(None)) is not None:

@@ -1,30 +1,20 @@
-"""Search over a policy's completions. Every strategy: fn(problems, cfg, policy) -> list[SearchResult]."""
+"""Search over a policy's completions. Every strategy: fn(problems, cfg, policy) -> list[SearchResult].
 
-from tasks import Problem
-from search.beam import beam
-from search.best_of_n import best_of_n
+The config and result types import no torch, so that configuration (the CLI's option defaults, a job's JSON)
+is read without loading a model stack; the strategies, which do, load on first use of STRATEGIES or run_search.
+"""
+
 from search.config import SearchConfig
-from search.diverse_beam import diverse_beam
-from search.greedy import greedy
-from search.mcts import mcts
-from search.step_beam import step_beam
 from search.traits import TRAITS, StrategyTraits, traits_of
 from search.types import Candidate, SearchPolicy, SearchResult
 
-# in the order of TRAITS, whose names they are
-STRATEGIES = {
-    "greedy": greedy,
-    "best_of_n": best_of_n,
-    "beam": beam,
-    "step_beam": step_beam,
-    "diverse_beam": diverse_beam,
-    "mcts": mcts,
-}
 
+def __getattr__(name: str):
+    if name in ("STRATEGIES", "run_search"):
+        from search import strategies
 
-def run_search(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
-    traits_of(cfg.strategy)  # a name changed after the config was made fails here, in one line
-    return STRATEGIES[cfg.strategy](problems, cfg, policy)
+        return getattr(strategies, name)
+    raise AttributeError(f"module 'search' has no attribute {name!r}")
 
 
 __all__ = ["STRATEGIES", "TRAITS", "Candidate", "SearchConfig", "SearchPolicy", "SearchResult", "StrategyTraits",

@@ -4,13 +4,15 @@ strategy (the configuration: search/config.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
-import torch
-from transformers import PreTrainedTokenizerBase
-
-from search.decoder import DraftSource
 from tasks import Problem
+
+if TYPE_CHECKING:  # annotations only: the types load without torch (search/__init__.py)
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from search.decoder import DraftSource
 
 
 @runtime_checkable

@@ -161,8 +161,8 @@ def test_the_graph_resolves_submodules_packages_and_function_level_imports(tmp_p
 # agent/'s modules, lowest first: a module imports only modules before it. A new module goes after every agent module
 # it imports and before every one that imports it.
 AGENT_ORDER = [
-    "settings", "allocator", "store", "policy", "process_group", "trainer", "distributed", "registry", "solve",
-    "select", "preference", "refine", "curriculum", "report", "jobs", "loop", "train_cycle", "runner",
+    "settings", "config", "allocator", "store", "policy", "process_group", "trainer", "distributed", "registry",
+    "solve", "select", "preference", "refine", "curriculum", "report", "jobs", "loop", "train_cycle", "runner",
 ]
 
 
