@@ -1,5 +1,6 @@
 import pytest
 
+from tests.support import add_trajectories
 from agent.store import ProblemConflict, Store
 from tasks import Problem
 
@@ -59,22 +60,22 @@ def test_job_finishes_exactly_once(store):
 
 def test_trajectories_and_policy_versions(store):
     store.add_problems([Problem("1+2=", "3", id="p")])
-    store.add_trajectories([dict(problem_id="p", completion="3", token_count=1, mean_logprob=-0.1, min_logprob=-0.2,
+    add_trajectories(store, [dict(problem_id="p", completion="3", token_count=1, mean_logprob=-0.1, min_logprob=-0.2,
                                  mean_entropy=0.3, score=-0.1, verified=True, policy_version="v0", strategy="greedy",
                                  search_stats={"forward_passes": 2}, is_best=True)])
     (row,) = store.trajectories(best_only=True)
     assert row.verified and row.search_stats == {"forward_passes": 2}
     store.record_policy("v0", "/x/v0", None, "candidate", {}, {})
     store.record_policy("v1", "/x/v1", "v0", "candidate", {}, {})
-    store.set_policy_status("v0", "promoted")
-    store.set_policy_status("v1", "promoted", {"acc": 0.5})
+    store.promote_policy("v0")
+    store.promote_policy("v1", metrics={"acc": 0.5})
     statuses = {r.version: r.status for r in store.policies()}
     assert statuses == {"v0": "retired", "v1": "promoted"}
     assert store.promoted_policy().metrics == {"acc": 0.5}
 
 
 def _best(store, problem_id, job_id=None, cycle=None, trained_on=False):
-    store.add_trajectories([dict(problem_id=problem_id, job_id=job_id, cycle=cycle, completion="x", token_count=1,
+    add_trajectories(store, [dict(problem_id=problem_id, job_id=job_id, cycle=cycle, completion="x", token_count=1,
                                  mean_logprob=-1.0, min_logprob=-1.0, mean_entropy=0.1, score=-1.0, verified=False,
                                  policy_version="v0", strategy="greedy", is_best=True, trained_on=trained_on)])
 

@@ -225,7 +225,7 @@ def test_cli_policies_add_promotes_a_local_model(cli_env, tmp_path, store_regist
 
 def test_never_two_train_cycles_at_once(home, store_registry, monkeypatch):
     from agent.settings import Settings
-    from agent.train_cycle import FileLease
+    from agent.locks import FileLease
     from agent.train_cycle import run_train_cycle
 
     store, registry = store_registry

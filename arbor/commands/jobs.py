@@ -84,10 +84,10 @@ def _run_in_process(settings, store, job_ids: list[str]) -> None:
 
     registry = PolicyRegistry(settings.policies_dir, store)
     if registry.promoted() is None:
-        from agent.loop import ensure_policy
+        from agent.warm_start import ensure_policy
 
         console.print("no promoted policy yet: creating and warm-starting the built-in one")
-        ensure_policy(settings, store, registry)
+        ensure_policy(settings, registry)
     cache = PolicyCache(registry, settings.device, settings.dtype)
     with _progress() as bar:
         task = bar.add_task("solving", total=len(job_ids))
@@ -223,9 +223,10 @@ def train(
         return
     import uuid
 
-    from agent.loop import ensure_policy
+    from agent.warm_start import ensure_policy
     from agent.registry import PolicyRegistry
-    from agent.train_cycle import HeldByCaller, run_train_cycle
+    from agent.locks import HeldByCaller
+    from agent.train_cycle import run_train_cycle
 
     settings = _settings(model=True)
     store = _store(settings)
@@ -245,7 +246,7 @@ def train(
         distributed.end_cycle()  # the warm start is a single-process fine-tune: the other ranks could not join it
         distributed.leave()
         _fail("no promoted policy to train: run `arbor policies init` once, then launch the multi-process cycle")
-    ensure_policy(settings, store, registry)
+    ensure_policy(settings, registry)
     worker = "in-process" if distributed.world_size() == 1 else f"{distributed.world_size()} processes"
     try:
         with console.status("training"):
@@ -280,7 +281,7 @@ def policies(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", h
 @policies_app.command("init")
 def policies_init():
     """Create the store's schema and, when no version is promoted yet, warm-start the built-in policy as v0."""
-    from agent.loop import ensure_policy
+    from agent.warm_start import ensure_policy
     from agent.registry import PolicyRegistry
 
     settings = _settings(model=True)
@@ -288,7 +289,7 @@ def policies_init():
     registry = PolicyRegistry(settings.policies_dir, store)
     if registry.promoted() is None:
         with console.status("warm-starting the built-in policy"):
-            ensure_policy(settings, store, registry)
+            ensure_policy(settings, registry)
     typer.echo(registry.promoted()[0])
 
 
