@@ -9,6 +9,7 @@ after it loses nothing.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -17,6 +18,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from agent.schema import PolicyVersionRow, RunCycleRow, RunLabelRow, RunRow, TrajectoryRow, utc_now
 from agent.store import Store, promote_in, retryable
+
+# a run's name is its folder under runs/ (and fits the runs table's key): no separators, no "..", not hidden
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class RunExists(ValueError):

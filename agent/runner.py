@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -22,14 +21,13 @@ from agent.loop import CycleRecord, SelfImprovementLoop
 from agent.registry import PolicyRegistry
 from agent.report import write_report
 from agent.settings import Settings
-from agent.run_store import RunExists, RunStore
+from agent.run_store import PLAIN_NAME, RunExists, RunStore
 from agent.store import Store
 from agent.locks import FileLease
 from agent.warm_start import base_policy, warm_start_examples
 from tasks import Task, allow, get_task
 from tasks.jsonl import LineError, read_demos, read_problems
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name under runs/: no separators, no "..", no hidden
 RESUME_CHANGES = ("cycles", "time_budget_s")  # what a resumed run may change: when to stop, not how to learn
 
 
@@ -144,7 +142,7 @@ def _usable_task(name: str, generated: bool) -> None:
 
 
 def _plain_name(name: str, flag: str) -> str:
-    if not RUN_NAME.fullmatch(name):
+    if not PLAIN_NAME.fullmatch(name):
         raise RunError(f"{flag} {name!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most 100, "
                        "not starting with '.' or '-'); the run's folder is made under runs/")
     return name

@@ -213,7 +213,7 @@ def test_a_cycle_finishing_after_a_rollback_does_not_promote_a_child_of_the_roll
     """The gate judged the candidate against the version it trained from; an operator rolled that version back while
     the cycle trained. Promotion is a compare-and-set on the parent, so the rollback stands and the candidate is
     recorded stale (before, the candidate was promoted over the operator's choice)."""
-    from agent.gate import rollback
+    from agent.promotion import rollback
     from agent.trainer import SFTFineTuner
 
     settings, store, registry = setup
