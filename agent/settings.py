@@ -94,12 +94,22 @@ def _url_env(var: str, password_var: str, help: str):
     return field(default_factory=read, metadata={"help": help, "env": var, "default": None, "password": password_var})
 
 
-_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(\S+)")
+
+
+def _hide_password(found: re.Match) -> str:
+    # the user info ends at the LAST '@' (a raw '@', ':' or '/' may sit in a password; a host holds none), so no
+    # part of a password is ever shown; an '@' further on (in a query) hides more than needed, never less
+    scheme, rest = found.groups()
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return found.group()  # no password
+    return f"{scheme}{userinfo.partition(':')[0]}:***@{host}"
 
 
 def mask(text: str) -> str:
     """`text` with the password of every URL in it replaced by *** (redis://arbor:***@host/0)."""
-    return _CREDENTIALS.sub(r"\1***@", str(text))
+    return _URL.sub(_hide_password, str(text))
 
 
 class MaskPasswords(logging.Filter):
