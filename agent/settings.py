@@ -189,7 +189,8 @@ class Settings:
                                 "the first writes the version", _int, minimum=1)
     # the HTTP API (arbor serve)
     api_token: str | None = _env("ARBOR_API_TOKEN", None,
-                                 "the token every API request and web page must present (Authorization: Bearer TOKEN)")
+                                 "the token every API request and web page must present (Authorization: Bearer TOKEN); "
+                                 "at least 16 characters")
     api_token_file: Path | None = _env("ARBOR_API_TOKEN_FILE", None,
                                        "a file holding the API token (a Docker secret); used when ARBOR_API_TOKEN is unset",
                                        Path)
@@ -239,3 +240,32 @@ class Settings:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
+
+MIN_API_TOKEN_CHARS = 16  # a shorter token can be guessed; token_urlsafe(32) makes 43 characters
+TOKEN_RECIPE = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def _long_enough(token: str, source: str) -> str:
+    if len(token) < MIN_API_TOKEN_CHARS:
+        raise ValueError(f"{source} holds a token of {len(token)} characters: use at least {MIN_API_TOKEN_CHARS}; "
+                         f"make one with {TOKEN_RECIPE}")
+    return token
+
+
+def resolve_api_token(settings: Settings) -> str | None:
+    """ARBOR_API_TOKEN, else the contents of ARBOR_API_TOKEN_FILE (stripped); None when neither is set. A token
+    shorter than MIN_API_TOKEN_CHARS, an empty or unreadable file: ValueError, one line naming the variable."""
+    if settings.api_token:
+        return _long_enough(settings.api_token, "ARBOR_API_TOKEN")
+    if settings.api_token_file is None:
+        return None
+    source = f"ARBOR_API_TOKEN_FILE={settings.api_token_file}"
+    try:
+        token = Path(settings.api_token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{source}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: cannot read it (not UTF-8 text)") from None
+    if not token:
+        raise ValueError(f"{source} is empty: write a token into it; make one with {TOKEN_RECIPE}")
+    return _long_enough(token, source)

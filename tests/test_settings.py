@@ -169,3 +169,41 @@ def test_mask_hides_every_password_in_a_text():
     masked = mask(text)
     assert not any(secret in masked for secret in ("one", "t@wo", "wo@", "three")), masked
     assert masked.startswith("a=redis://u:***@h1/0 b=postgresql://v:***@")
+
+
+def test_an_api_token_shorter_than_16_characters_is_refused(monkeypatch, tmp_path):
+    from agent.settings import MIN_API_TOKEN_CHARS, TOKEN_RECIPE, resolve_api_token
+
+    assert MIN_API_TOKEN_CHARS == 16
+    monkeypatch.delenv("ARBOR_API_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("ARBOR_API_TOKEN", raising=False)
+    assert resolve_api_token(Settings(device="cpu")) is None  # none set: serving without one is the caller's call
+    monkeypatch.setenv("ARBOR_API_TOKEN", "hunter2-short")
+    with pytest.raises(ValueError) as err:
+        resolve_api_token(Settings(device="cpu"))
+    message = str(err.value)
+    assert message.startswith("ARBOR_API_TOKEN ") and "13 characters" in message and "at least 16" in message
+    assert TOKEN_RECIPE in message and "hunter2" not in message and "\n" not in message
+    made = subprocess.run(TOKEN_RECIPE, shell=True, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    monkeypatch.setenv("ARBOR_API_TOKEN", made)  # what the recipe makes is accepted
+    assert resolve_api_token(Settings(device="cpu")) == made
+    monkeypatch.setenv("ARBOR_API_TOKEN", "x" * 16)
+    assert resolve_api_token(Settings(device="cpu")) == "x" * 16
+
+    monkeypatch.delenv("ARBOR_API_TOKEN")
+    token_file = tmp_path / "api_token"
+    token_file.write_text("short-secret\n")
+    monkeypatch.setenv("ARBOR_API_TOKEN_FILE", str(token_file))
+    with pytest.raises(ValueError) as err:
+        resolve_api_token(Settings(device="cpu"))
+    message = str(err.value)
+    assert message.startswith(f"ARBOR_API_TOKEN_FILE={token_file} ") and "12 characters" in message
+    assert TOKEN_RECIPE in message and "short-secret" not in message
+    token_file.write_text("y" * 40 + "\n")
+    assert resolve_api_token(Settings(device="cpu")) == "y" * 40
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        resolve_api_token(Settings(device="cpu"))
+    monkeypatch.setenv("ARBOR_API_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot read it"):
+        resolve_api_token(Settings(device="cpu"))
