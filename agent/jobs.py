@@ -26,10 +26,23 @@ from agent.store import JobRow, Store, TrajectoryRow, _now
 log = logging.getLogger("arbor.workers")
 
 FINISHED = ("done", "failed")
+MAX_REFINE_ROUNDS = 20  # refinement rounds a job may ask for (each round's prompt holds every earlier attempt)
 
 
 class LeaseBusy(RuntimeError):
     """Another delivery of this job holds its lease and is running it now."""
+
+
+class RoundsOutOfRange(ValueError):
+    """A job asks for a number of refinement rounds outside 1..MAX_REFINE_ROUNDS."""
+
+
+def check_rounds(rounds) -> int:
+    """`rounds` when it is a whole number from 1 to MAX_REFINE_ROUNDS; RoundsOutOfRange (one line) otherwise."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_REFINE_ROUNDS:
+        shown = str(rounds)[:40] if isinstance(rounds, int) else repr(rounds)[:40]
+        raise RoundsOutOfRange(f"refinement rounds must be a whole number from 1 to {MAX_REFINE_ROUNDS} (got {shown})")
+    return rounds
 
 
 class ResultNotRecorded(RuntimeError):
@@ -178,9 +191,9 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
         problem = retry.call(store.get_problem, job.problem_id)
         try:
             cfg = SearchConfig(**(job.params or {}).get("search", {}))
+            rounds = check_rounds(job.rounds) if job.kind == "refine" else 1
             policy = get_policy()  # between jobs: a newly promoted version is picked up here, never mid-search
             check_context(policy, problem.prompt, cfg.max_new_tokens)
-            rounds = job.rounds if job.kind == "refine" else 1
             results = _search_retrying(lambda: refine(problem, policy, cfg, rounds=rounds, on_round=on_round))
         except Exception as exc:
             if store_unreachable(exc):

@@ -197,7 +197,11 @@ class Store:
 
         A job's id is a hash of its problem, kind, rounds, params and the submission `key`, so that submitting the
         same problems the same way again adds nothing and returns the same ids (INSERT ... ON CONFLICT DO NOTHING);
-        another `key` makes new jobs of the same problems."""
+        another `key` makes new jobs of the same problems. Rounds outside 1..MAX_REFINE_ROUNDS: RoundsOutOfRange,
+        nothing written."""
+        from agent.jobs import check_rounds  # agent.jobs imports this module; the bound lives there
+
+        check_rounds(rounds)
         with self.session() as s:
             pids = self._add_problems(s, problems)
             ids = [job_id(pid, kind, rounds, params, key) for pid in pids]
