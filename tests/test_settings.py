@@ -184,7 +184,8 @@ def test_an_api_token_shorter_than_16_characters_is_refused(monkeypatch, tmp_pat
     message = str(err.value)
     assert message.startswith("ARBOR_API_TOKEN ") and "13 characters" in message and "at least 16" in message
     assert TOKEN_RECIPE in message and "hunter2" not in message and "\n" not in message
-    made = subprocess.run(TOKEN_RECIPE, shell=True, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    made = subprocess.run(TOKEN_RECIPE, shell=True, capture_output=True, text=True, timeout=60, check=True)
+    made = made.stdout.strip()
     monkeypatch.setenv("ARBOR_API_TOKEN", made)  # what the recipe makes is accepted
     assert resolve_api_token(Settings(device="cpu")) == made
     monkeypatch.setenv("ARBOR_API_TOKEN", "x" * 16)
