@@ -103,7 +103,8 @@ def agree(flag: bool) -> bool:
 def follow(load_parent: Callable[[str], tuple]) -> int:
     """Ranks 1..N-1: join each fine-tune rank 0 announces, until it ends the cycle. `load_parent(version)` gives
     (model, tokenizer) for the announced parent. Returns how many fine-tunes this rank joined."""
-    from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
+    from agent.config import TrainConfig
+    from agent.trainer import SFTFineTuner, clone_for_training
 
     joined = 0
     while (message := _broadcast(None)) is not None:

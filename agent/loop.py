@@ -10,116 +10,21 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 from agent import distributed
+from agent.config import LoopConfig, WarmStartConfig
 from agent.curriculum import Curriculum, ProblemSource
-from agent.policy import BuiltinConfig, Policy
+from agent.policy import Policy
 from agent.preference import preference_pairs
 from agent.registry import PolicyRegistry
-from agent.select import Pseudo, SelectConfig, proposals_in_use, select, task_filters
+from agent.select import Pseudo, proposals_in_use, select, task_filters
 from agent.solve import trajectory_rows
 from agent.store import RunStore, Store
 from tasks import Problem, Task
-from agent.trainer import DPOFineTuner, PreferenceConfig, SFTFineTuner, TrainConfig, clone_for_training
+from agent.trainer import DPOFineTuner, SFTFineTuner, clone_for_training
 from search import SearchConfig, run_search
-
-
-@dataclass
-class WarmStartConfig:
-    difficulties: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={
-        "help": "difficulties the built-in task is warm-started on"})
-    examples_per_difficulty: int = field(default=3000, metadata={
-        "help": "warm-start examples per difficulty, times the difficulty (longer problems have more to learn)"})
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(learning_rate=3e-3, time_budget_s=180.0, schedule="time_cosine"),
-        metadata={"help": "the warm start's fine-tune"})
-    # a time-bounded fine-tune sometimes ends before the policy masters its own lengths (one seed stopped at
-    # 0.88 / 0.84 / 0.74 at 2 / 3 / 4 digits, where four others reached 1.00), and every self-trained length builds
-    # on them: a 60 s extension at a third of the rate took that policy to 1.00 / 0.97 / 0.91
-    mastery: float | None = field(default=0.95, metadata={
-        "help": "built-in tasks: greedy accuracy on fresh problems of every warm-start difficulty that ends the warm "
-                "start; short of it, the fine-tune is extended (unset: no check)"})
-    extensions: int = field(default=3, metadata={"help": "extensions at most, each a third of the fine-tune's time and steps"})
-    check_problems: int = field(default=100, metadata={"help": "problems per difficulty of the mastery check"})
-
-    def extension(self) -> TrainConfig:
-        """One extension: a third of the warm start's time and steps, at a third of its learning rate (refine, not
-        relearn)."""
-        t = self.train
-        return replace(t, learning_rate=t.learning_rate / 3, time_budget_s=t.time_budget_s / 3,
-                       max_steps=max(1, t.max_steps // 3))
-
-
-TRAIN_METHODS = ("sft", "dpo", "sft+dpo")
-
-
-@dataclass
-class LoopConfig:
-    cycles: int = field(default=30, metadata={"help": "self-training cycles after the warm start"})
-    time_budget_s: float | None = field(default=None, metadata={
-        "help": "stop starting cycles after this many seconds (warm start included)"})
-    # search is cheap next to training: more problems, more distinct labels
-    problems_per_cycle: int = field(default=3000, metadata={"help": "problems searched per cycle"})
-    # a search's cost grows with the answers' length: past the lengths where labels are scarce, fewer problems
-    # give enough labels for the mix (each cycle draws 2800 of its newest) at a fraction of the search and checks
-    answer_tokens_per_cycle: int | None = field(default=45_000, metadata={
-        "help": "built-in tasks: at most this many problems x answer tokens (max_new_tokens) a cycle: 3000 problems up to "
-                "12 digits, 1000 at 40 (unset: always problems_per_cycle)"})
-    # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
-    # lengths sooner
-    frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
-        "help": "share of each cycle's problems at the frontier and at the difficulties past it (frontier_stride apart)"})
-    # a mastered length generalises a few lengths past itself, more so the longer it is: labels further ahead
-    # teach longer lengths sooner, and the decomposition check keeps them exact while the halves are mastered
-    frontier_stride: float = field(default=0.2, metadata={
-        "help": "spacing of the difficulties past the frontier, as a share of the frontier's (at least one apart)"})
-    # label-free labels exist only where the policy is already sometimes right: problems at a length where it
-    # self-verifies nothing are searched for nothing
-    min_label_yield: float | None = field(default=0.1, metadata={
-        "help": "label_free without label proposals: a difficulty past the frontier is trained on only where the current "
-                "policy's self-verified rate reaches this; a share aimed further falls back to the furthest one that does "
-                "(unset: no fallback)"})
-    heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
-    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
-        "help": "difficulties always evaluated for the report"})
-    # a report's difficulties far past the frontier score 0 for most of a run, and their long answers made up most
-    # of an evaluation's decoding: a sample tells the report as much there
-    heldout_past_window: int | None = field(default=25, metadata={
-        "help": "report difficulties past the evaluated window around the frontier are scored on this many of their "
-                "held-out problems (unset: all); the window and everything below it always use all"})
-    eval_ahead: int = field(default=3, metadata={
-        "help": "also evaluate this many difficulties past the frontier (at least as far as the cycle trains)"})
-    max_difficulty: int = field(default=40, metadata={"help": "hardest difficulty the curriculum reaches"})
-    threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
-    promote_margin: float = field(default=0.0, metadata={
-        "help": "a candidate must beat the current policy on held-out problems by more than this"})
-    examples_per_cycle: int = field(default=8000, metadata={"help": "training mix size (replay included)"})
-    replay_seed_fraction: float = field(default=0.3, metadata={"help": "warm-start (true-labelled) data in every mix"})
-    replay_newest_fraction: float = field(default=0.35, metadata={
-        "help": "this cycle's labels in the mix; the rest are earlier cycles' labels"})
-    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
-                                 metadata={"help": "the search that finds each cycle's trajectories"})
-    eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"),
-                                      metadata={"help": "the search of the held-out evaluation"})
-    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "which trajectories become labels"})
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0),
-                               metadata={"help": "each cycle's fine-tune"})
-    train_method: str = field(default="sft", metadata={
-        "help": "sft (the replay mix), dpo (this cycle's preference pairs) or sft+dpo (DPO after SFT, on the same candidate)"})
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
-        "help": "each cycle's preference fine-tune (train_method dpo or sft+dpo; an sft+dpo cycle without pairs gives "
-                "its time to SFT)"})
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
-    builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
-    seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})
-    stop_when: dict | None = field(default=None, metadata={
-        "help": 'stop once reached, e.g. {"difficulty": 20, "accuracy": 0.9} (benchmarks)'})
-
-    def __post_init__(self):
-        if self.train_method not in TRAIN_METHODS:
-            raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)} (got {self.train_method!r})")
 
 
 def greedy_solver(policy, cfg: SearchConfig) -> Callable[[list[Problem]], list[str]]:

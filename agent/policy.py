@@ -15,7 +15,7 @@ every length, which is what lets a model trained on 1-4 digits add longer number
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +35,8 @@ from memory.recycling import RecyclingMemory
 from search.decoder import float_mask, sequential_tree_inputs, tree_paths
 from tasks.addition import COUPLING as ADDITION_COUPLING
 from tasks.base import PositionCoupling
+
+from agent.config import BuiltinConfig
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARSET = "0123456789+-*/=()<>.,:;?!'\" \n#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_|[]{}%&@$^~`\\"
@@ -230,20 +232,6 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left")
-
-
-@dataclass
-class BuiltinConfig:
-    """Shape of the built-in policy; 1.06M parameters at these defaults."""
-
-    hidden_size: int = field(default=128, metadata={"help": "width of the residual stream"})
-    intermediate_size: int = field(default=512, metadata={"help": "width of the MLP"})
-    num_layers: int = field(default=4, metadata={"help": "transformer layers"})
-    num_heads: int = field(default=4, metadata={"help": "attention heads"})
-    max_positions: int = field(default=512, metadata={"help": "longest sequence, in tokens"})
-    position_scheme: str = field(default="coupled", metadata={
-        "help": "coupled (digit positions aligned across operands, for arithmetic) or sequential"})
-    seed: int = field(default=0, metadata={"help": "seed of the initial weights"})
 
 
 def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DEFAULT_CHARSET,

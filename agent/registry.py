@@ -25,9 +25,9 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.config import RegistryConfig
 from agent.policy import Policy, PolicyLoadError, load_policy
 from agent.store import RunStore, Store
 
@@ -36,13 +36,6 @@ log = logging.getLogger("arbor.registry")
 META = "arbor_meta.json"
 OWNER = ".arbor_owner.json"  # in a temporary folder: who is writing it
 STALE_S = 3600.0  # a temporary folder this old is a crashed save, whoever wrote it
-
-
-@dataclass
-class RegistryConfig:
-    keep_rejected: int = field(default=3, metadata={
-        "help": "rejected versions whose folders are kept (the newest ones); older rejected folders are deleted, "
-                "their records kept"})
 
 
 def _fsync_tree(folder: Path) -> None:

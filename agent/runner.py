@@ -17,8 +17,10 @@ from typing import Callable
 
 from agent.curriculum import BuiltinSource, FileSource
 from agent.allocator import keep_freed_memory
-from agent.loop import CycleRecord, LoopConfig, SelfImprovementLoop, ensure_policy, warm_start_examples
-from agent.policy import DEFAULT_CHARSET, BuiltinConfig, build_builtin_policy, load_policy
+from agent.config import LoopConfig
+from agent.loop import CycleRecord, SelfImprovementLoop, ensure_policy, warm_start_examples
+from agent.config import BuiltinConfig
+from agent.policy import DEFAULT_CHARSET, build_builtin_policy, load_policy
 from agent.registry import PolicyRegistry
 from agent.report import write_report
 from agent.settings import Settings

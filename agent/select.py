@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from agent.config import SelectConfig
 from search import SearchResult
 from tasks import Solve, Task, verify
 
@@ -31,43 +33,6 @@ class Pseudo:
 
     def choose(self, contender: tuple[str, str, float, float]) -> None:
         self.answer, self.completion, self.share, self.confidence = contender
-
-
-@dataclass
-class SelectConfig:
-    mode: str = field(default="label_free", metadata={
-        "help": "label_free (answers never used) or verifier (train on verified answers)"})
-    min_vote_share: float = field(default=0.75, metadata={
-        "help": "label_free: least share of the candidates that must agree on the chosen answer"})
-    min_confidence: float | None = field(default=None, metadata={
-        "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
-    use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
-    # off by default: checking every sampled answer raised the kept fraction a little (0.68 -> 0.72 at 5 digits, 0.11
-    # -> 0.14 at 6 from a warm start) but let the policy's correlated mistakes through (split's precision in the loop
-    # 0.96-0.99, against 0.99-1.00 for the majority answer alone)
-    checked_min_share: float | None = field(default=None, metadata={
-        "help": "label_free, tasks with label checks: every answer with at least this support goes to the checks, most "
-                "supported first, and the first that passes all of them is the label (unset: the majority answer only, "
-                "when it reaches min_vote_share)"})
-    calibration_quantile: float | None = field(default=0.1, metadata={
-        "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
-                "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
-    # the search's agreeing answers are labels only where the policy already solves a problem; the problems it gets
-    # wrong are what it must learn (true labels for them took a warm start from 7 to 9 digits in one cycle)
-    use_task_proposals: bool = field(default=True, metadata={
-        "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
-                "with the answer all of the task's proposals agree on"})
-    # a decomposition repeats its parts' mistakes, and the problems the search gets wrong are those whose parts are
-    # hard too: with parts at lengths self-verified at 0.90-0.98, added labels were 74-88% right and the run's
-    # shorter lengths degraded with them
-    proposal_mastery: float = field(default=0.98, metadata={
-        "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric reaches this"})
-    given_answers: bool = field(default=True, metadata={
-        "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
-
-    def __post_init__(self):
-        if self.mode not in ("label_free", "verifier"):
-            raise ValueError(f"selection mode must be 'label_free' or 'verifier' (got {self.mode!r})")
 
 
 @dataclass

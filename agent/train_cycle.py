@@ -40,7 +40,7 @@ def loop_config_from_env(settings):
     problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size). Unset: LoopConfig's own defaults."""
     from dataclasses import replace
 
-    from agent.loop import LoopConfig
+    from agent.config import LoopConfig
 
     cfg = LoopConfig()
     if settings.train_budget_s is not None:
@@ -107,7 +107,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     """One train cycle over what the workers found: select labels from the new search results as the loop does,
     fine-tune the promoted policy on the loop's replay mix, gate candidate vs current on the store's held-out
     problems of the same task, promote only if better (agent/loop.py train_and_gate)."""
-    from agent.loop import LoopConfig, greedy_solver, replay_mix, train_and_gate, warm_start_examples
+    from agent.config import LoopConfig
+    from agent.loop import greedy_solver, replay_mix, train_and_gate, warm_start_examples
     from agent.select import select
 
     cfg = cfg or LoopConfig()

@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from datasets import Dataset
@@ -22,42 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from agent import distributed
-
-
-@dataclass
-class TrainConfig:
-    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate"})
-    batch_size: int = field(default=64, metadata={"help": "examples per step"})
-    time_budget_s: float = field(default=60.0, metadata={"help": "wall-clock limit of one fine-tune, seconds"})
-    max_steps: int = field(default=100_000, metadata={"help": "a second bound, for tests and tiny budgets"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_length: int = field(default=512, metadata={"help": "longest training sequence, in tokens"})
-    seed: int = field(default=0, metadata={"help": "training seed"})
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (unset: where the hardware supports it)"})
-    schedule: str = field(default="constant", metadata={
-        "help": "constant or time_cosine (warm-up and cosine decay over the time budget)"})
-
-    def __post_init__(self):
-        if self.time_budget_s <= 0 and self.max_steps <= 0:
-            raise ValueError("a fine-tune needs a positive time_budget_s or max_steps")
-
-
-@dataclass
-class PreferenceConfig:
-    beta: float = field(default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the preference fine-tune"})
-    batch_size: int = field(default=32, metadata={"help": "preference pairs per step"})
-    time_budget_s: float = field(default=15.0, metadata={"help": "wall-clock limit of one preference fine-tune, seconds"})
-    max_steps: int = field(default=100_000, metadata={"help": "a second bound, for tests and tiny budgets"})
-    max_pairs: int = field(default=2000, metadata={"help": "pairs per cycle at most (the most confident mistakes)"})
-    max_length: int = field(default=512, metadata={"help": "longest prompt and completion, in tokens"})
-    seed: int = field(default=0, metadata={"help": "training seed"})
-
-    def __post_init__(self):
-        if self.time_budget_s <= 0 and self.max_steps <= 0:
-            raise ValueError("a preference fine-tune needs a positive time_budget_s or max_steps")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive (got {self.beta})")
+from agent.config import PreferenceConfig, TrainConfig
 
 
 class _TimeBudget(TrainerCallback):

@@ -22,11 +22,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agent.loop import LoopConfig, WarmStartConfig
-from agent.policy import BuiltinConfig
+from agent.config import LoopConfig, WarmStartConfig
+from agent.config import BuiltinConfig
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
-from agent.trainer import TrainConfig
+from agent.config import TrainConfig
 from bench.selfimprove import shared_warm_start
 from search import SearchConfig
 

@@ -28,7 +28,9 @@ import string
 from dataclasses import replace
 from pathlib import Path
 
-from agent.loop import LoopConfig, evaluate_policy
+from agent.config import LoopConfig
+
+from agent.loop import evaluate_policy
 from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings

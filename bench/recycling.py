@@ -30,7 +30,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from agent.loop import LoopConfig, evaluate_policy, warm_start_examples
+from agent.config import LoopConfig
+
+from agent.loop import evaluate_policy, warm_start_examples
 from agent.policy import Policy, build_builtin_policy
 from agent.trainer import SFTFineTuner
 from memory.recycling import PAPER_TREE, RecyclingMemory, TreeSizer

@@ -27,10 +27,14 @@ from pathlib import Path
 
 import torch
 
-from agent.loop import WarmStartConfig, warm_start_examples
-from agent.policy import BuiltinConfig, Policy, build_builtin_policy
+from agent.config import WarmStartConfig
+
+from agent.loop import warm_start_examples
+from agent.config import BuiltinConfig
+from agent.policy import Policy, build_builtin_policy
 from agent.refine import refine_many, refinement_examples
-from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
+from agent.config import TrainConfig
+from agent.trainer import SFTFineTuner, clone_for_training
 from search import SearchConfig, run_search
 from tasks import get_task
 

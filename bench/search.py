@@ -26,9 +26,13 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (
 import torch
 
 
-from agent.policy import BuiltinConfig, Policy, build_builtin_policy  # noqa: E402
+from agent.config import BuiltinConfig  # noqa: E402
+
+
+from agent.policy import Policy, build_builtin_policy  # noqa: E402
 from tasks import get_task  # noqa: E402
-from agent.trainer import SFTFineTuner, TrainConfig  # noqa: E402
+from agent.config import TrainConfig  # noqa: E402
+from agent.trainer import SFTFineTuner  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
 from search.scorers import majority_vote  # noqa: E402
 

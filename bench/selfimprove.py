@@ -29,7 +29,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from agent.loop import LoopConfig, ensure_policy
+from agent.config import LoopConfig
+
+from agent.loop import ensure_policy
 from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings

@@ -1,27 +1,18 @@
-"""Search over a policy's completions. Every strategy: fn(problems, cfg, policy) -> list[SearchResult]."""
+"""Search over a policy's completions. Every strategy: fn(problems, cfg, policy) -> list[SearchResult].
 
-from search.beam import beam
-from search.best_of_n import best_of_n
-from search.diverse_beam import diverse_beam
-from search.greedy import greedy
-from search.mcts import mcts
-from search.step_beam import step_beam
+The config and result types import no torch, so that configuration (the CLI's option defaults, a job's JSON)
+is read without loading a model stack; the strategies, which do, load on first use of STRATEGIES or run_search.
+"""
+
 from search.types import Candidate, SearchConfig, SearchResult
 
-STRATEGIES = {
-    "greedy": greedy,
-    "best_of_n": best_of_n,
-    "beam": beam,
-    "step_beam": step_beam,
-    "diverse_beam": diverse_beam,
-    "mcts": mcts,
-}
 
+def __getattr__(name: str):
+    if name in ("STRATEGIES", "run_search"):
+        from search import strategies
 
-def run_search(problems, cfg: SearchConfig, policy) -> list[SearchResult]:
-    if cfg.strategy not in STRATEGIES:
-        raise ValueError(f"unknown search strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[cfg.strategy](problems, cfg, policy)
+        return getattr(strategies, name)
+    raise AttributeError(f"module 'search' has no attribute {name!r}")
 
 
 __all__ = ["STRATEGIES", "Candidate", "SearchConfig", "SearchResult", "run_search"]

@@ -228,7 +228,8 @@ def point_celery_app_at(url: str):
 def tiny_promoted_policy(registry) -> str:
     """A one-layer built-in policy with sequential positions, saved and promoted in `registry`: the train-cycle
     tests fine-tune it in seconds."""
-    from agent.policy import BuiltinConfig, build_builtin_policy
+    from agent.config import BuiltinConfig
+    from agent.policy import build_builtin_policy
 
     model, tokenizer = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                                                           position_scheme="sequential"))

@@ -31,7 +31,7 @@ def test_a_files_fresh_policy_couples_positions_when_its_examples_align(tmp_path
     import json
     from dataclasses import replace
 
-    from agent.loop import LoopConfig
+    from agent.config import LoopConfig
     from agent.registry import PolicyRegistry
     from agent.runner import _fresh_builtin_for_files
     from agent.store import Store

@@ -12,7 +12,9 @@ import torch
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
-from agent.policy import BuiltinConfig, Policy, build_builtin_policy
+from agent.config import BuiltinConfig
+
+from agent.policy import Policy, build_builtin_policy
 from agent.refine import refine
 from memory.context import ContextMemory, ContextMemoryConfig, Rotary, representative
 from search import SearchConfig

@@ -7,7 +7,9 @@ import random
 import pytest
 import torch
 
-from agent.policy import BuiltinConfig, Policy, build_builtin_policy
+from agent.config import BuiltinConfig
+
+from agent.policy import Policy, build_builtin_policy
 from search import STRATEGIES, SearchConfig, run_search
 from search.decoder import Decoder
 from tasks import Problem, get_task
@@ -67,7 +69,8 @@ def test_tree_step_on_cuda_equals_each_path_alone():
 
 
 def test_one_fine_tune_step_on_cuda_changes_the_weights():
-    from agent.trainer import SFTFineTuner, TrainConfig
+    from agent.config import TrainConfig
+    from agent.trainer import SFTFineTuner
 
     policy = _policy("cuda")
     before = policy.model.model.embed_tokens.weight.detach().clone()

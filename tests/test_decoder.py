@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agent.policy import BuiltinConfig, build_builtin_policy, build_char_tokenizer
+from agent.config import BuiltinConfig
+
+from agent.policy import build_builtin_policy, build_char_tokenizer
 from search.decoder import Decoder, ancestor_matrix
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,14 +7,15 @@ import pytest
 import torch
 
 from agent.curriculum import BuiltinSource
-from agent.loop import LoopConfig, SelfImprovementLoop, WarmStartConfig, ensure_policy, warm_start_examples
-from agent.policy import BuiltinConfig
+from agent.config import LoopConfig, WarmStartConfig
+from agent.loop import SelfImprovementLoop, ensure_policy, warm_start_examples
+from agent.config import BuiltinConfig
 from agent.registry import PolicyRegistry
-from agent.select import SelectConfig
+from agent.config import SelectConfig
 from agent.settings import Settings
 from agent.store import RunStore, Store
 from tasks import get_task
-from agent.trainer import TrainConfig
+from agent.config import TrainConfig
 from search import SearchConfig
 
 
@@ -109,7 +110,8 @@ def test_a_files_problems_are_grouped_by_difficulty_meta_or_prompt_length():
 
 
 def test_support_weighs_distinct_tree_candidates_by_probability_and_counts_samples():
-    from agent.select import SelectConfig, answer_support, select
+    from agent.config import SelectConfig
+    from agent.select import answer_support, select
     from search import Candidate, SearchResult
     from tasks import Problem, Task
 
@@ -137,7 +139,8 @@ def test_support_weighs_distinct_tree_candidates_by_probability_and_counts_sampl
 
 
 def test_verifier_mode_trains_on_the_given_answer_where_no_candidate_verified():
-    from agent.select import SelectConfig, select
+    from agent.config import SelectConfig
+    from agent.select import select
     from search import Candidate, SearchResult
     from tasks import Problem, Task, verify
 
@@ -158,7 +161,8 @@ def test_verifier_mode_trains_on_the_given_answer_where_no_candidate_verified():
 
 
 def test_tasks_without_checks_keep_labels_as_confident_as_mastered_answers():
-    from agent.select import SelectConfig, calibrated_floor, select
+    from agent.config import SelectConfig
+    from agent.select import calibrated_floor, select
     from search import Candidate, SearchResult
     from tasks import Problem, Task, get_task
 
@@ -235,7 +239,8 @@ def test_the_gate_evaluates_the_current_policy_only_where_the_scores_compare(set
 def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
     """Addition's split check decides among a problem's sampled answers: the majority's systematic mistake fails it,
     the one right sample passes, and each half is solved once however many answers are checked."""
-    from agent.select import SelectConfig, select
+    from agent.config import SelectConfig
+    from agent.select import select
     from search import Candidate, SearchResult
     from tasks import get_task
     from tasks.addition import make_problem
@@ -271,7 +276,8 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
     """A unanimous mistake fails the split check; the task's two decompositions, solved by a policy that masters the
     shorter lengths, both write the right answer, which becomes the label. Where one decomposition's sub-problem is
     answered wrongly they disagree and the problem stays unlabelled."""
-    from agent.select import SelectConfig, select
+    from agent.config import SelectConfig
+    from agent.select import select
     from search import Candidate, SearchResult
     from tasks.addition import make_problem
 

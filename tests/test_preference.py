@@ -6,10 +6,14 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 
-from agent.policy import BuiltinConfig, build_builtin_policy
+from agent.config import BuiltinConfig
+
+from agent.policy import build_builtin_policy
 from agent.preference import preference_pairs
-from agent.select import SelectConfig, Selection, select
-from agent.trainer import DPOFineTuner, PreferenceConfig, TrainConfig
+from agent.config import SelectConfig
+from agent.select import Selection, select
+from agent.config import PreferenceConfig, TrainConfig
+from agent.trainer import DPOFineTuner
 from search import Candidate, SearchConfig, SearchResult
 from tasks import get_task
 from tasks.addition import make_problem
@@ -97,7 +101,7 @@ def test_dpo_raises_the_margin_of_chosen_over_rejected(one_torch_thread):
 
 
 def test_preference_config_and_train_method_are_validated():
-    from agent.loop import LoopConfig
+    from agent.config import LoopConfig
 
     with pytest.raises(ValueError, match="train_method"):
         LoopConfig(train_method="ppo")
@@ -109,7 +113,8 @@ def test_preference_config_and_train_method_are_validated():
 @pytest.mark.parametrize("method", ["sft+dpo", "sft", "dpo"])
 def test_a_loop_cycle_trains_per_train_method_and_records_it(tmp_path, one_torch_thread, method):
     from agent.curriculum import BuiltinSource
-    from agent.loop import LoopConfig, SelfImprovementLoop, WarmStartConfig, ensure_policy, warm_start_examples
+    from agent.config import LoopConfig, WarmStartConfig
+    from agent.loop import SelfImprovementLoop, ensure_policy, warm_start_examples
     from agent.registry import PolicyRegistry
     from agent.settings import Settings
     from agent.store import RunStore, Store

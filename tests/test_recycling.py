@@ -6,7 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from agent.policy import BuiltinConfig, build_builtin_policy
+from agent.config import BuiltinConfig
+
+from agent.policy import build_builtin_policy
 from memory.recycling import PAPER_TREE, DraftTree, RecyclingMemory, TreeSizer
 from search.decoder import DecodeStats, Decoder
 from tasks import get_task

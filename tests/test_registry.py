@@ -8,7 +8,8 @@ import torch
 from sqlalchemy.exc import IntegrityError
 
 from agent.policy import build_builtin_policy
-from agent.registry import PolicyRegistry, RegistryConfig
+from agent.config import RegistryConfig
+from agent.registry import PolicyRegistry
 from agent.store import PolicyVersionRow, Store
 
 

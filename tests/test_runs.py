@@ -13,12 +13,12 @@ from dataclasses import replace
 
 import pytest
 
-from agent.loop import LoopConfig, WarmStartConfig
+from agent.config import LoopConfig, WarmStartConfig
 from agent.runner import RunError, RunInputs, run_main
-from agent.select import SelectConfig
+from agent.config import SelectConfig
 from agent.settings import Settings
 from agent.store import CycleRecorded, RunExists, RunStore, Store
-from agent.trainer import TrainConfig
+from agent.config import TrainConfig
 from search import SearchConfig
 from tasks import Problem
 from tests.support import wait_for
@@ -226,7 +226,8 @@ def test_run_names_and_resume_errors(tmp_path):
 
 def _warm_model(folder, demos, problems):
     """A built-in policy trained on the demos, saved as a user's model folder: greedy answers well formed at once."""
-    from agent.policy import DEFAULT_CHARSET, BuiltinConfig, build_builtin_policy
+    from agent.config import BuiltinConfig
+    from agent.policy import DEFAULT_CHARSET, build_builtin_policy
     from agent.trainer import SFTFineTuner
     from tasks.jsonl import read_demos
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from agent.policy import BuiltinConfig, Policy, build_builtin_policy
+from agent.config import BuiltinConfig
+
+from agent.policy import Policy, build_builtin_policy
 from tasks import get_task
 from search import SearchConfig, run_search
 

@@ -7,7 +7,8 @@ import torch
 from typer.testing import CliRunner
 
 from arbor.cli import app
-from agent.policy import BuiltinConfig, build_builtin_policy
+from agent.config import BuiltinConfig
+from agent.policy import build_builtin_policy
 
 
 @pytest.fixture(scope="module")

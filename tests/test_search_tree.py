@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from agent.policy import BuiltinConfig, Policy, build_builtin_policy
+from agent.config import BuiltinConfig
+
+from agent.policy import Policy, build_builtin_policy
 from tasks import get_task
 from search import SearchConfig, run_search
 from search.decoder import Decoder
@@ -148,7 +150,8 @@ def test_tree_html_of_a_tree_deeper_than_5000_nodes():
 @pytest.fixture(scope="module")
 def line_policy():
     """A tiny policy taught a multi-line answer format: the prompt's digits one per line ("12=" -> "1\n2")."""
-    from agent.trainer import SFTFineTuner, TrainConfig
+    from agent.config import TrainConfig
+    from agent.trainer import SFTFineTuner
 
     model, tok = build_builtin_policy(BuiltinConfig(position_scheme="sequential", seed=5))
     rng = __import__("random").Random(0)

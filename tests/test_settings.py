@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _configs():
-    from agent.loop import LoopConfig, WarmStartConfig
-    from agent.policy import BuiltinConfig
-    from agent.select import SelectConfig
-    from agent.trainer import TrainConfig
+    from agent.config import LoopConfig, WarmStartConfig
+    from agent.config import BuiltinConfig
+    from agent.config import SelectConfig
+    from agent.config import TrainConfig
     from search import SearchConfig
     from workers.config import QueueConfig
 
@@ -57,7 +57,7 @@ def test_settings_read_the_environment(monkeypatch, tmp_path):
     assert s.home == tmp_path and s.visibility_timeout == 30 and s.promote_margin == -1.0 and s.dtype == "bfloat16"
     assert s.train_budget_s is None and s.lease_ttl == 60  # unset: the declared default
     from agent.train_cycle import loop_config_from_env
-    from agent.loop import LoopConfig
+    from agent.config import LoopConfig
 
     cfg = loop_config_from_env(s)
     assert cfg.promote_margin == -1.0 and cfg.train.time_budget_s == LoopConfig().train.time_budget_s
@@ -119,7 +119,7 @@ def test_cli_options_take_default_and_help_from_the_dataclass():
 
     from arbor.options import option
     from search import SearchConfig
-    from agent.loop import LoopConfig
+    from agent.config import LoopConfig
 
     beams = option(SearchConfig, "beams")
     assert isinstance(beams, typer.models.OptionInfo)

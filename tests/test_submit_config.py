@@ -18,7 +18,8 @@ UNFINISHED = 1e6  # search.scorers.rank_by puts a completion that never reached 
 
 def _seed(home: Path, db_url: str) -> str:
     """The untrained built-in policy, EOS made likelier so that some candidates finish, promoted."""
-    from agent.policy import BuiltinConfig, build_builtin_policy
+    from agent.config import BuiltinConfig
+    from agent.policy import build_builtin_policy
     from agent.registry import PolicyRegistry
     from agent.store import Store
 

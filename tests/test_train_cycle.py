@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from agent.loop import LoopConfig
+from agent.config import LoopConfig
 from agent.registry import PolicyRegistry
-from agent.select import SelectConfig
+from agent.config import SelectConfig
 from agent.settings import Settings
 from agent.store import Store
 from agent.train_cycle import run_train_cycle
-from agent.trainer import TrainConfig
+from agent.config import TrainConfig
 from search import SearchConfig
 from tasks import Problem
 from tests.support import tiny_promoted_policy

@@ -1,7 +1,10 @@
 import torch
 
-from agent.policy import BuiltinConfig, build_builtin_policy
-from agent.trainer import SFTFineTuner, TrainConfig, clone_for_training
+from agent.config import BuiltinConfig
+
+from agent.policy import build_builtin_policy
+from agent.config import TrainConfig
+from agent.trainer import SFTFineTuner, clone_for_training
 
 EXAMPLES = [{"prompt": "12+34=", "completion": "460"}, {"prompt": "5+5=", "completion": "01"}] * 32
 

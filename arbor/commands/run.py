@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agent.loop import LoopConfig
+from agent.config import LoopConfig
 from agent.settings import Settings
 from arbor.cli import app
 from arbor.options import load_settings, option

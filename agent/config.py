@@ -1,0 +1,203 @@
+"""Every configuration dataclass of agent/, in one module that imports no torch: the CLI builds its options from
+these fields (default and help written once), and a run's settings are stored and restored from them.
+
+Configs of the layers below and above live with their layer: SearchConfig (search/types.py), ContextMemoryConfig
+(memory/context.py), QueueConfig (workers/config.py), ApiConfig (arbor/api). docs/architecture.md lists them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from search.types import SearchConfig
+
+@dataclass
+class FineTuneConfig:
+    """What every time-bounded fine-tune shares: it stops at its wall-clock budget or its step bound, whichever
+    comes first (a step bound makes a fine-tune reproducible across machines; the time budget alone does not)."""
+
+    learning_rate: float = field(default=5e-4, metadata={"help": "AdamW learning rate"})
+    batch_size: int = field(default=64, metadata={"help": "examples per step"})
+    time_budget_s: float = field(default=60.0, metadata={"help": "wall-clock limit of one fine-tune, seconds"})
+    max_steps: int = field(default=100_000, metadata={
+        "help": "optimizer steps at most (whichever of this and time_budget_s comes first ends the fine-tune)"})
+    max_length: int = field(default=512, metadata={"help": "longest training sequence, in tokens"})
+    seed: int = field(default=0, metadata={"help": "training seed"})
+
+    def __post_init__(self):
+        if self.time_budget_s <= 0 and self.max_steps <= 0:
+            raise ValueError(f"{type(self).__name__}: a fine-tune needs a positive time_budget_s or max_steps")
+
+
+@dataclass
+class TrainConfig(FineTuneConfig):
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (unset: where the hardware supports it)"})
+    schedule: str = field(default="constant", metadata={
+        "help": "constant or time_cosine (warm-up and cosine decay over the time budget)"})
+
+
+@dataclass
+class PreferenceConfig(FineTuneConfig):
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the preference fine-tune"})
+    batch_size: int = field(default=32, metadata={"help": "preference pairs per step"})
+    time_budget_s: float = field(default=15.0, metadata={"help": "wall-clock limit of one preference fine-tune, seconds"})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference"})
+    max_pairs: int = field(default=2000, metadata={"help": "pairs per cycle at most (the most confident mistakes)"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive (got {self.beta})")
+
+
+@dataclass
+class SelectConfig:
+    mode: str = field(default="label_free", metadata={
+        "help": "label_free (answers never used) or verifier (train on verified answers)"})
+    min_vote_share: float = field(default=0.75, metadata={
+        "help": "label_free: least share of the candidates that must agree on the chosen answer"})
+    min_confidence: float | None = field(default=None, metadata={
+        "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
+    use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
+    # off by default: checking every sampled answer raised the kept fraction a little (0.68 -> 0.72 at 5 digits, 0.11
+    # -> 0.14 at 6 from a warm start) but let the policy's correlated mistakes through (split's precision in the loop
+    # 0.96-0.99, against 0.99-1.00 for the majority answer alone)
+    checked_min_share: float | None = field(default=None, metadata={
+        "help": "label_free, tasks with label checks: every answer with at least this support goes to the checks, most "
+                "supported first, and the first that passes all of them is the label (unset: the majority answer only, "
+                "when it reaches min_vote_share)"})
+    calibration_quantile: float | None = field(default=0.1, metadata={
+        "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
+                "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
+    # the search's agreeing answers are labels only where the policy already solves a problem; the problems it gets
+    # wrong are what it must learn (true labels for them took a warm start from 7 to 9 digits in one cycle)
+    use_task_proposals: bool = field(default=True, metadata={
+        "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
+                "with the answer all of the task's proposals agree on"})
+    # a decomposition repeats its parts' mistakes, and the problems the search gets wrong are those whose parts are
+    # hard too: with parts at lengths self-verified at 0.90-0.98, added labels were 74-88% right and the run's
+    # shorter lengths degraded with them
+    proposal_mastery: float = field(default=0.98, metadata={
+        "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric reaches this"})
+    given_answers: bool = field(default=True, metadata={
+        "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
+
+    def __post_init__(self):
+        if self.mode not in ("label_free", "verifier"):
+            raise ValueError(f"selection mode must be 'label_free' or 'verifier' (got {self.mode!r})")
+
+
+@dataclass
+class BuiltinConfig:
+    """Shape of the built-in policy; 1.06M parameters at these defaults."""
+
+    hidden_size: int = field(default=128, metadata={"help": "width of the residual stream"})
+    intermediate_size: int = field(default=512, metadata={"help": "width of the MLP"})
+    num_layers: int = field(default=4, metadata={"help": "transformer layers"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads"})
+    max_positions: int = field(default=512, metadata={"help": "longest sequence, in tokens"})
+    position_scheme: str = field(default="coupled", metadata={
+        "help": "coupled (digit positions aligned across operands, for arithmetic) or sequential"})
+    seed: int = field(default=0, metadata={"help": "seed of the initial weights"})
+
+
+@dataclass
+class RegistryConfig:
+    keep_rejected: int = field(default=3, metadata={
+        "help": "rejected versions whose folders are kept (the newest ones); older rejected folders are deleted, "
+                "their records kept"})
+
+
+@dataclass
+class WarmStartConfig:
+    difficulties: tuple[int, ...] = field(default=(1, 2, 3, 4), metadata={
+        "help": "difficulties the built-in task is warm-started on"})
+    examples_per_difficulty: int = field(default=3000, metadata={
+        "help": "warm-start examples per difficulty, times the difficulty (longer problems have more to learn)"})
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(learning_rate=3e-3, time_budget_s=180.0, schedule="time_cosine"),
+        metadata={"help": "the warm start's fine-tune"})
+    # a time-bounded fine-tune sometimes ends before the policy masters its own lengths (one seed stopped at
+    # 0.88 / 0.84 / 0.74 at 2 / 3 / 4 digits, where four others reached 1.00), and every self-trained length builds
+    # on them: a 60 s extension at a third of the rate took that policy to 1.00 / 0.97 / 0.91
+    mastery: float | None = field(default=0.95, metadata={
+        "help": "built-in tasks: greedy accuracy on fresh problems of every warm-start difficulty that ends the warm "
+                "start; short of it, the fine-tune is extended (unset: no check)"})
+    extensions: int = field(default=3, metadata={"help": "extensions at most, each a third of the fine-tune's time and steps"})
+    check_problems: int = field(default=100, metadata={"help": "problems per difficulty of the mastery check"})
+
+    def extension(self) -> TrainConfig:
+        """One extension: a third of the warm start's time and steps, at a third of its learning rate (refine, not
+        relearn)."""
+        t = self.train
+        return replace(t, learning_rate=t.learning_rate / 3, time_budget_s=t.time_budget_s / 3,
+                       max_steps=max(1, t.max_steps // 3))
+
+
+TRAIN_METHODS = ("sft", "dpo", "sft+dpo")
+
+
+@dataclass
+class LoopConfig:
+    cycles: int = field(default=30, metadata={"help": "self-training cycles after the warm start"})
+    time_budget_s: float | None = field(default=None, metadata={
+        "help": "stop starting cycles after this many seconds (warm start included)"})
+    # search is cheap next to training: more problems, more distinct labels
+    problems_per_cycle: int = field(default=3000, metadata={"help": "problems searched per cycle"})
+    # a search's cost grows with the answers' length: past the lengths where labels are scarce, fewer problems
+    # give enough labels for the mix (each cycle draws 2800 of its newest) at a fraction of the search and checks
+    answer_tokens_per_cycle: int | None = field(default=45_000, metadata={
+        "help": "built-in tasks: at most this many problems x answer tokens (max_new_tokens) a cycle: 3000 problems up to "
+                "12 digits, 1000 at 40 (unset: always problems_per_cycle)"})
+    # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
+    # lengths sooner
+    frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
+        "help": "share of each cycle's problems at the frontier and at the difficulties past it (frontier_stride apart)"})
+    # a mastered length generalises a few lengths past itself, more so the longer it is: labels further ahead
+    # teach longer lengths sooner, and the decomposition check keeps them exact while the halves are mastered
+    frontier_stride: float = field(default=0.2, metadata={
+        "help": "spacing of the difficulties past the frontier, as a share of the frontier's (at least one apart)"})
+    # label-free labels exist only where the policy is already sometimes right: problems at a length where it
+    # self-verifies nothing are searched for nothing
+    min_label_yield: float | None = field(default=0.1, metadata={
+        "help": "label_free without label proposals: a difficulty past the frontier is trained on only where the current "
+                "policy's self-verified rate reaches this; a share aimed further falls back to the furthest one that does "
+                "(unset: no fallback)"})
+    heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
+    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
+        "help": "difficulties always evaluated for the report"})
+    # a report's difficulties far past the frontier score 0 for most of a run, and their long answers made up most
+    # of an evaluation's decoding: a sample tells the report as much there
+    heldout_past_window: int | None = field(default=25, metadata={
+        "help": "report difficulties past the evaluated window around the frontier are scored on this many of their "
+                "held-out problems (unset: all); the window and everything below it always use all"})
+    eval_ahead: int = field(default=3, metadata={
+        "help": "also evaluate this many difficulties past the frontier (at least as far as the cycle trains)"})
+    max_difficulty: int = field(default=40, metadata={"help": "hardest difficulty the curriculum reaches"})
+    threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
+    promote_margin: float = field(default=0.0, metadata={
+        "help": "a candidate must beat the current policy on held-out problems by more than this"})
+    examples_per_cycle: int = field(default=8000, metadata={"help": "training mix size (replay included)"})
+    replay_seed_fraction: float = field(default=0.3, metadata={"help": "warm-start (true-labelled) data in every mix"})
+    replay_newest_fraction: float = field(default=0.35, metadata={
+        "help": "this cycle's labels in the mix; the rest are earlier cycles' labels"})
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
+                                 metadata={"help": "the search that finds each cycle's trajectories"})
+    eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"),
+                                      metadata={"help": "the search of the held-out evaluation"})
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "which trajectories become labels"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0),
+                               metadata={"help": "each cycle's fine-tune"})
+    train_method: str = field(default="sft", metadata={
+        "help": "sft (the replay mix), dpo (this cycle's preference pairs) or sft+dpo (DPO after SFT, on the same candidate)"})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
+        "help": "each cycle's preference fine-tune (train_method dpo or sft+dpo; an sft+dpo cycle without pairs gives "
+                "its time to SFT)"})
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
+    seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})
+
+    def __post_init__(self):
+        if self.train_method not in TRAIN_METHODS:
+            raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)} (got {self.train_method!r})")
