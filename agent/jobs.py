@@ -20,10 +20,12 @@ from typing import Callable
 from sqlalchemy import exc as sa_exc
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from agent.schema import JOB_FINISHED, JobRow
+from agent.schema import JOB_FINISHED, JobRow, check_rounds
 from agent.store import Store
 
+
 log = logging.getLogger("arbor.jobs")
+
 
 class LeaseBusy(RuntimeError):
     """Another delivery of this job holds its lease and is running it now."""
@@ -152,9 +154,9 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
         problem = retry.call(store.get_problem, job.problem_id)
         try:
             cfg = SearchConfig(**(job.params or {}).get("search", {}))
+            rounds = check_rounds(job.rounds) if job.kind == "refine" else 1
             policy = get_policy()  # between jobs: a newly promoted version is picked up here, never mid-search
             check_context(policy, problem.prompt, cfg.max_new_tokens)
-            rounds = job.rounds if job.kind == "refine" else 1
             results = _search_retrying(lambda: refine(problem, policy, cfg, rounds=rounds, on_round=on_round))
         except Exception as exc:
             if store_unreachable(exc):

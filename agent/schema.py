@@ -15,10 +15,23 @@ from tasks.base import MAX_ID_CHARS, MAX_TASK_CHARS
 
 JOB_DONE, JOB_FAILED = "done", "failed"
 JOB_FINISHED = (JOB_DONE, JOB_FAILED)  # a job in one of these states is never run again
+MAX_REFINE_ROUNDS = 20  # refinement rounds a job may ask for (each round's prompt holds every earlier attempt)
 
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+class RoundsOutOfRange(ValueError):
+    """A job asks for a number of refinement rounds outside 1..MAX_REFINE_ROUNDS."""
+
+
+def check_rounds(rounds) -> int:
+    """`rounds` when it is a whole number from 1 to MAX_REFINE_ROUNDS; RoundsOutOfRange (one line) otherwise."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= MAX_REFINE_ROUNDS:
+        shown = str(rounds)[:40] if isinstance(rounds, int) else repr(rounds)[:40]
+        raise RoundsOutOfRange(f"refinement rounds must be a whole number from 1 to {MAX_REFINE_ROUNDS} (got {shown})")
+    return rounds
 
 
 class Base(DeclarativeBase):

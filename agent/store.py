@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, event, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased, sessionmaker
 
-from agent.schema import JOB_FINISHED, JobRow, PolicyVersionRow, ProblemRow, TrajectoryRow, migrate, utc_now
+from agent.schema import JOB_FINISHED, JobRow, check_rounds, PolicyVersionRow, ProblemRow, TrajectoryRow, migrate, utc_now
 from tasks import Problem
 from tasks.base import MAX_ID_CHARS
 
@@ -100,7 +100,9 @@ class Store:
 
         A job's id is a hash of its problem, kind, rounds, params and the submission `key`, so that submitting the
         same problems the same way again adds nothing and returns the same ids (INSERT ... ON CONFLICT DO NOTHING);
-        another `key` makes new jobs of the same problems."""
+        another `key` makes new jobs of the same problems. Rounds outside 1..MAX_REFINE_ROUNDS: RoundsOutOfRange,
+        nothing written."""
+        check_rounds(rounds)
         with self.session() as s:
             pids = self._add_problems(s, problems)
             ids = [job_id(pid, kind, rounds, params, key) for pid in pids]

@@ -47,6 +47,19 @@ def test_two_files_with_the_same_name_never_share_problems(store, tmp_path):
     assert prompts == ["1+1=", "7+7="]  # b's job solves b's prompt
 
 
+@pytest.mark.parametrize("rounds", [0, -1, 21, 10**9, 2**63, True, 2.5, "3"])
+def test_rounds_out_of_range_are_refused_before_anything_is_written(store, rounds):
+    from agent.schema import MAX_REFINE_ROUNDS, RoundsOutOfRange
+
+    assert MAX_REFINE_ROUNDS == 20  # the web form's bound (arbor/web/templates/jobs.html)
+    with pytest.raises(RoundsOutOfRange) as err:
+        store.submit([Problem("1+2=", "3", id="r1")], "refine", rounds, {"search": {}})
+    assert f"from 1 to {MAX_REFINE_ROUNDS}" in str(err.value) and "\n" not in str(err.value)
+    assert store.get_problem("r1") is None and store.list_jobs() == []  # nothing of the call written
+    (job,) = store.submit([Problem("1+2=", "3", id="r1")], "refine", MAX_REFINE_ROUNDS, {"search": {}})
+    assert store.get_job(job).rounds == MAX_REFINE_ROUNDS
+
+
 def test_job_finishes_exactly_once(store):
     (pid,) = store.add_problems([Problem("1+2=", "3", id="p")])
     job = store.create_job("solve", pid)
