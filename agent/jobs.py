@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import update
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
-from agent.store import JobRow, Store, TrajectoryRow, _now
+from agent.schema import JOB_FINISHED, JobRow, check_rounds
+from agent.store import Store
 
-log = logging.getLogger("arbor.workers")
 
-FINISHED = ("done", "failed")
+log = logging.getLogger("arbor.jobs")
 
 
 class LeaseBusy(RuntimeError):
@@ -74,30 +73,6 @@ def unsent(store: Store, job_ids: list[str]) -> list[str]:
     return [j for j in dict.fromkeys(job_ids) if status.get(j) == "queued"]
 
 
-def record_once(store: Store, job_id: str, result: dict | None, rounds_rows: list[list[dict]],
-                parents: list[int | None] | None = None, error: str | None = None) -> bool:
-    """Finish the job and insert its trajectories in one transaction, only if it is not finished yet.
-
-    `parents[r]` is the earlier round whose best row round r refined (its `parent_id`). Returns whether this call
-    wrote anything."""
-    with store.session() as s:
-        changed = s.execute(
-            update(JobRow)
-            .where(JobRow.id == job_id, JobRow.status.not_in(FINISHED))
-            .values(status="failed" if error else "done", result=result, error=error, finished_at=_now())
-        ).rowcount
-        if changed != 1:
-            return False
-        best_ids = []
-        for r, rows in enumerate(rounds_rows):
-            parent = parents[r] if parents else None
-            objs = [TrajectoryRow(**row, parent_id=None if parent is None else best_ids[parent]) for row in rows]
-            s.add_all(objs)
-            s.flush()  # assigns ids so that later rounds can point at this one
-            best_ids.append(objs[0].id if objs else None)  # rows are ranked best first
-    return True
-
-
 def out_of_memory(exc: BaseException) -> bool:
     """A device out-of-memory error (often transient: another process's memory, fragmentation)."""
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
@@ -138,10 +113,11 @@ def check_context(policy, prompt: str, max_new_tokens: int) -> None:
                              f"(policy {policy.version}): shorten the prompt or lower max_new_tokens")
 
 
-def _record(retry: StoreRetry, store: Store, job_id: str, *args, **kwargs) -> bool:
-    """record_once, retried while the store is unreachable; ResultNotRecorded when it stays so."""
+def _record(retry: StoreRetry, store: Store, job_id: str, result: dict | None, rows: list[list[dict]],
+            parents: list[int | None] | None = None, error: str | None = None) -> bool:
+    """Store.finish_job, retried while the store is unreachable; ResultNotRecorded when it stays so."""
     try:
-        return retry.call(record_once, store, job_id, *args, **kwargs)
+        return retry.call(store.finish_job, job_id, result, error, rows, parents)
     except Exception as exc:
         if store_unreachable(exc):
             raise ResultNotRecorded(f"job {job_id}: the result could not be written ({type(exc).__name__}); "
@@ -163,7 +139,7 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
     job = retry.call(store.get_job, job_id)
     if job is None:
         raise KeyError(f"no job {job_id!r} in the store: submit problems with `arbor submit FILE.jsonl`")
-    if job.status in FINISHED:
+    if job.status in JOB_FINISHED:
         return _outcome(job)
     if lease is not None and not lease.acquire():
         raise LeaseBusy(f"job {job_id} is running elsewhere ({lease.current_holder()})")
@@ -178,9 +154,9 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
         problem = retry.call(store.get_problem, job.problem_id)
         try:
             cfg = SearchConfig(**(job.params or {}).get("search", {}))
+            rounds = check_rounds(job.rounds) if job.kind == "refine" else 1
             policy = get_policy()  # between jobs: a newly promoted version is picked up here, never mid-search
             check_context(policy, problem.prompt, cfg.max_new_tokens)
-            rounds = job.rounds if job.kind == "refine" else 1
             results = _search_retrying(lambda: refine(problem, policy, cfg, rounds=rounds, on_round=on_round))
         except Exception as exc:
             if store_unreachable(exc):

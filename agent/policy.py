@@ -298,10 +298,6 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     return model, tokenizer
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @dataclass
 class Policy:
     """A loaded policy: what search and training need, plus which version it is."""

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from agent.config import RegistryConfig
 from agent.policy import Policy, PolicyLoadError, load_policy
-from agent.store import RunStore, Store
+from agent.run_store import RunStore
+from agent.store import Store
 
 log = logging.getLogger("arbor.registry")
 
@@ -167,7 +168,9 @@ class PolicyRegistry:
         return version
 
     def promote(self, version: str, metrics: dict) -> None:
-        self.store.set_policy_status(version, "promoted", metrics)
+        """Promote `version` whatever is promoted now (an operator's or a first version's promotion; a gate's goes
+        through the compare-and-set on its parent, Store.promote_policy with `expected`)."""
+        self.store.promote_policy(version, metrics=metrics)
 
     def reject(self, version: str, metrics: dict) -> None:
         self.store.set_policy_status(version, "rejected", metrics)

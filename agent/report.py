@@ -1,4 +1,4 @@
-"""A run's results as report.json, report.md and a learning-curve PNG."""
+"""A run's results as report.json, report.md and a learning-curve PNG, each written whole or not at all."""
 
 from __future__ import annotations
 
@@ -8,8 +8,30 @@ from pathlib import Path
 
 import matplotlib
 
+from agent.files import write_atomic
+
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
+
+
+class ReportUnreadable(ValueError):
+    """A report.json that cannot be read: missing, unreadable, truncated or not a report."""
+
+
+def read_report(path: str | Path) -> dict:
+    """A run's report.json; ReportUnreadable (one line naming the file and what is wrong) when it cannot be used."""
+    path = Path(path)
+    again = f"write it again from the store with `arbor run --resume {path.parent.name}`"
+    try:
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ReportUnreadable(f"{path} cannot be read ({exc.strerror})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ReportUnreadable(f"{path} is damaged (not JSON: {reason}): {again}") from None
+    if not isinstance(report, dict):
+        raise ReportUnreadable(f"{path} is damaged (not a JSON object): {again}")
+    return report
 
 
 def _difficulty_sort(keys):
@@ -20,8 +42,8 @@ def write_report(run_dir: Path, records: list, final_policy: str, config: dict, 
     run_dir.mkdir(parents=True, exist_ok=True)
     cycles = [asdict(r) for r in records]
     report = {"cycles": cycles, "final_policy": final_policy, "config": config, **(extra or {})}
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (run_dir / "report.md").write_text(_markdown(cycles, final_policy))
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
+    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy))
     _plot(cycles, run_dir / "learning_curve.png")
     return report
 
@@ -62,5 +84,7 @@ def _plot(cycles: list[dict], path: Path) -> None:
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Arbor self-improvement: accuracy per difficulty")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -18,20 +17,17 @@ from typing import Callable
 from agent.curriculum import BuiltinSource, FileSource
 from agent.allocator import keep_freed_memory
 from agent.config import LoopConfig
-from agent.loop import CycleRecord, SelfImprovementLoop, ensure_policy, warm_start_examples
-from agent.config import BuiltinConfig
-from agent.policy import DEFAULT_CHARSET, build_builtin_policy, load_policy
+from agent.loop import CycleRecord, SelfImprovementLoop
 from agent.registry import PolicyRegistry
 from agent.report import write_report
 from agent.settings import Settings
-from agent.store import RunExists, RunStore, Store
-from agent.train_cycle import FileLease
+from agent.run_store import PLAIN_NAME, RunExists, RunStore
+from agent.store import Store
+from agent.locks import FileLease
+from agent.warm_start import base_policy, warm_start_examples
 from tasks import Task, allow, get_task
-from tasks.alignment import infer_coupling
 from tasks.jsonl import LineError, read_demos, read_problems
-from agent.trainer import SFTFineTuner
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a folder name under runs/: no separators, no "..", no hidden
 RESUME_CHANGES = ("cycles", "time_budget_s")  # what a resumed run may change: when to stop, not how to learn
 
 
@@ -52,9 +48,11 @@ class RunInputs:
 
 
 def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(),
-             on_event: Callable[[str, object], None] = lambda kind, payload: None) -> dict:
+             on_event: Callable[[str, object], None] = lambda kind, payload: None,
+             should_stop: Callable[[CycleRecord], bool] | None = None) -> dict:
     """Run the loop, or resume a run (`inputs.resume`); `on_event(kind, payload)` reports progress ("warning",
-    "phase", "cycle": every record of the run, the recorded ones first)."""
+    "phase", "cycle": every record of the run, the recorded ones first); `should_stop(record)`, checked after every
+    cycle, ends the run early (a benchmark's target reached)."""
     keep_freed_memory()
     start = time.monotonic()
     store = Store(settings.db_url)
@@ -88,7 +86,7 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
             registry.discard(row.version)
             on_event("warning", f"discarded policy {row.version}: saved by run {name} before it was stopped, never recorded")
         if problems is None:
-            task: Task = get_task(inputs.task or "addition")
+            task = get_task(inputs.task or "addition")
             source = BuiltinSource(task, cfg.heldout_per_difficulty, cfg.max_difficulty, cfg.seed)
             seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed)
         else:
@@ -99,14 +97,15 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         warm_seconds = 0.0
         if runs.get(name).base_version is None:
             t = time.monotonic()
-            version, promote = _base_policy(settings, store, registry, cfg, inputs, demos, problems, name, on_event)
+            version, promote = base_policy(settings.device, registry, cfg, task, seed_examples, inputs.model, demos, problems,
+                                           name, on_event)
             runs.set_base(name, version, promote)
             warm_seconds = time.monotonic() - t
         recorded = runs.cycles(name)
         on_event("phase", f"run {name}: " + (f"resuming after cycle {recorded[-1].cycle}" if recorded else "starting")
                  + f" (after a stop, continue it with --resume {name})")
         loop = SelfImprovementLoop(cfg, store, registry, source, seed_examples, settings.device,
-                                   on_cycle=lambda record: on_event("cycle", record))
+                                   on_cycle=lambda record: on_event("cycle", record), should_stop=should_stop)
         loop.run(name, start, warm_seconds)
         runs.finish(name)
         records = [CycleRecord(**c.record) for c in runs.cycles(name)]  # whichever process ran each cycle
@@ -143,7 +142,7 @@ def _usable_task(name: str, generated: bool) -> None:
 
 
 def _plain_name(name: str, flag: str) -> str:
-    if not RUN_NAME.fullmatch(name):
+    if not PLAIN_NAME.fullmatch(name):
         raise RunError(f"{flag} {name!r} is not a plain name: use letters, digits, '.', '_' and '-' (at most 100, "
                        "not starting with '.' or '-'); the run's folder is made under runs/")
     return name
@@ -213,22 +212,6 @@ def _describe_inputs(inputs: RunInputs) -> dict:
     return out
 
 
-def _base_policy(settings, store, registry, cfg, inputs, demos, problems, name, on_event) -> tuple[str, bool]:
-    """The run's first policy, and whether RunStore.set_base may promote it (only when nothing is promoted)."""
-    if inputs.model is not None:
-        return _adopt_user_folder(registry, inputs.model, demos, cfg, on_event, name), True
-    if problems is not None:
-        return _fresh_builtin_for_files(registry, problems, demos, cfg, on_event, name), True
-    promoted = registry.promoted()
-    if promoted is not None:
-        return promoted[0], False
-    task = get_task(inputs.task or "addition")
-    on_event("phase", f"warm-starting the built-in policy on {task.name} at difficulties {list(cfg.warm_start.difficulties)} "
-                      f"({cfg.warm_start.train.time_budget_s:.0f} s"
-                      + (f", extended until each reaches {cfg.warm_start.mastery:.2f})" if cfg.warm_start.mastery is not None else ")"))
-    return ensure_policy(settings, store, registry, cfg, demos=demos, task=task, run=name), True
-
-
 def _read_inputs(inputs: RunInputs, on_event):
     demos = problems = None
     if inputs.demos is not None:
@@ -251,38 +234,3 @@ def _existing(path: Path, flag: str) -> Path:
 def _report_line_errors(errors: list[LineError], on_event) -> None:
     for e in errors:
         on_event("warning", f"skipped {e} (the other lines are kept)")
-
-
-def _adopt_user_folder(registry: PolicyRegistry, path: Path, demos, cfg: LoopConfig, on_event, run: str) -> str:
-    """Register a user's model folder for `run` (a candidate); with demos, warm-start it on them first."""
-    model, tokenizer = load_policy(path)  # PolicyLoadError names the folder and the problem
-    stats = {}
-    if demos:
-        on_event("phase", f"warm-starting {path} on {len(demos)} demonstrations")
-        stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, demos)
-    return registry.save(model, tokenizer, parent=None,
-                         trained_on={"source": str(Path(path).resolve()), "demos": len(demos or []), "train": stats, "run": run})
-
-
-def _fresh_builtin_for_files(registry: PolicyRegistry, problems, demos, cfg: LoopConfig, on_event, run: str) -> str:
-    """A new built-in policy for `run` (a candidate) whose tokenizer covers every character of the user's files. Where
-    the examples show each answer character made from the prompt character at the same place, the policy couples
-    their positions (tasks/alignment.py); otherwise it numbers tokens in sequence."""
-    texts = [p.prompt + (p.answer or "") for p in problems] + [d["prompt"] + d["completion"] for d in demos or []]
-    charset = "".join(sorted(set("".join(texts)) | set(DEFAULT_CHARSET)))
-    examples = [(d["prompt"], d["completion"]) for d in demos or []]
-    if cfg.select.mode == "verifier":  # a label-free run ignores the problems' answers, here too
-        examples += [(p.prompt, p.answer) for p in problems if p.answer]
-    coupling = infer_coupling(examples)
-    if coupling is not None:
-        on_event("phase", f"the examples align answer and prompt characters ({coupling.order}, separator "
-                          f"{coupling.separator!r}): the new policy couples their positions")
-    shape = BuiltinConfig(position_scheme="coupled" if coupling else "sequential", seed=cfg.seed)
-    model, tokenizer = build_builtin_policy(shape, charset, coupling)
-    stats = {}
-    if demos:
-        on_event("phase", f"warm-starting a fresh built-in policy on {len(demos)} demonstrations")
-        stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, demos)
-    return registry.save(model, tokenizer, parent=None,
-                         trained_on={"warm_start": "demos", "examples": len(demos or []), "train": stats, "run": run})
-

@@ -263,7 +263,7 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     for f in filters:
         items = f(items, task, solve)
         report.append({"name": f.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
-                       "precision": _precision(items, task)})
+                       "precision": _precision(items, task), **({"floor": f.floor} if isinstance(f, ConfidenceFloor) else {})})
     if proposals_in_use(task, cfg):
         proposals = ProposedLabels(task.label_proposals())
         kept_ids = {id(p) for p in items}

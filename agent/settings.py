@@ -94,12 +94,22 @@ def _url_env(var: str, password_var: str, help: str):
     return field(default_factory=read, metadata={"help": help, "env": var, "default": None, "password": password_var})
 
 
-_CREDENTIALS = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)(\S+)")
+
+
+def _hide_password(found: re.Match) -> str:
+    # the user info ends at the LAST '@' (a raw '@', ':' or '/' may sit in a password; a host holds none), so no
+    # part of a password is ever shown; an '@' further on (in a query) hides more than needed, never less
+    scheme, rest = found.groups()
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return found.group()  # no password
+    return f"{scheme}{userinfo.partition(':')[0]}:***@{host}"
 
 
 def mask(text: str) -> str:
     """`text` with the password of every URL in it replaced by *** (redis://arbor:***@host/0)."""
-    return _CREDENTIALS.sub(r"\1***@", str(text))
+    return _URL.sub(_hide_password, str(text))
 
 
 class MaskPasswords(logging.Filter):
@@ -179,7 +189,8 @@ class Settings:
                                 "the first writes the version", _int, minimum=1)
     # the HTTP API (arbor serve)
     api_token: str | None = _env("ARBOR_API_TOKEN", None,
-                                 "the token every API request and web page must present (Authorization: Bearer TOKEN)")
+                                 "the token every API request and web page must present (Authorization: Bearer TOKEN); "
+                                 "at least 16 characters")
     api_token_file: Path | None = _env("ARBOR_API_TOKEN_FILE", None,
                                        "a file holding the API token (a Docker secret); used when ARBOR_API_TOKEN is unset",
                                        Path)
@@ -229,3 +240,32 @@ class Settings:
     def runs_dir(self) -> Path:
         return self.home / "runs"
 
+
+MIN_API_TOKEN_CHARS = 16  # a shorter token can be guessed; token_urlsafe(32) makes 43 characters
+TOKEN_RECIPE = 'python3 -c "import secrets; print(secrets.token_urlsafe(32))"'
+
+
+def _long_enough(token: str, source: str) -> str:
+    if len(token) < MIN_API_TOKEN_CHARS:
+        raise ValueError(f"{source} holds a token of {len(token)} characters: use at least {MIN_API_TOKEN_CHARS}; "
+                         f"make one with {TOKEN_RECIPE}")
+    return token
+
+
+def resolve_api_token(settings: Settings) -> str | None:
+    """ARBOR_API_TOKEN, else the contents of ARBOR_API_TOKEN_FILE (stripped); None when neither is set. A token
+    shorter than MIN_API_TOKEN_CHARS, an empty or unreadable file: ValueError, one line naming the variable."""
+    if settings.api_token:
+        return _long_enough(settings.api_token, "ARBOR_API_TOKEN")
+    if settings.api_token_file is None:
+        return None
+    source = f"ARBOR_API_TOKEN_FILE={settings.api_token_file}"
+    try:
+        token = Path(settings.api_token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"{source}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source}: cannot read it (not UTF-8 text)") from None
+    if not token:
+        raise ValueError(f"{source} is empty: write a token into it; make one with {TOKEN_RECIPE}")
+    return _long_enough(token, source)

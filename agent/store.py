@@ -5,7 +5,6 @@ Writes that a retried job may repeat are idempotent by key: problems by id, a jo
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import time
@@ -13,95 +12,13 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, exists, func,
-                        ForeignKeyConstraint, Index, insert, select, text, update)
+from sqlalchemy import create_engine, event, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, aliased, mapped_column, sessionmaker
+from sqlalchemy.orm import aliased, sessionmaker
 
+from agent.schema import JOB_FINISHED, JobRow, check_rounds, PolicyVersionRow, ProblemRow, TrajectoryRow, migrate, utc_now
 from tasks import Problem
-from tasks.base import MAX_ID_CHARS, MAX_TASK_CHARS
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ProblemRow(Base):
-    __tablename__ = "problems"
-    id: Mapped[str] = mapped_column(String(MAX_ID_CHARS), primary_key=True)
-    prompt: Mapped[str] = mapped_column(Text)
-    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
-    checker: Mapped[str] = mapped_column(String(40), default="exact")
-    task: Mapped[str | None] = mapped_column(String(MAX_TASK_CHARS), nullable=True)
-    split: Mapped[str] = mapped_column(String(20), default="train")
-    difficulty: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    meta: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-    def to_problem(self) -> Problem:
-        return Problem(self.prompt, self.answer, self.checker, self.task, self.split, self.id, self.difficulty, dict(self.meta or {}))
-
-
-class JobRow(Base):
-    __tablename__ = "jobs"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20), default="solve")  # solve | refine | train | evaluate
-    problem_id: Mapped[str | None] = mapped_column(ForeignKey("problems.id"), nullable=True)
-    status: Mapped[str] = mapped_column(String(20), default="queued")  # queued | running | done | failed
-    attempts: Mapped[int] = mapped_column(Integer, default=0)  # deliveries seen
-    rounds: Mapped[int] = mapped_column(Integer, default=1)  # refinement rounds asked for
-    params: Mapped[dict] = mapped_column(JSON, default=dict)
-    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class TrajectoryRow(Base):
-    __tablename__ = "trajectories"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    problem_id: Mapped[str] = mapped_column(ForeignKey("problems.id"))
-    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), nullable=True)
-    cycle: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    round: Mapped[int] = mapped_column(Integer, default=0)  # refinement round
-    # refinement links: the prompt a round searched (None: the problem's own prompt) and the best attempt of the
-    # previous round that this round's prompt was built from
-    prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
-    parent_id: Mapped[int | None] = mapped_column(ForeignKey("trajectories.id"), nullable=True)
-    completion: Mapped[str] = mapped_column(Text)
-    token_count: Mapped[int] = mapped_column(Integer)
-    mean_logprob: Mapped[float] = mapped_column(Float)
-    min_logprob: Mapped[float] = mapped_column(Float)
-    mean_entropy: Mapped[float] = mapped_column(Float)
-    score: Mapped[float] = mapped_column(Float)
-    verified: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
-    policy_version: Mapped[str] = mapped_column(String(64))
-    strategy: Mapped[str] = mapped_column(String(40))
-    search_stats: Mapped[dict] = mapped_column(JSON, default=dict)
-    is_best: Mapped[bool] = mapped_column(Boolean, default=False)
-    trained_on: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class PolicyVersionRow(Base):
-    __tablename__ = "policy_versions"
-    # at most one promoted version, whatever runs at once: a second promotion must demote the first to commit
-    __table_args__ = (Index("one_promoted_policy", "status", unique=True, sqlite_where=text("status = 'promoted'"),
-                            postgresql_where=text("status = 'promoted'")),)
-    version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    path: Mapped[str] = mapped_column(Text)
-    parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # saving (allocated, being written) | candidate | promoted | rejected | retired
-    status: Mapped[str] = mapped_column(String(20), default="candidate")
-    trained_on: Mapped[dict] = mapped_column(JSON, default=dict)
-    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    promoted_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+from tasks.base import MAX_ID_CHARS
 
 
 class ProblemConflict(ValueError):
@@ -121,6 +38,9 @@ def _differences(old: dict, new: dict) -> str:
     return ", ".join(f"{k} {str(old[k])[:40]!r} vs {str(new[k])[:40]!r}" for k in new if old.get(k) != new[k])
 
 
+ANY_PROMOTED = object()  # promote_policy without a compare: whatever is promoted is retired
+
+
 class Store:
     def __init__(self, url: str):
         if url.startswith("sqlite:///"):
@@ -130,25 +50,8 @@ class Store:
         self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._one_promoted()
-
-    def _one_promoted(self) -> None:
-        """The one-promoted constraint on a database created before it existed: the newest promotion stays."""
-        index = next(i for i in PolicyVersionRow.__table__.indexes if i.name == "one_promoted_policy")
-        with self.session() as s:
-            promoted = list(s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
-                                      .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())))
-            for row in promoted[1:]:
-                row.status = "retired"
-        try:
-            index.create(self.engine, checkfirst=True)
-        except IntegrityError:
-            pass  # another process created it (or demoted) at the same moment
-        except Exception as exc:  # "already exists" raced between the check and the create
-            if "already exists" not in str(exc):
-                raise
+        migrate(self.engine, self._sessions)
 
     @contextmanager
     def session(self):
@@ -182,7 +85,7 @@ class Store:
         for at in range(0, len(unique), 500):  # bounded statements and IN lists
             chunk = unique[at : at + 500]
             rows = [dict(id=p.id, prompt=p.prompt, answer=p.answer, checker=p.checker, task=p.task, split=p.split,
-                         difficulty=p.difficulty, meta=p.meta or {}, created_at=_now()) for p in chunk]
+                         difficulty=p.difficulty, meta=p.meta or {}, created_at=utc_now()) for p in chunk]
             s.execute(dialect_insert(ProblemRow).on_conflict_do_nothing(index_elements=["id"]), rows)
             stored = {r.id: r.to_problem().content() for r in s.scalars(select(ProblemRow).where(ProblemRow.id.in_([p.id for p in chunk])))}
             conflicts += [f"{p.id!r} ({_differences(stored[p.id], p.content())})" for p in chunk if stored[p.id] != p.content()]
@@ -197,12 +100,14 @@ class Store:
 
         A job's id is a hash of its problem, kind, rounds, params and the submission `key`, so that submitting the
         same problems the same way again adds nothing and returns the same ids (INSERT ... ON CONFLICT DO NOTHING);
-        another `key` makes new jobs of the same problems."""
+        another `key` makes new jobs of the same problems. Rounds outside 1..MAX_REFINE_ROUNDS: RoundsOutOfRange,
+        nothing written."""
+        check_rounds(rounds)
         with self.session() as s:
             pids = self._add_problems(s, problems)
             ids = [job_id(pid, kind, rounds, params, key) for pid in pids]
             rows = list({i: dict(id=i, kind=kind, problem_id=pid, rounds=rounds, params=params, status="queued", attempts=0,
-                                 created_at=_now()) for i, pid in zip(ids, pids)}.values())
+                                 created_at=utc_now()) for i, pid in zip(ids, pids)}.values())
             dialect_insert = _insert(self.engine.dialect.name)
             for at in range(0, len(rows), 500):
                 s.execute(dialect_insert(JobRow).on_conflict_do_nothing(index_elements=["id"]), rows[at : at + 500])
@@ -237,20 +142,32 @@ class Store:
             if row is None:
                 raise KeyError(f"no job {job_id!r} in the store")
             row.attempts += 1
-            if row.status in ("done", "failed"):
+            if row.status in JOB_FINISHED:
                 return False
             row.status, row.worker = "running", worker
             return True
 
-    def finish_job(self, job_id: str, result: dict | None = None, error: str | None = None) -> bool:
-        """Finish a job exactly once: only the first call changes the row. Returns whether this call did."""
+    def finish_job(self, job_id: str, result: dict | None = None, error: str | None = None,
+                   rounds_rows: list[list[dict]] = (), parents: list[int | None] | None = None) -> bool:
+        """Finish a job and insert its trajectories in one transaction, only if it is not finished yet: a redelivered
+        job writes nothing. `rounds_rows[r]` are round r's rows, best first; `parents[r]` is the earlier round whose
+        best row round r refined (its `parent_id`). Returns whether this call wrote anything."""
         with self.session() as s:
             changed = s.execute(
                 update(JobRow)
-                .where(JobRow.id == job_id, JobRow.status.not_in(("done", "failed")))
-                .values(status="failed" if error else "done", result=result, error=error, finished_at=_now())
+                .where(JobRow.id == job_id, JobRow.status.not_in(JOB_FINISHED))
+                .values(status="failed" if error else "done", result=result, error=error, finished_at=utc_now())
             ).rowcount
-        return changed == 1
+            if changed != 1:
+                return False
+            best_ids = []
+            for r, rows in enumerate(rounds_rows):
+                parent = parents[r] if parents else None
+                objs = [TrajectoryRow(**row, parent_id=None if parent is None else best_ids[parent]) for row in rows]
+                s.add_all(objs)
+                s.flush()  # assigns ids so that later rounds can point at this one
+                best_ids.append(objs[0].id if objs else None)
+        return True
 
     def running_jobs(self, kinds: tuple[str, ...] = ("solve", "refine")) -> list[JobRow]:
         with self.session() as s:
@@ -280,11 +197,6 @@ class Store:
             return list(s.scalars(q))
 
     # trajectories ----------------------------------------------------------------------------------
-    def add_trajectories(self, rows: list[dict]) -> None:
-        if rows:
-            with self.session() as s:
-                s.execute(insert(TrajectoryRow), rows)  # one executemany: ORM objects cost ~10x more per row
-
     def trajectories(self, job_id: str | None = None, cycle: int | None = None, best_only: bool = False) -> list[TrajectoryRow]:
         with self.session() as s:
             q = select(TrajectoryRow).order_by(TrajectoryRow.id)
@@ -303,6 +215,33 @@ class Store:
     def heldout_problems(self) -> list[Problem]:
         with self.session() as s:
             return [r.to_problem() for r in s.scalars(select(ProblemRow).where(ProblemRow.split == "heldout"))]
+
+    def untrained_results(self, limit: int) -> list[list[TrajectoryRow]]:
+        """The oldest `limit` worker results (a job's round) whose best row no train cycle has consumed yet, each as its
+        rows ranked best first. Bounded: one page of best rows, then the rows of those jobs only."""
+        with self.session() as s:
+            best = list(s.scalars(select(TrajectoryRow).where(*self._untrained_best()).order_by(TrajectoryRow.id).limit(limit)))
+            jobs = sorted({b.job_id for b in best})
+            rows: list[TrajectoryRow] = []
+            for at in range(0, len(jobs), 500):  # bounded IN lists (SQLite's variable limit)
+                rows += s.scalars(select(TrajectoryRow).where(TrajectoryRow.job_id.in_(jobs[at : at + 500]))
+                                  .order_by(TrajectoryRow.id))
+        wanted = {(b.job_id, b.round) for b in best}
+        by_result: dict[tuple, list[TrajectoryRow]] = {}
+        for row in rows:
+            if (row.job_id, row.round) in wanted:
+                by_result.setdefault((row.job_id, row.round), []).append(row)
+        return [sorted(by_result[(b.job_id, b.round)], key=lambda r: (not r.is_best, r.id)) for b in best]
+
+    def trained_labels(self, trajectory_ids: list[int]) -> list[dict]:
+        """The (prompt, completion) of trajectories a train cycle trained on: its replay buffer's entries."""
+        labels = []
+        with self.session() as s:
+            for at in range(0, len(trajectory_ids), 500):  # bounded IN lists (SQLite's variable limit)
+                q = (select(ProblemRow.prompt, TrajectoryRow.completion).join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
+                     .where(TrajectoryRow.id.in_(trajectory_ids[at : at + 500])))
+                labels += [{"prompt": prompt, "completion": completion} for prompt, completion in s.execute(q)]
+        return labels
 
     @staticmethod
     def _untrained_best():
@@ -367,31 +306,37 @@ class Store:
                                                                 PolicyVersionRow.status == "saving"))
 
     def set_policy_status(self, version: str, status: str, metrics: dict | None = None) -> None:
-        """Set a version's status; promoting one retires the previously promoted version in the same transaction.
-        Two promotions at once: the unique index makes the later one fail, and it runs again (demoting the first).
+        """Set a version's status other than promoted (promote_policy writes promotions), merging `metrics`."""
+        if status == "promoted":
+            raise ValueError("promotion is written by Store.promote_policy (a compare-and-set on the promoted version)")
+        with self.session() as s:
+            if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version).values(status=status)).rowcount != 1:
+                raise KeyError(f"no policy version {version!r}")
+            if metrics is not None:
+                row = s.get(PolicyVersionRow, version, populate_existing=True)
+                row.metrics = {**(row.metrics or {}), **metrics}
 
-        The transaction writes before it reads: on SQLite a row read first comes from a snapshot that a racing
-        promotion may have changed by the time this one writes, and an ORM write of a status the stale row already
-        shows is skipped (a promoted version retired under it stayed retired: nothing promoted)."""
+    def promote_policy(self, version: str, expected: str | None | object = ANY_PROMOTED, metrics: dict | None = None,
+                       stale_status: str | None = None) -> bool:
+        """Promote `version` if `expected` (a version, or None for none) is still the promoted one, retiring it; with
+        the default ANY_PROMOTED, whatever is promoted is retired. Returns whether it promoted. A refused promotion
+        sets the version's status to `stale_status` when given. `metrics` are merged in either way."""
         for attempt in range(20):
             try:
                 with self.session() as s:
-                    if status == "promoted":
-                        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted",
-                                                                 PolicyVersionRow.version != version).values(status="retired"))
-                    values = {"status": status, **({"promoted_at": _now()} if status == "promoted" else {})}
-                    if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version).values(**values)).rowcount != 1:
-                        raise KeyError(f"no policy version {version!r}")
+                    promoted = promote_in(s, version, expected)
+                    values = {"status": stale_status} if not promoted and stale_status else {}
+                    if values:
+                        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version).values(**values))
                     if metrics is not None:
                         row = s.get(PolicyVersionRow, version, populate_existing=True)
                         row.metrics = {**(row.metrics or {}), **metrics}
-                return
+                return promoted
             except (IntegrityError, OperationalError) as exc:
-                # the unique index refused a racing promotion, or PostgreSQL broke a deadlock between two of them
-                retry = isinstance(exc, IntegrityError) or getattr(exc.orig, "sqlstate", None) in ("40P01", "40001")
-                if not retry or attempt == 19:
+                if not retryable(exc) or attempt == 19:
                     raise
                 time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def policies(self) -> list[PolicyVersionRow]:
         with self.session() as s:
@@ -401,6 +346,45 @@ class Store:
         with self.session() as s:
             return s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
                              .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())).first()
+
+
+def promote_in(s, version: str, expected: str | None | object) -> bool:
+    """The one write of a promotion, inside the caller's transaction: a compare-and-set on the promoted version.
+    Promotes `version` and retires `expected` only if `expected` is still the promoted version (None: nothing is
+    promoted; ANY_PROMOTED: no compare). A decision taken against one promoted version (a gate that compared a
+    candidate with its parent, an operator's rollback) never overrides a promotion written since.
+
+    Writes before it reads: each UPDATE's WHERE is evaluated when it writes, so a racing promotion is seen (PostgreSQL
+    re-checks the row after the lock; SQLite serialises writers), where a row read first could be a stale snapshot.
+    Two promotions at once: the one-promoted unique index refuses the later one (IntegrityError: retry)."""
+    if expected is ANY_PROMOTED:
+        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted", PolicyVersionRow.version != version)
+                  .values(status="retired"))
+    elif expected is not None and expected != version:
+        retired = s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == expected,
+                                                            PolicyVersionRow.status == "promoted").values(status="retired"))
+        if retired.rowcount != 1:
+            return False
+    elif expected is None:
+        try:
+            with s.begin_nested():  # the unique index refuses it when a version is promoted
+                return _set_promoted(s, version)
+        except IntegrityError:
+            return False
+    return _set_promoted(s, version)
+
+
+def _set_promoted(s, version: str) -> bool:
+    s.flush()
+    if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version)
+                 .values(status="promoted", promoted_at=utc_now())).rowcount != 1:
+        raise KeyError(f"no policy version {version!r}")
+    return True
+
+
+def retryable(exc: Exception) -> bool:
+    """A racing promotion refused by the unique index, or a deadlock PostgreSQL broke: the transaction may run again."""
+    return isinstance(exc, IntegrityError) or getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
 
 
 def job_id(problem_id: str, kind: str, rounds: int, params: dict, key: str = "") -> str:
@@ -416,147 +400,3 @@ def _sqlite_pragmas(dbapi_connection, _record):
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
-
-
-# runs ------------------------------------------------------------------------------------------------
-# `arbor run` keeps its run here, so that a killed run resumes after its last recorded cycle: the run's settings,
-# one row per finished cycle (unique per run and cycle) and the labels it accepted (its replay buffer). A cycle's
-# record, trajectories, labels and its candidate's promotion or rejection are written in one transaction
-# (RunStore.record_cycle): a kill before it leaves nothing of the cycle but a candidate version, which the resumed
-# run discards (RunStore.unrecorded_versions); a kill after it loses nothing.
-
-class RunRow(Base):
-    __tablename__ = "runs"
-    name: Mapped[str] = mapped_column(String(100), primary_key=True)
-    config: Mapped[dict] = mapped_column(JSON)  # asdict(LoopConfig)
-    inputs: Mapped[dict] = mapped_column(JSON)  # the user's files (path, sha256) and model folder
-    base_version: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None until the warm start is saved
-    status: Mapped[str] = mapped_column(String(20), default="running")  # running | finished
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-class RunCycleRow(Base):
-    __tablename__ = "run_cycles"
-    run: Mapped[str] = mapped_column(ForeignKey("runs.name"), primary_key=True)
-    cycle: Mapped[int] = mapped_column(Integer, primary_key=True)  # the key (run, cycle): a cycle is recorded once
-    record: Mapped[dict] = mapped_column(JSON)  # asdict(CycleRecord)
-    state: Mapped[dict] = mapped_column(JSON)  # what a resume needs besides the record (the curriculum's metrics)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-
-
-class RunLabelRow(Base):
-    __tablename__ = "run_labels"
-    __table_args__ = (ForeignKeyConstraint(["run", "cycle"], ["run_cycles.run", "run_cycles.cycle"]),)
-    run: Mapped[str] = mapped_column(String(100), primary_key=True)
-    cycle: Mapped[int] = mapped_column(Integer, primary_key=True)
-    seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # order of selection within the cycle
-    problem_id: Mapped[str | None] = mapped_column(ForeignKey("problems.id"), nullable=True)
-    prompt: Mapped[str] = mapped_column(Text)
-    completion: Mapped[str] = mapped_column(Text)
-
-
-class RunExists(ValueError):
-    """A run name that is already taken."""
-
-
-class CycleRecorded(ValueError):
-    """A cycle of a run that is already recorded (another process resumed the same run)."""
-
-
-class RunStore:
-    """The runs of `arbor run` in a Store's database (the tables above)."""
-
-    def __init__(self, store: Store):
-        self.store = store
-
-    def create(self, name: str, config: dict, inputs: dict) -> None:
-        try:
-            with self.store.session() as s:
-                s.add(RunRow(name=name, config=config, inputs=inputs))
-        except IntegrityError:
-            raise RunExists(f"run {name!r} already exists") from None
-
-    def get(self, name: str) -> RunRow | None:
-        with self.store.session() as s:
-            return s.get(RunRow, name)
-
-    def set_config(self, name: str, config: dict) -> None:
-        with self.store.session() as s:
-            s.execute(update(RunRow).where(RunRow.name == name).values(config=config))
-
-    def set_base(self, name: str, version: str, promote: bool) -> None:
-        """Record the run's first policy and, with `promote`, promote it if no version is promoted yet, in one
-        transaction: a run never demotes a version it did not train (an earlier run's improved policy)."""
-        with self.store.session() as s:
-            s.execute(update(RunRow).where(RunRow.name == name).values(base_version=version))
-            if promote and s.scalar(select(func.count()).select_from(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")) == 0:
-                row = s.get(PolicyVersionRow, version, with_for_update=True)
-                row.status, row.promoted_at = "promoted", _now()
-
-    def finish(self, name: str) -> None:
-        with self.store.session() as s:
-            s.execute(update(RunRow).where(RunRow.name == name).values(status="finished", finished_at=_now()))
-
-    def cycles(self, name: str) -> list[RunCycleRow]:
-        with self.store.session() as s:
-            return list(s.scalars(select(RunCycleRow).where(RunCycleRow.run == name).order_by(RunCycleRow.cycle)))
-
-    def labels(self, name: str) -> list[RunLabelRow]:
-        with self.store.session() as s:
-            return list(s.scalars(select(RunLabelRow).where(RunLabelRow.run == name)
-                                  .order_by(RunLabelRow.cycle, RunLabelRow.seq)))
-
-    def record_cycle(self, name: str, cycle: int, record: dict, state: dict, labels: list[dict] = (),
-                     trajectories: list[dict] = (), candidate: str | None = None, promoted: bool = False) -> None:
-        """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `trained_on`
-        marks say which rows the cycle trained on) and the candidate's promotion or rejection (promoting retires
-        the promoted version). Raises CycleRecorded, and writes nothing, when the cycle is recorded already."""
-        for attempt in range(20):
-            try:
-                with self.store.session() as s:
-                    if s.get(RunCycleRow, (name, cycle)) is not None:
-                        raise CycleRecorded(f"cycle {cycle} of run {name!r} is already recorded")
-                    s.add(RunCycleRow(run=name, cycle=cycle, record=record, state=state))
-                    s.flush()  # the label rows' foreign key needs it
-                    if labels:
-                        s.execute(insert(RunLabelRow), [dict(run=name, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
-                                                             prompt=e["prompt"], completion=e["completion"])
-                                                        for i, e in enumerate(labels)])
-                    if trajectories:
-                        s.execute(insert(TrajectoryRow), list(trajectories))
-                    if candidate is not None:
-                        row = s.get(PolicyVersionRow, candidate, with_for_update=True)
-                        if row is None or row.status != "candidate":
-                            raise RuntimeError(f"cycle {cycle} of run {name!r}: its candidate {candidate} is "
-                                               f"{'missing' if row is None else row.status}, expected an undecided candidate")
-                        if promoted:
-                            s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted",
-                                                                     PolicyVersionRow.version != candidate).values(status="retired"))
-                            s.flush()
-                            row.promoted_at = _now()
-                        row.status = "promoted" if promoted else "rejected"
-                return
-            except IntegrityError:
-                if attempt == 19:
-                    raise
-                time.sleep(0.01 * (attempt + 1))  # two promotions at once, or the same cycle: the check above decides
-
-    def unrecorded_versions(self, name: str) -> list[PolicyVersionRow]:
-        """Versions the run saved (`trained_on["run"]`) that neither its base nor a recorded cycle names: a process
-        killed after saving a candidate and before recording its cycle left them."""
-        with self.store.session() as s:
-            run = s.get(RunRow, name)
-            named = {run.base_version} | {c.record.get("candidate") for c in s.scalars(select(RunCycleRow).where(RunCycleRow.run == name))}
-            rows = s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.version))
-            return [r for r in rows if (r.trained_on or {}).get("run") == name and r.version not in named]
-
-    def delete_undecided_policy(self, version: str) -> None:
-        """Forget a version that was never promoted or rejected (status saving or candidate)."""
-        with self.store.session() as s:
-            row = s.get(PolicyVersionRow, version, with_for_update=True)
-            if row is None:
-                return
-            if row.status not in ("saving", "candidate"):
-                raise RuntimeError(f"policy version {version} is {row.status}: only an undecided version may be deleted")
-            s.delete(row)

@@ -3,8 +3,9 @@ run at once. Plain functions; `arbor train` calls them in process when no broker
 
 The cycle is the loop's train step over what the workers found: the store's new search results go through the
 same selection as in the loop (agent/select.py, with the task's own label checks; verifier mode where answers
-exist), the labels join the loop's replay mix, and agent/loop.py `train_and_gate` fine-tunes, gates on the
-store's held-out problems of the same task and promotes or rejects. A cycle trains one task (the one with the
+exist), the labels join the loop's replay mix, and agent/gate.py trains a candidate and judges it on the store's
+held-out problems of the same task; the promotion is a compare-and-set on the version it was trained from, so a
+cycle that finishes after an operator's rollback never promotes a child of the version rolled back. A cycle trains one task (the one with the
 most new results that has held-out problems); the others wait for the next cycle.
 """
 
@@ -15,15 +16,24 @@ import random
 import subprocess
 from dataclasses import replace
 
-from sqlalchemy import select as sql_select
 from sqlalchemy.exc import IntegrityError
 
-from agent.jobs import FINISHED, LeaseBusy, record_once
+from agent.config import LoopConfig
+from agent.evaluation import greedy_solver
+from agent.gate import judge, train_candidate
+from agent.jobs import LeaseBusy
+from agent.locks import FileLease
+from agent.loop import replay_mix
+from agent.policy import Policy
 from agent.refine import refinement_examples
-from agent.store import ProblemRow, Store, TrajectoryRow
+from agent.schema import JOB_FINISHED
+from agent.select import select
+from agent.store import Store
+from agent.warm_start import warm_start_examples
+from search import Candidate, SearchResult
 from tasks import TASKS, Problem, Task, get_task
 
-log = logging.getLogger("arbor.workers")
+log = logging.getLogger("arbor.train_cycle")
 
 
 def _ensure_job(store: Store, job_id: str) -> None:
@@ -38,10 +48,6 @@ def loop_config_from_env(settings):
     """The train cycle's LoopConfig, with the knobs a deployment sets (agent/settings.py: ARBOR_TRAIN_BUDGET_S, the
     fine-tune wall clock; ARBOR_PROMOTE_MARGIN, how much the candidate must beat the promoted version by on held-out
     problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size). Unset: LoopConfig's own defaults."""
-    from dataclasses import replace
-
-    from agent.config import LoopConfig
-
     cfg = LoopConfig()
     if settings.train_budget_s is not None:
         cfg.train = replace(cfg.train, time_budget_s=settings.train_budget_s)
@@ -57,27 +63,11 @@ def task_of(problem: Problem) -> Task:
     return get_task(problem.task) if problem.task is not None else Task()
 
 
-def _new_results(store: Store, limit: int) -> tuple[list, list[list[int]], list[str | None]]:
-    """The oldest `limit` search results whose best trajectory no train cycle has consumed yet, rebuilt from their
-    rows (ranked best first, as the workers recorded them), with each candidate's trajectory id and the prompt the
-    best row's round searched (None: the problem's own; a refinement round's holds the earlier attempts). Bounded:
-    one page of best rows, then the rows of those jobs only; the rest wait for the next cycle."""
-    from search import Candidate, SearchResult
-
-    with store.session() as s:
-        best = list(s.scalars(sql_select(TrajectoryRow).where(*Store._untrained_best())
-                              .order_by(TrajectoryRow.id).limit(limit)))
-        jobs = sorted({b.job_id for b in best})
-        rows: list[TrajectoryRow] = []
-        for at in range(0, len(jobs), 500):  # bounded IN lists (SQLite's variable limit)
-            rows += s.scalars(sql_select(TrajectoryRow).where(TrajectoryRow.job_id.in_(jobs[at : at + 500]))
-                              .order_by(TrajectoryRow.id))
-    wanted = {(b.job_id, b.round) for b in best}
-    by_result: dict[tuple, list[TrajectoryRow]] = {}
-    for row in rows:  # a result is a job's round: its best row, then its other candidates in rank order
-        if (row.job_id, row.round) in wanted:
-            by_result.setdefault((row.job_id, row.round), []).append(row)
-    groups = [sorted(by_result[(b.job_id, b.round)], key=lambda r: (not r.is_best, r.id)) for b in best]
+def _new_results(store: Store, limit: int) -> tuple[list[SearchResult], list[list[int]], list[str | None]]:
+    """The oldest `limit` unconsumed worker results rebuilt from their rows (Store.untrained_results), with each
+    candidate's trajectory id and the prompt the best row's round searched (None: the problem's own; a refinement
+    round's holds the earlier attempts)."""
+    groups = store.untrained_results(limit)
     problems = store.get_problems(sorted({g[0].problem_id for g in groups}))
     results, ids = [], []
     for g in groups:
@@ -93,24 +83,13 @@ def _earlier_labels(store: Store, task_name: str | None, limit: int) -> list[dic
     replay: a mix draws at most that many, however many cycles ran before."""
     label_ids = [i for row in store.policies() if (row.trained_on or {}).get("source") == "store"
                  and row.trained_on.get("task") == task_name for i in row.trained_on.get("labels", [])]
-    label_ids = sorted(set(label_ids))[-limit:]
-    labels = []
-    with store.session() as s:
-        for at in range(0, len(label_ids), 500):  # bounded IN lists (SQLite's variable limit)
-            q = (sql_select(ProblemRow.prompt, TrajectoryRow.completion).join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
-                 .where(TrajectoryRow.id.in_(label_ids[at : at + 500])))
-            labels += [{"prompt": prompt, "completion": completion} for prompt, completion in s.execute(q)]
-    return labels
+    return store.trained_labels(sorted(set(label_ids))[-limit:])
 
 
 def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     """One train cycle over what the workers found: select labels from the new search results as the loop does,
     fine-tune the promoted policy on the loop's replay mix, gate candidate vs current on the store's held-out
-    problems of the same task, promote only if better (agent/loop.py train_and_gate)."""
-    from agent.config import LoopConfig
-    from agent.loop import greedy_solver, replay_mix, train_and_gate, warm_start_examples
-    from agent.select import select
-
+    problems of the same task, promote only if better (agent/gate.py) and only over the version it trained from."""
     cfg = cfg or LoopConfig()
     results, ids, round_prompts = _new_results(store, cfg.problems_per_cycle)  # the oldest first; the rest wait
     if not results:
@@ -175,12 +154,25 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples),
                   "refinement_examples": len(refined), "filters": filters,
                   "mode": mode, "labels": labels}
-    gate = train_and_gate(current, mix, task, heldout, cfg, registry, trained_on=trained_on, mode=mode)
+    model, train_stats = train_candidate(current, mix, [], cfg.train, cfg.train_method, cfg.preference)
+    candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
+    verdict = judge(candidate, current, heldout, cfg.eval_search, task, mode, cfg.promote_margin)
+    metrics = verdict.metrics()
+    version = registry.save(model, current.tokenizer, parent=current.version, trained_on={**trained_on, "train": train_stats},
+                            metrics=metrics, draft_source=current.draft_source)
+    # the compare-and-set: an operator's rollback (or another promotion) since this cycle began wins
+    promoted = verdict.promote and store.promote_policy(version, expected=current.version, metrics=metrics,
+                                                        stale_status="stale")
+    if not verdict.promote:
+        registry.reject(version, metrics)
     store.mark_trained(consumed)
-    metrics = {**gate.metrics, "current_heldout": gate.parent_eval["accuracy"]}
-    return {"candidate": gate.version, "promoted": gate.promoted, "parent": current.version, "task": name,
-            "examples": len(examples), "refinement_examples": len(refined), "filters": filters, "metrics": metrics,
-            "train": gate.train, "pending_tasks": pending}
+    out = {"candidate": version, "promoted": promoted, "parent": current.version, "task": name,
+           "examples": len(examples), "refinement_examples": len(refined), "filters": filters,
+           "metrics": {**metrics, "current_heldout": verdict.current.accuracy}, "train": train_stats,
+           "pending_tasks": pending}
+    if verdict.promote and not promoted:
+        out["stale"] = f"{current.version} was no longer the promoted version when {version} passed the gate"
+    return out
 
 
 def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, lock=None, cfg=None,
@@ -193,7 +185,7 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
     one holds the lock."""
     _ensure_job(store, job_id)
     job = store.get_job(job_id)
-    if job.status in FINISHED:
+    if job.status in JOB_FINISHED:
         return job.result or {"error": job.error}
     lock = lock if lock is not None else FileLease(settings.home / "train.lock", holder=job_id)
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -201,7 +193,7 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
         if lock.current_holder() == job_id:
             raise LeaseBusy(f"train cycle {job_id} is running elsewhere")
         result = {"skipped": "another train cycle is running"}
-        record_once(store, job_id, result, [])
+        store.finish_job(job_id, result)
         return result
     try:
         if processes > 1:
@@ -215,9 +207,9 @@ def run_train_cycle(settings, store: Store, registry, job_id: str, worker: str, 
                 result = train_from_store(settings, store, registry, cfg or loop_config_from_env(settings))
         except Exception as exc:
             log.exception("train cycle %s failed", job_id)
-            record_once(store, job_id, None, [], error=f"{type(exc).__name__}: {exc}")
+            store.finish_job(job_id, error=f"{type(exc).__name__}: {exc}")
             raise
-        record_once(store, job_id, result, [])
+        store.finish_job(job_id, result)
         return result
     finally:
         lock.release()
@@ -230,53 +222,10 @@ def _launched_cycle(store: Store, job_id: str, processes: int) -> dict:
     cmd = distributed.launch_command(processes, ["train", "--in-process", "--lock-held", "--job-id", job_id])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     job = store.get_job(job_id)
-    if job is None or job.status not in FINISHED:
+    if job is None or job.status not in JOB_FINISHED:
         lines = proc.stderr.strip().splitlines()
         # Arbor's own one-line error when there is one; torchrun's failure summary follows it
         tail = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "no output")
         raise RuntimeError(f"the {processes}-process train cycle exited with status {proc.returncode} before recording "
                            f"a result: {tail}")
     return job.result or {"error": job.error}
-
-
-class FileLease:
-    """An exclusive, non-blocking flock on a file: the in-process stand-in for the train lock (one host)."""
-
-    def __init__(self, path, holder: str):
-        self.path = path
-        self.holder = holder
-        self._fd = None
-
-    def acquire(self) -> bool:
-        import fcntl
-
-        self._fd = open(self.path, "a+")
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._fd.close()
-            self._fd = None
-            return False
-        return True
-
-    def current_holder(self) -> str | None:
-        return None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            self._fd.close()  # closing drops the flock
-            self._fd = None
-
-
-class HeldByCaller:
-    """The train lock as seen by a cycle its caller runs under a lock it already holds (a worker's multi-process
-    cycle): taking it again would find it busy."""
-
-    def acquire(self) -> bool:
-        return True
-
-    def current_holder(self) -> str | None:
-        return None
-
-    def release(self) -> None:
-        pass

@@ -1,37 +1,28 @@
-"""The `arbor` command line. Each command group lives in arbor/commands/<name>.py and registers on `app`.
+"""The `arbor` command line: each command is a plain function in arbor/commands/<name>.py, registered here.
 
-`run`, `search` and `submit` take their option defaults from config dataclasses whose modules import torch, so
-their modules are imported only when one of them is named (or `--help` lists them): `arbor worker` (the Celery
-parent, which must stay free of CUDA) and the queue commands never import torch.
+Command modules import nothing heavy at the top (no torch, no web framework): `arbor worker` (the Celery parent,
+which must stay free of CUDA), the queue commands and `arbor --help` load only what they use; a command that needs
+a model stack imports it inside its function (tests/test_cli_imports.py).
 """
 
 from __future__ import annotations
 
-import importlib
-
 import typer
-from typer.core import TyperGroup
 
-LAZY = {"run": "arbor.commands.run", "search": "arbor.commands.search", "submit": "arbor.commands.submit",
-        "serve": "arbor.commands.serve"}
+from arbor.commands import jobs, policies, run, search, serve, submit, worker
 
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arbor: a self-improving problem solver.")
 
-class _LazyGroup(TyperGroup):
-    def list_commands(self, ctx) -> list[str]:
-        return list(dict.fromkeys([*super().list_commands(ctx), *LAZY]))
-
-    def get_command(self, ctx, name: str):
-        if name in LAZY and name not in self.commands:
-            importlib.import_module(LAZY[name])  # registers the command on `app`
-            for info in app.registered_commands:
-                if (info.name or typer.main.get_command_name(info.callback.__name__)) == name:
-                    self.add_command(typer.main.get_command_from_info(
-                        info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=app.rich_markup_mode), name)
-        return super().get_command(ctx, name)
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Arbor: a self-improving problem solver.", cls=_LazyGroup)
-
-# command modules register themselves on `app` when imported
-from arbor.commands import jobs as _jobs  # noqa: E402,F401
-from arbor.commands import worker as _worker  # noqa: E402,F401
+# the order `arbor --help` lists them in (typer lists a command group, `policies`, after the commands)
+app.command()(jobs.requeue)
+app.command()(jobs.status)
+app.command()(jobs.results)
+app.command()(jobs.train)
+app.command()(worker.worker)
+app.command()(worker.beat)
+app.command()(worker.flower)
+app.command("run")(run.run)
+app.command("search")(search.search_command)
+app.command()(submit.submit)
+app.command()(serve.serve)
+app.add_typer(policies.policies_app, name="policies")

@@ -51,7 +51,7 @@ def _in_process_submit(store, folder: Path, i: int) -> float:
     from dataclasses import asdict
 
     from agent.jobs import submit_jobs
-    from arbor.commands.submit import JOB_SEARCH
+    from arbor.submission import JOB_SEARCH
     from search import SearchConfig
     from tasks import TASKS
     from tasks.jsonl import read_problems

@@ -27,7 +27,7 @@ from agent.config import BuiltinConfig
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
 from agent.config import TrainConfig
-from bench.selfimprove import shared_warm_start
+from bench.selfimprove import shared_warm_start, target_reached
 from search import SearchConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,7 +61,8 @@ def run_arm(method: str, cfg: LoopConfig, policy: Path, home: Path, target: int,
 
     start = time.monotonic()
     report = run_main(Settings(home=home, device="cpu"), cfg,
-                      RunInputs(model=policy, run_name=f"bench-dpo-{method.replace('+', '-')}", task="addition"), on_event)
+                      RunInputs(model=policy, run_name=f"bench-dpo-{method.replace('+', '-')}", task="addition"), on_event,
+                      target_reached(target, accuracy))
     cycles = report["cycles"]
     reached = next((c for c in cycles if c["heldout"].get(str(target), 0.0) >= accuracy), None)
     return {
@@ -95,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     base = LoopConfig()
-    base = replace(base, seed=args.seed, time_budget_s=args.budget, stop_when={"difficulty": args.target, "accuracy": args.accuracy},
+    base = replace(base, seed=args.seed, time_budget_s=args.budget,
                    select=replace(base.select, mode="label_free"),
                    report_difficulties=tuple(sorted(set(base.report_difficulties) | {args.target})))
     if args.tiny:

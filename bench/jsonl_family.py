@@ -30,7 +30,7 @@ from pathlib import Path
 
 from agent.config import LoopConfig
 
-from agent.loop import evaluate_policy
+from agent.evaluation import evaluate_policy
 from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
@@ -89,7 +89,7 @@ def heldout_curve(home: Path, report: dict, problems_path: Path) -> list[dict]:
         version = c["policy_version"]
         if version not in scored:
             evaluation = evaluate_policy(registry.load(version, "cpu"), by_length, replace(cfg, max_new_tokens=16))
-            scored[version] = evaluation["accuracy"]
+            scored[version] = evaluation.accuracy
         acc = scored[version]
         n = {k: len(v) for k, v in by_length.items()}
         overall = sum(acc.get(k, 0.0) * n[k] for k in n) / sum(n.values())

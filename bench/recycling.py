@@ -32,7 +32,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from agent.config import LoopConfig
 
-from agent.loop import evaluate_policy, warm_start_examples
+from agent.evaluation import evaluate_policy
+from agent.warm_start import warm_start_examples
 from agent.policy import Policy, build_builtin_policy
 from agent.trainer import SFTFineTuner
 from memory.recycling import PAPER_TREE, RecyclingMemory, TreeSizer
@@ -198,7 +199,7 @@ def loop_eval(policy: Policy, cfg: LoopConfig) -> dict:
         # the first pass warms the matrix and, with recycling, measures forward costs for this batch size once
         first, first_s = timed(lambda: evaluate_policy(policy, heldout, search))
         result, seconds = timed(lambda: evaluate_policy(policy, heldout, search))
-        out["on" if recycling else "off"] = {"accuracy": result["accuracy"], "seconds": round(seconds, 2),
+        out["on" if recycling else "off"] = {"accuracy": result.accuracy, "seconds": round(seconds, 2),
                                              "first_pass_seconds": round(first_s, 2)}
     out["sized_trees"] = policy.draft_source.sized_trees()
     # the loop's batch (every problem of a difficulty at once) is where the sizer may switch drafting off on a CPU

@@ -29,7 +29,7 @@ import torch
 
 from agent.config import WarmStartConfig
 
-from agent.loop import warm_start_examples
+from agent.warm_start import warm_start_examples
 from agent.config import BuiltinConfig
 from agent.policy import Policy, build_builtin_policy
 from agent.refine import refine_many, refinement_examples

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from agent.config import LoopConfig
 
-from agent.loop import ensure_policy
+from agent.warm_start import ensure_policy
 from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
@@ -62,9 +62,14 @@ def format_filters(filters: list[dict]) -> str:
 def bench_config(mode: str, seed: int, target: int, accuracy: float, budget: float, source: str | None = None) -> LoopConfig:
     """`arbor run`'s defaults plus the benchmark's stop at the target, its budget and (optionally) a data source."""
     base = LoopConfig()
-    return replace(base, seed=seed, time_budget_s=budget, stop_when={"difficulty": target, "accuracy": accuracy},
+    return replace(base, seed=seed, time_budget_s=budget,
                    select=replace(base.select, mode=mode), search=DATA_SOURCES[source] if source else base.search,
                    report_difficulties=tuple(sorted(set(base.report_difficulties) | {target})))
+
+
+def target_reached(target: int, accuracy: float):
+    """The benchmark's stop: the run ends once the target difficulty's held-out accuracy reaches `accuracy`."""
+    return lambda record: record.heldout.get(str(target), 0.0) >= accuracy
 
 
 def shared_warm_start(home: Path, cfg: LoopConfig, task: str) -> tuple[Path, float]:
@@ -75,7 +80,7 @@ def shared_warm_start(home: Path, cfg: LoopConfig, task: str) -> tuple[Path, flo
     store = Store(settings.db_url)
     registry = PolicyRegistry(settings.policies_dir, store)
     t = time.monotonic()
-    version = ensure_policy(settings, store, registry, cfg, task=get_task(task))
+    version = ensure_policy(settings, registry, cfg, task=get_task(task))
     return Path({r.version: r.path for r in store.policies()}[version]), time.monotonic() - t
 
 
@@ -97,7 +102,8 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
 
     start = time.monotonic()
     report = run_main(Settings(home=home, device="cpu"), cfg,
-                      RunInputs(model=policy, run_name=f"bench-{task}-{mode}-s{seed}", task=task), on_event)
+                      RunInputs(model=policy, run_name=f"bench-{task}-{mode}-s{seed}", task=task), on_event,
+                      target_reached(target, accuracy))
     cycles = report["cycles"]
     reached = next((c for c in cycles if c["heldout"].get(str(target), 0.0) >= accuracy), None)
     stem = f"selfimprove-{task}-{mode}" + (f"-{source}" if source else "") + f"-s{seed}"

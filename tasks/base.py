@@ -12,6 +12,7 @@ from typing import Callable
 SPLITS = ("train", "heldout")
 MAX_ID_CHARS = 200  # the store's problem id column
 MAX_TASK_CHARS = 80  # the store's task column
+MAX_JOB_ID_CHARS = 64  # the store's job id column
 
 
 @dataclass

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.base import CHECKERS, MAX_ID_CHARS, MAX_TASK_CHARS, SPLITS, Problem, compile_regex
+from tasks.base import CHECKERS, MAX_TASK_CHARS, SPLITS, Problem, compile_regex
+from tasks.text import check_text, id_error
 
 MAX_PROMPT_CHARS = 8192  # longer prompts are refused rather than truncated silently
 MAX_ANSWER_CHARS = 8192
@@ -61,19 +62,20 @@ def _objects(path: Path, errors: list[LineError]):
 
 
 def _field_error(record: dict, known_tasks: set[str] | None) -> str | None:
+    text_problem = check_text(record, "")  # every field: a NUL or a lone surrogate cannot be stored
+    if text_problem:
+        return text_problem
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         return "field 'prompt' is missing or not a non-empty string"
     if len(prompt) > MAX_PROMPT_CHARS:
         return f"field 'prompt' has {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}: shorten it"
-    if "\x00" in prompt:
-        return "field 'prompt' contains a NUL character (\\u0000): remove it"
     answer = record.get("answer")
     if answer is not None:
         if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             return "field 'answer' must be a string or a number"
-        if isinstance(answer, str) and (len(answer) > MAX_ANSWER_CHARS or "\x00" in answer):
-            return f"field 'answer' must be at most {MAX_ANSWER_CHARS} characters without NUL characters"
+        if isinstance(answer, str) and len(answer) > MAX_ANSWER_CHARS:
+            return f"field 'answer' has {len(answer)} characters, over the limit of {MAX_ANSWER_CHARS}: shorten it"
     checker = record.get("checker", "exact")
     if not isinstance(checker, str) or checker not in CHECKERS:
         return f"field 'checker' is {checker!r}: use one of {', '.join(CHECKERS)}"
@@ -89,7 +91,7 @@ def _field_error(record: dict, known_tasks: set[str] | None) -> str | None:
         return f"field 'split' is {split!r}: use 'train' or 'heldout'"
     task = record.get("task")
     if task is not None:
-        if not isinstance(task, str) or not task or len(task) > MAX_TASK_CHARS or "\x00" in task:
+        if not isinstance(task, str) or not task or len(task) > MAX_TASK_CHARS:
             return f"field 'task' must be a non-empty string of at most {MAX_TASK_CHARS} characters"
         if known_tasks is not None and task not in known_tasks:
             return f"field 'task' is {task!r}: not a known task ({', '.join(sorted(known_tasks))})"
@@ -103,9 +105,7 @@ def _field_error(record: dict, known_tasks: set[str] | None) -> str | None:
     if problem_id is not None:
         if isinstance(problem_id, bool) or not isinstance(problem_id, (str, int)):
             return "field 'id' must be a string"
-        text = str(problem_id)
-        if not text.strip() or len(text) > MAX_ID_CHARS or "\x00" in text:
-            return f"field 'id' must be a non-blank string of at most {MAX_ID_CHARS} characters"
+        return id_error(str(problem_id))
     return None
 
 
@@ -150,6 +150,10 @@ def read_demos(path: str | Path) -> tuple[list[dict], list[LineError]]:
     for number, record in _objects(path, errors):
         if not all(isinstance(record.get(k), str) for k in ("prompt", "completion")):
             errors.append(LineError(str(path), number, "needs string fields 'prompt' and 'completion'"))
+            continue
+        text_problem = check_text(record["prompt"], "prompt") or check_text(record["completion"], "completion")
+        if text_problem:
+            errors.append(LineError(str(path), number, text_problem))
             continue
         demos.append({"prompt": record["prompt"], "completion": record["completion"]})
     return demos, errors

@@ -236,3 +236,14 @@ def tiny_promoted_policy(registry) -> str:
     version = registry.save(model, tokenizer, parent=None, trained_on={})
     registry.promote(version, {})
     return version
+
+
+def add_trajectories(store, rows: list[dict]) -> None:
+    """Trajectory rows as a worker or a cycle would have recorded them (the product writes them with their job's
+    finish or their cycle's record)."""
+    from sqlalchemy import insert
+
+    from agent.schema import TrajectoryRow
+
+    with store.session() as s:
+        s.execute(insert(TrajectoryRow), rows)

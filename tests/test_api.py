@@ -78,7 +78,7 @@ def stack(tmp_path_factory):
 
 
 def _counts(store) -> tuple[int, int]:
-    from agent.store import JobRow, ProblemRow
+    from agent.schema import JobRow, ProblemRow
 
     with store.session() as s:
         return s.scalar(select(func.count()).select_from(ProblemRow)), s.scalar(select(func.count()).select_from(JobRow))

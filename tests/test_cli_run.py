@@ -78,7 +78,8 @@ def test_run_name_must_be_plain_and_resume_keeps_the_run_settings(tmp_path):
 
 
 def test_answers_on_the_train_problems_select_with_them_unless_told_otherwise(tmp_path):
-    from agent.store import RunStore, Store
+    from agent.run_store import RunStore
+    from agent.store import Store
 
     words = ["cat", "dog", "owl", "elk", "ant", "bee"]
     problems = tmp_path / "p.jsonl"

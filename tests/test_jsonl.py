@@ -105,3 +105,72 @@ def test_regex_checker_matches_in_linear_time():
     assert time.monotonic() - t < 1.0
     assert verify(Problem("x", "a.b", checker="regex"), "a\nb") is True  # '.' spans lines, as before
     assert verify(Problem("x", "(a)\\1", checker="regex"), "aa") is False  # refused at load; never matches
+
+
+def test_a_lone_surrogate_is_refused_per_line_and_field(tmp_path):
+    from agent.store import Store
+
+    path = tmp_path / "p.jsonl"
+    bad = "a\ud800b"  # a lone surrogate: valid JSON (\ud800), not valid Unicode text: UTF-8 cannot encode it
+    records = [
+        {"prompt": "1+1=", "answer": "2", "id": "good1"},
+        {"prompt": bad},
+        {"prompt": "x", "answer": bad},
+        {"prompt": "x", "id": bad},
+        {"prompt": "x", "task": bad},
+        {"prompt": "x", "meta": {"source": bad}},
+        {"prompt": "x", "meta": {"tags": ["ok", {"deep": "\udfff"}]}},
+        {"prompt": "x", "meta": {bad: 1}},
+        {"prompt": "smile \U0001F600", "answer": "2", "id": "good2"},  # a surrogate pair in JSON is one character
+        {"prompt": "x", "meta": {"note": "a\u0000b"}},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")  # json.dumps writes \ud800 as an escape
+    problems, errors = read_problems(path)
+    assert [p.id for p in problems] == ["good1", "good2"] and problems[1].prompt == "smile \U0001F600"
+    messages = {e.line: e.message for e in errors}
+    assert set(messages) == set(range(2, 9)) | {10}, messages
+    for line, field in {2: "'prompt'", 3: "'answer'", 4: "'id'", 5: "'task'", 6: "'meta.source'",
+                        7: "'meta.tags[1].deep'", 8: "'meta'"}.items():
+        assert field in messages[line] and "surrogate" in messages[line], messages[line]
+    assert "'meta.note'" in messages[10] and "NUL" in messages[10]
+    for e in errors:
+        str(e).encode("utf-8")  # an error line prints: the bad text is never echoed raw
+    store = Store(f"sqlite:///{tmp_path / 'a.db'}")
+    assert store.add_problems(problems) == ["good1", "good2"]  # what the reader keeps, the store takes
+
+
+def test_demos_with_a_lone_surrogate_are_refused(tmp_path):
+    from tasks.jsonl import read_demos
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n"
+                    + json.dumps({"prompt": "1+1=", "completion": "2\udc80"}) + "\n")
+    demos, errors = read_demos(path)
+    assert demos == [{"prompt": "1+1=", "completion": "2"}]
+    assert [e.line for e in errors] == [2] and "'completion'" in errors[0].message and "surrogate" in errors[0].message
+
+
+def test_text_and_id_rules():
+    from tasks.base import MAX_ID_CHARS, MAX_JOB_ID_CHARS
+    from tasks.text import check_text, id_error, valid_id
+
+    assert check_text("plain text, caf\u00e9, \U0001F600, tab\tand newline\n", "prompt") is None
+    assert check_text(42, "answer") is None and check_text(None, "meta") is None
+    assert "NUL" in check_text("a\x00", "prompt") and "'prompt'" in check_text("a\x00", "prompt")
+    assert "surrogate" in check_text("\ud83d", "prompt")  # half of a pair is a lone surrogate
+    assert "'body.problems[0].prompt'" in check_text({"problems": [{"prompt": "\ud800"}]}, "body")
+    deep = "x"
+    for _ in range(5000):  # deeper than Python's recursion limit: the walk is not recursive
+        deep = [deep]
+    assert check_text(deep, "meta") is None
+    # one id rule for problem ids and job ids: non-blank, bounded, no control characters, valid Unicode
+    for good in ("ok1", "p-0123abcd", "add-train-d3-s0-1", "9f86d081884c7d659a2feaa0c55ad015",
+                 "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "caf\u00e9 7", "i" * MAX_ID_CHARS):
+        assert valid_id(good), good
+    for bad in ("", "   ", "a\x00b", "a\ud800b", "line\nbreak", "tab\there", "del\x7f", "i" * (MAX_ID_CHARS + 1),
+                5, None):
+        assert not valid_id(bad), bad
+    assert valid_id("j" * MAX_JOB_ID_CHARS, MAX_JOB_ID_CHARS) and not valid_id("j" * 65, MAX_JOB_ID_CHARS)
+    assert id_error("ok", "job id") is None
+    assert "'job id'" in id_error("a\x00", "job id") and "NUL" in id_error("a\x00", "job id")
+    assert str(MAX_ID_CHARS) in id_error("i" * 201, "id") and "control" in id_error("a\nb", "id")

@@ -8,12 +8,14 @@ import torch
 
 from agent.curriculum import BuiltinSource
 from agent.config import LoopConfig, WarmStartConfig
-from agent.loop import SelfImprovementLoop, ensure_policy, warm_start_examples
+from agent.loop import SelfImprovementLoop
+from agent.warm_start import ensure_policy, warm_start_examples
 from agent.config import BuiltinConfig
 from agent.registry import PolicyRegistry
 from agent.config import SelectConfig
 from agent.settings import Settings
-from agent.store import RunStore, Store
+from agent.run_store import RunStore
+from agent.store import Store
 from tasks import get_task
 from agent.config import TrainConfig
 from search import SearchConfig
@@ -64,7 +66,7 @@ def _run(cfg, store, registry, base: str, name: str = "test") -> list:
 def test_tiny_loop_trains_and_promotes(setup):
     settings, store, registry = setup
     cfg = tiny_config()
-    v0 = ensure_policy(settings, store, registry, cfg)
+    v0 = ensure_policy(settings, registry, cfg)
     before = registry.load(v0).model.state_dict()
     records = _run(cfg, store, registry, v0)
     assert [r.cycle for r in records] == [0, 1]
@@ -87,7 +89,7 @@ def test_tiny_loop_trains_and_promotes(setup):
 def test_gate_rejects_a_worse_candidate(setup):
     settings, store, registry = setup
     cfg = tiny_config()
-    v0 = ensure_policy(settings, store, registry, cfg)
+    v0 = ensure_policy(settings, registry, cfg)
     # a learning rate this large wrecks the weights: the candidate must lose to the current policy
     broken = replace(cfg, train=TrainConfig(learning_rate=5.0, time_budget_s=2.0, max_steps=5))
     records = _run(broken, store, registry, v0)
@@ -194,7 +196,7 @@ def test_the_gate_and_curriculum_judge_the_reported_easier_difficulties_too(setu
     loop = _loop(cfg, store, registry)
     loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})  # frontier at 20: window 17..(20 + 2 * 4)
     assert loop.curriculum.key(loop.curriculum.frontier_index) == "20"
-    assert loop._gate_keys(loop.curriculum.frontier_index) == ["4", "8"] + [str(d) for d in range(17, 29)]
+    assert loop.plan.gate_keys(loop.curriculum.frontier_index) == ["4", "8"] + [str(d) for d in range(17, 29)]
     loop.curriculum.update({"8": 0.5})  # forgotten: the frontier goes back
     assert loop.curriculum.key(loop.curriculum.frontier_index) == "8"
 
@@ -205,35 +207,39 @@ def test_report_difficulties_past_the_window_are_scored_on_a_sample(setup):
                       heldout_per_difficulty=40, heldout_past_window=10)
     loop = _loop(cfg, store, registry)
     loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})  # frontier 20: window 17..28
-    heldout = loop._heldout(loop.curriculum.frontier_index)
+    heldout = loop.plan.heldout_problems(loop.curriculum.frontier_index)
     assert {k: len(v) for k, v in heldout.items()} == {"4": 40, "8": 40, **{str(d): 40 for d in range(17, 29)}, "40": 10}
     assert heldout["40"] == loop.source.heldout_set(["40"])["40"][:10]  # the same problems every cycle
     everything = _loop(replace(cfg, heldout_past_window=None), store, registry)
     everything.curriculum.update({str(d): 1.0 for d in range(1, 20)})
-    assert len(everything._heldout(everything.curriculum.frontier_index)["40"]) == 40
+    assert len(everything.plan.heldout_problems(everything.curriculum.frontier_index)["40"]) == 40
 
 
 def test_the_gate_evaluates_the_current_policy_only_where_the_scores_compare(setup, monkeypatch):
     """The current policy's evaluation carries over between cycles: the gate evaluates it again only at gate keys it
     has no score for, never at report-only difficulties (the candidate is evaluated everywhere)."""
-    import agent.loop
-    from agent.loop import train_and_gate
+    import agent.gate
+    from agent.evaluation import Evaluation
+    from agent.gate import judge, train_candidate
+    from agent.policy import Policy
 
     settings, store, registry = setup
     cfg = tiny_config(train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=1))
-    v0 = ensure_policy(settings, store, registry, cfg)
+    v0 = ensure_policy(settings, registry, cfg)
     current = registry.load(v0, "cpu")
     task = get_task("addition")
     heldout = {str(d): task.generate(d, 6, seed=0, split="heldout") for d in (2, 3, 4)}
-    calls, real = [], agent.loop.evaluate_policy
-    monkeypatch.setattr(agent.loop, "evaluate_policy",
+    calls, real = [], agent.gate.evaluate_policy
+    monkeypatch.setattr(agent.gate, "evaluate_policy",
                         lambda policy, by, *a, **k: calls.append((policy.version, sorted(by))) or real(policy, by, *a, **k))
-    current_eval = {"accuracy": {"2": 1.0, "3": 0.5, "4": 0.0}, "self_verified": {"2": 1.0}, "generated_tokens": 0}
+    current_eval = Evaluation("label_free", {"2": 1.0, "3": 0.5, "4": 0.0}, {"2": 1.0})
     examples = [{"prompt": p.prompt, "completion": p.answer} for p in task.generate(2, 8, seed=1)]
-    gate = train_and_gate(current, examples, task, heldout, cfg, registry, trained_on={}, mode="label_free",
-                          verify_keys=["2", "3"], current_eval=current_eval, decide=False)
+    model, _ = train_candidate(current, examples, [], cfg.train, "sft", cfg.preference)
+    verdict = judge(Policy(model, current.tokenizer, "candidate"), current, heldout, cfg.eval_search, task, "label_free",
+                    0.0, ["2", "3"], current_eval)
     assert calls == [("candidate", ["2", "3", "4"]), (v0, ["3"])]
-    assert gate.keys == ["2", "3"] and set(gate.parent_eval["self_verified"]) == {"2", "3"}
+    assert verdict.keys == ["2", "3"] and set(verdict.current.self_verified) == {"2", "3"}
+    assert current_eval.self_verified == {"2": 1.0}  # the caller's evaluation is not changed in place
 
 
 def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
@@ -325,21 +331,21 @@ def test_label_free_cycles_train_past_the_frontier_only_where_labels_can_be_foun
     cfg = replace(cfg, select=SelectConfig(mode="label_free", use_task_proposals=False))
     loop = _loop(cfg, store, registry)
     frontier = loop.curriculum.keys.index("15")  # stride 3: aimed at 15, 18, 21
-    assert loop._training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.3, "21": 0.15}) == ["15", "18", "21"]
+    assert loop.plan.training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.3, "21": 0.15}) == ["15", "18", "21"]
     # 18 and 21 self-verify almost nothing yet: the shares go to the furthest lengths that give labels
-    assert loop._training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.05, "20": 0.01}) == ["15", "17", "17"]
-    assert loop._training_keys(frontier, {}) == ["15", "15", "15"]
+    assert loop.plan.training_keys(frontier, {"16": 0.5, "17": 0.2, "18": 0.05, "20": 0.01}) == ["15", "17", "17"]
+    assert loop.plan.training_keys(frontier, {}) == ["15", "15", "15"]
     # with answers to train on, every length has labels
     verifier = _loop(replace(cfg, select=SelectConfig(mode="verifier")), store, registry)
-    assert verifier._training_keys(frontier, {}) == ["15", "18", "21"]
+    assert verifier.plan.training_keys(frontier, {}) == ["15", "18", "21"]
     # and so does a task that proposes labels by decomposition (addition's default)
     proposing = _loop(replace(cfg, select=SelectConfig(mode="label_free")), store, registry)
-    assert proposing._training_keys(frontier, {}) == ["15", "18", "21"]
-    assert loop._training_keys(None, {}) == [None, None, None]
+    assert proposing.plan.training_keys(frontier, {}) == ["15", "18", "21"]
+    assert loop.plan.training_keys(None, {}) == [None, None, None]
 
 
 def test_a_warm_start_short_of_mastery_is_extended_until_it_masters_or_runs_out():
-    from agent.loop import master_warm_start
+    from agent.warm_start import master_warm_start
     from agent.policy import build_builtin_policy
 
     task = get_task("addition")
@@ -361,7 +367,7 @@ def test_a_cycle_searches_fewer_problems_as_answers_grow_past_its_token_budget(s
     settings, store, registry = setup
     # 64 problems with answers of up to 7 tokens (4 digits + 3) would be 448 answer tokens: half of them fit
     cfg = tiny_config(answer_tokens_per_cycle=224, train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=2))
-    v0 = ensure_policy(settings, store, registry, cfg)
+    v0 = ensure_policy(settings, registry, cfg)
     records = _run(cfg, store, registry, v0)
     searched = store.trajectories(cycle=1, best_only=True)
     # problems x answer tokens stays within the budget (give or take a problem's rounding): each sample is at most

@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from agent.policy import PolicyLoadError, build_builtin_policy, coupled_positions, count_parameters, load_policy
+from agent.policy import PolicyLoadError, build_builtin_policy, coupled_positions, load_policy
 
 
 def test_builtin_size_and_roundtrip(tmp_path):
     model, tok = build_builtin_policy()
-    assert 1_000_000 <= count_parameters(model) <= 5_000_000
+    assert 1_000_000 <= sum(p.numel() for p in model.parameters()) <= 5_000_000
     text = "0123+4567=\nhello, World!"
     assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     model.save_pretrained(tmp_path)

@@ -114,10 +114,12 @@ def test_preference_config_and_train_method_are_validated():
 def test_a_loop_cycle_trains_per_train_method_and_records_it(tmp_path, one_torch_thread, method):
     from agent.curriculum import BuiltinSource
     from agent.config import LoopConfig, WarmStartConfig
-    from agent.loop import SelfImprovementLoop, ensure_policy, warm_start_examples
+    from agent.loop import SelfImprovementLoop
+    from agent.warm_start import ensure_policy, warm_start_examples
     from agent.registry import PolicyRegistry
     from agent.settings import Settings
-    from agent.store import RunStore, Store
+    from agent.run_store import RunStore
+    from agent.store import Store
 
     cfg = LoopConfig(
         cycles=1, problems_per_cycle=24, heldout_per_difficulty=8, report_difficulties=(2,), eval_ahead=1, max_difficulty=3,
@@ -134,7 +136,7 @@ def test_a_loop_cycle_trains_per_train_method_and_records_it(tmp_path, one_torch
     settings = Settings(home=tmp_path / "home", device="cpu")
     store = Store(settings.db_url)
     registry = PolicyRegistry(settings.policies_dir, store)
-    v0 = ensure_policy(settings, store, registry, cfg)
+    v0 = ensure_policy(settings, registry, cfg)
     runs = RunStore(store)
     runs.create("dpo", asdict(cfg), {})
     runs.set_base("dpo", v0, promote=False)

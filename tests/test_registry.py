@@ -10,7 +10,8 @@ from sqlalchemy.exc import IntegrityError
 from agent.policy import build_builtin_policy
 from agent.config import RegistryConfig
 from agent.registry import PolicyRegistry
-from agent.store import PolicyVersionRow, Store
+from agent.schema import PolicyVersionRow
+from agent.store import Store
 
 
 def _crash_in_child(tmp_path, where: str) -> None:
@@ -133,7 +134,7 @@ def test_only_one_version_is_ever_promoted(tmp_path, request, backend):
     store = Store(url)
     for i in range(9):
         store.record_policy(f"v{i}", f"/x/v{i}", None, "candidate", {}, {})
-    store.set_policy_status("v0", "promoted")
+    store.promote_policy("v0")
     with pytest.raises(IntegrityError):  # the database itself refuses a second promoted row
         with store.session() as s:
             s.get(PolicyVersionRow, "v1").status = "promoted"
@@ -145,7 +146,7 @@ def test_only_one_version_is_ever_promoted(tmp_path, request, backend):
         def promote(st, v):
             try:
                 go.wait(10)
-                st.set_policy_status(v, "promoted")
+                st.promote_policy(v)
             except Exception as exc:
                 errors.append(exc)
 

@@ -17,7 +17,8 @@ from agent.config import LoopConfig, WarmStartConfig
 from agent.runner import RunError, RunInputs, run_main
 from agent.config import SelectConfig
 from agent.settings import Settings
-from agent.store import CycleRecorded, RunExists, RunStore, Store
+from agent.run_store import CycleRecorded, RunExists, RunStore
+from agent.store import Store
 from agent.config import TrainConfig
 from search import SearchConfig
 from tasks import Problem
@@ -37,6 +38,11 @@ def _row(problem_id, cycle, trained=False):
                 trained_on=trained)
 
 
+def _cycle(record: dict, state: dict):
+    """RunStore.record_cycle's `written`: the same record and state whatever the promotion's outcome."""
+    return lambda promoted: ({**record, "promoted": promoted}, state)
+
+
 def test_a_cycle_is_recorded_once_with_all_it_wrote(store):
     store.add_problems([Problem("a=", "1", id="a"), Problem("b=", "2", id="b")])
     runs = RunStore(store)
@@ -46,28 +52,45 @@ def test_a_cycle_is_recorded_once_with_all_it_wrote(store):
     store.record_policy("v0", "/x/v0", None, "promoted", {}, {})
     store.record_policy("v1", "/x/v1", "v0", "candidate", {"run": "r", "cycle": 1}, {})
     runs.set_base("r", "v0", promote=True)
-    runs.record_cycle("r", 0, {"cycle": 0, "candidate": None}, {"known": {}})
+    runs.record_cycle("r", 0, _cycle({"cycle": 0, "candidate": None}, {"known": {}}))
     assert [v.version for v in runs.unrecorded_versions("r")] == ["v1"]  # saved, its cycle not recorded yet
 
     label = {"prompt": "a=", "completion": "1", "problem_id": "a"}
-    runs.record_cycle("r", 1, {"cycle": 1, "candidate": "v1"}, {"known": {"all": 1.0}}, labels=[label],
-                      trajectories=[_row("a", 1, trained=True), _row("b", 1)], candidate="v1", promoted=True)
+    runs.record_cycle("r", 1, _cycle({"cycle": 1, "candidate": "v1"}, {"known": {"all": 1.0}}), labels=[label],
+                      trajectories=[_row("a", 1, trained=True), _row("b", 1)], candidate="v1", promote=True, parent="v0")
     assert {r.version: r.status for r in store.policies()} == {"v0": "retired", "v1": "promoted"}  # in the same commit
     assert runs.unrecorded_versions("r") == []
     with pytest.raises(CycleRecorded, match="cycle 1 of run 'r' is already recorded"):
-        runs.record_cycle("r", 1, {"cycle": 1, "candidate": "v1"}, {"known": {}}, labels=[label],
-                          trajectories=[_row("a", 1, trained=True)], candidate="v1", promoted=True)
+        runs.record_cycle("r", 1, _cycle({"cycle": 1, "candidate": "v1"}, {"known": {}}), labels=[label],
+                          trajectories=[_row("a", 1, trained=True)], candidate="v1", promote=True, parent="v0")
     assert len(store.trajectories(cycle=1)) == 2 and len(runs.labels("r")) == 1  # the second try wrote nothing
     assert [(c.cycle, c.state) for c in runs.cycles("r")] == [(0, {"known": {}}), (1, {"known": {"all": 1.0}})]
 
     # a candidate that is not undecided any more: the cycle is refused whole
     store.record_policy("v2", "/x/v2", "v1", "rejected", {"run": "r", "cycle": 2}, {})
     with pytest.raises(RuntimeError, match="v2 is rejected, expected an undecided candidate"):
-        runs.record_cycle("r", 2, {"cycle": 2, "candidate": "v2"}, {"known": {}}, labels=[label],
+        runs.record_cycle("r", 2, _cycle({"cycle": 2, "candidate": "v2"}, {"known": {}}), labels=[label],
                           trajectories=[_row("a", 2)], candidate="v2")
     assert [c.cycle for c in runs.cycles("r")] == [0, 1] and store.trajectories(cycle=2) == [] and len(runs.labels("r")) == 1
     with pytest.raises(RuntimeError, match="only an undecided version"):
         runs.delete_undecided_policy("v1")
+
+
+def test_a_candidate_whose_parent_was_demoted_meanwhile_is_recorded_stale_not_promoted(store):
+    """The promotion is a compare-and-set on the version the candidate was judged against: an operator who promoted
+    another version while the cycle trained wins, and the cycle's record says what happened."""
+    runs = RunStore(store)
+    runs.create("r", {}, {})
+    store.record_policy("v0", "/x/v0", None, "candidate", {}, {})
+    store.record_policy("v1", "/x/v1", None, "candidate", {}, {})
+    store.record_policy("v2", "/x/v2", "v0", "candidate", {"run": "r", "cycle": 1}, {})
+    runs.set_base("r", "v0", promote=True)
+    runs.record_cycle("r", 0, _cycle({"cycle": 0}, {}))
+    store.promote_policy("v1", expected="v0")  # the operator, while cycle 1 trains v2 from v0
+    assert runs.record_cycle("r", 1, _cycle({"cycle": 1}, {}), candidate="v2", promote=True, parent="v0") is False
+    assert {r.version: r.status for r in store.policies()} == {"v0": "retired", "v1": "promoted", "v2": "stale"}
+    assert runs.cycles("r")[1].record == {"cycle": 1, "promoted": False}
+    assert not store.promote_policy("v0", expected="v2") and store.promoted_policy().version == "v1"
 
 
 def test_a_run_base_is_promoted_only_when_nothing_is(store):
@@ -78,7 +101,7 @@ def test_a_run_base_is_promoted_only_when_nothing_is(store):
     runs.set_base("first", "v0", promote=True)
     assert store.promoted_policy().version == "v0"
     store.record_policy("v1", "/x/v1", "v0", "candidate", {}, {})
-    store.set_policy_status("v1", "promoted")  # what the first run improved
+    store.promote_policy("v1")  # what the first run improved
     store.record_policy("v2", "/x/v2", None, "candidate", {"run": "second"}, {})
     runs.set_base("second", "v2", promote=True)
     assert store.promoted_policy().version == "v1" and runs.get("second").base_version == "v2"
@@ -163,6 +186,34 @@ def test_killed_between_saving_a_candidate_and_recording_its_cycle(tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "home/policies").iterdir()) == sorted(r.version for r in store.policies())
 
 
+def test_a_resumed_cycle_selects_with_the_same_filters_and_floor_as_the_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                        one_torch_thread):
+    """A file task without label checks calibrates its confidence floor on the current policy's evaluation: a resumed
+    run rebuilds that evaluation from the store, so its first cycle filters exactly as the killed process would have."""
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    demos, problems = _files(tmp_path)
+    record_cycle, first_try = RunStore.record_cycle, {}
+
+    def killed_recording_cycle_2(self, name, cycle, written, *args, **kwargs):
+        if cycle == 2:
+            first_try.update(written(False)[0])  # what the uninterrupted run would have recorded
+            raise Killed()
+        return record_cycle(self, name, cycle, written, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "record_cycle", killed_recording_cycle_2)
+    inputs = RunInputs(demos=demos, problems=problems, run_name="r", select_given=True)  # label-free, answers unread
+    cfg = tiny(threshold=0.2)  # "mastered" where a fifth is right: this tiny policy masters some length by cycle 2
+    with pytest.raises(Killed):
+        run_main(settings, cfg, inputs)
+    monkeypatch.undo()
+    floors = [f for f in first_try["filters"] if f["name"] == "calibrated_confidence"]
+    assert floors and floors[0]["floor"] < 0  # the policy had mastered a length: the floor was in force
+    run_main(settings, cfg, RunInputs(resume="r"))
+    resumed = RunStore(Store(settings.db_url)).cycles("r")[2].record
+    assert [(f["name"], f.get("floor"), f["kept"]) for f in resumed["filters"]] == \
+        [(f["name"], f.get("floor"), f["kept"]) for f in first_try["filters"]]
+
+
 def test_rows_are_marked_trained_only_with_their_cycle(tmp_path, monkeypatch, one_torch_thread):
     settings = Settings(home=tmp_path / "home", device="cpu")
     demos, problems = _files(tmp_path)
@@ -170,7 +221,7 @@ def test_rows_are_marked_trained_only_with_their_cycle(tmp_path, monkeypatch, on
     def killed(model):
         raise Killed()
 
-    monkeypatch.setattr("agent.loop.clone_for_training", killed)  # the cycle's fine-tune starts here
+    monkeypatch.setattr("agent.gate.clone_for_training", killed)  # the cycle's fine-tune starts here
     with pytest.raises(Killed):
         run_main(settings, tiny(cycles=1), RunInputs(demos=demos, problems=problems, run_name="r"))
     monkeypatch.undo()

@@ -139,3 +139,72 @@ def test_cli_and_celery_app_import_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("redis://arbor:S3c@r3tPW@host:6379/0", "redis://arbor:***@host:6379/0"),  # a raw '@' in the password
+    ("redis://arbor:a@b@c@host/0", "redis://arbor:***@host/0"),
+    ("postgresql+psycopg://arbor:pa:ss:word@db:5432/arbor", "postgresql+psycopg://arbor:***@db:5432/arbor"),
+    ("postgresql://u:p%40ss%3Aw@db/a", "postgresql://u:***@db/a"),  # percent-encoded, as with_password writes it
+    ("redis://u:pa/ss?x#y@host/0", "redis://u:***@host/0"),  # raw '/', '?', '#': a broken URL, still masked
+    ("redis://u:pw@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),  # IPv6 host
+    ("rediss://:hunter2@broker:6380", "rediss://:***@broker:6380"),  # a password without a user
+    ("redis://arbor@redis:6379/0", "redis://arbor@redis:6379/0"),  # a user without a password: nothing to hide
+    ("redis://redis:6379/0", "redis://redis:6379/0"),
+    ("redis://[::1]:6379/0", "redis://[::1]:6379/0"),
+    ("sqlite:////arbor/arbor.db", "sqlite:////arbor/arbor.db"),
+])
+def test_mask_never_shows_any_part_of_a_password(url, shown):
+    from agent.settings import mask
+
+    assert mask(url) == shown
+    line = f"error: cannot reach {url!r} (ConnectionError); ARBOR_BROKER_URL={url}\nnext line"
+    assert mask(line) == f"error: cannot reach {shown!r} (ConnectionError); ARBOR_BROKER_URL={shown}\nnext line"
+
+
+def test_mask_hides_every_password_in_a_text():
+    from agent.settings import mask
+
+    text = "a=redis://u:one@h1/0 b=postgresql://v:t@wo@h2/db,c=redis://w:three@h3"
+    masked = mask(text)
+    assert not any(secret in masked for secret in ("one", "t@wo", "wo@", "three")), masked
+    assert masked.startswith("a=redis://u:***@h1/0 b=postgresql://v:***@")
+
+
+def test_an_api_token_shorter_than_16_characters_is_refused(monkeypatch, tmp_path):
+    from agent.settings import MIN_API_TOKEN_CHARS, TOKEN_RECIPE, resolve_api_token
+
+    assert MIN_API_TOKEN_CHARS == 16
+    monkeypatch.delenv("ARBOR_API_TOKEN_FILE", raising=False)
+    monkeypatch.delenv("ARBOR_API_TOKEN", raising=False)
+    assert resolve_api_token(Settings(device="cpu")) is None  # none set: serving without one is the caller's call
+    monkeypatch.setenv("ARBOR_API_TOKEN", "hunter2-short")
+    with pytest.raises(ValueError) as err:
+        resolve_api_token(Settings(device="cpu"))
+    message = str(err.value)
+    assert message.startswith("ARBOR_API_TOKEN ") and "13 characters" in message and "at least 16" in message
+    assert TOKEN_RECIPE in message and "hunter2" not in message and "\n" not in message
+    made = subprocess.run(TOKEN_RECIPE, shell=True, capture_output=True, text=True, timeout=60, check=True)
+    made = made.stdout.strip()
+    monkeypatch.setenv("ARBOR_API_TOKEN", made)  # what the recipe makes is accepted
+    assert resolve_api_token(Settings(device="cpu")) == made
+    monkeypatch.setenv("ARBOR_API_TOKEN", "x" * 16)
+    assert resolve_api_token(Settings(device="cpu")) == "x" * 16
+
+    monkeypatch.delenv("ARBOR_API_TOKEN")
+    token_file = tmp_path / "api_token"
+    token_file.write_text("short-secret\n")
+    monkeypatch.setenv("ARBOR_API_TOKEN_FILE", str(token_file))
+    with pytest.raises(ValueError) as err:
+        resolve_api_token(Settings(device="cpu"))
+    message = str(err.value)
+    assert message.startswith(f"ARBOR_API_TOKEN_FILE={token_file} ") and "12 characters" in message
+    assert TOKEN_RECIPE in message and "short-secret" not in message
+    token_file.write_text("y" * 40 + "\n")
+    assert resolve_api_token(Settings(device="cpu")) == "y" * 40
+    token_file.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        resolve_api_token(Settings(device="cpu"))
+    monkeypatch.setenv("ARBOR_API_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="cannot read it"):
+        resolve_api_token(Settings(device="cpu"))

@@ -1,5 +1,6 @@
 import pytest
 
+from tests.support import add_trajectories
 from agent.store import ProblemConflict, Store
 from tasks import Problem
 
@@ -46,6 +47,19 @@ def test_two_files_with_the_same_name_never_share_problems(store, tmp_path):
     assert prompts == ["1+1=", "7+7="]  # b's job solves b's prompt
 
 
+@pytest.mark.parametrize("rounds", [0, -1, 21, 10**9, 2**63, True, 2.5, "3"])
+def test_rounds_out_of_range_are_refused_before_anything_is_written(store, rounds):
+    from agent.schema import MAX_REFINE_ROUNDS, RoundsOutOfRange
+
+    assert MAX_REFINE_ROUNDS == 20  # the web form's bound (arbor/web/templates/jobs.html)
+    with pytest.raises(RoundsOutOfRange) as err:
+        store.submit([Problem("1+2=", "3", id="r1")], "refine", rounds, {"search": {}})
+    assert f"from 1 to {MAX_REFINE_ROUNDS}" in str(err.value) and "\n" not in str(err.value)
+    assert store.get_problem("r1") is None and store.list_jobs() == []  # nothing of the call written
+    (job,) = store.submit([Problem("1+2=", "3", id="r1")], "refine", MAX_REFINE_ROUNDS, {"search": {}})
+    assert store.get_job(job).rounds == MAX_REFINE_ROUNDS
+
+
 def test_job_finishes_exactly_once(store):
     (pid,) = store.add_problems([Problem("1+2=", "3", id="p")])
     job = store.create_job("solve", pid)
@@ -59,22 +73,22 @@ def test_job_finishes_exactly_once(store):
 
 def test_trajectories_and_policy_versions(store):
     store.add_problems([Problem("1+2=", "3", id="p")])
-    store.add_trajectories([dict(problem_id="p", completion="3", token_count=1, mean_logprob=-0.1, min_logprob=-0.2,
+    add_trajectories(store, [dict(problem_id="p", completion="3", token_count=1, mean_logprob=-0.1, min_logprob=-0.2,
                                  mean_entropy=0.3, score=-0.1, verified=True, policy_version="v0", strategy="greedy",
                                  search_stats={"forward_passes": 2}, is_best=True)])
     (row,) = store.trajectories(best_only=True)
     assert row.verified and row.search_stats == {"forward_passes": 2}
     store.record_policy("v0", "/x/v0", None, "candidate", {}, {})
     store.record_policy("v1", "/x/v1", "v0", "candidate", {}, {})
-    store.set_policy_status("v0", "promoted")
-    store.set_policy_status("v1", "promoted", {"acc": 0.5})
+    store.promote_policy("v0")
+    store.promote_policy("v1", metrics={"acc": 0.5})
     statuses = {r.version: r.status for r in store.policies()}
     assert statuses == {"v0": "retired", "v1": "promoted"}
     assert store.promoted_policy().metrics == {"acc": 0.5}
 
 
 def _best(store, problem_id, job_id=None, cycle=None, trained_on=False):
-    store.add_trajectories([dict(problem_id=problem_id, job_id=job_id, cycle=cycle, completion="x", token_count=1,
+    add_trajectories(store, [dict(problem_id=problem_id, job_id=job_id, cycle=cycle, completion="x", token_count=1,
                                  mean_logprob=-1.0, min_logprob=-1.0, mean_entropy=0.1, score=-1.0, verified=False,
                                  policy_version="v0", strategy="greedy", is_best=True, trained_on=trained_on)])
 

@@ -53,7 +53,7 @@ def _files(tmp_path: Path, search: dict) -> tuple[Path, Path]:
 def _check_ran_mcts_with_min_logprob(store, job_ids: list[str]) -> None:
     from sqlalchemy import select
 
-    from agent.store import TrajectoryRow
+    from agent.schema import TrajectoryRow
 
     for job_id in job_ids:
         job = store.get_job(job_id)

@@ -23,7 +23,8 @@ def _file(tmp_path, n=5):
 
 def test_a_crash_while_storing_stores_nothing(tmp_path):
     from agent.jobs import submit_jobs
-    from agent.store import JobRow, ProblemRow, Store
+    from agent.schema import JobRow, ProblemRow
+    from agent.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'a.db'}")
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import RunStore, Store
+from agent.run_store import RunStore
+
+from agent.store import Store
 from tests.support import ARBOR, seed_policy
 
 PACKAGE = Path(__file__).parent / "plugins" / "rot13_package"

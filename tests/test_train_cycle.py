@@ -1,5 +1,5 @@
 """The workers' train cycle (agent/train_cycle.py) on a store of a user's problems: the loop's selection, replay
-mix and gate (agent/loop.py train_and_gate), on the task and held-out problems the store holds."""
+mix and gate (agent/gate.py), on the task and held-out problems the store holds."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from agent.train_cycle import run_train_cycle
 from agent.config import TrainConfig
 from search import SearchConfig
 from tasks import Problem
-from tests.support import tiny_promoted_policy
+from tests.support import add_trajectories, tiny_promoted_policy
 
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee"]
 
@@ -52,20 +52,20 @@ def _result(store: Store, problem: Problem, completions: list[str], job: str, ro
     if round == 0:
         store.create_job("solve", problem_id=problem.id, job_id=job)
     verdict = (lambda c: c == problem.answer) if problem.answer is not None else (lambda c: None)
-    store.add_trajectories([dict(problem_id=problem.id, job_id=job, cycle=None, round=round, completion=c, token_count=len(c),
+    add_trajectories(store, [dict(problem_id=problem.id, job_id=job, cycle=None, round=round, completion=c, token_count=len(c),
                                  mean_logprob=-1.0 - i, min_logprob=-2.0 - i, mean_entropy=0.5, score=-1.0 - i,
                                  verified=verdict(c), policy_version="v0", strategy="best_of_n", is_best=best and i == 0,
                                  prompt=prompt, search_stats={}) for i, c in enumerate(completions)])
 
 
 def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(setup, monkeypatch):
-    import agent.loop
+    import agent.gate
     from agent.trainer import SFTFineTuner
 
     settings, store, registry = setup
     evaluated, mixes = [], []
-    evaluate = agent.loop.evaluate_policy
-    monkeypatch.setattr("agent.loop.evaluate_policy",
+    evaluate = agent.gate.evaluate_policy
+    monkeypatch.setattr("agent.gate.evaluate_policy",
                         lambda policy, by_key, *a, **k: evaluated.append(sorted(p.id for ps in by_key.values() for p in ps))
                         or evaluate(policy, by_key, *a, **k))
     train = SFTFineTuner.train
@@ -133,7 +133,7 @@ def test_no_heldout_problems_for_the_task_refuses_to_train(setup):
     with store.session() as s:  # only the addition task has held-out problems now
         from sqlalchemy import update
 
-        from agent.store import ProblemRow
+        from agent.schema import ProblemRow
 
         s.execute(update(ProblemRow).where(ProblemRow.split == "heldout").values(task="addition"))
     out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
@@ -164,7 +164,7 @@ def test_heldout_problems_that_nothing_can_check_refuse_to_train(setup):
     with store.session() as s:
         from sqlalchemy import update
 
-        from agent.store import ProblemRow
+        from agent.schema import ProblemRow
 
         s.execute(update(ProblemRow).where(ProblemRow.split == "heldout").values(answer=None))
     _result(store, Problem("cat backwards:", id="t-cat"), ["tac"], job="j-cat")
@@ -178,7 +178,7 @@ def test_a_cycle_reads_one_bounded_page_of_results_oldest_first(tmp_path):
     the newer ones stay in the database (the rows loaded are counted)."""
     from sqlalchemy import event
 
-    from agent.store import TrajectoryRow
+    from agent.schema import TrajectoryRow
     from agent.train_cycle import _new_results
 
     store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
@@ -207,3 +207,30 @@ def test_a_cycle_reads_one_bounded_page_of_results_oldest_first(tmp_path):
     assert store.count_untrained_best() == 29 and store.count_trainable() == 0  # no held-out problems: none trainable
     event.remove(store.engine, "before_cursor_execute", seen)
     assert len(statements) == 2 and all("count(" in s.lower() for s in statements)  # one COUNT each, no ids fetched
+
+
+def test_a_cycle_finishing_after_a_rollback_does_not_promote_a_child_of_the_rolled_back_version(setup, monkeypatch):
+    """The gate judged the candidate against the version it trained from; an operator rolled that version back while
+    the cycle trained. Promotion is a compare-and-set on the parent, so the rollback stands and the candidate is
+    recorded stale (before, the candidate was promoted over the operator's choice)."""
+    from agent.promotion import rollback
+    from agent.trainer import SFTFineTuner
+
+    settings, store, registry = setup
+    v0 = registry.promoted()[0]
+    parent = registry.load(v0)
+    v1 = registry.save(parent.model, parent.tokenizer, parent=v0, trained_on={}, metrics={"gate_score": 1.0})
+    registry.promote(v1, {})
+    _result(store, Problem("cat backwards:", "tac", id="t-cat"), ["tac", "cat"], job="j-cat")
+    train = SFTFineTuner.train
+
+    def operator_rolls_back_meanwhile(self, model, tok, examples):
+        assert rollback(store) == {"promoted": v0, "previous": v1}
+        return train(self, model, tok, examples)
+
+    monkeypatch.setattr(SFTFineTuner, "train", operator_rolls_back_meanwhile)
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())  # margin -1: the gate passes
+    statuses = {r.version: r.status for r in store.policies()}
+    assert out["parent"] == v1 and out["promoted"] is False and "no longer the promoted version" in out["stale"]
+    assert statuses == {v0: "promoted", v1: "rejected", out["candidate"]: "stale"}
+    assert registry.promoted()[0] == v0

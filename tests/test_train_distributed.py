@@ -16,7 +16,7 @@ from agent import distributed
 from agent.registry import PolicyRegistry
 from agent.store import Store
 from tasks import Problem
-from tests.support import tiny_promoted_policy
+from tests.support import add_trajectories, tiny_promoted_policy
 
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "emu", "yak"]
 
@@ -33,7 +33,7 @@ def _home(root: Path) -> dict:
         p = Problem(f"{w} backwards:", w[::-1], id=f"t-{w}")
         store.add_problems([p])
         store.create_job("solve", problem_id=p.id, job_id=f"j-{w}")
-        store.add_trajectories([dict(problem_id=p.id, job_id=f"j-{w}", cycle=None, round=0, completion=c, token_count=len(c),
+        add_trajectories(store, [dict(problem_id=p.id, job_id=f"j-{w}", cycle=None, round=0, completion=c, token_count=len(c),
                                      mean_logprob=-1.0 - i, min_logprob=-2.0 - i, mean_entropy=0.5, score=-1.0 - i,
                                      verified=c == p.answer, policy_version="v0", strategy="best_of_n", is_best=i == 0,
                                      search_stats={}) for i, c in enumerate([w[::-1], "zz"])])

@@ -156,6 +156,19 @@ def test_a_job_that_keeps_killing_its_worker_gives_up(store_registry):
     assert out["status"] == "failed" and "gave up after 2 deliveries" in out["error"]
 
 
+def test_a_job_with_rounds_out_of_range_fails_with_a_clear_error(store_registry):
+    from agent.jobs import run_job
+    from agent.schema import MAX_REFINE_ROUNDS
+
+    store, _ = store_registry
+    (pid,) = store.add_problems([Problem("1+1=", "20", id="u5")])
+    job = store.create_job("refine", pid, rounds=10**9)  # written past submit (an older version, another tool)
+    loads = []
+    out = run_job(store, job, lambda: loads.append(1), "w")
+    assert out["status"] == "failed" and str(10**9) in out["error"] and f"from 1 to {MAX_REFINE_ROUNDS}" in out["error"]
+    assert loads == [] and store.trajectories(job_id=job) == []  # refused before a policy loads or a search runs
+
+
 # CLI ---------------------------------------------------------------------------------------------------------
 
 def _cli(env: dict, *args):
@@ -225,7 +238,7 @@ def test_cli_policies_add_promotes_a_local_model(cli_env, tmp_path, store_regist
 
 def test_never_two_train_cycles_at_once(home, store_registry, monkeypatch):
     from agent.settings import Settings
-    from agent.train_cycle import FileLease
+    from agent.locks import FileLease
     from agent.train_cycle import run_train_cycle
 
     store, registry = store_registry

@@ -54,7 +54,8 @@ class PolicyCache:
             return self.policy
         self.failed.pop(version, None)
         self.policy = policy
-        log.info("loaded policy %s (was %s) on %s as %s", version, previous, self.device, self.dtype)
+        log.info("loaded policy %s (was %s) on %s as %s; %d loads in this process", version, previous, self.device,
+                 self.dtype, self.loads)
         return self.policy
 
     def _fallback(self, broken: str, exc: Exception):

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from agent.config import LoopConfig
 from agent.settings import Settings
-from arbor.cli import app
 from arbor.options import load_settings, option
 
 LOOP = LoopConfig()  # every option's default is LoopConfig's own (and its search, select and train configs')
@@ -40,14 +39,15 @@ def _cycle_row(record) -> list[str]:
 RESUME_OPTIONS = {"resume", "cycles", "time_budget", "home", "device", "json_out"}
 
 
-@app.command("run")
 def run(
     ctx: typer.Context,
-    model: Optional[Path] = typer.Option(None, help="A local transformers causal-LM folder to start from (default: the built-in policy)."),
+    model: Optional[Path] = typer.Option(None, help="A local transformers causal-LM folder to start from (default: "
+                                         "the built-in policy)."),
     demos: Optional[Path] = typer.Option(None, help="JSONL of {prompt, completion} pairs for the warm start."),
     problems: Optional[Path] = typer.Option(None, help="JSONL of problems (default: the built-in addition task)."),
-    task: Optional[str] = typer.Option(None, help="A task family: built-in (addition, reversal), installed (arbor.tasks "
-                                       "entry point) or module:Class; with --problems, the task of lines that name none."),
+    task: Optional[str] = typer.Option(None, help="A task family: built-in (addition, reversal), installed "
+                                       "(arbor.tasks entry point) or module:Class; with --problems, the task of lines "
+                                       "that name none."),
     cycles: int = option(LOOP, "cycles"),
     time_budget: Optional[float] = option(LOOP, "time_budget_s", "--time-budget"),
     strategy: str = option(LOOP.search, "strategy"),
@@ -61,9 +61,11 @@ def run(
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
     heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
     seed: int = option(LOOP, "seed"),
-    run_name: Optional[str] = typer.Option(None, help="The run's name: its folder under $ARBOR_HOME/runs (letters, digits, '.', '_', '-')."),
-    resume: Optional[str] = typer.Option(None, metavar="RUN", help="Continue run RUN after its last recorded cycle, with "
-                                         "the inputs and settings it was started with (--cycles and --time-budget may change)."),
+    run_name: Optional[str] = typer.Option(None, help="The run's name: its folder under $ARBOR_HOME/runs (letters, "
+                                           "digits, '.', '_', '-')."),
+    resume: Optional[str] = typer.Option(None, metavar="RUN", help="Continue run RUN after its last recorded cycle, "
+                                         "with the inputs and settings it was started with (--cycles and "
+                                         "--time-budget may change)."),
     home: Optional[Path] = option(Settings, "home"),
     device: Optional[str] = option(Settings, "device"),
     json_out: bool = typer.Option(False, "--json", help="Print the report as one JSON object on the last line."),
@@ -79,11 +81,11 @@ def run(
     if resume is not None:
         refused = [f"--{name.replace('_', '-')}" for name in given if name not in RESUME_OPTIONS]
         if refused:
-            console.print(f"[red]error:[/] --resume continues run {resume!r} with the inputs and settings it was started "
-                          f"with: drop {', '.join(refused)}")
+            console.print(f"[red]error:[/] --resume continues run {resume!r} with the inputs and settings it was "
+                          f"started with: drop {', '.join(refused)}")
             raise typer.Exit(2)
-        changes = {field: value for name, field, value in (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
-                   if name in given}
+        when = (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
+        changes = {field: value for name, field, value in when if name in given}
     try:
         cfg = replace(
             LOOP,
@@ -101,7 +103,8 @@ def run(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     table = Table(title="Arbor self-improvement", show_lines=False)
-    for col in ["cycle", "s", "policy", "frontier", "held-out accuracy (difficulty:acc)", "accepted", "loss", "promoted"]:
+    for col in ["cycle", "s", "policy", "frontier", "held-out accuracy (difficulty:acc)", "accepted", "loss",
+                "promoted"]:
         table.add_column(col)
 
     def on_event(kind: str, payload) -> None:
@@ -112,7 +115,8 @@ def run(
         elif kind == "cycle":
             row = _cycle_row(payload)
             table.add_row(*row)
-            console.print("  ".join(f"{c}={v}" for c, v in zip(["cycle", "t", "policy", "frontier", "acc", "accepted", "loss", "promoted"], row)))
+            names = ["cycle", "t", "policy", "frontier", "acc", "accepted", "loss", "promoted"]
+            console.print("  ".join(f"{c}={v}" for c, v in zip(names, row)))
 
     try:
         with console.status("running the self-improvement loop (each cycle: search, select, train, evaluate)"):
@@ -124,4 +128,4 @@ def run(
     console.print(table)
     console.print(f"report: {report['run_dir']}/report.md, learning curve: {report['run_dir']}/learning_curve.png")
     if json_out:
-        print(json.dumps({"cycles": report["cycles"], "final_policy": report["final_policy"], "run_dir": report["run_dir"]}, default=str))
+        print(json.dumps({k: report[k] for k in ("cycles", "final_policy", "run_dir")}, default=str))

@@ -19,13 +19,10 @@ from typing import Optional
 import typer
 
 from agent.settings import Settings
-from arbor.cli import app
 from arbor.options import load_settings, option
-from search import SearchConfig
+from arbor.submission import JOB_SEARCH
 
-# the search of `arbor search` unless a flag says otherwise: beam won at equal budget (docs/benchmarks.md); every
-# other default is SearchConfig's own
-CLI_SEARCH = SearchConfig(strategy="beam")
+CLI_SEARCH = JOB_SEARCH  # the search of `arbor search` unless a flag says otherwise, as a submitted job's
 
 
 def _row(result) -> dict:
@@ -48,7 +45,6 @@ def _row(result) -> dict:
     }
 
 
-@app.command("search")
 def search_command(
     model: Path = typer.Option(..., "--model", help="a save_pretrained model folder (with its tokenizer)"),
     strategy: str = option(CLI_SEARCH, "strategy"),
@@ -111,11 +107,13 @@ def search_command(
     for r in rows:
         typer.echo(
             f"{r['prompt']!r} -> {r['completion']!r}  score={r['score']:.4f} mean_logprob={r['mean_logprob']:.4f} "
-            f"min_logprob={r['min_logprob']:.4f} verified={r['verified']} tokens={r['generated_tokens']} passes={r['forward_passes']}"
+            f"min_logprob={r['min_logprob']:.4f} verified={r['verified']} tokens={r['generated_tokens']} "
+            f"passes={r['forward_passes']}"
         )
     if tree is not None:
         tok = policy.tokenizer
-        roots = [r.tree or tree_from_candidates(tok(r.problem.prompt, add_special_tokens=False).input_ids, r.candidates) for r in results]
+        roots = [r.tree or tree_from_candidates(tok(r.problem.prompt, add_special_tokens=False).input_ids, r.candidates)
+                 for r in results]
         tree.write_text(tree_to_html(roots, tok, [f"{r.problem.id}: {strategy}" for r in results]), encoding="utf-8")
         typer.echo(f"tree written to {tree}")
     if as_json:

@@ -1,6 +1,7 @@
-"""`arbor serve`: the HTTP API and the web view (arbor/api.py) under uvicorn.
+"""`arbor serve`: the HTTP API and the web view (arbor/api/) under uvicorn.
 
-    ARBOR_API_TOKEN=... arbor serve --host 0.0.0.0 --port 8000     # or ARBOR_API_TOKEN_FILE=/run/secrets/arbor_api_token
+    ARBOR_API_TOKEN=... arbor serve --host 0.0.0.0 --port 8000
+    ARBOR_API_TOKEN_FILE=/run/secrets/arbor_api_token arbor serve     # the token from a file
     arbor serve --no-auth                                          # a trusted host only: no token asked
     arbor serve --no-auth --write-openapi docs/openapi.json        # the schema the server serves, to a file
 
@@ -17,11 +18,9 @@ from typing import Optional
 import typer
 
 from arbor.api import ApiConfig
-from arbor.cli import app
 from arbor.options import load_settings, option
 
 
-@app.command()
 def serve(
     host: str = option(ApiConfig, "host"),
     port: int = option(ApiConfig, "port"),
@@ -29,7 +28,8 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="serve without an API token (a trusted host only)"),
     log_level: str = typer.Option("info", help="uvicorn's log level"),
     write_openapi: Optional[Path] = typer.Option(None, "--write-openapi",
-                                                 help="write the OpenAPI schema to this file and exit (docs/openapi.json)"),
+                                                 help="write the OpenAPI schema to this file and exit "
+                                                      "(docs/openapi.json)"),
 ):
     """Serve the HTTP API (/docs, /openapi.json) and the web view of runs, jobs, policies and search trees."""
     import uvicorn
@@ -54,10 +54,11 @@ def serve(
     except Exception as exc:
         from agent.settings import mask
 
-        typer.echo(mask(f"error: cannot open the store at {settings.db_url}: {type(exc).__name__}: {str(exc).splitlines()[0]} "
-                        "(check ARBOR_DATABASE_URL and that the database is running)"), err=True)
+        typer.echo(mask(f"error: cannot open the store at {settings.db_url}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0]} (check ARBOR_DATABASE_URL and that the database is running)"),
+                   err=True)
         raise typer.Exit(1) from None
     if no_auth:
-        typer.echo("warning: serving without an API token (--no-auth): anyone who reaches this port can submit and promote",
-                   err=True)
+        typer.echo("warning: serving without an API token (--no-auth): anyone who reaches this port can submit and "
+                   "promote", err=True)
     uvicorn.run(asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -14,7 +14,6 @@ from typing import Optional
 import typer
 
 from agent.settings import Settings
-from arbor.cli import app
 from arbor.options import option
 
 
@@ -36,7 +35,6 @@ def _broker_or_exit() -> str:
     return url
 
 
-@app.command()
 def worker(
     queues: str = typer.Option("search,default", help="comma-separated queues: search, train, default"),
     device: Optional[str] = option(Settings, "device"),
@@ -51,7 +49,8 @@ def worker(
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     unknown = [q for q in wanted if q not in QUEUES]
     if unknown or not wanted:
-        typer.echo(f"error: unknown queue(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(QUEUES)}", err=True)
+        typer.echo(f"error: unknown queue(s) {', '.join(unknown) or '(none given)'}: choose from "
+                   f"{', '.join(QUEUES)}", err=True)
         raise typer.Exit(1)
     # passed on to the pool child, whose Settings() reads them when it loads the model (the parent never touches CUDA)
     if device:
@@ -71,7 +70,6 @@ def worker(
     ])
 
 
-@app.command()
 def beat(
     schedule: str = typer.Option(None, help="schedule state file (default: $ARBOR_HOME/celerybeat-schedule)"),
     loglevel: str = typer.Option("INFO", help="Celery log level"),
@@ -87,8 +85,8 @@ def beat(
     celery_app.start(["beat", "-s", schedule or str(home / "celerybeat-schedule"), f"--loglevel={loglevel}"])
 
 
-@app.command()
-def flower(port: int = typer.Option(5555, help="HTTP port"), address: str = typer.Option("127.0.0.1", help="bind address")):
+def flower(port: int = typer.Option(5555, help="HTTP port"),
+           address: str = typer.Option("127.0.0.1", help="bind address")):
     """The Flower dashboard over the queue (workers send events). Binds to localhost unless told otherwise."""
     _broker_or_exit()
     try:

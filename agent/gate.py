@@ -1,0 +1,66 @@
+"""Train a candidate and judge it against the current policy, by the one promotion rule (agent/promotion.py)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from agent import distributed
+from agent.config import PreferenceConfig, TrainConfig
+from agent.evaluation import Evaluation, evaluate_policy
+from agent.policy import Policy
+from agent.promotion import beats
+from agent.trainer import DPOFineTuner, SFTFineTuner, clone_for_training
+from search import SearchConfig
+from tasks import Problem, Task
+
+
+def train_candidate(current: Policy, examples: list[dict], pairs: list[dict], train: TrainConfig, method: str,
+                    preference: PreferenceConfig) -> tuple[object, dict]:
+    """A fine-tuned copy of `current`'s model and the fine-tune's stats: SFT on `examples`, DPO on `pairs`
+    (agent/preference.py), or DPO after SFT (method sft+dpo; with no pairs, SFT gets DPO's time so that a cycle costs
+    the same). The copy leaves `current` untouched: a rejected candidate costs nothing but its time."""
+    model = clone_for_training(current.model)
+    stats: dict = {}
+    if method == "sft+dpo" and not pairs:
+        train = replace(train, time_budget_s=train.time_budget_s + preference.time_budget_s)
+    if method in ("sft", "sft+dpo"):
+        distributed.share_fine_tune(current.version, examples, train)  # other ranks of a multi-process launch join it
+        stats = SFTFineTuner(train).train(model, current.tokenizer, examples)
+    if method in ("dpo", "sft+dpo"):
+        dpo = DPOFineTuner(preference).train(model, current.tokenizer, pairs) if pairs else {"steps": 0, "seconds": 0.0}
+        stats["dpo"] = {**dpo, "pairs": len(pairs)}
+    return model, stats
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A candidate judged against the current policy on the same held-out problems with the same search."""
+
+    promote: bool
+    candidate: Evaluation
+    current: Evaluation  # the current policy's evaluation, completed at every key the scores compare
+    candidate_score: float
+    current_score: float
+    keys: list[str]  # the held-out keys the scores average over
+    seconds: float
+
+    def metrics(self) -> dict:
+        """What the candidate's version records."""
+        return {"heldout": self.candidate.accuracy, "self_verified": self.candidate.self_verified,
+                "gate_score": self.candidate_score, "current_gate_score": self.current_score, "gate_keys": self.keys}
+
+
+def judge(candidate: Policy, current: Policy, heldout: dict[str, list[Problem]], search: SearchConfig, task: Task | None,
+          mode: str, margin: float, keys: list[str] | None = None, current_eval: Evaluation | None = None) -> Verdict:
+    """Evaluate the candidate and compare gate scores over `keys` (default: every held-out key). `current_eval` is what
+    the current policy already scored (the loop keeps it between cycles): it is evaluated only at the keys missing."""
+    t = time.monotonic()
+    cand = evaluate_policy(candidate, heldout, search, task, keys, mode)
+    keys = [k for k in (keys if keys is not None else sorted(heldout)) if k in cand.metric]
+    cur = current_eval if current_eval is not None else Evaluation(mode)
+    missing = {k: heldout[k] for k in keys if k not in cur.metric}
+    if missing:
+        cur = cur.merged(evaluate_policy(current, missing, search, task, keys, mode))
+    cand_score, cur_score = cand.score(keys), cur.score(keys)
+    return Verdict(beats(cand_score, cur_score, margin), cand, cur, cand_score, cur_score, keys, time.monotonic() - t)
