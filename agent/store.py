@@ -16,7 +16,8 @@ from sqlalchemy import create_engine, event, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased, sessionmaker
 
-from agent.schema import JOB_FINISHED, JobRow, check_rounds, PolicyVersionRow, ProblemRow, TrajectoryRow, migrate, utc_now
+from agent.schema import (JOB_FINISHED, JobRow, PolicyVersionRow, ProblemRow, ReplayLabelRow, TrajectoryRow, check_rounds,
+                          migrate, utc_now)
 from tasks import Problem
 from tasks.base import MAX_ID_CHARS
 
@@ -233,15 +234,27 @@ class Store:
                 by_result.setdefault((row.job_id, row.round), []).append(row)
         return [sorted(by_result[(b.job_id, b.round)], key=lambda r: (not r.is_best, r.id)) for b in best]
 
-    def trained_labels(self, trajectory_ids: list[int]) -> list[dict]:
-        """The (prompt, completion) of trajectories a train cycle trained on: its replay buffer's entries."""
-        labels = []
+    def add_replay_labels(self, buffer: str, labels: list[dict]) -> int:
+        """Append one cycle's labels ({"prompt", "completion", "problem_id"}) to a replay buffer; returns the cycle's
+        number in that buffer."""
+        for _ in range(20):
+            try:
+                with self.session() as s:
+                    cycle = 1 + (s.scalar(select(func.max(ReplayLabelRow.cycle)).where(ReplayLabelRow.buffer == buffer)) or 0)
+                    s.add_all([ReplayLabelRow(buffer=buffer, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
+                                              prompt=e["prompt"], completion=e["completion"]) for i, e in enumerate(labels)])
+                return cycle
+            except IntegrityError:
+                continue  # another cycle took that number a moment ago
+        raise RuntimeError(f"could not append to replay buffer {buffer!r} after 20 tries")
+
+    def replay_labels(self, buffer: str, limit: int) -> list[dict]:
+        """The newest `limit` labels of a replay buffer, oldest first: a mix draws at most that many, however many
+        cycles ran before."""
         with self.session() as s:
-            for at in range(0, len(trajectory_ids), 500):  # bounded IN lists (SQLite's variable limit)
-                q = (select(ProblemRow.prompt, TrajectoryRow.completion).join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
-                     .where(TrajectoryRow.id.in_(trajectory_ids[at : at + 500])))
-                labels += [{"prompt": prompt, "completion": completion} for prompt, completion in s.execute(q)]
-        return labels
+            rows = s.execute(select(ReplayLabelRow.prompt, ReplayLabelRow.completion).where(ReplayLabelRow.buffer == buffer)
+                             .order_by(ReplayLabelRow.cycle.desc(), ReplayLabelRow.seq.desc()).limit(limit)).all()
+        return [{"prompt": prompt, "completion": completion} for prompt, completion in reversed(rows)]
 
     @staticmethod
     def _untrained_best():
