@@ -17,7 +17,8 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from agent.schema import PolicyVersionRow, ReplayLabelRow, RunCycleRow, RunRow, TrajectoryRow, utc_now
-from agent.store import Store, promote_in, retryable
+from agent.promotion import promote_in
+from agent.store import Store, retryable
 
 # a run's name is its folder under runs/ (and fits the runs table's key): no separators, no "..", not hidden
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
