@@ -85,7 +85,7 @@ def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(set
     assert {e["completion"] for e in mixes[0]} == {"tac", "god"} and len(mixes[0]) == 40  # no warm-start data: none stored
     assert store.count_untrained_best() == 0
     row = {r.version: r for r in store.policies()}["v1"]
-    assert row.status == "promoted" and row.trained_on["source"] == "store" and len(row.trained_on["labels"]) == 1
+    assert row.status == "promoted" and row.trained_on["source"] == "store" and row.trained_on["replayed_labels"] == 1
 
     # the next cycle's mix replays the earlier cycle's labels beside the new ones (the loop's shares)
     p = Problem("bee backwards:", "eeb", id="t-bee")
