@@ -78,7 +78,7 @@ class RunStore:
     def record_cycle(self, name: str, cycle: int, written: Callable[[bool], tuple[dict, dict]], labels: list[dict] = (),
                      trajectories: list[dict] = (), candidate: str | None = None, promote: bool = False,
                      parent: str | None = None) -> bool:
-        """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `trained_on`
+        """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `consumed`
         marks say which rows the cycle trained on) and the candidate's promotion or rejection. A promotion is a
         compare-and-set on `parent`, the version the candidate was judged against: if another version has been
         promoted since, the candidate is recorded `stale`, not promoted. `written(promoted)` gives the cycle's record

@@ -92,7 +92,9 @@ class TrajectoryRow(Base):
     strategy: Mapped[str] = mapped_column(String(40))
     search_stats: Mapped[dict] = mapped_column(JSON, default=dict)
     is_best: Mapped[bool] = mapped_column(Boolean, default=False)
-    trained_on: Mapped[bool] = mapped_column(Boolean, default=False)
+    # a cycle has used this row: the loop marks the best rows it trained on, the store-driven train cycle every best
+    # row it judged (so that none is judged twice)
+    consumed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
@@ -203,7 +205,13 @@ def _one_replay_table(s, engine) -> None:
         row.trained_on = {**trained_on, "replayed_labels": len(rows)}
 
 
-MIGRATIONS = [_keep_newest_promotion, _one_replay_table]  # append only: a database records how many it has had
+def _consumed_trajectories(s, engine) -> None:
+    """A trajectory's `trained_on` flag read like a version's `trained_on` record: the flag is now `consumed`."""
+    if "trained_on" in {c["name"] for c in inspect(s.connection()).get_columns("trajectories")}:
+        s.execute(text("ALTER TABLE trajectories RENAME COLUMN trained_on TO consumed"))
+
+
+MIGRATIONS = [_keep_newest_promotion, _one_replay_table, _consumed_trajectories]  # append only: a database records how many it has had
 
 
 def migrate(engine, sessions) -> None:

@@ -207,9 +207,9 @@ class Store:
                 q = q.where(TrajectoryRow.is_best.is_(True))
             return list(s.scalars(q))
 
-    def mark_trained(self, trajectory_ids: list[int]) -> None:
+    def mark_consumed(self, trajectory_ids: list[int]) -> None:
         with self.session() as s:
-            s.execute(update(TrajectoryRow).where(TrajectoryRow.id.in_(trajectory_ids)).values(trained_on=True))
+            s.execute(update(TrajectoryRow).where(TrajectoryRow.id.in_(trajectory_ids)).values(consumed=True))
 
     def heldout_problems(self) -> list[Problem]:
         with self.session() as s:
@@ -260,7 +260,7 @@ class Store:
         cycle has judged yet. The loop judges and marks its own results (cycle rows) itself. Results on held-out
         problems (a user may solve them too) are never trained on: the gate would then score memorised answers."""
         heldout = select(ProblemRow.id).where(ProblemRow.split == "heldout")
-        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False), TrajectoryRow.job_id.is_not(None),
+        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.consumed.is_(False), TrajectoryRow.job_id.is_not(None),
                 TrajectoryRow.problem_id.not_in(heldout))
 
     def count_untrained_best(self) -> int:

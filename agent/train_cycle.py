@@ -125,7 +125,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
             filters[mode], examples = selection.filters, examples + selection.examples
     consumed = [group[0] for group in ids]  # each result's best row: judged by one cycle, never again
     if not examples:
-        store.mark_trained(consumed)
+        store.mark_consumed(consumed)
         return {"candidate": None, "promoted": False, "task": name, "reason": "no new result passed selection",
                 "filters": filters, "metrics": {}, "pending_tasks": pending}
     row_of = {}
@@ -160,7 +160,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     if not verdict.promote:
         registry.reject(version, metrics)
     store.add_replay_labels(buffer, replayed)
-    store.mark_trained(consumed)
+    store.mark_consumed(consumed)
     out = {"candidate": version, "promoted": promoted, "parent": current.version, "task": name,
            "examples": len(examples), "refinement_examples": len(refined), "filters": filters,
            "metrics": {**metrics, "current_heldout": verdict.current.accuracy}, "train": train_stats,

@@ -184,7 +184,7 @@ def test_a_cycle_reads_one_bounded_page_of_results_oldest_first(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
     for i in range(30):
         _result(store, Problem(f"p{i}:", None, id=f"p{i}"), [f"a{i}", f"b{i}", f"c{i}"], job=f"j{i:02d}")
-    store.mark_trained([t.id for t in store.trajectories(job_id="j00") if t.is_best])  # judged by an earlier cycle
+    store.mark_consumed([t.id for t in store.trajectories(job_id="j00") if t.is_best])  # judged by an earlier cycle
     loaded = []
 
     def count(row, _context):
