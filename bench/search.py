@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (bench/queue.py would shadow the stdlib)
@@ -26,12 +28,11 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (
 import torch
 
 
-from agent.config import BuiltinConfig  # noqa: E402
+from agent.config import BuiltinConfig, TrainConfig  # noqa: E402
 
 
 from agent.policy import Policy, build_builtin_policy  # noqa: E402
 from tasks import get_task  # noqa: E402
-from agent.config import TrainConfig  # noqa: E402
 from agent.trainer import SFTFineTuner  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
 from agent.select import answer_support, most_confident_with  # noqa: E402
@@ -120,6 +121,19 @@ def goal(rows) -> dict:
             "met": best["tokens_per_problem"] <= ref["tokens_per_problem"] / 4}
 
 
+@contextmanager
+def prefixes_reused(reuse: bool):
+    """MCTS's tree nodes reuse their parent's cached prefix (the product), or recompute it (the baseline)."""
+    import search.mcts
+
+    original = search.mcts.Expander
+    search.mcts.Expander = partial(original, reuse_prefix=reuse)
+    try:
+        yield
+    finally:
+        search.mcts.Expander = original
+
+
 def speed_prefix(policy, problems, shots: int) -> dict:
     """MCTS with and without shared-prefix reuse; `shots` solved examples before each prompt make the shared
     prefix long, as in few-shot prompting (0: the bare task prompt)."""
@@ -128,8 +142,8 @@ def speed_prefix(policy, problems, shots: int) -> dict:
     probs = [type(p)(**{**p.__dict__, "prompt": prefix + p.prompt}) for p in problems]
     out = {}
     for reuse in (False, True):
-        res, s = run(policy, probs, strategy="mcts", simulations=4, children=2, max_step_tokens=2, temperature=1.0, reuse_prefix=reuse)
-        out[reuse] = (res, s)
+        with prefixes_reused(reuse):
+            out[reuse] = run(policy, probs, strategy="mcts", simulations=4, children=2, max_step_tokens=2, temperature=1.0)
     same = all([c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates] for a, b in zip(out[True][0], out[False][0]))
     return {"shots": shots, "prompt_tokens": len(probs[0].prompt), "recompute_s": round(out[False][1], 3),
             "reuse_s": round(out[True][1], 3), "speedup": round(out[False][1] / out[True][1], 2), "identical_outputs": same,

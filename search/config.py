@@ -50,8 +50,6 @@ class SearchConfig:
     scorer: str | None = field(default=None, metadata={
         "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, verifier+min_logprob "
                 "(default: from confidence and use_verifier)"})
-    reuse_prefix: bool = field(default=True, metadata={
-        "help": "reuse a node's cached prefix (False recomputes it: the benchmark's baseline)"})
     keep_tree: bool = field(default=False, metadata={
         "help": "attach the search tree to each result (for `arbor search --tree`)"})
     recycling: bool = field(default=False, metadata={
@@ -98,7 +96,7 @@ class SearchConfig:
             raise ValueError(f"groups must be at least 1 (got groups={self.groups})")
         if self.strategy == "diverse_beam" and self.beams % self.groups:
             raise ValueError(f"groups must divide beams (got beams={self.beams}, groups={self.groups})")
-        for name in ("use_verifier", "reuse_prefix", "keep_tree", "recycling", "memory"):
+        for name in ("use_verifier", "keep_tree", "recycling", "memory"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r})")
         if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):

@@ -43,7 +43,7 @@ def mcts(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> li
     tok = policy.tokenizer
     # with cfg.recycling the greedy rollouts verify recycled-token drafts (same tokens, fewer forwards)
     decoder = Decoder(policy.model, tok, draft_source=policy.draft_source if cfg.recycling else None)
-    ex = Expander(decoder, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
+    ex = Expander(decoder, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
     generator = decoder.generator(cfg.seed)
     roots = ex.roots([p.prompt for p in problems])
     bounds = [[math.inf, -math.inf] for _ in problems]  # min/max value seen per tree

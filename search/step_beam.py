@@ -18,7 +18,7 @@ from search.types import SearchPolicy, SearchResult
 def step_beam(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     scorer = cfg.build_scorer()
     decoder = Decoder(policy.model, policy.tokenizer)
-    ex = Expander(decoder, reuse_prefix=cfg.reuse_prefix, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
+    ex = Expander(decoder, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
     generator = decoder.generator(cfg.seed)
     roots = ex.roots([p.prompt for p in problems])
     frontier: list[list[Node]] = [[r] for r in roots]

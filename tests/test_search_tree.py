@@ -77,12 +77,17 @@ def test_sampled_children_share_the_parent_cache():
 
 
 @pytest.mark.parametrize("strategy", ["step_beam", "mcts"])
-def test_tree_strategies_reuse_and_recompute_agree(strategy):
+def test_tree_strategies_reuse_and_recompute_agree(strategy, monkeypatch):
+    from functools import partial
+
+    from search.expand import Expander
+
     policy = _policy()
     problems = get_task("addition").generate(3, 4, seed=1)
     kw = dict(strategy=strategy, max_new_tokens=6, beams=2, children=3, simulations=4, max_step_tokens=2, keep_tree=True)
     fast = run_search(problems, SearchConfig(**kw), policy)
-    slow = run_search(problems, SearchConfig(reuse_prefix=False, **kw), policy)
+    monkeypatch.setattr(f"search.{strategy}.Expander", partial(Expander, reuse_prefix=False))  # every prefix recomputed
+    slow = run_search(problems, SearchConfig(**kw), policy)
     for a, b in zip(fast, slow):
         assert [c.token_ids for c in a.candidates] == [c.token_ids for c in b.candidates]
         assert a.generated_tokens == b.generated_tokens > 0
