@@ -25,7 +25,7 @@ from agent.preference import preference_pairs
 from agent.registry import PolicyRegistry
 from agent.run_store import RunStore
 from agent.select import select
-from agent.solve import trajectory_rows
+from agent.job_search import trajectory_rows
 from agent.store import Store
 from search import run_search
 

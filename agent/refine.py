@@ -12,8 +12,8 @@ in round 0:
 
 The feedback is the checker's verdict when the problem carries an answer, otherwise the search's confidence
 (never the answer itself). The loop stops at the first verified attempt or after `rounds` rounds. The history
-grows with the rounds; once it runs past the policy's trained window, agent.solve searches it through the
-context memory. Plain functions over agent.solve, callable without a broker; agent/jobs.py records the rounds,
+grows with the rounds; once it runs past the policy's trained window, agent.job_search searches it through the
+context memory. Plain functions over agent.job_search, callable without a broker; agent/jobs.py records the rounds,
 each linked to the best earlier attempt it refined.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from agent.solve import solve, trajectory_rows
+from agent.job_search import search_problems, trajectory_rows
 from tasks import Problem
 from search import Candidate, SearchConfig, SearchResult
 
@@ -69,7 +69,7 @@ def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
         # each round's prompt shows every earlier round's best attempt, oldest first
         asked = [problems[i] if r == 0 else replace(problems[i], prompt=round_prompt(problems[i], *(x.best for x in results[i])))
                  for i in going]
-        found = solve(asked, policy, cfg)
+        found = search_problems(asked, policy, cfg)
         if on_round is not None:
             on_round(r, found)
         for i, result in zip(going, found):

@@ -1,5 +1,5 @@
 """What each search strategy is, as data: the one place its name and properties are written down. The layers
-above read them here (agent/select.py, agent/solve.py, the CLI's and the API's strategy lists); the functions
+above read them here (agent/select.py, agent/job_search.py, the CLI's and the API's strategy lists); the functions
 that run each strategy are `search.STRATEGIES`."""
 
 from __future__ import annotations

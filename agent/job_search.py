@@ -1,6 +1,7 @@
-"""Solving one problem: search, verify, record every candidate with the best one marked.
+"""A job's search: problems past the policy's trained window go through the context memory, and every candidate
+becomes a trajectory row with the best one marked.
 
-Plain functions, callable without a broker; the Celery tasks in workers/ are thin wrappers over them.
+Plain functions, callable without a broker; agent/jobs.py records the rows, the Celery tasks in workers/ wrap it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int 
     return rows
 
 
-def solve(problems: list[Problem], policy, cfg: SearchConfig) -> list[SearchResult]:
+def search_problems(problems: list[Problem], policy, cfg: SearchConfig) -> list[SearchResult]:
     """Search every problem (the caller records the trajectories: agent/jobs.py, agent/loop.py).
 
     A problem whose prompt and completion would run past the policy's trained window is searched through the
