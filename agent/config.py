@@ -41,7 +41,8 @@ class TrainConfig(FineTuneConfig):
 class PreferenceConfig(FineTuneConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of the preference fine-tune"})
     batch_size: int = field(default=32, metadata={"help": "preference pairs per step"})
-    time_budget_s: float = field(default=15.0, metadata={"help": "wall-clock limit of one preference fine-tune, seconds"})
+    time_budget_s: float = field(default=15.0, metadata={
+        "help": "wall-clock limit of one preference fine-tune, seconds"})
     beta: float = field(default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference"})
     max_pairs: int = field(default=2000, metadata={"help": "pairs per cycle at most (the most confident mistakes)"})
 
@@ -79,7 +80,8 @@ class SelectConfig:
     # hard too: with parts at lengths self-verified at 0.90-0.98, added labels were 74-88% right and the run's
     # shorter lengths degraded with them
     proposal_mastery: float = field(default=0.98, metadata={
-        "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric reaches this"})
+        "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric "
+                "reaches this"})
     given_answers: bool = field(default=True, metadata={
         "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
 
@@ -124,7 +126,8 @@ class WarmStartConfig:
     mastery: float | None = field(default=0.95, metadata={
         "help": "built-in tasks: greedy accuracy on fresh problems of every warm-start difficulty that ends the warm "
                 "start; short of it, the fine-tune is extended (unset: no check)"})
-    extensions: int = field(default=3, metadata={"help": "extensions at most, each a third of the fine-tune's time and steps"})
+    extensions: int = field(default=3, metadata={
+        "help": "extensions at most, each a third of the fine-tune's time and steps"})
     check_problems: int = field(default=100, metadata={"help": "problems per difficulty of the mastery check"})
 
     def extension(self) -> TrainConfig:
@@ -148,12 +151,13 @@ class LoopConfig:
     # a search's cost grows with the answers' length: past the lengths where labels are scarce, fewer problems
     # give enough labels for the mix (each cycle draws 2800 of its newest) at a fraction of the search and checks
     answer_tokens_per_cycle: int | None = field(default=45_000, metadata={
-        "help": "built-in tasks: at most this many problems x answer tokens (max_new_tokens) a cycle: 3000 problems up to "
-                "12 digits, 1000 at 40 (unset: always problems_per_cycle)"})
+        "help": "built-in tasks: at most this many problems x answer tokens (max_new_tokens) a cycle: 3000 "
+                "problems up to 12 digits, 1000 at 40 (unset: always problems_per_cycle)"})
     # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
     # lengths sooner
     frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
-        "help": "share of each cycle's problems at the frontier and at the difficulties past it (frontier_stride apart)"})
+        "help": "share of each cycle's problems at the frontier and at the difficulties past it (frontier_stride "
+                "apart)"})
     # a mastered length generalises a few lengths past itself, more so the longer it is: labels further ahead
     # teach longer lengths sooner, and the decomposition check keeps them exact while the halves are mastered
     frontier_stride: float = field(default=0.2, metadata={
@@ -161,10 +165,11 @@ class LoopConfig:
     # label-free labels exist only where the policy is already sometimes right: problems at a length where it
     # self-verifies nothing are searched for nothing
     min_label_yield: float | None = field(default=0.1, metadata={
-        "help": "label_free without label proposals: a difficulty past the frontier is trained on only where the current "
-                "policy's self-verified rate reaches this; a share aimed further falls back to the furthest one that does "
-                "(unset: no fallback)"})
-    heldout_per_difficulty: int = field(default=100, metadata={"help": "held-out problems per difficulty (built-in task)"})
+        "help": "label_free without label proposals: a difficulty past the frontier is trained on only where the "
+                "current policy's self-verified rate reaches this; a share aimed further falls back to the "
+                "furthest one that does (unset: no fallback)"})
+    heldout_per_difficulty: int = field(default=100, metadata={
+        "help": "held-out problems per difficulty (built-in task)"})
     report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
         "help": "difficulties always evaluated for the report"})
     # a report's difficulties far past the frontier score 0 for most of a run, and their long answers made up most
@@ -190,7 +195,8 @@ class LoopConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0),
                                metadata={"help": "each cycle's fine-tune"})
     train_method: str = field(default="sft", metadata={
-        "help": "sft (the replay mix), dpo (this cycle's preference pairs) or sft+dpo (DPO after SFT, on the same candidate)"})
+        "help": "sft (the replay mix), dpo (this cycle's preference pairs) or sft+dpo (DPO after SFT, on the same "
+                "candidate)"})
     preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
         "help": "each cycle's preference fine-tune (train_method dpo or sft+dpo; an sft+dpo cycle without pairs gives "
                 "its time to SFT)"})

@@ -51,8 +51,17 @@ class Verdict:
                 "gate_score": self.candidate_score, "current_gate_score": self.current_score, "gate_keys": self.keys}
 
 
-def judge(candidate: Policy, current: Policy, heldout: dict[str, list[Problem]], search: SearchConfig, task: Task | None,
-          mode: str, margin: float, keys: list[str] | None = None, current_eval: Evaluation | None = None) -> Verdict:
+def judge(
+    candidate: Policy,
+    current: Policy,
+    heldout: dict[str, list[Problem]],
+    search: SearchConfig,
+    task: Task | None,
+    mode: str,
+    margin: float,
+    keys: list[str] | None = None,
+    current_eval: Evaluation | None = None,
+) -> Verdict:
     """Evaluate the candidate and compare gate scores over `keys` (default: every held-out key). `current_eval` is what
     the current policy already scored (the loop keeps it between cycles): it is evaluated only at the keys missing."""
     t = time.monotonic()

@@ -13,7 +13,9 @@ from tasks import Problem
 from search import SearchConfig, SearchResult, run_search, traits_of
 
 
-def trajectory_rows(result: SearchResult, job_id: str | None = None, cycle: int | None = None, round: int = 0) -> list[dict]:
+def trajectory_rows(
+    result: SearchResult, job_id: str | None = None, cycle: int | None = None, round: int = 0
+) -> list[dict]:
     rows = []
     for i, c in enumerate(result.candidates):
         rows.append(dict(

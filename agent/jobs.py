@@ -149,7 +149,9 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
         job = retry.call(store.get_job, job_id)
         if job.attempts > max_deliveries:
             # a job that kills its worker every time (OOM) must not loop forever (requeue storms)
-            _record(retry, store, job_id, None, [], error=f"gave up after {job.attempts - 1} deliveries that did not finish")
+            _record(
+                retry, store, job_id, None, [], error=f"gave up after {job.attempts - 1} deliveries that did not finish"
+            )
             return _outcome(retry.call(store.get_job, job_id))
         problem = retry.call(store.get_problem, job.problem_id)
         try:

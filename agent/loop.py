@@ -179,7 +179,11 @@ class SelfImprovementLoop:
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded
             row["consumed"] = row["is_best"] and row["problem_id"] in accepted_ids
         seconds["select"] = time.monotonic() - t
-        pairs = preference_pairs(results, selection, self.task, cfg.preference.max_pairs) if cfg.train_method != "sft" else []
+        pairs = (
+            preference_pairs(results, selection, self.task, cfg.preference.max_pairs)
+            if cfg.train_method != "sft"
+            else []
+        )
         return _CycleWork(selection.examples, selection.filters, rows, pairs, sum(r.generated_tokens for r in results),
                           seconds)
 
@@ -191,8 +195,19 @@ class SelfImprovementLoop:
         if work.examples:
             self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in work.examples])
         if not self.accepted:
-            record = self._record(cycle, current.version, None, False, evaluation, work.filters, 0, {}, seconds, start_time,
-                                  search_tokens=work.search_tokens)
+            record = self._record(
+                cycle,
+                current.version,
+                None,
+                False,
+                evaluation,
+                work.filters,
+                0,
+                {},
+                seconds,
+                start_time,
+                search_tokens=work.search_tokens,
+            )
             return CycleOutcome(self._commit(record, evaluation, rows=work.rows), current, evaluation)
 
         t = time.monotonic()
@@ -200,14 +215,25 @@ class SelfImprovementLoop:
                                              cfg.preference)
         seconds["train"] = time.monotonic() - t
         candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
-        verdict = judge(candidate, current, self.plan.heldout_problems(frontier_index), cfg.eval_search, self.task, cfg.select.mode,
-                        cfg.promote_margin, self.plan.gate_keys(frontier_index), evaluation)
+        verdict = judge(
+            candidate,
+            current,
+            self.plan.heldout_problems(frontier_index),
+            cfg.eval_search,
+            self.task,
+            cfg.select.mode,
+            cfg.promote_margin,
+            self.plan.gate_keys(frontier_index),
+            evaluation,
+        )
         seconds["eval"] = verdict.seconds
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
                       "filters": work.filters, "mode": cfg.select.mode, "run": self.name, "train": train_stats}
         version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on,
                                      metrics=verdict.metrics(), draft_source=current.draft_source)
-        promoted_policy = Policy(model, current.tokenizer, version, str(self.registry.root / version), current.draft_source)
+        promoted_policy = Policy(
+            model, current.tokenizer, version, str(self.registry.root / version), current.draft_source
+        )
         outcomes: dict[bool, CycleOutcome] = {}
 
         def written(promoted: bool) -> tuple[dict, dict]:

@@ -56,7 +56,9 @@ class CyclePlan:
 
     def heldout_problems(self, frontier_index: int | None) -> dict:
         ahead = self.ahead(frontier_index)
-        heldout = self.source.heldout_set(self.curriculum.eval_keys(frontier_index, ahead, self.cfg.report_difficulties))
+        heldout = self.source.heldout_set(
+            self.curriculum.eval_keys(frontier_index, ahead, self.cfg.report_difficulties)
+        )
         window = self.curriculum.keys_up_to(frontier_index, ahead)
         sample = self.cfg.heldout_past_window
         if sample is None or not window:
@@ -71,7 +73,9 @@ class CyclePlan:
         with everything "mastered" while 24 digits had fallen from 1.00 to 0.87)."""
         window = self.curriculum.keys_up_to(frontier_index, self.ahead(frontier_index))
         report = {str(d) for d in self.cfg.report_difficulties}
-        below = [k for k in self.curriculum.keys[: self.curriculum.keys.index(window[0])] if k in report] if window else []
+        below = (
+            [k for k in self.curriculum.keys[: self.curriculum.keys.index(window[0])] if k in report] if window else []
+        )
         return below + window
 
     def problems(self, frontier_index: int | None, metric: dict, cycle: int) -> list[Problem]:

@@ -89,7 +89,9 @@ def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch
     lut[torch.tensor(config.digit_token_ids, device=device)] = True
     is_digit = lut[input_ids] & valid.bool()
     is_eq = (input_ids == config.equals_token_id) & valid.bool()
-    is_plus = ((input_ids == config.plus_token_id) if config.plus_token_id is not None else torch.zeros_like(is_eq)) & valid.bool()
+    is_plus = (
+        (input_ids == config.plus_token_id) if config.plus_token_id is not None else torch.zeros_like(is_eq)
+    ) & valid.bool()
     real = valid.bool()
     t = torch.arange(T, device=device).expand(B, T)
     # tokens are counted among real ones only, so that a masked hole (a row that accepted fewer draft tokens than
@@ -97,7 +99,9 @@ def coupled_positions(config: ArborConfig, input_ids: torch.Tensor, valid: torch
     count = real.long().cumsum(dim=1) - 1
     # raw index of the nearest real non-digit at or before t (-1 if none): digits count from there
     last_nondigit = torch.where(real & ~is_digit, t, torch.full_like(t, -1)).cummax(dim=1).values
-    count_at_nondigit = torch.where(last_nondigit >= 0, count.gather(1, last_nondigit.clamp(min=0)), torch.full_like(t, -1))
+    count_at_nondigit = torch.where(
+        last_nondigit >= 0, count.gather(1, last_nondigit.clamp(min=0)), torch.full_like(t, -1)
+    )
     run_index = count - count_at_nondigit - 1
     after_eq = is_eq.gather(1, last_nondigit.clamp(min=0)) & (last_nondigit >= 0)
     digit_pos = run_index + 1 + after_eq.long()
@@ -157,7 +161,11 @@ class ArborModel(LlamaModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
         coupled = self.config.position_scheme == "coupled"
         if coupled and input_ids is not None and (cache is None or cache.get_seq_length() == 0):
-            valid = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else torch.ones_like(input_ids)
+            valid = (
+                attention_mask
+                if attention_mask is not None and attention_mask.dim() == 2
+                else torch.ones_like(input_ids)
+            )
             pos, is_operand = coupled_positions(self.config, input_ids, valid)
             position_ids = pos
             attention_mask = coupled_attention_mask(pos, is_operand, valid, input_ids.shape[1], self.dtype)
@@ -166,7 +174,9 @@ class ArborModel(LlamaModel):
                 "a position-coupled model needs the whole sequence to place new tokens: decode through "
                 "prepare_inputs_for_generation (as generate and arbor's search engine do)"
             )
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
+        )
 
 
 class ArborForCausalLM(LlamaForCausalLM):
@@ -180,7 +190,9 @@ class ArborForCausalLM(LlamaForCausalLM):
         self.model = ArborModel(config)
         self.post_init()
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, **kwargs
+    ):
         inputs = super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask, **kwargs
         )
@@ -232,7 +244,9 @@ def build_char_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
 
 
 def build_builtin_policy(cfg: BuiltinConfig = BuiltinConfig(), charset: str = DEFAULT_CHARSET,
@@ -308,7 +322,9 @@ class Policy:
     draft_source: RecyclingMemory | None = None
 
     @classmethod
-    def load(cls, path: str | Path, version: str | None = None, device: str = "cpu", dtype: str = "float32") -> "Policy":
+    def load(
+        cls, path: str | Path, version: str | None = None, device: str = "cpu", dtype: str = "float32"
+    ) -> "Policy":
         """A saved policy with the recycling matrix saved beside it (a fresh one when there is none)."""
         model, tokenizer = load_policy(path, device, dtype)
         memory = RecyclingMemory.load(path, model.config.vocab_size, device=model.device)

@@ -23,7 +23,9 @@ def _wrong(result: SearchResult, example: dict, task: Task, mode: str) -> list[C
     return [c for c in result.candidates if task.extract(result.problem, c.completion) != answer]
 
 
-def preference_pairs(results: list[SearchResult], selection: Selection, task: Task, max_pairs: int | None = None) -> list[dict]:
+def preference_pairs(
+    results: list[SearchResult], selection: Selection, task: Task, max_pairs: int | None = None
+) -> list[dict]:
     """{"prompt", "chosen", "rejected", "problem_id"} per accepted problem that has a wrong sibling; at most
     `max_pairs`, keeping the most confident mistakes."""
     accepted = {e["problem_id"]: e for e in selection.examples}

@@ -35,11 +35,17 @@ def promote_in(s, version: str, expected: str | None | object) -> bool:
     re-checks the row after the lock; SQLite serialises writers), where a row read first could be a stale snapshot.
     Two promotions at once: the one-promoted unique index refuses the later one (IntegrityError: retry)."""
     if expected is ANY_PROMOTED:
-        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted", PolicyVersionRow.version != version)
-                  .values(status="retired"))
+        s.execute(
+            update(PolicyVersionRow)
+            .where(PolicyVersionRow.status == "promoted", PolicyVersionRow.version != version)
+            .values(status="retired")
+        )
     elif expected is not None and expected != version:
-        retired = s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == expected,
-                                                            PolicyVersionRow.status == "promoted").values(status="retired"))
+        retired = s.execute(
+            update(PolicyVersionRow)
+            .where(PolicyVersionRow.version == expected, PolicyVersionRow.status == "promoted")
+            .values(status="retired")
+        )
         if retired.rowcount != 1:
             return False
     elif expected is None:
@@ -119,5 +125,7 @@ def rollback(store) -> dict:
     previous = earlier[-1]
     if not store.promote_policy(previous.version, expected=current.version):
         raise PromotionRefused(f"the promoted version changed while rolling back from {current.version}: try again")
-    store.set_policy_status(current.version, "rejected", {"rolled_back_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+    store.set_policy_status(
+        current.version, "rejected", {"rolled_back_at": dt.datetime.now(dt.timezone.utc).isoformat()}
+    )
     return {"promoted": previous.version, "previous": current.version}

@@ -67,8 +67,14 @@ def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
     going = list(range(len(problems)))
     for r in range(rounds):
         # each round's prompt shows every earlier round's best attempt, oldest first
-        asked = [problems[i] if r == 0 else replace(problems[i], prompt=round_prompt(problems[i], *(x.best for x in results[i])))
-                 for i in going]
+        asked = [
+            (
+                problems[i]
+                if r == 0
+                else replace(problems[i], prompt=round_prompt(problems[i], *(x.best for x in results[i])))
+            )
+            for i in going
+        ]
         found = search_problems(asked, policy, cfg)
         if on_round is not None:
             on_round(r, found)
@@ -82,7 +88,9 @@ def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
     return results
 
 
-def refine_rows(problem: Problem, results: list[SearchResult], job_id: str | None = None) -> tuple[list[list[dict]], list[int | None]]:
+def refine_rows(
+    problem: Problem, results: list[SearchResult], job_id: str | None = None
+) -> tuple[list[list[dict]], list[int | None]]:
     """Trajectory rows per round, and per round the earlier round whose attempt it refined: the best one its
     prompt showed (None for round 0); the store links them through `parent_id`. Only the job's overall best is
     marked `is_best` (the one training uses, paired with the problem's own prompt); a round's own prompt is kept

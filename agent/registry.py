@@ -109,7 +109,9 @@ class PolicyRegistry:
                 continue
             if (self.root / version / META).is_file():
                 self.store.finish_policy(version, "candidate")  # renamed, then the process died: the folder is whole
-                log.warning("adopted policy %s: saved completely but never recorded (a crash after the rename)", version)
+                log.warning(
+                    "adopted policy %s: saved completely but never recorded (a crash after the rename)", version
+                )
             elif not (self.root / version).exists() and (version in crashed or time.time() - _created(row) > STALE_S):
                 self.store.drop_unsaved_policy(version)  # its writer is gone (its temp folder was removed): number free
         for folder in self.root.iterdir():
@@ -179,12 +181,16 @@ class PolicyRegistry:
     def prune_rejected(self) -> list[str]:
         """Delete the folders of rejected versions beyond the newest cfg.keep_rejected; their records stay (with
         `files_deleted` in their metrics). Returns the versions whose folders were deleted."""
-        rejected = [r for r in self.store.policies() if r.status == "rejected" and not (r.metrics or {}).get("files_deleted")]
+        rejected = [
+            r for r in self.store.policies() if r.status == "rejected" and not (r.metrics or {}).get("files_deleted")
+        ]
         rejected.sort(key=lambda r: (_created(r), _number(r.version)))
         old = rejected[: max(0, len(rejected) - self.cfg.keep_rejected)]
         for row in old:
             shutil.rmtree(row.path, ignore_errors=True)
-            self.store.set_policy_status(row.version, "rejected", {"files_deleted": dt.datetime.now(dt.timezone.utc).isoformat()})
+            self.store.set_policy_status(
+                row.version, "rejected", {"files_deleted": dt.datetime.now(dt.timezone.utc).isoformat()}
+            )
         return [r.version for r in old]
 
     def promoted(self) -> tuple[str, str] | None:

@@ -51,18 +51,31 @@ def write_report(run_dir: Path, records: list, final_policy: str, config: dict, 
 def _markdown(cycles: list[dict], final_policy: str) -> str:
     keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
     shown = keys if len(keys) <= 12 else [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
-    head = "| cycle | time (s) | policy | frontier | " + " | ".join(f"d={k}" for k in shown) + " | accepted | train loss | promoted |"
+    head = (
+        "| cycle | time (s) | policy | frontier | "
+        + " | ".join(f"d={k}" for k in shown)
+        + " | accepted | train loss | promoted |"
+    )
     lines = ["# Arbor run", "", f"Final policy: `{final_policy}`", "", "Held-out greedy accuracy per difficulty:", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for c in cycles:
         accs = " | ".join(f"{c['heldout'][k]:.2f}" if k in c["heldout"] else "" for k in shown)
         loss = c["train"].get("train_loss")
-        lines.append(f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {c['accepted']} | "
-                     f"{'' if loss is None else f'{loss:.3f}'} | {'yes' if c['promoted'] else ('-' if c['candidate'] is None else 'no')} |")
-    lines += ["", "Label filters per cycle (kept fraction / pseudo-label precision; ground truth read only for this report):", ""]
+        lines.append(
+            f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {c['accepted']} | "
+            f"{'' if loss is None else f'{loss:.3f}'} | {'yes' if c['promoted'] else ('-' if c['candidate'] is None else 'no')} |"
+        )
+    lines += [
+        "",
+        "Label filters per cycle (kept fraction / pseudo-label precision; ground truth read only for this report):",
+        "",
+    ]
     for c in cycles:
         if c["filters"]:
-            parts = [f"{f['name']} {f['kept_fraction']:.2f}/{'-' if f['precision'] is None else format(f['precision'], '.3f')}" for f in c["filters"]]
+            parts = [
+                f"{f['name']} {f['kept_fraction']:.2f}/{'-' if f['precision'] is None else format(f['precision'], '.3f')}"
+                for f in c["filters"]
+            ]
             lines.append(f"- cycle {c['cycle']} (difficulty {c['frontier']}): " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 

@@ -81,9 +81,9 @@ class RunStore:
         """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `consumed`
         marks say which rows the cycle trained on) and the candidate's promotion or rejection. A promotion is a
         compare-and-set on `parent`, the version the candidate was judged against: if another version has been
-        promoted since, the candidate is recorded `stale`, not promoted. `written(promoted)` gives the cycle's record
-        and resume state for the outcome. Returns whether the candidate was promoted. Raises CycleRecorded, and writes nothing, when
-        the cycle is recorded already."""
+        promoted since, the candidate is recorded `stale`, not promoted. `written(promoted)` gives the cycle's
+        record and resume state for the outcome. Returns whether the candidate was promoted. Raises CycleRecorded,
+        and writes nothing, when the cycle is recorded already."""
         for attempt in range(20):
             try:
                 with self.store.session() as s:
@@ -93,8 +93,10 @@ class RunStore:
                     if candidate is not None:
                         row = s.get(PolicyVersionRow, candidate, with_for_update=True)
                         if row is None or row.status != "candidate":
-                            raise RuntimeError(f"cycle {cycle} of run {name!r}: its candidate {candidate} is "
-                                               f"{'missing' if row is None else row.status}, expected an undecided candidate")
+                            raise RuntimeError(
+                                f"cycle {cycle} of run {name!r}: its candidate {candidate} is "
+                                f"{'missing' if row is None else row.status}, expected an undecided candidate"
+                            )
                         promoted = promote and promote_in(s, candidate, expected=parent)
                         if not promoted:
                             status = "stale" if promote else "rejected"
@@ -104,9 +106,20 @@ class RunStore:
                     s.add(RunCycleRow(run=name, cycle=cycle, record=record, state=state))
                     s.flush()  # the label rows' foreign key needs it
                     if labels:
-                        s.execute(insert(ReplayLabelRow), [dict(buffer=name, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
-                                                             prompt=e["prompt"], completion=e["completion"])
-                                                        for i, e in enumerate(labels)])
+                        s.execute(
+                            insert(ReplayLabelRow),
+                            [
+                                dict(
+                                    buffer=name,
+                                    cycle=cycle,
+                                    seq=i,
+                                    problem_id=e.get("problem_id"),
+                                    prompt=e["prompt"],
+                                    completion=e["completion"],
+                                )
+                                for i, e in enumerate(labels)
+                            ],
+                        )
                     if trajectories:
                         s.execute(insert(TrajectoryRow), list(trajectories))
                 return promoted
@@ -121,7 +134,9 @@ class RunStore:
         killed after saving a candidate and before recording its cycle left them."""
         with self.store.session() as s:
             run = s.get(RunRow, name)
-            named = {run.base_version} | {c.record.get("candidate") for c in s.scalars(select(RunCycleRow).where(RunCycleRow.run == name))}
+            named = {run.base_version} | {
+                c.record.get("candidate") for c in s.scalars(select(RunCycleRow).where(RunCycleRow.run == name))
+            }
             rows = s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.version))
             return [r for r in rows if (r.trained_on or {}).get("run") == name and r.version not in named]
 
@@ -132,5 +147,7 @@ class RunStore:
             if row is None:
                 return
             if row.status not in ("saving", "candidate"):
-                raise RuntimeError(f"policy version {version} is {row.status}: only an undecided version may be deleted")
+                raise RuntimeError(
+                    f"policy version {version} is {row.status}: only an undecided version may be deleted"
+                )
             s.delete(row)

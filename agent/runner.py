@@ -64,7 +64,11 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         name, cfg, inputs = _resumed(runs, inputs, settings)
         demos, problems = _read_inputs(inputs, on_event)
     else:
-        name = _plain_name(inputs.run_name, "--run-name") if inputs.run_name else dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        name = (
+            _plain_name(inputs.run_name, "--run-name")
+            if inputs.run_name
+            else dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        )
         taken = f"run {name!r} already exists: continue it with --resume {name}, or choose another --run-name"
         if (settings.runs_dir / name).exists():
             raise RunError(taken)
@@ -84,7 +88,9 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         # a candidate saved by a killed process whose cycle was never recorded: the resumed cycle trains again
         for row in runs.unrecorded_versions(name):
             registry.discard(row.version)
-            on_event("warning", f"discarded policy {row.version}: saved by run {name} before it was stopped, never recorded")
+            on_event(
+                "warning", f"discarded policy {row.version}: saved by run {name} before it was stopped, never recorded"
+            )
         if problems is None:
             task = get_task(inputs.task or "addition")
             source = BuiltinSource(task, cfg.heldout_per_difficulty, cfg.max_difficulty, cfg.seed)
@@ -97,8 +103,9 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         warm_seconds = 0.0
         if runs.get(name).base_version is None:
             t = time.monotonic()
-            version, promote = base_policy(settings.device, registry, cfg, task, seed_examples, inputs.model, demos, problems,
-                                           name, on_event)
+            version, promote = base_policy(
+                settings.device, registry, cfg, task, seed_examples, inputs.model, demos, problems, name, on_event
+            )
             runs.set_base(name, version, promote)
             warm_seconds = time.monotonic() - t
         recorded = runs.cycles(name)
@@ -110,8 +117,13 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         runs.finish(name)
         records = [CycleRecord(**c.record) for c in runs.cycles(name)]  # whichever process ran each cycle
         paths = {r.version: r.path for r in store.policies()}
-        return write_report(run_dir, records, paths[records[-1].policy_version], runs.get(name).config,
-                            {"run": name, "run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1]})
+        return write_report(
+            run_dir,
+            records,
+            paths[records[-1].policy_version],
+            runs.get(name).config,
+            {"run": name, "run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1]},
+        )
     finally:
         lock.release()
 
@@ -151,8 +163,16 @@ def _plain_name(name: str, flag: str) -> str:
 def _resumed(runs: RunStore, inputs: RunInputs, settings: Settings) -> tuple[str, LoopConfig, RunInputs]:
     """The stored run's name, settings (with inputs.changes) and inputs; its files must be as they were."""
     name = _plain_name(inputs.resume, "--resume")
-    given = [flag for flag, value in (("--model", inputs.model), ("--demos", inputs.demos), ("--problems", inputs.problems),
-                                      ("--run-name", inputs.run_name)) if value is not None]
+    given = [
+        flag
+        for flag, value in (
+            ("--model", inputs.model),
+            ("--demos", inputs.demos),
+            ("--problems", inputs.problems),
+            ("--run-name", inputs.run_name),
+        )
+        if value is not None
+    ]
     if given:
         raise RunError(f"--resume continues run {name!r} with the inputs it was started with: drop {', '.join(given)}")
     row = runs.get(name)
@@ -160,7 +180,9 @@ def _resumed(runs: RunStore, inputs: RunInputs, settings: Settings) -> tuple[str
         raise RunError(f"no run {name!r} in the store at {settings.db_url.split('@')[-1]}: start one without --resume")
     unknown = sorted(set(inputs.changes) - set(RESUME_CHANGES))
     if unknown:
-        raise RunError(f"a resumed run keeps its settings: only {', '.join(RESUME_CHANGES)} may change (got {', '.join(unknown)})")
+        raise RunError(
+            f"a resumed run keeps its settings: only {', '.join(RESUME_CHANGES)} may change (got {', '.join(unknown)})"
+        )
     cfg = replace(_restored(LoopConfig(), row.config), **inputs.changes)
     if inputs.changes:
         runs.set_config(name, asdict(cfg))
@@ -221,7 +243,9 @@ def _read_inputs(inputs: RunInputs, on_event):
         problems, errors = read_problems(_existing(inputs.problems, "--problems"), default_task=inputs.task)
         _report_line_errors(errors, on_event)
         if not any(p.split == "train" for p in problems):
-            raise RunError(f"{inputs.problems}: no usable problem with split 'train': add some, or fix the lines reported above")
+            raise RunError(
+                f"{inputs.problems}: no usable problem with split 'train': add some, or fix the lines reported above"
+            )
     return demos, problems
 
 

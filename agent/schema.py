@@ -51,7 +51,16 @@ class ProblemRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
     def to_problem(self) -> Problem:
-        return Problem(self.prompt, self.answer, self.checker, self.task, self.split, self.id, self.difficulty, dict(self.meta or {}))
+        return Problem(
+            self.prompt,
+            self.answer,
+            self.checker,
+            self.task,
+            self.split,
+            self.id,
+            self.difficulty,
+            dict(self.meta or {}),
+        )
 
 
 class JobRow(Base):
@@ -171,8 +180,13 @@ class SchemaVersionRow(Base):
 def _keep_newest_promotion(s, engine) -> None:
     """A database made before the one-promoted index existed may hold several promoted versions: the newest
     promotion stays, then the index is created."""
-    promoted = list(s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
-                              .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())))
+    promoted = list(
+        s.scalars(
+            select(PolicyVersionRow)
+            .where(PolicyVersionRow.status == "promoted")
+            .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())
+        )
+    )
     for row in promoted[1:]:
         row.status = "retired"
     s.flush()
@@ -211,7 +225,11 @@ def _consumed_trajectories(s, engine) -> None:
         s.execute(text("ALTER TABLE trajectories RENAME COLUMN trained_on TO consumed"))
 
 
-MIGRATIONS = [_keep_newest_promotion, _one_replay_table, _consumed_trajectories]  # append only: a database records how many it has had
+MIGRATIONS = [
+    _keep_newest_promotion,
+    _one_replay_table,
+    _consumed_trajectories,
+]  # append only: a database records how many it has had
 
 
 def migrate(engine, sessions) -> None:

@@ -58,7 +58,9 @@ def answer_support(result: SearchResult, task: Task) -> dict[str, float]:
     would give every answer 1/k, and diverse beam's groups can return the same completion more than once."""
     candidates = result.candidates
     if not traits_of(result.strategy).samples and len(candidates) > 1:
-        candidates = list({c.completion: c for c in reversed(candidates)}.values())  # each completion once (its best-ranked copy)
+        candidates = list(
+            {c.completion: c for c in reversed(candidates)}.values()
+        )  # each completion once (its best-ranked copy)
         logps = [sum(c.logprobs) if c.logprobs else c.mean_logprob * max(1, len(c.token_ids)) for c in candidates]
         top = max(logps)
         weights = [math.exp(lp - top) for lp in logps]
@@ -116,7 +118,11 @@ class FormatCheck:
     name = "format"
 
     def __call__(self, items, task, solve):
-        return [p for p in items if any(task.extract(p.result.problem, c.completion) is not None for c in p.result.candidates)]
+        return [
+            p
+            for p in items
+            if any(task.extract(p.result.problem, c.completion) is not None for c in p.result.candidates)
+        ]
 
 
 class ConfidenceFloor:
@@ -166,7 +172,9 @@ class ProposedLabels:
     def __init__(self, proposals: dict):
         self.proposals = proposals
 
-    def __call__(self, dropped: list[Pseudo], task: Task, solve: Solve, trusted: set[int] | None = None) -> list[Pseudo]:
+    def __call__(
+        self, dropped: list[Pseudo], task: Task, solve: Solve, trusted: set[int] | None = None
+    ) -> list[Pseudo]:
         """`trusted`: the difficulties at which the policy's answers may write a label (None: all)."""
         if not dropped:
             return []
@@ -262,17 +270,35 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     everything, total = list(items), len(items)
     for f in filters:
         items = f(items, task, solve)
-        report.append({"name": f.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
-                       "precision": _precision(items, task), **({"floor": f.floor} if isinstance(f, ConfidenceFloor) else {})})
+        report.append(
+            {
+                "name": f.name,
+                "kept": len(items),
+                "kept_fraction": len(items) / total if total else 0.0,
+                "precision": _precision(items, task),
+                **({"floor": f.floor} if isinstance(f, ConfidenceFloor) else {}),
+            }
+        )
     if proposals_in_use(task, cfg):
         proposals = ProposedLabels(task.label_proposals())
         kept_ids = {id(p) for p in items}
         trusted = None if gate_metric is None else mastered_prefix(gate_metric, cfg.proposal_mastery)
         added = proposals([p for p in everything if id(p) not in kept_ids], task, solve, trusted)
         items = items + added
-        report.append({"name": proposals.name, "kept": len(items), "kept_fraction": len(items) / total if total else 0.0,
-                       "precision": _precision(items, task), "added": len(added), "added_precision": _precision(added, task)})
-    examples = [{"prompt": p.result.problem.prompt, "completion": p.completion, "problem_id": p.result.problem.id} for p in items]
+        report.append(
+            {
+                "name": proposals.name,
+                "kept": len(items),
+                "kept_fraction": len(items) / total if total else 0.0,
+                "precision": _precision(items, task),
+                "added": len(added),
+                "added_precision": _precision(added, task),
+            }
+        )
+    examples = [
+        {"prompt": p.result.problem.prompt, "completion": p.completion, "problem_id": p.result.problem.id}
+        for p in items
+    ]
     return Selection(examples, report)
 
 
@@ -294,6 +320,12 @@ def _select_verified(results: list[SearchResult], given_answers: bool) -> Select
     report = [{"name": "verifier", "kept": searched, "kept_fraction": searched / total if total else 0.0,
                "precision": 1.0 if searched else None}]
     if given_answers:
-        report.append({"name": "given_answer", "kept": len(examples), "kept_fraction": len(examples) / total if total else 0.0,
-                       "precision": 1.0 if examples else None})
+        report.append(
+            {
+                "name": "given_answer",
+                "kept": len(examples),
+                "kept_fraction": len(examples) / total if total else 0.0,
+                "precision": 1.0 if examples else None,
+            }
+        )
     return Selection(examples, report, mode="verifier")

@@ -144,37 +144,62 @@ class Settings:
                                         "the store, e.g. postgresql+psycopg://user@host/db (unset: SQLite in the home "
                                         "folder); its password may come from ARBOR_DATABASE_PASSWORD or the file "
                                         "ARBOR_DATABASE_PASSWORD_FILE")
-    broker_url: str | None = _url_env("ARBOR_BROKER_URL", "ARBOR_REDIS_PASSWORD",
-                                      "Redis for the job queue, e.g. redis://arbor@localhost:6379/0 (unset: jobs run in "
-                                      "process); its password may come from ARBOR_REDIS_PASSWORD or the file "
-                                      "ARBOR_REDIS_PASSWORD_FILE")
+    broker_url: str | None = _url_env(
+        "ARBOR_BROKER_URL",
+        "ARBOR_REDIS_PASSWORD",
+        "Redis for the job queue, e.g. redis://arbor@localhost:6379/0 (unset: jobs run in "
+        "process); its password may come from ARBOR_REDIS_PASSWORD or the file "
+        "ARBOR_REDIS_PASSWORD_FILE",
+    )
     # how a policy is loaded for search
     device: str = _env("ARBOR_DEVICE", "auto", "cpu, cuda, cuda:0 ... (auto: cuda when present)")
-    dtype: str = _env("ARBOR_DTYPE", "float32", "parameter dtype of a policy loaded for search: float32, bfloat16 or float16",
-                      _dtype)
-    torch_threads: int | None = _env("ARBOR_TORCH_THREADS", None, "torch threads per worker process (unset: torch's default)",
-                                     _int, minimum=1)
+    dtype: str = _env(
+        "ARBOR_DTYPE", "float32", "parameter dtype of a policy loaded for search: float32, bfloat16 or float16", _dtype
+    )
+    torch_threads: int | None = _env(
+        "ARBOR_TORCH_THREADS", None, "torch threads per worker process (unset: torch's default)", _int, minimum=1
+    )
     # the queue (workers/config.py QueueConfig takes these)
-    visibility_timeout: int = _env("ARBOR_VISIBILITY_TIMEOUT", 6 * 3600,
-                                   "seconds a delivered, unacked message waits before Redis hands it out again", _int, minimum=2)
-    proc_alive_timeout: int = _env("ARBOR_PROC_ALIVE_TIMEOUT", 300, "seconds a fresh pool child may take to load its model",
-                                   _int, minimum=1)
-    lease_ttl: int = _env("ARBOR_LEASE_TTL", 60, "seconds a job's lease lives without renewal (renewed every third of it)",
-                          _int, minimum=3)
-    max_deliveries: int = _env("ARBOR_MAX_DELIVERIES", 5, "deliveries after which a job is marked failed instead of run again",
-                               _int, minimum=1)
+    visibility_timeout: int = _env(
+        "ARBOR_VISIBILITY_TIMEOUT",
+        6 * 3600,
+        "seconds a delivered, unacked message waits before Redis hands it out again",
+        _int,
+        minimum=2,
+    )
+    proc_alive_timeout: int = _env(
+        "ARBOR_PROC_ALIVE_TIMEOUT", 300, "seconds a fresh pool child may take to load its model", _int, minimum=1
+    )
+    lease_ttl: int = _env(
+        "ARBOR_LEASE_TTL",
+        60,
+        "seconds a job's lease lives without renewal (renewed every third of it)",
+        _int,
+        minimum=3,
+    )
+    max_deliveries: int = _env(
+        "ARBOR_MAX_DELIVERIES", 5, "deliveries after which a job is marked failed instead of run again", _int, minimum=1
+    )
     soft_shutdown_s: int = _env("ARBOR_SOFT_SHUTDOWN_S", 60,
                                 "seconds a stopping worker lets its running job finish before it stops it and puts its "
                                 "message back on the queue (cold shutdown)", _int, minimum=1)
-    dead_letter_max: int = _env("ARBOR_DEAD_LETTER_MAX", 10000,
-                                "malformed queue entries kept in the arbor:dead-letter list (the newest; older ones are "
-                                "dropped)", _int, minimum=1)
-    train_every_s: int = _env("ARBOR_TRAIN_EVERY_S", 3600, "seconds between train cycles started by `arbor beat`", _int, minimum=1)
-    train_threshold: int = _env("ARBOR_TRAIN_THRESHOLD", 200, "new best trajectories that start a train cycle (0 turns it off)",
-                                _int)
+    dead_letter_max: int = _env(
+        "ARBOR_DEAD_LETTER_MAX",
+        10000,
+        "malformed queue entries kept in the arbor:dead-letter list (the newest; older ones are " "dropped)",
+        _int,
+        minimum=1,
+    )
+    train_every_s: int = _env(
+        "ARBOR_TRAIN_EVERY_S", 3600, "seconds between train cycles started by `arbor beat`", _int, minimum=1
+    )
+    train_threshold: int = _env(
+        "ARBOR_TRAIN_THRESHOLD", 200, "new best trajectories that start a train cycle (0 turns it off)", _int
+    )
     # the train cycle (agent/train_cycle.py); unset: LoopConfig's own default
-    train_budget_s: float | None = _env("ARBOR_TRAIN_BUDGET_S", None,
-                                        "fine-tune wall clock of a train cycle, seconds (unset: LoopConfig.train)", _float)
+    train_budget_s: float | None = _env(
+        "ARBOR_TRAIN_BUDGET_S", None, "fine-tune wall clock of a train cycle, seconds (unset: LoopConfig.train)", _float
+    )
     promote_margin: float | None = _env("ARBOR_PROMOTE_MARGIN", None,
                                         "how much a candidate must beat the promoted version by on held-out problems "
                                         "(unset: LoopConfig.promote_margin)", _float)
@@ -191,12 +216,19 @@ class Settings:
     api_token: str | None = _env("ARBOR_API_TOKEN", None,
                                  "the token every API request and web page must present (Authorization: Bearer TOKEN); "
                                  "at least 16 characters")
-    api_token_file: Path | None = _env("ARBOR_API_TOKEN_FILE", None,
-                                       "a file holding the API token (a Docker secret); used when ARBOR_API_TOKEN is unset",
-                                       Path)
-    api_max_request_bytes: int = _env("ARBOR_API_MAX_REQUEST_BYTES", 8 * 1024 * 1024,
-                                      "the largest request body the API accepts, bytes (a larger one is refused with 413)",
-                                      _int, minimum=1024)
+    api_token_file: Path | None = _env(
+        "ARBOR_API_TOKEN_FILE",
+        None,
+        "a file holding the API token (a Docker secret); used when ARBOR_API_TOKEN is unset",
+        Path,
+    )
+    api_max_request_bytes: int = _env(
+        "ARBOR_API_MAX_REQUEST_BYTES",
+        8 * 1024 * 1024,
+        "the largest request body the API accepts, bytes (a larger one is refused with 413)",
+        _int,
+        minimum=1024,
+    )
 
     def __post_init__(self):
         self.home = Path(self.home)
@@ -222,7 +254,11 @@ class Settings:
         meta = cls.__dataclass_fields__[name].metadata
         low = meta.get("minimum")
         if low is not None and value is not None and value < low:
-            unit = " s" if name in ("visibility_timeout", "lease_ttl", "proc_alive_timeout", "train_every_s", "soft_shutdown_s") else ""
+            unit = (
+                " s"
+                if name in ("visibility_timeout", "lease_ttl", "proc_alive_timeout", "train_every_s", "soft_shutdown_s")
+                else ""
+            )
             raise ValueError(f"{meta['env']} must be at least {low}{unit} (got {value})")
         if name == "dtype" and value not in DTYPES:
             raise ValueError(f"ARBOR_DTYPE must be one of {', '.join(DTYPES)} (got {value!r})")

@@ -17,8 +17,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased, sessionmaker
 
 from agent.promotion import ANY_PROMOTED, promote_in
-from agent.schema import (JOB_FINISHED, JobRow, PolicyVersionRow, ProblemRow, ReplayLabelRow, TrajectoryRow, check_rounds,
-                          migrate, utc_now)
+from agent.schema import JOB_FINISHED, JobRow, PolicyVersionRow, ProblemRow, ReplayLabelRow, TrajectoryRow
+from agent.schema import check_rounds, migrate, utc_now
 from tasks import Problem
 from tasks.base import MAX_ID_CHARS
 
@@ -86,8 +86,10 @@ class Store:
             rows = [dict(id=p.id, prompt=p.prompt, answer=p.answer, checker=p.checker, task=p.task, split=p.split,
                          difficulty=p.difficulty, meta=p.meta or {}, created_at=utc_now()) for p in chunk]
             s.execute(dialect_insert(ProblemRow).on_conflict_do_nothing(index_elements=["id"]), rows)
-            stored = {r.id: r.to_problem().content() for r in s.scalars(select(ProblemRow).where(ProblemRow.id.in_([p.id for p in chunk])))}
-            conflicts += [f"{p.id!r} ({_differences(stored[p.id], p.content())})" for p in chunk if stored[p.id] != p.content()]
+            found = s.scalars(select(ProblemRow).where(ProblemRow.id.in_([p.id for p in chunk])))
+            stored = {r.id: r.to_problem().content() for r in found}
+            conflicts += [f"{p.id!r} ({_differences(stored[p.id], p.content())})"
+                          for p in chunk if stored[p.id] != p.content()]
         if conflicts:  # raising rolls the whole transaction back: nothing of it is added
             raise ProblemConflict(f"{len(conflicts)} problem id(s) already stored with different content: "
                                   f"{'; '.join(conflicts[:5])}{' ...' if len(conflicts) > 5 else ''}: give each "
@@ -105,8 +107,8 @@ class Store:
         with self.session() as s:
             pids = self._add_problems(s, problems)
             ids = [job_id(pid, kind, rounds, params, key) for pid in pids]
-            rows = list({i: dict(id=i, kind=kind, problem_id=pid, rounds=rounds, params=params, status="queued", attempts=0,
-                                 created_at=utc_now()) for i, pid in zip(ids, pids)}.values())
+            rows = list({i: dict(id=i, kind=kind, problem_id=pid, rounds=rounds, params=params, status="queued",
+                                 attempts=0, created_at=utc_now()) for i, pid in zip(ids, pids)}.values())
             dialect_insert = _insert(self.engine.dialect.name)
             for at in range(0, len(rows), 500):
                 s.execute(dialect_insert(JobRow).on_conflict_do_nothing(index_elements=["id"]), rows[at : at + 500])
@@ -196,7 +198,8 @@ class Store:
             return list(s.scalars(q))
 
     # trajectories ----------------------------------------------------------------------------------
-    def trajectories(self, job_id: str | None = None, cycle: int | None = None, best_only: bool = False) -> list[TrajectoryRow]:
+    def trajectories(self, job_id: str | None = None, cycle: int | None = None,
+                     best_only: bool = False) -> list[TrajectoryRow]:
         with self.session() as s:
             q = select(TrajectoryRow).order_by(TrajectoryRow.id)
             if job_id is not None:
@@ -219,7 +222,8 @@ class Store:
         """The oldest `limit` worker results (a job's round) whose best row no train cycle has consumed yet, each as its
         rows ranked best first. Bounded: one page of best rows, then the rows of those jobs only."""
         with self.session() as s:
-            best = list(s.scalars(select(TrajectoryRow).where(*self._untrained_best()).order_by(TrajectoryRow.id).limit(limit)))
+            page = select(TrajectoryRow).where(*self._untrained_best()).order_by(TrajectoryRow.id).limit(limit)
+            best = list(s.scalars(page))
             jobs = sorted({b.job_id for b in best})
             rows: list[TrajectoryRow] = []
             for at in range(0, len(jobs), 500):  # bounded IN lists (SQLite's variable limit)
@@ -238,9 +242,11 @@ class Store:
         for _ in range(20):
             try:
                 with self.session() as s:
-                    cycle = 1 + (s.scalar(select(func.max(ReplayLabelRow.cycle)).where(ReplayLabelRow.buffer == buffer)) or 0)
+                    last = s.scalar(select(func.max(ReplayLabelRow.cycle)).where(ReplayLabelRow.buffer == buffer))
+                    cycle = 1 + (last or 0)
                     s.add_all([ReplayLabelRow(buffer=buffer, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
-                                              prompt=e["prompt"], completion=e["completion"]) for i, e in enumerate(labels)])
+                                              prompt=e["prompt"], completion=e["completion"])
+                               for i, e in enumerate(labels)])
                 return cycle
             except IntegrityError:
                 continue  # another cycle took that number a moment ago
@@ -250,7 +256,8 @@ class Store:
         """The newest `limit` labels of a replay buffer, oldest first: a mix draws at most that many, however many
         cycles ran before."""
         with self.session() as s:
-            rows = s.execute(select(ReplayLabelRow.prompt, ReplayLabelRow.completion).where(ReplayLabelRow.buffer == buffer)
+            rows = s.execute(select(ReplayLabelRow.prompt, ReplayLabelRow.completion)
+                             .where(ReplayLabelRow.buffer == buffer)
                              .order_by(ReplayLabelRow.cycle.desc(), ReplayLabelRow.seq.desc()).limit(limit)).all()
         return [{"prompt": prompt, "completion": completion} for prompt, completion in reversed(rows)]
 
@@ -279,7 +286,8 @@ class Store:
                             .where(*self._untrained_best(), has_heldout))
 
     # policy versions -------------------------------------------------------------------------------
-    def record_policy(self, version: str, path: str, parent: str | None, status: str, trained_on: dict, metrics: dict) -> None:
+    def record_policy(self, version: str, path: str, parent: str | None, status: str, trained_on: dict,
+                      metrics: dict) -> None:
         with self.session() as s:
             try:
                 with s.begin_nested():
@@ -293,7 +301,8 @@ class Store:
         `saving`: the primary key makes two writers take two numbers; on a conflict the next one is tried."""
         for _ in range(100):
             with self.session() as s:
-                numbers = [int(v[1:]) for v in s.scalars(select(PolicyVersionRow.version)) if v[:1] == "v" and v[1:].isdigit()]
+                taken = s.scalars(select(PolicyVersionRow.version))
+                numbers = [int(v[1:]) for v in taken if v[:1] == "v" and v[1:].isdigit()]
             version = f"v{max(max(numbers, default=-1) + 1, floor)}"
             try:
                 with self.session() as s:
@@ -307,7 +316,8 @@ class Store:
     def finish_policy(self, version: str, status: str) -> None:
         """A saved version's folder is complete: it leaves `saving` for its first status."""
         with self.session() as s:
-            s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version, PolicyVersionRow.status == "saving")
+            s.execute(update(PolicyVersionRow)
+                      .where(PolicyVersionRow.version == version, PolicyVersionRow.status == "saving")
                       .values(status=status))
 
     def drop_unsaved_policy(self, version: str) -> None:
@@ -321,7 +331,9 @@ class Store:
         if status == "promoted":
             raise ValueError("promotion is written by Store.promote_policy (a compare-and-set on the promoted version)")
         with self.session() as s:
-            if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version).values(status=status)).rowcount != 1:
+            row = update(PolicyVersionRow).where(PolicyVersionRow.version == version)
+            changed = s.execute(row.values(status=status))
+            if changed.rowcount != 1:
                 raise KeyError(f"no policy version {version!r}")
             if metrics is not None:
                 row = s.get(PolicyVersionRow, version, populate_existing=True)
@@ -351,17 +363,20 @@ class Store:
 
     def policies(self) -> list[PolicyVersionRow]:
         with self.session() as s:
-            return list(s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.created_at, PolicyVersionRow.version)))
+            return list(s.scalars(select(PolicyVersionRow)
+                                  .order_by(PolicyVersionRow.created_at, PolicyVersionRow.version)))
 
     def promoted_policy(self) -> PolicyVersionRow | None:
         with self.session() as s:
             return s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
-                             .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())).first()
+                             .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(),
+                                       PolicyVersionRow.version.desc())).first()
 
 
 def retryable(exc: Exception) -> bool:
     """A racing promotion refused by the unique index, or a deadlock PostgreSQL broke: the transaction may run again."""
-    return isinstance(exc, IntegrityError) or getattr(getattr(exc, "orig", None), "sqlstate", None) in ("40P01", "40001")
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(exc, IntegrityError) or sqlstate in ("40P01", "40001")
 
 
 def job_id(problem_id: str, kind: str, rounds: int, params: dict, key: str = "") -> str:

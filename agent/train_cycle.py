@@ -5,8 +5,8 @@ The cycle is the loop's train step over what the workers found: the store's new 
 same selection as in the loop (agent/select.py, with the task's own label checks; verifier mode where answers
 exist), the labels join the loop's replay mix, and agent/gate.py trains a candidate and judges it on the store's
 held-out problems of the same task; the promotion is a compare-and-set on the version it was trained from, so a
-cycle that finishes after an operator's rollback never promotes a child of the version rolled back. A cycle trains one task (the one with the
-most new results that has held-out problems); the others wait for the next cycle.
+cycle that finishes after an operator's rollback never promotes a child of the version rolled back. A cycle trains
+one task (the one with the most new results that has held-out problems); the others wait for the next cycle.
 """
 
 from __future__ import annotations
@@ -71,8 +71,19 @@ def _new_results(store: Store, limit: int) -> tuple[list[SearchResult], list[lis
     problems = store.get_problems(sorted({g[0].problem_id for g in groups}))
     results, ids = [], []
     for g in groups:
-        candidates = [Candidate(completion=r.completion, token_ids=[], mean_logprob=r.mean_logprob, min_logprob=r.min_logprob,
-                                mean_entropy=r.mean_entropy, finished=True, verified=r.verified, score=r.score) for r in g]
+        candidates = [
+            Candidate(
+                completion=r.completion,
+                token_ids=[],
+                mean_logprob=r.mean_logprob,
+                min_logprob=r.min_logprob,
+                mean_entropy=r.mean_entropy,
+                finished=True,
+                verified=r.verified,
+                score=r.score,
+            )
+            for r in g
+        ]
         results.append(SearchResult(problems[g[0].problem_id], candidates, g[0].strategy, g[0].policy_version))
         ids.append([r.id for r in g])
     return results, ids, [g[0].prompt for g in groups]
@@ -101,9 +112,14 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
                 "reason": f"no held-out problems for task {name or 'none (generic)'!r} in the store: "
                           f"submit some with split 'heldout'{' and the same task' if name else ' and no task'}"}
     if not any(p.answer is not None for p in heldout_by_task[name]) and not task.label_checks():
-        return {"candidate": None, "promoted": False, "task": name, "metrics": {},
-                "reason": f"the held-out problems of task {name or 'none (generic)'!r} carry no answers and the task has "
-                          f"no label checks, so nothing can tell a better policy from a worse one: give them answers"}
+        return {
+            "candidate": None,
+            "promoted": False,
+            "task": name,
+            "metrics": {},
+            "reason": f"the held-out problems of task {name or 'none (generic)'!r} carry no answers and the task has "
+            f"no label checks, so nothing can tell a better policy from a worse one: give them answers",
+        }
     results = [results[i] for i in by_task[name]]
     ids = [ids[i] for i in by_task[name]]
     round_prompts = [round_prompts[i] for i in by_task[name]]
@@ -152,8 +168,14 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
     verdict = judge(candidate, current, heldout, cfg.eval_search, task, mode, cfg.promote_margin)
     metrics = verdict.metrics()
-    version = registry.save(model, current.tokenizer, parent=current.version, trained_on={**trained_on, "train": train_stats},
-                            metrics=metrics, draft_source=current.draft_source)
+    version = registry.save(
+        model,
+        current.tokenizer,
+        parent=current.version,
+        trained_on={**trained_on, "train": train_stats},
+        metrics=metrics,
+        draft_source=current.draft_source,
+    )
     # the compare-and-set: an operator's rollback (or another promotion) since this cycle began wins
     promoted = verdict.promote and store.promote_policy(version, expected=current.version, metrics=metrics,
                                                         stale_status="stale")
@@ -220,7 +242,9 @@ def _launched_cycle(store: Store, job_id: str, processes: int) -> dict:
     if job is None or job.status not in JOB_FINISHED:
         lines = proc.stderr.strip().splitlines()
         # Arbor's own one-line error when there is one; torchrun's failure summary follows it
-        tail = next((line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "no output")
+        tail = next(
+            (line for line in reversed(lines) if line.startswith("error: ")), lines[-1] if lines else "no output"
+        )
         raise RuntimeError(f"the {processes}-process train cycle exited with status {proc.returncode} before recording "
                            f"a result: {tail}")
     return job.result or {"error": job.error}

@@ -29,7 +29,13 @@ class _TimeBudget(TrainerCallback):
     (linear warm-up, cosine decay to 10%): the step count of a time-bounded run is not known in advance."""
 
     def __init__(self, seconds: float, max_steps: int, base_lr: float, cosine: bool, warmup_fraction: float = 0.05):
-        self.seconds, self.max_steps, self.base_lr, self.cosine, self.warmup = seconds, max_steps, base_lr, cosine, warmup_fraction
+        self.seconds, self.max_steps, self.base_lr, self.cosine, self.warmup = (
+            seconds,
+            max_steps,
+            base_lr,
+            cosine,
+            warmup_fraction,
+        )
         self.start = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -122,7 +128,9 @@ class SFTFineTuner:
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cfg.schedule == "time_cosine")],
+                callbacks=[
+                    _TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cfg.schedule == "time_cosine")
+                ],
             )
             trainer.remove_callback(PrinterCallback)  # losses are kept in log_history, not printed per step
             start = time.monotonic()
@@ -160,7 +168,9 @@ class DPOFineTuner:
             raise RuntimeError("a preference fine-tune runs in one process")
         cfg = self.cfg
         use_cuda = torch.cuda.is_available() and model.device.type == "cuda"
-        dataset = Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs])
+        dataset = Dataset.from_list(
+            [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+        )
         reference = clone_for_training(model)
         reference.requires_grad_(False)
         _quiet_libraries()
@@ -195,8 +205,11 @@ class DPOFineTuner:
         model.eval()
         last = logs[-1] if logs else {}
         # TRL's rewards are beta-scaled log-ratios to the reference, logged every logging_steps
-        rewards = {name: last[key] for name, key in (("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies"))
-                   if key in last}
+        rewards = {
+            name: last[key]
+            for name, key in (("reward_margin", "rewards/margins"), ("reward_accuracy", "rewards/accuracies"))
+            if key in last
+        }
         return {
             "train_loss": last.get("loss", float(result.training_loss)),
             "mean_loss": float(result.training_loss),

@@ -22,13 +22,18 @@ Events = Callable[[str, object], None]
 
 def warm_start_examples(task: Task, cfg: WarmStartConfig, seed: int = 0) -> list[dict]:
     """True-labelled easy problems: the only ground truth the label-free loop ever trains on."""
-    examples = [{"prompt": p.prompt, "completion": p.answer}
-                for d in cfg.difficulties for p in task.generate(d, cfg.examples_per_difficulty * d, seed=seed, split="train")]
+    examples = [
+        {"prompt": p.prompt, "completion": p.answer}
+        for d in cfg.difficulties
+        for p in task.generate(d, cfg.examples_per_difficulty * d, seed=seed, split="train")
+    ]
     random.Random(seed).shuffle(examples)
     return examples
 
 
-def master_warm_start(model, tokenizer, task: Task, cfg: WarmStartConfig, examples: list[dict], seed: int) -> list[dict]:
+def master_warm_start(
+    model, tokenizer, task: Task, cfg: WarmStartConfig, examples: list[dict], seed: int
+) -> list[dict]:
     """Check the warm-started `model` on fresh problems of each warm-start difficulty (greedy accuracy) and extend its
     fine-tune until every one reaches cfg.mastery or cfg.extensions run out. Returns each check's accuracies. The
     problems come from a stream of their own (split "validation"), never the held-out problems the loop reports."""
@@ -85,12 +90,22 @@ def adopt_user_folder(registry: PolicyRegistry, path: Path, demos: list[dict] | 
     if demos:
         on_event("phase", f"warm-starting {path} on {len(demos)} demonstrations")
         stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, demos)
-    return registry.save(model, tokenizer, parent=None,
-                         trained_on={"source": str(Path(path).resolve()), "demos": len(demos or []), "train": stats, "run": run})
+    return registry.save(
+        model,
+        tokenizer,
+        parent=None,
+        trained_on={"source": str(Path(path).resolve()), "demos": len(demos or []), "train": stats, "run": run},
+    )
 
 
-def fresh_builtin_for_files(registry: PolicyRegistry, problems: list[Problem], demos: list[dict] | None, cfg: LoopConfig,
-                            on_event: Events, run: str) -> str:
+def fresh_builtin_for_files(
+    registry: PolicyRegistry,
+    problems: list[Problem],
+    demos: list[dict] | None,
+    cfg: LoopConfig,
+    on_event: Events,
+    run: str,
+) -> str:
     """A new built-in policy for `run` (a candidate) whose tokenizer covers every character of the user's files. Where
     the examples show each answer character made from the prompt character at the same place, the policy couples
     their positions (tasks/alignment.py); otherwise it numbers tokens in sequence."""
@@ -126,8 +141,15 @@ def base_policy(device: str, registry: PolicyRegistry, cfg: LoopConfig, task: Ta
     promoted = registry.promoted()
     if promoted is not None:
         return promoted[0], False
-    on_event("phase", f"warm-starting the built-in policy on {task.name} at difficulties {list(cfg.warm_start.difficulties)} "
-                      f"({cfg.warm_start.train.time_budget_s:.0f} s"
-                      + (f", extended until each reaches {cfg.warm_start.mastery:.2f})" if cfg.warm_start.mastery is not None else ")"))
+    on_event(
+        "phase",
+        f"warm-starting the built-in policy on {task.name} at difficulties {list(cfg.warm_start.difficulties)} "
+        f"({cfg.warm_start.train.time_budget_s:.0f} s"
+        + (
+            f", extended until each reaches {cfg.warm_start.mastery:.2f})"
+            if cfg.warm_start.mastery is not None
+            else ")"
+        ),
+    )
     examples = demos if demos is not None else seed_examples
     return warm_start_builtin(device, registry, cfg, task, examples, demos=demos is not None, run=run), True
