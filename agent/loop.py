@@ -127,8 +127,12 @@ class SelfImprovementLoop:
                 self.on_cycle(record)
         if records:
             current = self.registry.load(records[-1].policy_version, self.device)
-            self.curriculum.update(stored[-1].state["known"])
-            evaluation = Evaluation(**stored[-1].state["evaluation"])
+            state = stored[-1].state
+            self.curriculum.update(state["known"])
+            if "evaluation" in state:
+                evaluation = Evaluation(**state["evaluation"])
+            else:  # a run recorded before evaluations were kept: evaluated again, confidences included
+                evaluation = self.evaluate(current, self.curriculum.frontier_index)
             start_time = time.monotonic() - records[-1].elapsed_s  # the clock counts recorded work, not dead time
             by_cycle: dict[int, list[dict]] = {}
             for label in self.runs.labels(name):

@@ -17,7 +17,7 @@ import pytest
 
 from agent.registry import PolicyRegistry
 from tests.support import ArborProcess, arbor, deployment_stack, seed_policy
-from tests.test_compose import PASSWORDS, ROOT, _binary
+from tests.test_compose import ROOT, _binary
 
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "emu", "yak", "gnu", "cow"]
 
@@ -26,7 +26,7 @@ def _services(*profiles: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARBOR_", "POSTGRES_", "COMPOSE_", "REDIS_"))}
     chosen = [a for p in profiles for a in ("--profile", p)]
     out = subprocess.run([str(_binary()), "-f", str(ROOT / "compose.yaml"), "--project-directory", str(ROOT), *chosen,
-                          "config", "--format", "json"], capture_output=True, text=True, env={**env, **PASSWORDS}, timeout=60)
+                          "config", "--format", "json"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)["services"]
 

@@ -186,10 +186,12 @@ def test_killed_between_saving_a_candidate_and_recording_its_cycle(tmp_path, mon
     assert sorted(p.name for p in (tmp_path / "home/policies").iterdir()) == sorted(r.version for r in store.policies())
 
 
-def test_a_resumed_cycle_selects_with_the_same_filters_and_floor_as_the_uninterrupted_one(tmp_path, monkeypatch,
-                                                                                        one_torch_thread):
+@pytest.mark.parametrize("recorded_before_evaluations_were_kept", [False, True])
+def test_a_resumed_cycle_selects_with_the_same_filters_and_floor_as_the_uninterrupted_one(
+        tmp_path, monkeypatch, one_torch_thread, recorded_before_evaluations_were_kept):
     """A file task without label checks calibrates its confidence floor on the current policy's evaluation: a resumed
-    run rebuilds that evaluation from the store, so its first cycle filters exactly as the killed process would have."""
+    run rebuilds that evaluation from the store, so its first cycle filters exactly as the killed process would have.
+    A run recorded before evaluations were kept evaluates its policy again on resume, with the same result."""
     settings = Settings(home=tmp_path / "home", device="cpu")
     demos, problems = _files(tmp_path)
     record_cycle, first_try = RunStore.record_cycle, {}
@@ -208,6 +210,12 @@ def test_a_resumed_cycle_selects_with_the_same_filters_and_floor_as_the_uninterr
     monkeypatch.undo()
     floors = [f for f in first_try["filters"] if f["name"] == "calibrated_confidence"]
     assert floors and floors[0]["floor"] < 0  # the policy had mastered a length: the floor was in force
+    if recorded_before_evaluations_were_kept:
+        from agent.schema import RunCycleRow
+
+        with Store(settings.db_url).session() as session:
+            for row in session.query(RunCycleRow):
+                row.state = {k: v for k, v in row.state.items() if k != "evaluation"}
     run_main(settings, cfg, RunInputs(resume="r"))
     resumed = RunStore(Store(settings.db_url)).cycles("r")[2].record
     assert [(f["name"], f.get("floor"), f["kept"]) for f in resumed["filters"]] == \
