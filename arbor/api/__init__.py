@@ -5,7 +5,7 @@
     service.py     Service: the store, the broker, and the rules for jobs, policies and runs
     routes_api.py  /api/* (JSON; docs/openapi.json)        routes_web.py  the pages (jinja2, arbor/web/)
     auth.py        the API token, its dependencies, login and logout
-    limits.py      the request body limit (ASGI)            models.py      the JSON bodies of /api/*
+    gate.py        the token and the body limit (ASGI)      models.py      the JSON bodies of /api/*
 
 Submission is `arbor submit`'s (arbor/submission.py). Every request but /api/health and the login page needs the
 API token (Settings.api_token): `Authorization: Bearer TOKEN`, or the cookie the login page sets. Request bodies
