@@ -318,12 +318,15 @@ def test_token_from_a_file(monkeypatch, tmp_path):
     from agent.settings import Settings
     from arbor.api import resolve_token
 
-    (tmp_path / "token").write_text("from-a-file\n")
+    (tmp_path / "token").write_text("from-a-file-0123456789\n")
     monkeypatch.delenv("ARBOR_API_TOKEN", raising=False)
     monkeypatch.setenv("ARBOR_API_TOKEN_FILE", str(tmp_path / "token"))
-    assert resolve_token(Settings(device="cpu")) == "from-a-file"
-    monkeypatch.setenv("ARBOR_API_TOKEN", "from-the-environment")
+    assert resolve_token(Settings(device="cpu")) == "from-a-file-0123456789"
+    monkeypatch.setenv("ARBOR_API_TOKEN", "from-the-environment")  # 20 characters
     assert resolve_token(Settings(device="cpu")) == "from-the-environment"
+    monkeypatch.setenv("ARBOR_API_TOKEN", "too-short")
+    with pytest.raises(ValueError, match="ARBOR_API_TOKEN holds a token of 9 characters: use at least 16"):
+        resolve_token(Settings(device="cpu"))
     monkeypatch.setenv("ARBOR_API_MAX_REQUEST_BYTES", "10")
     with pytest.raises(ValueError, match="ARBOR_API_MAX_REQUEST_BYTES must be at least 1024"):
         Settings(device="cpu")

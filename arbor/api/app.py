@@ -63,6 +63,16 @@ async def _os_error(_request: Request, exc: OSError):
     return _refused(500, f"the server could not read or write a file ({type(exc).__name__}: {exc.strerror})")
 
 
+async def _wrong_method(request: Request, _exc):
+    """405 with every method of the path in Allow (Starlette names only the first matching route's)."""
+    from starlette.routing import Match
+
+    allowed = sorted({m for r in request.app.routes if getattr(r, "methods", None)
+                      and r.matches(request.scope)[0] is not Match.NONE for m in r.methods})
+    return _refused(405, f"{request.method} is not allowed here: use {', '.join(allowed)}",
+                    headers={"Allow": ", ".join(allowed)})
+
+
 async def _login(request: Request, _exc: auth.LoginRequired):
     return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
 
@@ -94,6 +104,7 @@ def create_app(settings=None, cfg: ApiConfig | None = None, token: str | None = 
     api.add_exception_handler(InterfaceError, _database_down)
     api.add_exception_handler(OSError, _os_error)
     api.add_exception_handler(auth.LoginRequired, _login)
+    api.add_exception_handler(405, _wrong_method)
     api.include_router(routes_api.public)
     api.include_router(routes_api.router)
     api.mount("/static", StaticFiles(directory=str(WEB / "static")), name="static")
