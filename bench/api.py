@@ -137,6 +137,13 @@ def _streams(args) -> dict:
                 opened = [0]
 
                 def follow():
+                    try:
+                        _follow()
+                    except httpx.HTTPError:
+                        if not stop.is_set():
+                            raise
+
+                def _follow():
                     with httpx.stream("GET", f"{url}/api/events", headers={"Authorization": f"Bearer {TOKEN}"},
                                       timeout=httpx.Timeout(60, read=None)) as r:
                         assert r.status_code == 200, r.status_code
