@@ -236,3 +236,31 @@ def test_a_full_disk_on_upload_is_a_503(tmp_path):
             assert r.status_code == 503 and "space" in r.json()["detail"], r.text
     finally:
         subprocess.run(["umount", "-l", str(full)], capture_output=True)
+
+
+def test_the_schema_documents_every_refusal_and_bound():
+    from pathlib import Path
+
+    schema = json.loads((Path(__file__).resolve().parents[1] / "docs" / "openapi.json").read_text())
+    body = schema["components"]["schemas"]["SubmitBody"]["properties"]
+    assert body["refine"]["minimum"] == 1 and body["refine"]["maximum"] == 20 and body["problems"]["minItems"] == 1
+    upload = schema["components"]["schemas"]["Body_submit_upload_api_jobs_upload_post"]["properties"]
+    assert upload["refine"]["minimum"] == 1 and upload["refine"]["maximum"] == 20
+    ops = {(m.upper(), p): op for p, item in schema["paths"].items() for m, op in item.items()}
+    assert "/docs" not in schema["paths"] and ("GET", "/api/health") in ops
+    for (method, path), op in ops.items():
+        codes = set(op["responses"])
+        if path != "/api/health":
+            assert "401" in codes and op["security"] == [{"HTTPBearer": []}], (method, path)
+        if "{" in path or op.get("parameters"):
+            assert "422" in codes or "{name}" in path, (method, path)
+        if method == "POST" and "requestBody" in op:
+            assert {"400", "413", "422", "503"} <= codes, (method, path)
+    for op in (ops[("GET", "/api/jobs/{job_id}")], ops[("GET", "/api/runs/{name}")], ops[("GET", "/api/events")],
+               ops[("POST", "/api/policies/{version}/promote")]):
+        assert {"404", "503"} <= set(op["responses"])
+    refused = schema["components"]["schemas"]["Refused"]["properties"]["detail"]
+    assert {t.get("type") for t in refused["anyOf"]} == {"string", "array"}  # one line, or FastAPI's list
+    assert ops[("GET", "/api/events")]["parameters"][0]["schema"]["maxItems"] == 200
+    limit = next(p for p in ops[("GET", "/api/jobs")]["parameters"] if p["name"] == "limit")
+    assert limit["schema"]["anyOf"][0]["maximum"] == 500
