@@ -177,7 +177,7 @@ class SelfImprovementLoop:
         accepted_ids = {e["problem_id"] for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded
-            row["trained_on"] = row["is_best"] and row["problem_id"] in accepted_ids
+            row["consumed"] = row["is_best"] and row["problem_id"] in accepted_ids
         seconds["select"] = time.monotonic() - t
         pairs = preference_pairs(results, selection, self.task, cfg.preference.max_pairs) if cfg.train_method != "sft" else []
         return _CycleWork(selection.examples, selection.filters, rows, pairs, sum(r.generated_tokens for r in results),

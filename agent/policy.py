@@ -37,6 +37,7 @@ from tasks.addition import COUPLING as ADDITION_COUPLING
 from tasks.base import PositionCoupling
 
 from agent.config import BuiltinConfig
+from agent.settings import DTYPES
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 DEFAULT_CHARSET = "0123456789+-*/=()<>.,:;?!'\" \n#abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_|[]{}%&@$^~`\\"
@@ -274,9 +275,6 @@ class PolicyLoadError(ValueError):
     pass
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     """Load a model folder (any transformers causal LM with its tokenizer) for inference, its parameters in
     `dtype` (Settings.dtype: float32, bfloat16 or float16)."""
@@ -294,7 +292,7 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    model.to(device=device, dtype=DTYPES[dtype]).eval()
+    model.to(device=device, dtype=getattr(torch, dtype)).eval()  # one of DTYPES: torch's own names
     return model, tokenizer
 
 

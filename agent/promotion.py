@@ -1,7 +1,7 @@
 """The one rule that decides promotion, and an operator's promotion and rollback (the API and the CLI).
 
 The loop (agent/loop.py), the store-driven train cycle (agent/train_cycle.py) and an operator all promote by
-`beats`; the write itself is one compare-and-set in the store (agent/store.py `promote_in`): a candidate judged
+`beats`; the write itself is one compare-and-set, `promote_in`, which the store calls: a candidate judged
 against its parent is promoted only while that parent is still the promoted version. No torch here: the HTTP
 service decides promotions without loading a model stack.
 """
@@ -11,12 +11,52 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
 from agent.config import LoopConfig
+from agent.schema import PolicyVersionRow, utc_now
+
+ANY_PROMOTED = object()  # promote without a compare: whatever is promoted is retired
 
 
 def beats(candidate_score: float, current_score: float, margin: float) -> bool:
     """The promotion rule: a candidate must beat the current policy's gate score by more than `margin`."""
     return candidate_score > current_score + margin
+
+
+def promote_in(s, version: str, expected: str | None | object) -> bool:
+    """The one write of a promotion, inside the caller's transaction: a compare-and-set on the promoted version.
+    Promotes `version` and retires `expected` only if `expected` is still the promoted version (None: nothing is
+    promoted; ANY_PROMOTED: no compare). A decision taken against one promoted version (a gate that compared a
+    candidate with its parent, an operator's rollback) never overrides a promotion written since.
+
+    Writes before it reads: each UPDATE's WHERE is evaluated when it writes, so a racing promotion is seen (PostgreSQL
+    re-checks the row after the lock; SQLite serialises writers), where a row read first could be a stale snapshot.
+    Two promotions at once: the one-promoted unique index refuses the later one (IntegrityError: retry)."""
+    if expected is ANY_PROMOTED:
+        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted", PolicyVersionRow.version != version)
+                  .values(status="retired"))
+    elif expected is not None and expected != version:
+        retired = s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == expected,
+                                                            PolicyVersionRow.status == "promoted").values(status="retired"))
+        if retired.rowcount != 1:
+            return False
+    elif expected is None:
+        try:
+            with s.begin_nested():  # the unique index refuses it when a version is promoted
+                return _set_promoted(s, version)
+        except IntegrityError:
+            return False
+    return _set_promoted(s, version)
+
+
+def _set_promoted(s, version: str) -> bool:
+    s.flush()
+    if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version)
+                 .values(status="promoted", promoted_at=utc_now())).rowcount != 1:
+        raise KeyError(f"no policy version {version!r}")
+    return True
 
 
 def promote_margin(settings) -> float:

@@ -16,8 +16,9 @@ from typing import Callable
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from agent.schema import PolicyVersionRow, RunCycleRow, RunLabelRow, RunRow, TrajectoryRow, utc_now
-from agent.store import Store, promote_in, retryable
+from agent.schema import PolicyVersionRow, ReplayLabelRow, RunCycleRow, RunRow, TrajectoryRow, utc_now
+from agent.promotion import promote_in
+from agent.store import Store, retryable
 
 # a run's name is its folder under runs/ (and fits the runs table's key): no separators, no "..", not hidden
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -68,15 +69,16 @@ class RunStore:
         with self.store.session() as s:
             return list(s.scalars(select(RunCycleRow).where(RunCycleRow.run == name).order_by(RunCycleRow.cycle)))
 
-    def labels(self, name: str) -> list[RunLabelRow]:
+    def labels(self, name: str) -> list[ReplayLabelRow]:
+        """The run's replay buffer: its accepted labels, cycle by cycle."""
         with self.store.session() as s:
-            return list(s.scalars(select(RunLabelRow).where(RunLabelRow.run == name)
-                                  .order_by(RunLabelRow.cycle, RunLabelRow.seq)))
+            return list(s.scalars(select(ReplayLabelRow).where(ReplayLabelRow.buffer == name)
+                                  .order_by(ReplayLabelRow.cycle, ReplayLabelRow.seq)))
 
     def record_cycle(self, name: str, cycle: int, written: Callable[[bool], tuple[dict, dict]], labels: list[dict] = (),
                      trajectories: list[dict] = (), candidate: str | None = None, promote: bool = False,
                      parent: str | None = None) -> bool:
-        """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `trained_on`
+        """Write a finished cycle in one transaction: its record, its labels, its trajectories (their `consumed`
         marks say which rows the cycle trained on) and the candidate's promotion or rejection. A promotion is a
         compare-and-set on `parent`, the version the candidate was judged against: if another version has been
         promoted since, the candidate is recorded `stale`, not promoted. `written(promoted)` gives the cycle's record
@@ -102,7 +104,7 @@ class RunStore:
                     s.add(RunCycleRow(run=name, cycle=cycle, record=record, state=state))
                     s.flush()  # the label rows' foreign key needs it
                     if labels:
-                        s.execute(insert(RunLabelRow), [dict(run=name, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
+                        s.execute(insert(ReplayLabelRow), [dict(buffer=name, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
                                                              prompt=e["prompt"], completion=e["completion"])
                                                         for i, e in enumerate(labels)])
                     if trajectories:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, ForeignKeyConstraint, Index, Integer, String, Text,
-                        select, text)
+from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, inspect, select,
+                        text)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -92,7 +92,9 @@ class TrajectoryRow(Base):
     strategy: Mapped[str] = mapped_column(String(40))
     search_stats: Mapped[dict] = mapped_column(JSON, default=dict)
     is_best: Mapped[bool] = mapped_column(Boolean, default=False)
-    trained_on: Mapped[bool] = mapped_column(Boolean, default=False)
+    # a cycle has used this row: the loop marks the best rows it trained on, the store-driven train cycle every best
+    # row it judged (so that none is judged twice)
+    consumed: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
@@ -140,15 +142,22 @@ class RunCycleRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
-class RunLabelRow(Base):
-    __tablename__ = "run_labels"
-    __table_args__ = (ForeignKeyConstraint(["run", "cycle"], ["run_cycles.run", "run_cycles.cycle"]),)
-    run: Mapped[str] = mapped_column(String(100), primary_key=True)
+class ReplayLabelRow(Base):
+    """The replay buffer of both drivers: a run's accepted labels (`buffer` is the run's name) and the store-driven
+    train cycles' (`buffer` is "store:" and the task), per cycle in the order they were selected."""
+
+    __tablename__ = "replay_labels"
+    buffer: Mapped[str] = mapped_column(String(200), primary_key=True)
     cycle: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)  # order of selection within the cycle
     problem_id: Mapped[str | None] = mapped_column(ForeignKey("problems.id"), nullable=True)
     prompt: Mapped[str] = mapped_column(Text)
     completion: Mapped[str] = mapped_column(Text)
+
+
+def store_buffer(task: str | None) -> str:
+    """The replay buffer of the store-driven train cycles of one task."""
+    return f"store:{task or ''}"
 
 
 class SchemaVersionRow(Base):
@@ -171,7 +180,38 @@ def _keep_newest_promotion(s, engine) -> None:
     index.create(s.connection(), checkfirst=True)
 
 
-MIGRATIONS = [_keep_newest_promotion]  # append only: a database records how many it has had
+def _one_replay_table(s, engine) -> None:
+    """The replay buffer was kept two ways: a run's labels in `run_labels`, and the train cycles' as trajectory ids
+    listed in each version's `trained_on["labels"]`. Both move to `replay_labels`."""
+    if "run_labels" in inspect(s.connection()).get_table_names():
+        s.execute(text("INSERT INTO replay_labels (buffer, cycle, seq, problem_id, prompt, completion) "
+                       "SELECT run, cycle, seq, problem_id, prompt, completion FROM run_labels"))
+        s.execute(text("DROP TABLE run_labels"))
+    cycles: dict[str, int] = {}
+    versions = s.scalars(select(PolicyVersionRow).order_by(PolicyVersionRow.created_at, PolicyVersionRow.version))
+    for row in versions:
+        trained_on = dict(row.trained_on or {})
+        if trained_on.get("source") != "store" or "labels" not in trained_on:
+            continue
+        buffer = store_buffer(trained_on.get("task"))
+        cycles[buffer] = cycles.get(buffer, 0) + 1
+        ids = trained_on.pop("labels")
+        rows = s.execute(select(TrajectoryRow.id, TrajectoryRow.problem_id, ProblemRow.prompt, TrajectoryRow.completion)
+                         .join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
+                         .where(TrajectoryRow.id.in_(ids)).order_by(TrajectoryRow.id)).all() if ids else []
+        for seq, (_, problem_id, prompt, completion) in enumerate(rows):
+            s.add(ReplayLabelRow(buffer=buffer, cycle=cycles[buffer], seq=seq, problem_id=problem_id, prompt=prompt,
+                                 completion=completion))
+        row.trained_on = {**trained_on, "replayed_labels": len(rows)}
+
+
+def _consumed_trajectories(s, engine) -> None:
+    """A trajectory's `trained_on` flag read like a version's `trained_on` record: the flag is now `consumed`."""
+    if "trained_on" in {c["name"] for c in inspect(s.connection()).get_columns("trajectories")}:
+        s.execute(text("ALTER TABLE trajectories RENAME COLUMN trained_on TO consumed"))
+
+
+MIGRATIONS = [_keep_newest_promotion, _one_replay_table, _consumed_trajectories]  # append only: a database records how many it has had
 
 
 def migrate(engine, sessions) -> None:

@@ -16,7 +16,9 @@ from sqlalchemy import create_engine, event, exists, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import aliased, sessionmaker
 
-from agent.schema import JOB_FINISHED, JobRow, check_rounds, PolicyVersionRow, ProblemRow, TrajectoryRow, migrate, utc_now
+from agent.promotion import ANY_PROMOTED, promote_in
+from agent.schema import (JOB_FINISHED, JobRow, PolicyVersionRow, ProblemRow, ReplayLabelRow, TrajectoryRow, check_rounds,
+                          migrate, utc_now)
 from tasks import Problem
 from tasks.base import MAX_ID_CHARS
 
@@ -36,9 +38,6 @@ def _insert(dialect: str):
 
 def _differences(old: dict, new: dict) -> str:
     return ", ".join(f"{k} {str(old[k])[:40]!r} vs {str(new[k])[:40]!r}" for k in new if old.get(k) != new[k])
-
-
-ANY_PROMOTED = object()  # promote_policy without a compare: whatever is promoted is retired
 
 
 class Store:
@@ -208,9 +207,9 @@ class Store:
                 q = q.where(TrajectoryRow.is_best.is_(True))
             return list(s.scalars(q))
 
-    def mark_trained(self, trajectory_ids: list[int]) -> None:
+    def mark_consumed(self, trajectory_ids: list[int]) -> None:
         with self.session() as s:
-            s.execute(update(TrajectoryRow).where(TrajectoryRow.id.in_(trajectory_ids)).values(trained_on=True))
+            s.execute(update(TrajectoryRow).where(TrajectoryRow.id.in_(trajectory_ids)).values(consumed=True))
 
     def heldout_problems(self) -> list[Problem]:
         with self.session() as s:
@@ -233,15 +232,27 @@ class Store:
                 by_result.setdefault((row.job_id, row.round), []).append(row)
         return [sorted(by_result[(b.job_id, b.round)], key=lambda r: (not r.is_best, r.id)) for b in best]
 
-    def trained_labels(self, trajectory_ids: list[int]) -> list[dict]:
-        """The (prompt, completion) of trajectories a train cycle trained on: its replay buffer's entries."""
-        labels = []
+    def add_replay_labels(self, buffer: str, labels: list[dict]) -> int:
+        """Append one cycle's labels ({"prompt", "completion", "problem_id"}) to a replay buffer; returns the cycle's
+        number in that buffer."""
+        for _ in range(20):
+            try:
+                with self.session() as s:
+                    cycle = 1 + (s.scalar(select(func.max(ReplayLabelRow.cycle)).where(ReplayLabelRow.buffer == buffer)) or 0)
+                    s.add_all([ReplayLabelRow(buffer=buffer, cycle=cycle, seq=i, problem_id=e.get("problem_id"),
+                                              prompt=e["prompt"], completion=e["completion"]) for i, e in enumerate(labels)])
+                return cycle
+            except IntegrityError:
+                continue  # another cycle took that number a moment ago
+        raise RuntimeError(f"could not append to replay buffer {buffer!r} after 20 tries")
+
+    def replay_labels(self, buffer: str, limit: int) -> list[dict]:
+        """The newest `limit` labels of a replay buffer, oldest first: a mix draws at most that many, however many
+        cycles ran before."""
         with self.session() as s:
-            for at in range(0, len(trajectory_ids), 500):  # bounded IN lists (SQLite's variable limit)
-                q = (select(ProblemRow.prompt, TrajectoryRow.completion).join(ProblemRow, ProblemRow.id == TrajectoryRow.problem_id)
-                     .where(TrajectoryRow.id.in_(trajectory_ids[at : at + 500])))
-                labels += [{"prompt": prompt, "completion": completion} for prompt, completion in s.execute(q)]
-        return labels
+            rows = s.execute(select(ReplayLabelRow.prompt, ReplayLabelRow.completion).where(ReplayLabelRow.buffer == buffer)
+                             .order_by(ReplayLabelRow.cycle.desc(), ReplayLabelRow.seq.desc()).limit(limit)).all()
+        return [{"prompt": prompt, "completion": completion} for prompt, completion in reversed(rows)]
 
     @staticmethod
     def _untrained_best():
@@ -249,7 +260,7 @@ class Store:
         cycle has judged yet. The loop judges and marks its own results (cycle rows) itself. Results on held-out
         problems (a user may solve them too) are never trained on: the gate would then score memorised answers."""
         heldout = select(ProblemRow.id).where(ProblemRow.split == "heldout")
-        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.trained_on.is_(False), TrajectoryRow.job_id.is_not(None),
+        return (TrajectoryRow.is_best.is_(True), TrajectoryRow.consumed.is_(False), TrajectoryRow.job_id.is_not(None),
                 TrajectoryRow.problem_id.not_in(heldout))
 
     def count_untrained_best(self) -> int:
@@ -346,40 +357,6 @@ class Store:
         with self.session() as s:
             return s.scalars(select(PolicyVersionRow).where(PolicyVersionRow.status == "promoted")
                              .order_by(PolicyVersionRow.promoted_at.desc().nulls_last(), PolicyVersionRow.version.desc())).first()
-
-
-def promote_in(s, version: str, expected: str | None | object) -> bool:
-    """The one write of a promotion, inside the caller's transaction: a compare-and-set on the promoted version.
-    Promotes `version` and retires `expected` only if `expected` is still the promoted version (None: nothing is
-    promoted; ANY_PROMOTED: no compare). A decision taken against one promoted version (a gate that compared a
-    candidate with its parent, an operator's rollback) never overrides a promotion written since.
-
-    Writes before it reads: each UPDATE's WHERE is evaluated when it writes, so a racing promotion is seen (PostgreSQL
-    re-checks the row after the lock; SQLite serialises writers), where a row read first could be a stale snapshot.
-    Two promotions at once: the one-promoted unique index refuses the later one (IntegrityError: retry)."""
-    if expected is ANY_PROMOTED:
-        s.execute(update(PolicyVersionRow).where(PolicyVersionRow.status == "promoted", PolicyVersionRow.version != version)
-                  .values(status="retired"))
-    elif expected is not None and expected != version:
-        retired = s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == expected,
-                                                            PolicyVersionRow.status == "promoted").values(status="retired"))
-        if retired.rowcount != 1:
-            return False
-    elif expected is None:
-        try:
-            with s.begin_nested():  # the unique index refuses it when a version is promoted
-                return _set_promoted(s, version)
-        except IntegrityError:
-            return False
-    return _set_promoted(s, version)
-
-
-def _set_promoted(s, version: str) -> bool:
-    s.flush()
-    if s.execute(update(PolicyVersionRow).where(PolicyVersionRow.version == version)
-                 .values(status="promoted", promoted_at=utc_now())).rowcount != 1:
-        raise KeyError(f"no policy version {version!r}")
-    return True
 
 
 def retryable(exc: Exception) -> bool:

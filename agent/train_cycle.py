@@ -26,7 +26,7 @@ from agent.locks import FileLease
 from agent.loop import replay_mix
 from agent.policy import Policy
 from agent.refine import refinement_examples
-from agent.schema import JOB_FINISHED
+from agent.schema import JOB_FINISHED, store_buffer
 from agent.select import select
 from agent.store import Store
 from agent.warm_start import warm_start_examples
@@ -78,14 +78,6 @@ def _new_results(store: Store, limit: int) -> tuple[list[SearchResult], list[lis
     return results, ids, [g[0].prompt for g in groups]
 
 
-def _earlier_labels(store: Store, task_name: str | None, limit: int) -> list[dict]:
-    """The newest `limit` labels earlier store cycles trained this task on (recorded with their versions), for
-    replay: a mix draws at most that many, however many cycles ran before."""
-    label_ids = [i for row in store.policies() if (row.trained_on or {}).get("source") == "store"
-                 and row.trained_on.get("task") == task_name for i in row.trained_on.get("labels", [])]
-    return store.trained_labels(sorted(set(label_ids))[-limit:])
-
-
 def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     """One train cycle over what the workers found: select labels from the new search results as the loop does,
     fine-tune the promoted policy on the loop's replay mix, gate candidate vs current on the store's held-out
@@ -133,15 +125,16 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
             filters[mode], examples = selection.filters, examples + selection.examples
     consumed = [group[0] for group in ids]  # each result's best row: judged by one cycle, never again
     if not examples:
-        store.mark_trained(consumed)
+        store.mark_consumed(consumed)
         return {"candidate": None, "promoted": False, "task": name, "reason": "no new result passed selection",
                 "filters": filters, "metrics": {}, "pending_tasks": pending}
     row_of = {}
     for r, group in zip(results, ids):
         for c, i in zip(r.candidates, group):
             row_of.setdefault((r.problem.id, c.completion), i)
-    # the trajectories trained on (a problem's own given answer is no trajectory: replay draws it from no row)
-    labels = sorted({row_of[key] for key in ((e["problem_id"], e["completion"]) for e in examples) if key in row_of})
+    # what later cycles replay: the labels that are trajectories (a problem's own given answer is none), in row order
+    replayed = sorted((e for e in examples if (e["problem_id"], e["completion"]) in row_of),
+                      key=lambda e: row_of[(e["problem_id"], e["completion"])])
     newest = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
     # a refinement round that succeeded after failed ones: its prompt (attempts and feedback) with the answer that
     # passed, so the policy learns to use feedback as well as to solve the problem outright
@@ -149,11 +142,12 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     newest += refined
     seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed) if task.name in TASKS else []
     rng = random.Random(f"{cfg.seed}/{len(store.policies())}")
-    mix = replay_mix(seed_examples, newest, _earlier_labels(store, name, cfg.examples_per_cycle), cfg, rng)
+    buffer = store_buffer(name)
+    mix = replay_mix(seed_examples, newest, store.replay_labels(buffer, cfg.examples_per_cycle), cfg, rng)
     mode = "verifier" if any(p.answer is not None for ps in heldout.values() for p in ps) else "label_free"
     trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples),
                   "refinement_examples": len(refined), "filters": filters,
-                  "mode": mode, "labels": labels}
+                  "mode": mode, "replayed_labels": len(replayed)}
     model, train_stats = train_candidate(current, mix, [], cfg.train, cfg.train_method, cfg.preference)
     candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
     verdict = judge(candidate, current, heldout, cfg.eval_search, task, mode, cfg.promote_margin)
@@ -165,7 +159,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
                                                         stale_status="stale")
     if not verdict.promote:
         registry.reject(version, metrics)
-    store.mark_trained(consumed)
+    store.add_replay_labels(buffer, replayed)
+    store.mark_consumed(consumed)
     out = {"candidate": version, "promoted": promoted, "parent": current.version, "task": name,
            "examples": len(examples), "refinement_examples": len(refined), "filters": filters,
            "metrics": {**metrics, "current_heldout": verdict.current.accuracy}, "train": train_stats,

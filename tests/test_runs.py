@@ -35,7 +35,7 @@ def store(request, tmp_path):
 def _row(problem_id, cycle, trained=False):
     return dict(problem_id=problem_id, cycle=cycle, completion="1", token_count=1, mean_logprob=-0.1, min_logprob=-0.1,
                 mean_entropy=0.1, score=-0.1, verified=None, policy_version="v0", strategy="greedy", is_best=True,
-                trained_on=trained)
+                consumed=trained)
 
 
 def _cycle(record: dict, state: dict):
@@ -150,7 +150,7 @@ def _no_orphans(store: Store, runs: RunStore, name: str, searched: int = 8) -> l
     for r in records[1:]:
         best = [t for t in rows if t.cycle == r["cycle"] and t.is_best]
         assert len(best) == searched  # the cycle's rows were written once
-        assert sum(t.trained_on for t in best) == r["accepted"] == sum(lab.cycle == r["cycle"] for lab in runs.labels(name))
+        assert sum(t.consumed for t in best) == r["accepted"] == sum(lab.cycle == r["cycle"] for lab in runs.labels(name))
     return records
 
 
@@ -226,7 +226,7 @@ def test_rows_are_marked_trained_only_with_their_cycle(tmp_path, monkeypatch, on
         run_main(settings, tiny(cycles=1), RunInputs(demos=demos, problems=problems, run_name="r"))
     monkeypatch.undo()
     store = Store(settings.db_url)
-    assert [t for t in store.trajectories() if t.trained_on] == []  # the selection ran, the training did not finish
+    assert [t for t in store.trajectories() if t.consumed] == []  # the selection ran, the training did not finish
     run_main(settings, tiny(cycles=1), RunInputs(resume="r"))
     records = _no_orphans(store, RunStore(store), "r")
     assert records[1]["accepted"] > 0 and records[1]["candidate"] is not None

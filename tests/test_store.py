@@ -87,10 +87,10 @@ def test_trajectories_and_policy_versions(store):
     assert store.promoted_policy().metrics == {"acc": 0.5}
 
 
-def _best(store, problem_id, job_id=None, cycle=None, trained_on=False):
+def _best(store, problem_id, job_id=None, cycle=None, consumed=False):
     add_trajectories(store, [dict(problem_id=problem_id, job_id=job_id, cycle=cycle, completion="x", token_count=1,
                                  mean_logprob=-1.0, min_logprob=-1.0, mean_entropy=0.1, score=-1.0, verified=False,
-                                 policy_version="v0", strategy="greedy", is_best=True, trained_on=trained_on)])
+                                 policy_version="v0", strategy="greedy", is_best=True, consumed=consumed)])
 
 
 def test_the_train_trigger_counts_what_a_train_cycle_consumes(store):
@@ -109,5 +109,40 @@ def test_the_train_trigger_counts_what_a_train_cycle_consumes(store):
     statements = [s for s in statements if "trajectories" in s]
     assert len(statements) == 2 and all("count(" in s.lower() for s in statements)  # one COUNT each, no rows fetched
     ids = [t.id for t in store.trajectories(best_only=True) if t.job_id in jobs[:2]]
-    store.mark_trained(ids)  # what a train cycle does with every result it judged, accepted or not
+    store.mark_consumed(ids)  # what a train cycle does with every result it judged, accepted or not
     assert store.count_trainable() == 0 and store.count_untrained_best() == 1
+
+
+def test_a_database_from_before_the_one_replay_table_is_migrated_once(store):
+    """Run labels (the old run_labels table) and train-cycle labels (trajectory ids listed in a version's trained_on)
+    move to the one replay_labels table, and a trajectory's trained_on flag becomes `consumed`, once; a second
+    Store() on the migrated database changes nothing."""
+    from sqlalchemy import delete, inspect, text
+
+    from agent.run_store import RunStore
+    from agent.schema import SchemaVersionRow
+
+    store.add_problems([Problem("a=", "1", id="a"), Problem("b=", "2", id="b")])
+    add_trajectories(store, [dict(problem_id=p, completion=c, token_count=1, mean_logprob=-0.1, min_logprob=-0.1,
+                                  mean_entropy=0.1, score=-0.1, verified=None, policy_version="v0", strategy="greedy",
+                                  is_best=True) for p, c in (("a", "1"), ("b", "2"))])
+    ids = [t.id for t in store.trajectories()]
+    store.mark_consumed(ids[:1])
+    store.record_policy("v1", "/x/v1", None, "rejected", {"source": "store", "task": None, "labels": ids}, {})
+    RunStore(store).create("r", {}, {})
+    with store.session() as s:  # the state of a database written before the migration
+        s.execute(delete(SchemaVersionRow))
+        s.execute(text("CREATE TABLE run_labels (run VARCHAR(100), cycle INTEGER, seq INTEGER, problem_id VARCHAR(200), "
+                       "prompt TEXT, completion TEXT)"))
+        s.execute(text("INSERT INTO run_labels VALUES ('r', 1, 0, 'a', 'a=', '1')"))
+        s.execute(text("ALTER TABLE trajectories RENAME COLUMN consumed TO trained_on"))
+    for _ in range(2):
+        migrated = Store(store.url)
+        assert [(lab.cycle, lab.prompt, lab.completion) for lab in RunStore(migrated).labels("r")] == [(1, "a=", "1")]
+        assert migrated.replay_labels("store:", 10) == [{"prompt": "a=", "completion": "1"},
+                                                        {"prompt": "b=", "completion": "2"}]
+        assert [t.consumed for t in migrated.trajectories()] == [True, False]
+        assert next(r for r in migrated.policies() if r.version == "v1").trained_on == {
+            "source": "store", "task": None, "replayed_labels": 2}
+    with migrated.session() as s:
+        assert "run_labels" not in inspect(s.connection()).get_table_names()

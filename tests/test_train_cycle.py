@@ -85,7 +85,7 @@ def test_train_cycle_on_a_users_task_trains_gates_on_its_heldout_and_replays(set
     assert {e["completion"] for e in mixes[0]} == {"tac", "god"} and len(mixes[0]) == 40  # no warm-start data: none stored
     assert store.count_untrained_best() == 0
     row = {r.version: r for r in store.policies()}["v1"]
-    assert row.status == "promoted" and row.trained_on["source"] == "store" and len(row.trained_on["labels"]) == 1
+    assert row.status == "promoted" and row.trained_on["source"] == "store" and row.trained_on["replayed_labels"] == 1
 
     # the next cycle's mix replays the earlier cycle's labels beside the new ones (the loop's shares)
     p = Problem("bee backwards:", "eeb", id="t-bee")
@@ -184,7 +184,7 @@ def test_a_cycle_reads_one_bounded_page_of_results_oldest_first(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
     for i in range(30):
         _result(store, Problem(f"p{i}:", None, id=f"p{i}"), [f"a{i}", f"b{i}", f"c{i}"], job=f"j{i:02d}")
-    store.mark_trained([t.id for t in store.trajectories(job_id="j00") if t.is_best])  # judged by an earlier cycle
+    store.mark_consumed([t.id for t in store.trajectories(job_id="j00") if t.is_best])  # judged by an earlier cycle
     loaded = []
 
     def count(row, _context):
