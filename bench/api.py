@@ -13,6 +13,14 @@ types, start-up included.
 Polling: GET /api/jobs/{id} (a running job: store reads and the task's progress from the result backend) from
 `--clients` threads for `--seconds`, first with the workers idle, then with 2 workers busy on a batch of
 best-of-8 jobs.
+
+    python bench/api.py --streams-only [--server-code DIR]   # progress streams: health latency, server CPU
+
+Progress streams: `--streams` open GET /api/events streams (no job ids: the newest jobs) on a store of `--stream-jobs`
+queued jobs (PostgreSQL, a broker configured, no workers: nothing changes), while one client asks GET /api/health
+one request after another for `--seconds`: its latency p50/p99, and the `arbor serve` process's CPU (psutil) as a
+share of one core, in all and per stream. `--server-code DIR` runs the server from another checkout (the code
+before a change: `git worktree add DIR COMMIT`).
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import httpx  # noqa: E402
 
 from tests.support import ArborProcess, RedisServer, arbor, arbor_env, free_port, postgres_database, seed_policy, wait_for, worker  # noqa: E402
 
-TOKEN = "bench-token"
+TOKEN = "bench-token-0123456789"
 LIGHT = {"strategy": "greedy", "max_new_tokens": 8}
 HEAVY = {"strategy": "best_of_n", "n": 8, "max_new_tokens": 32}
 
@@ -99,6 +107,83 @@ def _poll(url: str, job_ids: list[str], clients: int, seconds: float) -> dict:
             "clients": clients, "seconds": round(elapsed, 1)}
 
 
+def _streams(args) -> dict:
+    """Health latency and server CPU with `args.streams` open progress streams on `args.stream_jobs` jobs."""
+    import os
+
+    import psutil
+
+    from agent.jobs import submit_jobs
+    from agent.store import Store
+    from tasks.base import Problem
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        server = RedisServer(root / "redis").start()
+        api = None
+        try:
+            with postgres_database() as db_url:
+                store = Store(db_url)
+                problems = [Problem(prompt=f"{i % 90 + 10}+{i % 70 + 20}=", id=f"s-{i}") for i in range(args.stream_jobs)]
+                submit_jobs(store, problems, rounds=1, search=LIGHT)
+                store.engine.dispose()
+                extra = {"PYTHONPATH": str(args.server_code)} if args.server_code else {}
+                env = arbor_env(root / "home", db_url, server.url, ARBOR_API_TOKEN=TOKEN, **extra)
+                port = free_port()
+                url = f"http://127.0.0.1:{port}"
+                api = ArborProcess(["serve", "--port", str(port), "--log-level", "warning"], env, root / "serve.log").start()
+                wait_for(lambda: _up(url), 120, "arbor serve")
+                stop = threading.Event()
+                opened = [0]
+
+                def follow():
+                    try:
+                        _follow()
+                    except httpx.HTTPError:
+                        if not stop.is_set():
+                            raise
+
+                def _follow():
+                    with httpx.stream("GET", f"{url}/api/events", headers={"Authorization": f"Bearer {TOKEN}"},
+                                      timeout=httpx.Timeout(60, read=None)) as r:
+                        assert r.status_code == 200, r.status_code
+                        opened[0] += 1
+                        for _ in r.iter_lines():
+                            if stop.is_set():
+                                return
+
+                threads = [threading.Thread(target=follow, daemon=True) for _ in range(args.streams)]
+                for t in threads:
+                    t.start()
+                wait_for(lambda: opened[0] == args.streams, 60, "the streams to open")
+                time.sleep(3)  # past the first full reads
+                proc = psutil.Process(api.proc.pid)
+                procs = [proc, *proc.children(recursive=True)]
+                cpu0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+                start, latencies = time.perf_counter(), []
+                with httpx.Client(base_url=url, timeout=30) as c:
+                    while time.perf_counter() - start < args.seconds:
+                        t = time.perf_counter()
+                        assert c.get("/api/health").status_code == 200
+                        latencies.append(time.perf_counter() - t)
+                        time.sleep(0.01)
+                wall = time.perf_counter() - start
+                cpu = sum(p.cpu_times().user + p.cpu_times().system for p in procs) - cpu0
+                stop.set()
+                latencies.sort()
+                share = cpu / wall
+                return {"streams": args.streams, "jobs": args.stream_jobs, "seconds": round(wall, 1),
+                        "server_code": str(args.server_code or "this checkout"),
+                        "health_p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+                        "health_p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))] * 1000, 2),
+                        "health_requests": len(latencies), "server_cpu_share_of_a_core": round(share, 4),
+                        "per_stream_cpu_share": round(share / args.streams, 5), "machine_cpus": os.cpu_count()}
+        finally:
+            if api is not None:
+                api.stop(timeout=10)
+            server.stop()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--submits", type=int, default=60, help="single-problem submissions per path")
@@ -107,7 +192,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=15, help="polling time per phase")
     ap.add_argument("--busy-jobs", type=int, default=400, help="best-of-8 jobs that keep the 2 workers busy")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--streams-only", action="store_true", help="only the progress-stream measurement")
+    ap.add_argument("--streams", type=int, default=20, help="open progress streams")
+    ap.add_argument("--stream-jobs", type=int, default=5000, help="jobs in the store for the stream measurement")
+    ap.add_argument("--server-code", type=Path, help="run `arbor serve` from this checkout (the code before)")
     args = ap.parse_args(argv)
+    if args.streams_only:
+        out = {"streams": _streams(args)}
+        text = json.dumps(out, indent=2)
+        if args.out:
+            args.out.write_text(text + "\n")
+        print(text)
+        return out
 
     from agent.store import Store
 

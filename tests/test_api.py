@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from tests.support import ArborProcess, RedisServer, arbor, arbor_env, free_port, postgres_database, seed_policy, wait_for, worker
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-7f3a"
+TOKEN = "test-token-7f3a-long-enough"
 LIMIT = 64 * 1024
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SEARCH = {"strategy": "greedy", "max_new_tokens": 6}  # an untrained policy: jobs finish in a moment
@@ -129,8 +129,8 @@ def test_every_route_needs_the_token(stack):
     login = httpx.post(f"{url}/login", data={"token": "wrong", "next": "/jobs"})
     assert login.status_code == 401
     login = httpx.post(f"{url}/login", data={"token": TOKEN, "next": "/jobs"})
-    assert login.status_code == 303 and login.cookies.get("arbor_token") == TOKEN
-    assert httpx.get(f"{url}/jobs", cookies={"arbor_token": TOKEN}).status_code == 200
+    assert login.status_code == 303 and login.cookies.get("arbor_session") not in (None, TOKEN)
+    assert httpx.get(f"{url}/jobs", cookies=dict(login.cookies)).status_code == 200
 
 
 def test_submit_follow_events_and_read_results(stack):
@@ -207,7 +207,8 @@ def test_malformed_upload_is_refused_line_by_line_and_stores_nothing(stack, tmp_
     r = client.post("/api/jobs", json={"problems": [{"prompt": "1+1="}], "search": {"beam": 4}})
     assert r.status_code == 422 and r.json()["detail"].startswith("unknown search field 'beam'")
     r = client.post("/api/jobs", json={"problems": [{"prompt": "1+1="}], "refine": 0})
-    assert r.status_code == 422 and r.json()["detail"] == "refine must be at least 1 (got 0)"
+    assert r.status_code == 422 and r.json()["detail"] == ("refine: refinement rounds must be a whole number from 1 to "
+                                                           "20 (got 0)")
     r = client.post("/api/jobs/upload", files={"file": ("empty.jsonl", b"\n\n")})
     assert r.status_code == 422 and r.json()["detail"] == "empty.jsonl holds no problems"
     r = client.post("/api/jobs/upload", files={"file": ("latin.jsonl", '{"prompt": "caf\xe9"}'.encode("latin-1"))})
@@ -317,12 +318,15 @@ def test_token_from_a_file(monkeypatch, tmp_path):
     from agent.settings import Settings
     from arbor.api import resolve_token
 
-    (tmp_path / "token").write_text("from-a-file\n")
+    (tmp_path / "token").write_text("from-a-file-0123456789\n")
     monkeypatch.delenv("ARBOR_API_TOKEN", raising=False)
     monkeypatch.setenv("ARBOR_API_TOKEN_FILE", str(tmp_path / "token"))
-    assert resolve_token(Settings(device="cpu")) == "from-a-file"
-    monkeypatch.setenv("ARBOR_API_TOKEN", "from-the-environment")
+    assert resolve_token(Settings(device="cpu")) == "from-a-file-0123456789"
+    monkeypatch.setenv("ARBOR_API_TOKEN", "from-the-environment")  # 20 characters
     assert resolve_token(Settings(device="cpu")) == "from-the-environment"
+    monkeypatch.setenv("ARBOR_API_TOKEN", "too-short")
+    with pytest.raises(ValueError, match="ARBOR_API_TOKEN holds a token of 9 characters: use at least 16"):
+        resolve_token(Settings(device="cpu"))
     monkeypatch.setenv("ARBOR_API_MAX_REQUEST_BYTES", "10")
     with pytest.raises(ValueError, match="ARBOR_API_MAX_REQUEST_BYTES must be at least 1024"):
         Settings(device="cpu")

@@ -5,11 +5,13 @@
     service.py     Service: the store, the broker, and the rules for jobs, policies and runs
     routes_api.py  /api/* (JSON; docs/openapi.json)        routes_web.py  the pages (jinja2, arbor/web/)
     auth.py        the API token, its dependencies, login and logout
-    limits.py      the request body limit (ASGI)            models.py      the JSON bodies of /api/*
+    gate.py        the token and the body limit (ASGI)      models.py      the JSON bodies of /api/*
 
-Submission is `arbor submit`'s (arbor/submission.py). Every request but /api/health and the login page needs the
-API token (Settings.api_token): `Authorization: Bearer TOKEN`, or the cookie the login page sets. Request bodies
-are limited to Settings.api_max_request_bytes.
+Submission is `arbor submit`'s (arbor/submission.py). Open without the token: GET /api/health, GET and POST
+/login, and /static/*. Everything else needs the API token (Settings.api_token), checked before any body is read
+(gate.py): /api/* and /openapi.json take only `Authorization: Bearer TOKEN`; the web pages (/, /jobs..., /runs...,
+/policies..., /logout) take the header or the login page's session cookie (a random id, never the token). There
+are no /docs or /redoc pages. Request bodies are limited to Settings.api_max_request_bytes, counted as they arrive.
 """
 
 from arbor.api.config import ApiConfig

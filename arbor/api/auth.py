@@ -1,92 +1,112 @@
-"""The API token: where it comes from, the dependencies that ask for it, and the login page that sets its cookie.
+"""The API token, the login page's sessions, and the dependencies the routers declare.
 
-A request carries the token as `Authorization: Bearer TOKEN` or as the cookie the login page sets. create_app keeps
-the token in app.state.token (None: serving without one, `arbor serve --no-auth`).
+The token itself is checked in the ASGI layer before any body is read (gate.py); the dependencies here refuse a
+request the gate did not pass (a router mounted without it) and put the bearer scheme into the schema. The login
+page trades the token for a random session id in a cookie: the token never sits in a browser, and a session ends
+at logout or after SESSION_S.
 """
 
 from __future__ import annotations
 
 import secrets
-from pathlib import Path
+import threading
+import time
 
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.security import HTTPBearer
 
 from arbor.api.pages import page
 
-COOKIE = "arbor_token"
+COOKIE = "arbor_session"
+SESSION_S = 12 * 3600
 
 
 def resolve_token(settings) -> str | None:
-    """ARBOR_API_TOKEN, else the contents of ARBOR_API_TOKEN_FILE (stripped); None when neither is set."""
-    if settings.api_token:
-        return settings.api_token
-    if settings.api_token_file is not None:
-        try:
-            token = Path(settings.api_token_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ValueError(f"ARBOR_API_TOKEN_FILE={settings.api_token_file}: cannot read it "
-                             f"({exc.strerror})") from None
-        if not token:
-            raise ValueError(f"ARBOR_API_TOKEN_FILE={settings.api_token_file} is empty")
-        return token
-    return None
+    """The API token (agent/settings.py resolve_api_token: at least 16 characters); None when none is set."""
+    from agent.settings import resolve_api_token
+
+    return resolve_api_token(settings)
+
+
+class Sessions:
+    """Logged-in browser sessions, in this process's memory (a restart logs everyone out)."""
+
+    def __init__(self, lifetime_s: float = SESSION_S, most: int = 10_000):
+        self.lifetime_s, self.most = lifetime_s, most
+        self._until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def start(self) -> str:
+        sid = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        with self._lock:
+            self._until = {k: t for k, t in self._until.items() if t > now}
+            if len(self._until) >= self.most:  # the oldest goes first
+                self._until.pop(min(self._until, key=self._until.get))
+            self._until[sid] = now + self.lifetime_s
+        return sid
+
+    def valid(self, sid: str) -> bool:
+        with self._lock:
+            return self._until.get(sid, 0.0) > time.monotonic()
+
+    def end(self, sid: str | None) -> None:
+        with self._lock:
+            self._until.pop(sid or "", None)
 
 
 class LoginRequired(Exception):
-    """A web page asked for without the token: create_app answers with a redirect to the login page."""
+    """A web page asked for without a session: create_app answers with a redirect to the login page."""
 
 
-def _matches(given: str | None, token: str) -> bool:
-    return given is not None and secrets.compare_digest(given.encode(), token.encode())
+bearer = HTTPBearer(auto_error=False, description="the API token (ARBOR_API_TOKEN)")
 
 
-def _given_token(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return request.cookies.get(COOKIE)
+def _passed(request: Request) -> bool:
+    return request.app.state.token is None or bool(request.scope.get("arbor.authorized"))
 
 
-def _allowed(request: Request) -> bool:
-    token = request.app.state.token
-    return token is None or _matches(_given_token(request), token)
-
-
-def require_token(request: Request) -> None:
-    """The JSON API's dependency: 401 without the token."""
-    if not _allowed(request):
+def require_token(request: Request, _credentials=Depends(bearer)) -> None:
+    """The JSON API's dependency: 401 unless the gate let the request through."""
+    if not _passed(request):
         raise HTTPException(401, "missing or wrong API token: send `Authorization: Bearer TOKEN`",
                             headers={"WWW-Authenticate": "Bearer"})
 
 
 def require_login(request: Request) -> None:
-    """The web pages' dependency: to the login page without the token."""
-    if not _allowed(request):
+    """The web pages' dependency: to the login page unless the gate let the request through."""
+    if not _passed(request):
         raise LoginRequired()
 
 
 router = APIRouter(include_in_schema=False)
 
 
+def _target(next_path: str) -> str:
+    return next_path if next_path.startswith("/") and not next_path.startswith("//") else "/jobs"
+
+
 @router.get("/login", response_class=HTMLResponse)
 def login_form(request: Request, next: str = "/jobs"):
-    return page(request, "login.html", next=next if next.startswith("/") else "/jobs", error=None)
+    return page(request, "login.html", next=_target(next), error=None)
 
 
 @router.post("/login")
 def login(request: Request, token_given: str = Form("", alias="token"), next: str = Form("/jobs")):
-    target = next if next.startswith("/") and not next.startswith("//") else "/jobs"
     token = request.app.state.token
-    if token is not None and not _matches(token_given, token):
-        return page(request, "login.html", code=401, next=target, error="wrong token")
-    response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, token_given, httponly=True, samesite="strict")
+    if token is not None and not secrets.compare_digest(token_given.encode(), token.encode()):
+        return page(request, "login.html", code=401, next=_target(next), error="wrong token")
+    response = RedirectResponse(_target(next), status_code=303)
+    secure = request.url.scheme == "https" or request.app.state.service.cfg.secure_cookie
+    response.set_cookie(COOKIE, request.app.state.sessions.start(), max_age=SESSION_S, httponly=True,
+                        samesite="strict", secure=secure)
     return response
 
 
-@router.post("/logout")
-def logout():
+@router.post("/logout", dependencies=[Depends(require_login)])
+def logout(request: Request):
+    request.app.state.sessions.end(request.cookies.get(COOKIE))
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(COOKIE)
     return response

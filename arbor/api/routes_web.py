@@ -1,4 +1,6 @@
-"""The web view: /runs, /jobs, /jobs/{id}, /jobs/{id}/tree, /policies (jinja2 pages under arbor/web/templates).
+"""The web view: /runs, /jobs, /jobs/{id}, /jobs/{id}/tree, /policies (jinja2 pages under arbor/web/templates), and
+for the pages' scripts and images /events and /runs/{name}/learning_curve.png: /api/events' and the curve's own
+handlers, here because the session cookie is never accepted under /api.
 
 Each page is a thin view over the Service the JSON API uses; a refusal becomes an error page or a message on the
 page, and a page asked for without the token redirects to /login (arbor/api/auth.py).
@@ -10,8 +12,9 @@ from typing import Optional
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, StreamingResponse
 
+from arbor.api import routes_api
 from arbor.api.auth import require_login
 from arbor.api.pages import page
 from arbor.api.service import ApiError, Service, service
@@ -121,3 +124,7 @@ def run_page(request: Request, name: str, svc: Service = Depends(service)):
     cycles = report.get("cycles") or []
     return page(request, "run.html", name=name, report=report, cycles=cycles, keys=_difficulties(cycles),
                 curve=(svc.settings.runs_dir / name / "learning_curve.png").is_file())
+
+
+router.add_api_route("/events", routes_api.events, methods=["GET"], response_class=StreamingResponse)
+router.add_api_route("/runs/{name}/learning_curve.png", routes_api.curve, methods=["GET"], response_class=FileResponse)

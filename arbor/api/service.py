@@ -8,26 +8,54 @@ checks and defaults, the same store-then-queue order: a refused request stores n
 from __future__ import annotations
 
 import datetime as dt
-import json
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import Request
 
 from agent.promotion import PromotionRefused, UnknownVersion, promote_by_operator, promote_margin, rollback
-from agent.schema import JOB_FINISHED
+from agent.report import ReportUnreadable, read_report
+from agent.run_store import PLAIN_NAME
+from agent.schema import JOB_FINISHED, RoundsOutOfRange, check_rounds
 from arbor import submission
 from arbor.api.config import ApiConfig
-from agent.run_store import PLAIN_NAME
 from arbor.submission import BrokerError, SubmitError
+from tasks.base import MAX_JOB_ID_CHARS
+from tasks.text import id_error
 
 
 class ApiError(Exception):
     """A refused request: status code, one line, and (for problem files) the bad lines."""
 
-    def __init__(self, status: int, detail: str, errors: list[dict] | None = None):
+    def __init__(self, status: int, detail: str, errors: list[dict] | None = None, headers: dict | None = None):
         super().__init__(detail)
-        self.status, self.detail, self.errors = status, detail, errors
+        self.status, self.detail, self.errors, self.headers = status, detail, errors, headers
+
+
+class Streams:
+    """Open progress streams, at most `most` at once: each holds a connection and polls the store."""
+
+    def __init__(self, most: int):
+        self.most, self.open = most, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> Callable[[], None]:
+        """A slot (its release function), or a 503 when `most` streams are open."""
+        with self._lock:
+            if self.open >= self.most:
+                raise ApiError(503, f"{self.most} progress streams are open, this server's limit (arbor serve "
+                                    "--max-streams): close one, or poll GET /api/jobs/{id}", headers={"Retry-After": "5"})
+            self.open += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released, self.open = True, self.open - 1
+
+        return release
 
 
 def _iso(value) -> str | None:
@@ -42,6 +70,7 @@ class Service:
         self._store = None
         self._celery = None
         self._tokenizers: dict[str, Any] = {}
+        self.streams = Streams(cfg.max_streams)
 
     @property
     def store(self):
@@ -76,8 +105,10 @@ class Service:
         read: returns the problems (arbor/submission.py read_problem_text), or raises SubmitError."""
         from agent.jobs import submit_jobs
 
-        if refine < 1:
-            raise ApiError(422, f"refine must be at least 1 (got {refine})")
+        try:
+            check_rounds(refine)
+        except RoundsOutOfRange as exc:
+            raise ApiError(422, f"refine: {exc}") from None
         if not isinstance(search, dict):
             raise ApiError(422, f"search must be a JSON object of SearchConfig fields (got {type(search).__name__})")
         try:
@@ -96,7 +127,7 @@ class Service:
 
     # jobs --------------------------------------------------------------------------------------------------------
     def _progress(self, job) -> dict | None:
-        if job.status in JOB_FINISHED or not self.settings.broker_url:
+        if job.status != "running" or not self.settings.broker_url:  # only a running job reports progress
             return None
         try:
             res = self.celery().AsyncResult(job.id)
@@ -114,14 +145,34 @@ class Service:
             out["progress"] = self._progress(job)
         return out
 
+    def _jobs(self, ids: list[str] | None = None, status: str | None = None, limit: int | None = None) -> list:
+        """Job rows in one query: these ids, or the newest `limit` (in `status`), newest first."""
+        from sqlalchemy import select
+
+        from agent.schema import JobRow
+
+        query = select(JobRow)
+        if ids is not None:
+            query = query.where(JobRow.id.in_(ids))
+        else:
+            query = query.order_by(JobRow.created_at.desc()).limit(min(limit or self.cfg.list_limit,
+                                                                        self.cfg.list_limit))
+            query = query.where(JobRow.status == status) if status else query
+        with self.store.session() as s:
+            return list(s.scalars(query))
+
     def list_jobs(self, status: str | None, limit: int | None) -> list[dict]:
-        rows = self.store.list_jobs()
-        if status:
-            rows = [r for r in rows if r.status == status]
-        rows = rows[::-1][: min(limit or self.cfg.list_limit, self.cfg.list_limit)]
-        return [self.job_summary(r) for r in rows]
+        return [self.job_summary(r) for r in self._jobs(status=status, limit=limit)]
+
+    @staticmethod
+    def check_job_id(job_id: str) -> None:
+        """A job id's shape, before any query (a NUL byte, say, is an error in PostgreSQL): 422 when it cannot be one."""
+        problem = id_error(job_id, "job id", MAX_JOB_ID_CHARS)
+        if problem:
+            raise ApiError(422, f"{problem}: no job has such an id")
 
     def job(self, job_id: str) -> dict:
+        self.check_job_id(job_id)
         row = self.store.get_job(job_id)
         if row is None:
             raise ApiError(404, f"no job {job_id!r}: GET /api/jobs lists what there is")
@@ -144,8 +195,8 @@ class Service:
         return out
 
     def job_states(self, ids: list[str]) -> dict[str, dict]:
-        rows = [self.store.get_job(j) for j in ids] if ids else self.store.list_jobs()[-self.cfg.list_limit:]
-        return {r.id: self.job_summary(r, progress=True) for r in rows if r is not None}
+        """Summaries (with progress) of these jobs, or of the newest jobs when no ids are given: one query."""
+        return {r.id: self.job_summary(r, progress=True) for r in self._jobs(ids or None)}
 
     def tree_html(self, job_id: str) -> str:
         """The job's candidates per round as search/tree_html.py's tree (a token trie of what the workers stored,
@@ -196,6 +247,9 @@ class Service:
 
     def promote(self, version: str) -> dict:
         """Promote `version` by the gate's rule (agent/promotion.py), with the deployment's promote margin."""
+        problem = id_error(version, "version")
+        if problem:
+            raise ApiError(422, f"{problem}: no policy version has such a name")
         try:
             return promote_by_operator(self.store, version, promote_margin(self.settings))
         except UnknownVersion as exc:
@@ -223,8 +277,8 @@ class Service:
         out = []
         for folder in sorted(found, key=lambda p: (p / "report.json").stat().st_mtime, reverse=True):
             try:
-                report = json.loads((folder / "report.json").read_text())
-            except (OSError, json.JSONDecodeError):
+                report = read_report(folder / "report.json")
+            except ReportUnreadable:
                 continue
             modified = dt.datetime.fromtimestamp((folder / "report.json").stat().st_mtime, dt.timezone.utc)
             cycles = report.get("cycles") or []
@@ -236,7 +290,10 @@ class Service:
         return out
 
     def run(self, name: str) -> dict:
-        return json.loads((self._run_dir(name) / "report.json").read_text())
+        try:
+            return read_report(self._run_dir(name) / "report.json")
+        except ReportUnreadable as exc:
+            raise ApiError(503, str(exc)) from None
 
     def curve(self, name: str) -> Path:
         path = self._run_dir(name) / "learning_curve.png"

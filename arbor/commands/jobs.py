@@ -95,6 +95,19 @@ def results(as_json: bool = typer.Option(False, "--json", help="print a JSON lis
                    f"{b.get('completion', '')!r}")
 
 
+def _train_lock(settings, job_id: str):
+    """With a broker, the workers' Redis train lock, so that a cycle here and a worker's never overlap; without
+    one, None (run_train_cycle takes its file lock)."""
+    if not settings.broker_url:
+        return None
+    import redis
+
+    from workers.lease import RedisLease
+    from workers.recovery import TRAIN_LOCK
+
+    return RedisLease(redis.Redis.from_url(settings.broker_url), TRAIN_LOCK, settings.lease_ttl, holder=job_id)
+
+
 def train(
     wait: bool = typer.Option(True, "--wait/--no-wait", help="with a broker: wait for the cycle's result"),
     timeout: float = typer.Option(None, help="with a broker: give up waiting after this many seconds"),
@@ -153,10 +166,11 @@ def train(
         fail("no promoted policy to train: run `arbor policies init` once, then launch the multi-process cycle")
     ensure_policy(settings, registry)
     worker = "in-process" if distributed.world_size() == 1 else f"{distributed.world_size()} processes"
+    job_id = job_id or uuid.uuid4().hex
     try:
         with console.status("training"):
-            out = run_train_cycle(settings, store, registry, job_id=job_id or uuid.uuid4().hex, worker=worker,
-                                  lock=HeldByCaller() if lock_held else None)
+            out = run_train_cycle(settings, store, registry, job_id=job_id, worker=worker,
+                                  lock=HeldByCaller() if lock_held else _train_lock(settings, job_id))
     finally:
         distributed.end_cycle()
         distributed.leave()

@@ -25,20 +25,25 @@ def serve(
     host: str = option(ApiConfig, "host"),
     port: int = option(ApiConfig, "port"),
     poll_s: float = option(ApiConfig, "poll_s", "--poll-s"),
+    max_streams: int = option(ApiConfig, "max_streams", "--max-streams"),
+    secure_cookie: bool = typer.Option(False, "--secure-cookie", help=ApiConfig.__dataclass_fields__["secure_cookie"]
+                                       .metadata["help"]),
     no_auth: bool = typer.Option(False, "--no-auth", help="serve without an API token (a trusted host only)"),
     log_level: str = typer.Option("info", help="uvicorn's log level"),
     write_openapi: Optional[Path] = typer.Option(None, "--write-openapi",
                                                  help="write the OpenAPI schema to this file and exit "
                                                       "(docs/openapi.json)"),
 ):
-    """Serve the HTTP API (/docs, /openapi.json) and the web view of runs, jobs, policies and search trees."""
+    """Serve the HTTP API (its schema at /openapi.json, with the token) and the web view of runs, jobs, policies and
+    search trees."""
     import uvicorn
 
     from arbor.api import create_app
 
     settings = load_settings(device="cpu")
     try:
-        asgi = create_app(settings, ApiConfig(host=host, port=port, poll_s=poll_s),
+        asgi = create_app(settings, ApiConfig(host=host, port=port, poll_s=poll_s, max_streams=max_streams,
+                                                    secure_cookie=secure_cookie),
                           require_token=not (no_auth or write_openapi is not None))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -50,7 +55,7 @@ def serve(
         typer.echo(f"wrote {write_openapi}")
         return
     try:
-        asgi.app.state.service.store  # noqa: B018  (opens it: a bad ARBOR_DATABASE_URL fails before listening)
+        asgi.api.state.service.store  # noqa: B018  (opens it: a bad ARBOR_DATABASE_URL fails before listening)
     except Exception as exc:
         from agent.settings import mask
 

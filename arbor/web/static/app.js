@@ -1,4 +1,4 @@
-// Live job states over server-sent events (GET /api/events). On the jobs page a changed job's row is updated in
+// Live job states over server-sent events (GET /events: /api/events for the session cookie). On the jobs page a changed job's row is updated in
 // place (status, deliveries, best answer, verdict, score); on a job's page a change of status reloads it. No build
 // step; the session cookie authenticates the stream.
 window.arbor = {
@@ -21,7 +21,7 @@ window.arbor = {
     if (!window.EventSource) return;
     const live = document.getElementById("live");
     const query = (ids || []).map((id) => "job=" + encodeURIComponent(id)).join("&");
-    const source = new EventSource("/api/events" + (query ? "?" + query : ""));
+    const source = new EventSource("/events" + (query ? "?" + query : ""));
     source.addEventListener("open", () => { if (live) live.textContent = "live"; });
     source.addEventListener("job", (event) => {
       const job = JSON.parse(event.data);
