@@ -13,8 +13,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tasks import Problem
 from tasks.base import MAX_ID_CHARS, MAX_TASK_CHARS
 
-JOB_DONE, JOB_FAILED = "done", "failed"
+JOB_DONE = "done"
+JOB_FAILED = "failed"
 JOB_FINISHED = (JOB_DONE, JOB_FAILED)  # a job in one of these states is never run again
+JOB_STATES = ("queued", "running", *JOB_FINISHED)
 MAX_REFINE_ROUNDS = 20  # refinement rounds a job may ask for (each round's prompt holds every earlier attempt)
 
 

@@ -7,11 +7,11 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, Field
 
-from agent.schema import MAX_REFINE_ROUNDS
+from agent.schema import JOB_STATES, MAX_REFINE_ROUNDS
 
 MAX_STREAM_IDS = 200  # job ids one progress stream may follow
 MAX_LIST = 500  # the most jobs one listing may ask for
-JobStatus = Literal["queued", "running", "done", "failed"]
+JobStatus = Literal[JOB_STATES]
 ROUNDS = {"minimum": 1, "maximum": MAX_REFINE_ROUNDS}  # checked by agent/schema.py check_rounds: a one-line 422
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
+from agent.schema import JOB_FINISHED, JOB_STATES
+
 WEB = Path(__file__).resolve().parents[1] / "web"
 
 
@@ -21,6 +23,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 templates = Jinja2Templates(directory=str(WEB / "templates"))
 templates.env.filters["fmt"] = _fmt
+templates.env.globals.update(job_states=JOB_STATES, job_finished=JOB_FINISHED)
 
 
 def page(request: Request, template: str, code: int = 200, **context):

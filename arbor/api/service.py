@@ -17,7 +17,7 @@ from fastapi import Request
 from agent.promotion import PromotionRefused, UnknownVersion, promote_by_operator, promote_margin, rollback
 from agent.report import ReportUnreadable, read_report
 from agent.run_store import PLAIN_NAME
-from agent.schema import JOB_FINISHED, RoundsOutOfRange, check_rounds
+from agent.schema import RoundsOutOfRange, check_rounds
 from arbor import submission
 from arbor.api.config import ApiConfig
 from arbor.submission import BrokerError, SubmitError
