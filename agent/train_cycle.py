@@ -71,19 +71,9 @@ def _new_results(store: Store, limit: int) -> tuple[list[SearchResult], list[lis
     problems = store.get_problems(sorted({g[0].problem_id for g in groups}))
     results, ids = [], []
     for g in groups:
-        candidates = [
-            Candidate(
-                completion=r.completion,
-                token_ids=[],
-                mean_logprob=r.mean_logprob,
-                min_logprob=r.min_logprob,
-                mean_entropy=r.mean_entropy,
-                finished=True,
-                verified=r.verified,
-                score=r.score,
-            )
-            for r in g
-        ]
+        candidates = [Candidate(completion=r.completion, token_ids=[], mean_logprob=r.mean_logprob,
+                                min_logprob=r.min_logprob, mean_entropy=r.mean_entropy, finished=True,
+                                verified=r.verified, score=r.score) for r in g]
         results.append(SearchResult(problems[g[0].problem_id], candidates, g[0].strategy, g[0].policy_version))
         ids.append([r.id for r in g])
     return results, ids, [g[0].prompt for g in groups]

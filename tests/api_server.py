@@ -15,6 +15,29 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LIMIT = 64 * 1024
 
 
+def start_serve(env: dict, root: Path, *serve_args: str) -> tuple[ArborProcess, str, int]:
+    """`arbor serve` on a free port, once it answers /api/health: (the process, its url, its port)."""
+    port = free_port()
+    proc = ArborProcess(["serve", "--port", str(port), "--poll-s", "0.2", "--log-level", "warning", *serve_args], env,
+                        root / "serve.log").start()
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"arbor serve exited with {proc.proc.returncode}:\n{proc.text()[-3000:]}")
+        try:
+            return httpx.get(f"{url}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(up, 90, "arbor serve to answer /api/health", interval=0.3)
+    except BaseException:
+        proc.stop(timeout=10)
+        raise
+    return proc, url, port
+
+
 @contextmanager
 def served(root: Path, db: str, *serve_args: str, **env_extra):
     """yields {"url", "env", "db_url", "home", "redis", "proc"}; db: "sqlite" or "postgresql"."""
@@ -24,21 +47,8 @@ def served(root: Path, db: str, *serve_args: str, **env_extra):
         with (postgres_database() if db == "postgresql" else nullcontext(f"sqlite:///{root / 'arbor.db'}")) as db_url:
             env = arbor_env(root / "home", db_url, server.url, ARBOR_API_TOKEN=TOKEN,
                             ARBOR_API_MAX_REQUEST_BYTES=LIMIT, **env_extra)
-            port = free_port()
-            proc = ArborProcess(["serve", "--port", str(port), "--poll-s", "0.2", "--log-level", "warning",
-                                 *serve_args], env, root / "serve.log").start()
-            url = f"http://127.0.0.1:{port}"
-
-            def up():
-                if proc.proc.poll() is not None:
-                    raise RuntimeError(f"arbor serve exited with {proc.proc.returncode}:\n{proc.text()[-3000:]}")
-                try:
-                    return httpx.get(f"{url}/api/health", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
+            proc, url, port = start_serve(env, root, *serve_args)
             try:
-                wait_for(up, 90, "arbor serve to answer /api/health", interval=0.3)
                 yield {"url": url, "env": env, "db_url": db_url, "home": root / "home", "redis": server, "proc": proc,
                        "port": port}
             finally:

@@ -33,7 +33,7 @@ def test_a_files_fresh_policy_couples_positions_when_its_examples_align(tmp_path
 
     from agent.config import LoopConfig
     from agent.registry import PolicyRegistry
-    from agent.runner import _fresh_builtin_for_files
+    from agent.warm_start import fresh_builtin_for_files
     from agent.store import Store
     from tasks.jsonl import read_problems
 
@@ -45,11 +45,11 @@ def test_a_files_fresh_policy_couples_positions_when_its_examples_align(tmp_path
     registry = PolicyRegistry(tmp_path / "policies", store)
     events = []
     with_answers = replace(LoopConfig(), select=replace(LoopConfig().select, mode="verifier"))  # as answered files make it
-    version = _fresh_builtin_for_files(registry, problems, None, with_answers, lambda kind, msg: events.append(msg), "r")
+    version = fresh_builtin_for_files(registry, problems, None, with_answers, lambda kind, msg: events.append(msg), "r")
     config = registry.load(version).model.config
     assert config.position_scheme == "coupled" and config.equals_token_id is not None
     assert any("couples their positions" in e for e in events)
     # label-free, the problems' answers are not read, and without demonstrations nothing shows an alignment
     label_free = replace(LoopConfig(), select=replace(LoopConfig().select, mode="label_free"))
-    version = _fresh_builtin_for_files(registry, problems, None, label_free, lambda kind, msg: None, "r2")
+    version = fresh_builtin_for_files(registry, problems, None, label_free, lambda kind, msg: None, "r2")
     assert registry.load(version).model.config.position_scheme == "sequential"

@@ -6,7 +6,6 @@ policy gate and rollback, runs, a queued train cycle, and the checked-in OpenAPI
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +14,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from tests.support import ArborProcess, RedisServer, arbor, arbor_env, free_port, postgres_database, seed_policy, wait_for, worker
+from tests.api_server import AUTH, LIMIT, TOKEN, start_serve
+from tests.support import ArborProcess, RedisServer, arbor, arbor_env, free_port, postgres_database, seed_policy, worker
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "test-token-7f3a-long-enough"
-LIMIT = 64 * 1024
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SEARCH = {"strategy": "greedy", "max_new_tokens": 6}  # an untrained policy: jobs finish in a moment
 
 
@@ -38,21 +35,8 @@ def api_stack(root: Path, workers: int = 1, **env_extra):
             seed_policy(home, db_url)
             env = arbor_env(home, db_url, server.url, ARBOR_API_TOKEN=TOKEN, ARBOR_API_MAX_REQUEST_BYTES=LIMIT,
                             **env_extra)
-            port = free_port()
-            api = ArborProcess(["serve", "--port", str(port), "--poll-s", "0.2", "--log-level", "warning"], env,
-                               root / "serve.log").start()
+            api, url, _ = start_serve(env, root)
             procs.append(api)
-            url = f"http://127.0.0.1:{port}"
-
-            def up():
-                if api.proc.poll() is not None:
-                    raise RuntimeError(f"arbor serve exited with {api.proc.returncode}:\n{api.text()[-3000:]}")
-                try:
-                    return httpx.get(f"{url}/api/health", timeout=2).status_code == 200
-                except httpx.HTTPError:
-                    return False
-
-            wait_for(up, 90, "arbor serve to answer /api/health", interval=0.3)
             for i in range(workers):
                 procs.append(worker(f"search{i}", "search", env, root))
             for p in procs[1:]:

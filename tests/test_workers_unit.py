@@ -22,7 +22,7 @@ def _cand(text, verified, score):
 
 
 class _Scripted:
-    """Stands in for agent.refine.solve: returns one scripted best attempt per round and records the prompts."""
+    """Stands in for agent.refine.search_problems: returns one scripted best attempt per round and records the prompts."""
 
     def __init__(self, attempts):
         self.attempts, self.prompts = list(attempts), []
@@ -35,7 +35,7 @@ class _Scripted:
 
 def test_refine_stops_when_verified_and_links_rounds(monkeypatch):
     scripted = _Scripted([("12", False, -1.0), ("13", False, -2.0), ("579", True, -0.5), ("never", True, 0.0)])
-    monkeypatch.setattr("agent.refine.solve", scripted)
+    monkeypatch.setattr("agent.refine.search_problems", scripted)
     problem = Problem("123+456=", "579", id="p1")
     results = refine(problem, policy=None, cfg=SearchConfig(), rounds=5)
     assert len(results) == 3  # stopped at the verified attempt, not after 5 rounds
@@ -50,7 +50,7 @@ def test_refine_stops_when_verified_and_links_rounds(monkeypatch):
 
 
 def test_refine_without_checker_feeds_back_confidence(monkeypatch):
-    monkeypatch.setattr("agent.refine.solve", _Scripted([("a", None, -1.25), ("b", None, -0.5)]))
+    monkeypatch.setattr("agent.refine.search_problems", _Scripted([("a", None, -1.25), ("b", None, -0.5)]))
     results = refine(Problem("say hi"), policy=None, cfg=SearchConfig(), rounds=2)
     assert len(results) == 2  # nothing to verify: all R rounds
     assert "confidence -1.25" in round_prompt(Problem("say hi"), results[0].best)
@@ -332,7 +332,7 @@ def test_refine_many_searches_the_unsolved_problems_of_each_round_in_one_batch(m
         r = len(calls) - 1
         return [SearchResult(p, [_cand(f"{p.id}-{r}", (p.id, r) in passes, -1.0)], "greedy", "v0") for p in problems]
 
-    monkeypatch.setattr("agent.refine.solve", solve)
+    monkeypatch.setattr("agent.refine.search_problems", solve)
     problems = [Problem(f"{i}=", "x", id=f"p{i}") for i in (1, 2, 3)]
     results = refine_many(problems, policy=None, cfg=SearchConfig(), rounds=4)
     assert calls == [["p1", "p2", "p3"], ["p2", "p3"], ["p2", "p3"], ["p3"]]
