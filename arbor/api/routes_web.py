@@ -68,21 +68,22 @@ def upload_form(request: Request, file: UploadFile = File(...), refine: int = Fo
     return _redirect("/jobs", f"submitted {len(done['job_ids'])} job(s) from {name}")
 
 
-@router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(request: Request, job_id: str, svc: Service = Depends(service)):
+def _or_error_page(request: Request, render):
+    """The page `render()` makes, or the error page with the refusal's status and line."""
     try:
-        job = svc.job(job_id)
+        return render()
     except ApiError as exc:
         return page(request, "error.html", code=exc.status, message=exc.detail)
-    return page(request, "job.html", job=job)
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: str, svc: Service = Depends(service)):
+    return _or_error_page(request, lambda: page(request, "job.html", job=svc.job(job_id)))
 
 
 @router.get("/jobs/{job_id}/tree", response_class=HTMLResponse)
 def tree_page(request: Request, job_id: str, svc: Service = Depends(service)):
-    try:
-        return HTMLResponse(svc.tree_html(job_id))
-    except ApiError as exc:
-        return page(request, "error.html", code=exc.status, message=exc.detail)
+    return _or_error_page(request, lambda: HTMLResponse(svc.tree_html(job_id)))
 
 
 @router.get("/policies", response_class=HTMLResponse)
@@ -117,13 +118,13 @@ def runs_page(request: Request, svc: Service = Depends(service)):
 
 @router.get("/runs/{name}", response_class=HTMLResponse)
 def run_page(request: Request, name: str, svc: Service = Depends(service)):
-    try:
+    def render():
         report = svc.run(name)
-    except ApiError as exc:
-        return page(request, "error.html", code=exc.status, message=exc.detail)
-    cycles = report.get("cycles") or []
-    return page(request, "run.html", name=name, report=report, cycles=cycles, keys=_difficulties(cycles),
-                curve=(svc.settings.runs_dir / name / "learning_curve.png").is_file())
+        cycles = report.get("cycles") or []
+        return page(request, "run.html", name=name, report=report, cycles=cycles, keys=_difficulties(cycles),
+                    curve=(svc.settings.runs_dir / name / "learning_curve.png").is_file())
+
+    return _or_error_page(request, render)
 
 
 router.add_api_route("/events", routes_api.events, methods=["GET"], response_class=StreamingResponse)
