@@ -62,8 +62,3 @@ def id_error(value, field: str = "id", max_chars: int = MAX_ID_CHARS) -> str | N
     if _CONTROL.search(value):
         return f"field '{field}' contains a control character (a newline, a tab ...): remove it"
     return None
-
-
-def valid_id(value, max_chars: int = MAX_ID_CHARS) -> bool:
-    """Whether `value` is an id Arbor accepts (see id_error)."""
-    return id_error(value, max_chars=max_chars) is None

@@ -152,7 +152,7 @@ def test_demos_with_a_lone_surrogate_are_refused(tmp_path):
 
 def test_text_and_id_rules():
     from tasks.base import MAX_ID_CHARS, MAX_JOB_ID_CHARS
-    from tasks.text import check_text, id_error, valid_id
+    from tasks.text import check_text, id_error
 
     assert check_text("plain text, caf\u00e9, \U0001F600, tab\tand newline\n", "prompt") is None
     assert check_text(42, "answer") is None and check_text(None, "meta") is None
@@ -166,11 +166,12 @@ def test_text_and_id_rules():
     # one id rule for problem ids and job ids: non-blank, bounded, no control characters, valid Unicode
     for good in ("ok1", "p-0123abcd", "add-train-d3-s0-1", "9f86d081884c7d659a2feaa0c55ad015",
                  "1b4e28ba-2fa1-11d2-883f-0016d3cca427", "caf\u00e9 7", "i" * MAX_ID_CHARS):
-        assert valid_id(good), good
+        assert id_error(good) is None, good
     for bad in ("", "   ", "a\x00b", "a\ud800b", "line\nbreak", "tab\there", "del\x7f", "i" * (MAX_ID_CHARS + 1),
                 5, None):
-        assert not valid_id(bad), bad
-    assert valid_id("j" * MAX_JOB_ID_CHARS, MAX_JOB_ID_CHARS) and not valid_id("j" * 65, MAX_JOB_ID_CHARS)
+        assert id_error(bad) is not None, bad
+    assert id_error("j" * MAX_JOB_ID_CHARS, max_chars=MAX_JOB_ID_CHARS) is None
+    assert id_error("j" * 65, max_chars=MAX_JOB_ID_CHARS) is not None
     assert id_error("ok", "job id") is None
     assert "'job id'" in id_error("a\x00", "job id") and "NUL" in id_error("a\x00", "job id")
     assert str(MAX_ID_CHARS) in id_error("i" * 201, "id") and "control" in id_error("a\nb", "id")
