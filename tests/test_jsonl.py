@@ -1,7 +1,6 @@
 import json
 import time
 
-import pytest
 
 from tasks import Problem, verify
 from tasks.jsonl import MAX_PROMPT_CHARS, read_problems
