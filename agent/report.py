@@ -38,14 +38,63 @@ def _difficulty_sort(keys):
     return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
 
 
+# where a cycle's time goes, in the order a cycle spends it (CycleRecord.seconds keys), and what the report calls it
+PHASES = {"warm_start": "warm start", "search": "search", "select": "selection and checks", "train": "training",
+          "eval": "evaluation and gate", "save": "saving"}
+
+
+def time_per_cycle(cycles: list[dict]) -> list[dict]:
+    """Seconds per phase of every cycle, plus `other` (the rest of the cycle's wall clock: recording, the memory
+    handed back) and `total` (elapsed since the cycle before)."""
+    rows, before = [], 0.0
+    for c in cycles:
+        spent = {phase: round(c["seconds"].get(phase, 0.0), 1) for phase in PHASES}
+        total = c["elapsed_s"] - before
+        rows.append({"cycle": c["cycle"], **spent, "other": round(max(0.0, total - sum(spent.values())), 1),
+                     "total": round(total, 1)})
+        before = c["elapsed_s"]
+    return rows
+
+
 def write_report(run_dir: Path, records: list, final_policy: str, config: dict, extra: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cycles = [asdict(r) for r in records]
-    report = {"cycles": cycles, "final_policy": final_policy, "config": config, **(extra or {})}
+    times = time_per_cycle(cycles)
+    report = {"cycles": cycles, "time_per_cycle": times, "final_policy": final_policy, "config": config,
+              **(extra or {})}
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
-    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy))
+    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy) + _time_table(times))
     _plot(cycles, run_dir / "learning_curve.png")
+    _plot_time(times, run_dir / "time_per_cycle.png")
     return report
+
+
+def _time_table(times: list[dict]) -> str:
+    columns = [*PHASES, "other", "total"]
+    head = "| cycle | " + " | ".join(PHASES.get(c, c) for c in columns) + " |"
+    lines = ["", "Where each cycle's time went, in seconds (plot: time_per_cycle.png):", "", head,
+             "|" + "---|" * (len(columns) + 1)]
+    lines += [f"| {t['cycle']} | " + " | ".join(f"{t[c]:.1f}" for c in columns) + " |" for t in times]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_time(times: list[dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(times)
+    cycles = [t["cycle"] for t in times]
+    for phase in [*PHASES, "other"]:
+        values = [t[phase] for t in times]
+        ax.bar(cycles, values, bottom=bottom, label=PHASES.get(phase, phase))
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_xlabel("cycle")
+    ax.set_ylabel("seconds")
+    ax.legend(fontsize=8)
+    ax.set_title("Arbor self-improvement: where each cycle's time went")
+    fig.tight_layout()
+    try:
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def _markdown(cycles: list[dict], final_policy: str) -> str:

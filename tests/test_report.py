@@ -45,14 +45,18 @@ class Cycle:
     accepted: int
     filters: list
     train: dict
+    seconds: dict
     elapsed_s: float
 
 
 def records(n: int) -> list[Cycle]:
+    # cycle 0 is the warm start and its evaluation; every later cycle spends 60 s, 50 of them in named phases
+    spent = {"search": 10.0, "select": 5.0, "train": 25.0, "eval": 8.0, "save": 2.0}
     return [Cycle(cycle=c, policy_version=f"v{c}", candidate=f"v{c + 1}", promoted=True, frontier=str(c + 2),
                   heldout={str(d): min(1.0, 0.1 * (c + d)) for d in range(1, 7)}, accepted=10 * c,
                   filters=[{"name": "format", "kept_fraction": 0.9, "precision": None}],
-                  train={"train_loss": 1.0 / (c + 1)}, elapsed_s=60.0 * (c + 1))
+                  train={"train_loss": 1.0 / (c + 1)}, seconds={"warm_start": 55.0, "eval": 5.0} if c == 0 else spent,
+                  elapsed_s=60.0 * (c + 1))
             for c in range(n)]
 
 
@@ -71,7 +75,7 @@ def test_a_write_that_fails_part_way_leaves_the_previous_report(tmp_path, which)
     first = _write(run_dir, 2)
     assert first.returncode == 0, first.stderr
     before = _files(run_dir)
-    assert set(before) == {"report.json", "report.md", "learning_curve.png"}
+    assert set(before) == {"report.json", "report.md", "learning_curve.png", "time_per_cycle.png"}
     sizes = {name: len(data) for name, data in before.items()}
     # a cap that the failing file outgrows part-way: report.json grows with the cycles, the plot is the largest file
     n, limit = (400, sizes["learning_curve.png"]) if which == "report.json" else (3, sizes["report.json"] * 3)
@@ -94,7 +98,25 @@ def test_a_report_written_whole_replaces_the_previous_one(tmp_path):
     assert _write(run_dir, 2).returncode == 0 and _write(run_dir, 3).returncode == 0
     assert len(read_report(run_dir / "report.json")["cycles"]) == 3
     assert "| 2 |" in (run_dir / "report.md").read_text()
-    assert sorted(p.name for p in run_dir.iterdir()) == ["learning_curve.png", "report.json", "report.md"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["learning_curve.png", "report.json", "report.md",
+                                                         "time_per_cycle.png"]
+
+
+def test_the_report_shows_where_each_cycles_time_went(tmp_path):
+    from agent.report import read_report
+
+    run_dir = tmp_path / "run"
+    assert _write(run_dir, 3).returncode == 0
+    times = read_report(run_dir / "report.json")["time_per_cycle"]
+    assert times[0] == {"cycle": 0, "warm_start": 55.0, "search": 0.0, "select": 0.0, "train": 0.0, "eval": 5.0,
+                        "save": 0.0, "other": 0.0, "total": 60.0}
+    assert times[2] == {"cycle": 2, "warm_start": 0.0, "search": 10.0, "select": 5.0, "train": 25.0, "eval": 8.0,
+                        "save": 2.0, "other": 10.0, "total": 60.0}
+    md = (run_dir / "report.md").read_text()
+    assert ("| cycle | warm start | search | selection and checks | training | evaluation and gate | saving | other "
+            "| total |") in md
+    assert "| 2 | 0.0 | 10.0 | 5.0 | 25.0 | 8.0 | 2.0 | 10.0 | 60.0 |" in md
+    assert (run_dir / "time_per_cycle.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_write_atomic_keeps_the_old_file_when_the_writer_fails(tmp_path):

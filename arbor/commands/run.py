@@ -126,6 +126,7 @@ def run(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2)
     console.print(table)
-    console.print(f"report: {report['run_dir']}/report.md, learning curve: {report['run_dir']}/learning_curve.png")
+    console.print(f"report: {report['run_dir']}/report.md, learning curve: {report['run_dir']}/learning_curve.png, "
+                  f"time per cycle: {report['run_dir']}/time_per_cycle.png")
     if json_out:
         print(json.dumps({k: report[k] for k in ("cycles", "final_policy", "run_dir")}, default=str))
