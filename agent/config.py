@@ -187,6 +187,11 @@ class LoopConfig:
     replay_seed_fraction: float = field(default=0.3, metadata={"help": "warm-start (true-labelled) data in every mix"})
     replay_newest_fraction: float = field(default=0.35, metadata={
         "help": "this cycle's labels in the mix; the rest are earlier cycles' labels"})
+    # refinement is learned from the search's own siblings (a wrong candidate shown as an attempt, completed by the
+    # label), so that a refinement job's later rounds have been trained on before any of them has to succeed
+    replay_refine_fraction: float = field(default=0.05, metadata={
+        "help": "refinement examples (this cycle's wrong candidates and their verdicts, completed by the label) in "
+                "the mix, taken from the newest labels' share; none for a policy shown no history (position-coupled)"})
     search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
                                  metadata={"help": "the search that finds each cycle's trajectories"})
     eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"),

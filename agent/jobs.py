@@ -22,6 +22,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_afte
 
 from agent.schema import JOB_FINISHED, JobRow, check_rounds
 from agent.store import Store
+from tasks import Task, task_of
 
 
 log = logging.getLogger("arbor.jobs")
@@ -132,7 +133,8 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
     Raises LeaseBusy when another delivery holds the job's lease, ResultNotRecorded when the store stayed
     unreachable (the job is left unfinished) and a store error that retries did not cure: the caller runs the job
     again later; none of these may be acknowledged as the job's end."""
-    from agent.refine import best_of_rounds, refine, refine_rows
+    from agent.evaluation import greedy_solver
+    from agent.refine import best_of_rounds, refine, refine_rows, tried
     from search import SearchConfig
 
     retry = retry or StoreRetry()
@@ -159,7 +161,9 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
             rounds = check_rounds(job.rounds) if job.kind == "refine" else 1
             policy = get_policy()  # between jobs: a newly promoted version is picked up here, never mid-search
             check_context(policy, problem.prompt, cfg.max_new_tokens)
-            results = _search_retrying(lambda: refine(problem, policy, cfg, rounds=rounds, on_round=on_round))
+            task = job_task(problem)
+            solve = greedy_solver(policy, cfg) if task.label_checks() and problem.answer is None else None
+            results = _search_retrying(lambda: refine(problem, policy, cfg, rounds, task, solve, on_round))
         except Exception as exc:
             if store_unreachable(exc):
                 raise  # not the job's fault: it runs again
@@ -170,9 +174,11 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
         result = {
             "problem_id": problem.id,
             "best": {"completion": best.completion, "score": best.score if best.score != float("-inf") else None,
-                     "verified": best.verified, "round": at},
+                     "verified": best.verified, "round": at, "verdict": results[at].verdict.text},
             "rounds": len(results),
-            "policy_version": results[0].policy_version,
+            "tried": tried(results),
+            "stopped": stop_reason(results, rounds),
+            "policy_version": results[0].result.policy_version,
             "worker": worker,
         }
         rows, parents = refine_rows(problem, results, job_id=job_id)
@@ -182,6 +188,22 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
     finally:
         if lease is not None:
             lease.release()
+
+
+def job_task(problem) -> Task:
+    """The task whose checks judge a job's attempts: the one the problem names, or the generic task (no checks)
+    when this process does not know it; a job is never refused for its verdicts."""
+    try:
+        return task_of(problem)
+    except ValueError:
+        return Task()
+
+
+def stop_reason(rounds: list, asked: int) -> str:
+    """Why a job's rounds ended: an accepted attempt, the rounds asked for, or nothing new to try."""
+    if rounds[-1].verdict.accepted is True:
+        return "accepted"
+    return "rounds" if len(rounds) == asked else "no new answer"
 
 
 def _outcome(job: JobRow) -> dict:

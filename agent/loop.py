@@ -24,21 +24,26 @@ from agent.policy import Policy
 from agent.preference import preference_pairs
 from agent.registry import PolicyRegistry
 from agent.run_store import RunStore
-from agent.select import select
+from agent.refine import shows_history, sibling_examples
+from agent.select import memoized, select
 from agent.job_search import trajectory_rows
 from agent.store import Store
 from search import run_search
 
 
 def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict], cfg: LoopConfig,
-               rng: random.Random) -> list[dict]:
+               rng: random.Random, refinements: list[dict] = ()) -> list[dict]:
     """The training mix (cfg.examples_per_cycle examples): warm-start (true-labelled) data, the newest labels and
-    earlier labels, in the shares cfg.replay_seed_fraction and cfg.replay_newest_fraction (the rest: earlier)."""
+    earlier labels, in the shares cfg.replay_seed_fraction and cfg.replay_newest_fraction (the rest: earlier);
+    refinement examples, when there are any, take cfg.replay_refine_fraction out of the newest labels' share."""
     n = cfg.examples_per_cycle
     n_seed = int(n * cfg.replay_seed_fraction) if seed_examples else 0
     n_newest = int(n * cfg.replay_newest_fraction) if older else n - n_seed
     n_older = n - n_seed - n_newest if older else 0
+    n_refine = min(n_newest, int(n * cfg.replay_refine_fraction)) if refinements else 0
+    n_newest -= n_refine
     mix = [rng.choice(seed_examples) for _ in range(n_seed)]
+    mix += [rng.choice(refinements) for _ in range(n_refine)]
     mix += [rng.choice(newest) for _ in range(n_newest)] if newest else []
     mix += [rng.choice(older) for _ in range(n_older)]
     rng.shuffle(mix)
@@ -63,6 +68,7 @@ class CycleRecord:
     seconds: dict
     elapsed_s: float
     search_tokens: int = 0  # tokens the cycle's search generated (what data sources are compared at)
+    refinement_examples: int = 0  # sibling refinement examples the cycle's mix drew from (agent/refine.py)
     stale: bool = False  # the gate promoted the candidate, but its parent was no longer the promoted version
 
 
@@ -83,6 +89,7 @@ class _CycleWork:
     filters: list
     rows: list[dict]
     pairs: list[dict]  # preference pairs, when the train method uses them
+    refinements: list[dict]  # refinement examples from the search's siblings
     search_tokens: int
     seconds: dict = field(default_factory=dict)
 
@@ -110,10 +117,11 @@ class SelfImprovementLoop:
         return evaluate_policy(policy, self.plan.heldout_problems(frontier_index), self.cfg.eval_search, self.task,
                                self.plan.gate_keys(frontier_index), self.cfg.select.mode)
 
-    def training_mix(self, cycle: int) -> list[dict]:
+    def training_mix(self, cycle: int, refinements: list[dict] = ()) -> list[dict]:
         newest = self.accepted[-1] if self.accepted else []
         older = [e for batch in self.accepted[:-1] for e in batch]
-        return replay_mix(self.seed_examples, newest, older, self.cfg, random.Random(cycle_seed(self.cfg.seed, cycle)))
+        return replay_mix(self.seed_examples, newest, older, self.cfg, random.Random(cycle_seed(self.cfg.seed, cycle)),
+                          [{"prompt": e["prompt"], "completion": e["completion"]} for e in refinements])
 
     def run(self, name: str, start_time: float, warm_start_seconds: float = 0.0) -> list[CycleRecord]:
         """Run the cycles of run `name` (in the store, with its base version) that follow its last recorded one: a
@@ -177,7 +185,11 @@ class SelfImprovementLoop:
         confidences = [c for key in mastered for c in evaluation.confidence.get(key, [])]
         # the latest metric of every difficulty, those below the evaluated window included (what proposals trust)
         known = {**self.curriculum.known, **evaluation.metric}
-        selection = select(results, self.task, cfg.select, greedy_solver(current, search_cfg), confidences, known)
+        # one memo for the filters and the siblings' verdicts: both ask the same sub-problems (the split check's halves)
+        solve = memoized(greedy_solver(current, search_cfg))
+        selection = select(results, self.task, cfg.select, solve, confidences, known)
+        refinements = (sibling_examples(results, selection.examples, self.task, solve)
+                       if cfg.replay_refine_fraction and shows_history(current) else [])
         accepted_ids = {e["problem_id"] for e in selection.examples}
         rows = [row for r in results for row in trajectory_rows(r, cycle=cycle)]
         for row in rows:  # written with the cycle's record, so marked only once the training that used them is recorded
@@ -188,8 +200,8 @@ class SelfImprovementLoop:
             if cfg.train_method != "sft"
             else []
         )
-        return _CycleWork(selection.examples, selection.filters, rows, pairs, sum(r.generated_tokens for r in results),
-                          seconds)
+        return _CycleWork(selection.examples, selection.filters, rows, pairs, refinements,
+                          sum(r.generated_tokens for r in results), seconds)
 
     def cycle(self, cycle: int, current: Policy, evaluation: Evaluation, start_time: float) -> CycleOutcome:
         cfg = self.cfg
@@ -215,8 +227,8 @@ class SelfImprovementLoop:
             return CycleOutcome(self._commit(record, evaluation, rows=work.rows), current, evaluation)
 
         t = time.monotonic()
-        model, train_stats = train_candidate(current, self.training_mix(cycle), work.pairs, cfg.train, cfg.train_method,
-                                             cfg.preference)
+        mix = self.training_mix(cycle, work.refinements)
+        model, train_stats = train_candidate(current, mix, work.pairs, cfg.train, cfg.train_method, cfg.preference)
         seconds["train"] = time.monotonic() - t
         candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
         verdict = judge(
@@ -233,8 +245,10 @@ class SelfImprovementLoop:
         seconds["eval"] = verdict.seconds
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
                       "filters": work.filters, "mode": cfg.select.mode, "run": self.name, "train": train_stats}
+        t = time.monotonic()
         version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on,
                                      metrics=verdict.metrics(), draft_source=current.draft_source)
+        seconds["save"] = time.monotonic() - t
         promoted_policy = Policy(
             model, current.tokenizer, version, str(self.registry.root / version), current.draft_source
         )
@@ -247,6 +261,7 @@ class SelfImprovementLoop:
                 self.curriculum.update(after_eval.metric)
             record = self._record(cycle, after.version, version, promoted, after_eval, work.filters, len(work.examples),
                                   train_stats, seconds, start_time, search_tokens=work.search_tokens,
+                                  refinement_examples=len(work.refinements),
                                   gate={"candidate": verdict.candidate_score, "current": verdict.current_score},
                                   stale=verdict.promote and not promoted)
             outcomes[promoted] = CycleOutcome(record, after, after_eval)
@@ -265,13 +280,14 @@ class SelfImprovementLoop:
         return {"known": dict(self.curriculum.known), "evaluation": evaluation.stored()}
 
     def _record(self, cycle, version, candidate, promoted, evaluation: Evaluation, filters, accepted, train, seconds,
-                start_time, gate=None, search_tokens=0, stale=False) -> CycleRecord:
+                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0) -> CycleRecord:
         return CycleRecord(
             cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
             frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation.accuracy),
             self_verified=dict(evaluation.self_verified), gate=gate or {}, accepted=accepted, filters=filters,
             train=train, seconds={k: round(v, 2) for k, v in seconds.items()},
-            elapsed_s=round(time.monotonic() - start_time, 1), search_tokens=search_tokens, stale=stale,
+            elapsed_s=round(time.monotonic() - start_time, 1), search_tokens=search_tokens,
+            refinement_examples=refinement_examples, stale=stale,
         )
 
     def _commit(self, record: CycleRecord, evaluation: Evaluation, rows: list[dict] = ()) -> CycleRecord:

@@ -1,127 +1,261 @@
 """Iterative refinement: search, show the policy its attempts and the verdicts, search again.
 
-Round 0 searches the problem's own prompt. Round r >= 1 searches a prompt that holds every earlier round's best
-attempt and its feedback, oldest first, with the problem last so that the completion continues the problem as
-in round 0:
+Round 0 searches the problem's own prompt. Round r >= 1 searches a prompt that holds every earlier round's attempt
+and its verdict, oldest first, with the problem last so that the completion continues the problem as in round 0:
 
     # attempt: 0721
     # feedback: rejected by the exact checker
     # attempt: 0821
-    # feedback: rejected by the exact checker
+    # feedback: rejected by the split check
     1234+5678=
 
-The feedback is the checker's verdict when the problem carries an answer, otherwise the search's confidence
-(never the answer itself). The loop stops at the first verified attempt or after `rounds` rounds. The history
-grows with the rounds; once it runs past the policy's trained window, agent.job_search searches it through the
-context memory. Plain functions over agent.job_search, callable without a broker; agent/jobs.py records the rounds,
-each linked to the best earlier attempt it refined.
+The verdict (`judge_attempts`) is the checker's when the problem carries an answer; without one, the first of the
+task's own label checks that the attempt fails (or that it is not an answer of the task's form); for a task with
+no checks, the search's confidence. Never the answer itself. A job stops at the first attempt accepted (verified,
+or passing every check), after `rounds` rounds, or when the policy has nothing new to try: a round never answers
+with an answer already rejected for that problem (its repeats are dropped and the round resampled).
+
+A policy learns the format before any refinement round has to succeed (`sibling_examples`): a problem the search
+labelled, with its wrong sibling candidates shown as attempts (and the verdicts a job would give them), completed
+by the label. The position-coupled built-in policy is shown no history (`shows_history`: measured, it cannot read
+one); its rounds are fresh searches of the problem that never return a rejected answer.
+
+Plain functions over agent.job_search, callable without a broker; agent/jobs.py records the rounds.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from agent.job_search import search_problems, trajectory_rows
-from tasks import Problem
-from search import Candidate, SearchConfig, SearchResult
+from search import Candidate, SearchConfig, SearchResult, traits_of
+from tasks import Problem, Solve, Task
+
+RESAMPLES = 3  # searches of a round, beyond the first, for an answer not yet rejected
+MAX_SHOWN_ATTEMPTS = 3  # wrong siblings shown in one refinement example (a job's rounds 1-3 show as many)
 
 
-def feedback(problem: Problem, attempt: Candidate) -> str:
-    """What round r+1 is told about an attempt: the checker's verdict, or the confidence verdict without one."""
-    if attempt.verified is None:
-        return f"unchecked; confidence {attempt.mean_logprob:.2f} mean log-prob per token"
-    return f"{'accepted' if attempt.verified else 'rejected'} by the {problem.checker} checker"
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool | None  # True: verified or passes every check; False: rejected; None: nothing could judge it
+    text: str  # what the next round's prompt shows
 
 
-def round_prompt(problem: Problem, *attempts: Candidate) -> str:
-    """The problem after the attempts so far (oldest first), each with its feedback."""
-    history = "".join(f"# attempt: {a.completion.strip()}\n# feedback: {feedback(problem, a)}\n" for a in attempts)
-    return history + problem.prompt
+@dataclass
+class Round:
+    result: SearchResult  # its problem's prompt is the round's prompt (answer and checker: the original's)
+    verdict: Verdict  # of result.best
+    resamples: int = 0  # searches repeated because every candidate repeated a rejected answer
+
+    @property
+    def best(self) -> Candidate:
+        return self.result.best
 
 
-def _better(a: Candidate, b: Candidate | None) -> bool:
-    # a verified attempt beats any unverified one; otherwise the search's own score decides
-    return b is None or (bool(a.verified), a.score) > (bool(b.verified), b.score)
+def answer_key(task: Task, problem: Problem, completion: str) -> str:
+    """What makes two attempts the same answer: the task's reading of it, or the stripped text when malformed."""
+    return task.extract(problem, completion) or completion.strip()
 
 
-def refine(problem: Problem, policy, cfg: SearchConfig, rounds: int,
-           on_round: Callable[[int, SearchResult], None] | None = None) -> list[SearchResult]:
-    """Search up to `rounds` rounds; returns one SearchResult per round searched (round 0 first).
+def judge_attempts(problems: list[Problem], attempts: list[Candidate], task: Task,
+                   solve: Solve | None) -> list[Verdict]:
+    """Each attempt's verdict: the checker's where its problem has an answer; else the format, then the task's label
+    checks in order (batched, one solve per check); else, for a task with none, the search's confidence."""
+    verdicts: list[Verdict | None] = [None] * len(problems)
+    undecided = []
+    for i, (p, a) in enumerate(zip(problems, attempts)):
+        if a.verified is not None:
+            verdicts[i] = Verdict(a.verified, f"{'accepted' if a.verified else 'rejected'} by the {p.checker} checker")
+        elif task.extract(p, a.completion) is None:
+            verdicts[i] = Verdict(False, "rejected: not an answer of the expected form")
+        else:
+            undecided.append(i)
+    checks = task.label_checks()
+    if undecided and checks and solve is None:
+        raise ValueError(f"task {task.name!r} has label checks: judging an attempt needs a solver")
+    for name, check in checks.items():
+        if not undecided:
+            break
+        passed = check([problems[i] for i in undecided],
+                       [answer_key(task, problems[i], attempts[i].completion) for i in undecided], solve)
+        for i, ok in zip(undecided, passed):
+            if not ok:
+                verdicts[i] = Verdict(False, f"rejected by the {name} check")
+        undecided = [i for i, ok in zip(undecided, passed) if ok]
+    for i in undecided:
+        verdicts[i] = (Verdict(True, f"passes the {' and '.join(checks)} check{'s' if len(checks) > 1 else ''}")
+                       if checks else
+                       Verdict(None, f"unchecked; confidence {attempts[i].mean_logprob:.2f} mean log-prob per token"))
+    return verdicts
 
-    Each result's `problem` is the round's problem (its prompt is the round's prompt; id, answer and checker are
-    the original's), so every candidate is verified against the original answer.
-    """
-    each = None if on_round is None else (lambda r, results: on_round(r, results[0]))
-    return refine_many([problem], policy, cfg, rounds, each)[0]
+
+def shows_history(policy) -> bool:
+    """Whether a round's prompt shows the earlier attempts to this policy. Not to a position-coupled built-in policy:
+    any line above the problem takes its accuracy from 1.00 to 0.00 (100 six-digit problems, teacher-forced and
+    decoded alike), and 200 fine-tune steps with 30% such examples in the mix left refinement rounds solving none
+    of what round 0 missed while independent samples gained 0.30, at 8x the time per step (the long prompts pad
+    every batch). Its rounds search the problem itself, without the answers already rejected: sampling without
+    replacement."""
+    config = getattr(getattr(policy, "model", None), "config", None)
+    return getattr(config, "position_scheme", "sequential") != "coupled"
 
 
-def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
-                on_round: Callable[[int, list[SearchResult]], None] | None = None) -> list[list[SearchResult]]:
-    """`refine` for many problems at once: each round searches every problem still unsolved in one batch.
-    `on_round(r, results)` hears the round's results (the problems still going, in order)."""
+def round_prompt(problem: Problem, history: list[tuple[str, str]]) -> str:
+    """The problem after the attempts so far (oldest first), each as (completion, verdict text)."""
+    shown = "".join(f"# attempt: {attempt.strip()}\n# feedback: {text}\n" for attempt, text in history)
+    return shown + problem.prompt
+
+
+def _resample_config(cfg: SearchConfig, attempt: int) -> SearchConfig:
+    # a deterministic search repeats itself: resample at T=1 instead
+    fresh = {} if traits_of(cfg.strategy).samples or cfg.strategy in ("mcts", "step_beam") else {
+        "strategy": "best_of_n", "n": 4, "temperature": 1.0}
+    return replace(cfg, seed=cfg.seed + 7919 * attempt, **fresh)
+
+
+def _without_rejected(problems: list[Problem], asked: list[Problem], found: list[SearchResult],
+                      rejected: list[set[str]], task: Task, policy, cfg: SearchConfig
+                      ) -> tuple[list[SearchResult], list[int]]:
+    """The round's results (of `asked`, the round prompts of `problems`) with every candidate that repeats a rejected
+    answer dropped; a problem left with none is searched again (up to RESAMPLES times, its tokens counted). A result
+    may end with no candidates: nothing new."""
+    resamples = [0] * len(asked)
+
+    def fresh(k: int, result: SearchResult, spent: SearchResult) -> SearchResult:
+        # answers are read against the problem itself: the round prompt's history is not part of it
+        kept = [c for c in result.candidates if answer_key(task, problems[k], c.completion) not in rejected[k]]
+        return replace(result, candidates=kept, generated_tokens=spent.generated_tokens,
+                       forward_passes=spent.forward_passes)
+
+    out = [fresh(k, r, r) for k, r in enumerate(found)]
+    for attempt in range(1, RESAMPLES + 1):
+        empty = [k for k, r in enumerate(out) if not r.candidates]
+        if not empty:
+            break
+        again = search_problems([asked[k] for k in empty], policy, _resample_config(cfg, attempt))
+        for k, r in zip(empty, again):
+            spent = replace(out[k], generated_tokens=out[k].generated_tokens + r.generated_tokens,
+                            forward_passes=out[k].forward_passes + r.forward_passes)
+            out[k] = fresh(k, r, spent)
+            resamples[k] += 1
+    return out, resamples
+
+
+def refine(problem: Problem, policy, cfg: SearchConfig, rounds: int, task: Task | None = None,
+           solve: Solve | None = None, on_round: Callable[[int, Round], None] | None = None) -> list[Round]:
+    """Search up to `rounds` rounds; returns one Round per round searched (round 0 first). Every candidate is verified
+    against the original answer. `task` (default: the generic Task) and `solve` give label-free verdicts."""
+    each = None if on_round is None else (lambda r, found: on_round(r, found[0]))
+    return refine_many([problem], policy, cfg, rounds, task, solve, each)[0]
+
+
+def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int, task: Task | None = None,
+                solve: Solve | None = None,
+                on_round: Callable[[int, list[Round]], None] | None = None) -> list[list[Round]]:
+    """`refine` for many problems at once: each round searches every problem still going in one batch.
+    `on_round(r, rounds)` hears the round's rounds (the problems still going, in order)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1 (got rounds={rounds})")
-    results: list[list[SearchResult]] = [[] for _ in problems]
-    best: list[Candidate | None] = [None] * len(problems)
+    task = task or Task()
+    history = shows_history(policy)
+    out: list[list[Round]] = [[] for _ in problems]
+    rejected: list[set[str]] = [set() for _ in problems]
     going = list(range(len(problems)))
     for r in range(rounds):
-        # each round's prompt shows every earlier round's best attempt, oldest first
-        asked = [
-            (
-                problems[i]
-                if r == 0
-                else replace(problems[i], prompt=round_prompt(problems[i], *(x.best for x in results[i])))
-            )
-            for i in going
-        ]
-        found = search_problems(asked, policy, cfg)
-        if on_round is not None:
-            on_round(r, found)
-        for i, result in zip(going, found):
-            results[i].append(result)
-            if _better(result.best, best[i]):
-                best[i] = result.best
-        going = [i for i in going if not best[i].verified]
+        asked = [replace(problems[i], prompt=round_prompt(problems[i], [(x.best.completion, x.verdict.text)
+                                                                        for x in out[i]]))
+                 if r and history else problems[i] for i in going]
+        # the same prompt again is searched afresh: a new seed, and samples where the search is deterministic
+        round_cfg = cfg if r == 0 or history else replace(_resample_config(cfg, 0), seed=cfg.seed + 104_729 * r)
+        found, resamples = _without_rejected([problems[i] for i in going], asked,
+                                             search_problems(asked, policy, round_cfg),
+                                             [rejected[i] for i in going], task, policy, round_cfg)
+        tried = [k for k, result in enumerate(found) if result.candidates]  # the others have nothing new: they stop
+        verdicts = judge_attempts([problems[going[k]] for k in tried], [found[k].best for k in tried], task, solve)
+        this_round = []
+        for k, verdict in zip(tried, verdicts):
+            i = going[k]
+            out[i].append(Round(found[k], verdict, resamples[k]))
+            this_round.append(out[i][-1])
+            if verdict.accepted is False:
+                rejected[i].add(answer_key(task, problems[i], found[k].best.completion))
+        if on_round is not None and this_round:
+            on_round(r, this_round)
+        going = [going[k] for k, v in zip(tried, verdicts) if v.accepted is not True]
         if not going:
             break
-    return results
+    return out
 
 
-def refine_rows(
-    problem: Problem, results: list[SearchResult], job_id: str | None = None
-) -> tuple[list[list[dict]], list[int | None]]:
-    """Trajectory rows per round, and per round the earlier round whose attempt it refined: the best one its
-    prompt showed (None for round 0); the store links them through `parent_id`. Only the job's overall best is
-    marked `is_best` (the one training uses, paired with the problem's own prompt); a round's own prompt is kept
-    in `prompt`."""
+def _rank(x: Round) -> tuple:
+    # an accepted attempt beats any other; then a verified one; otherwise the search's own score decides
+    return (x.verdict.accepted is True, bool(x.best.verified), x.best.score)
+
+
+def best_of_rounds(rounds: list[Round]) -> tuple[Candidate, int]:
+    """The best attempt over all rounds and the round that produced it."""
+    at = max(range(len(rounds)), key=lambda r: (_rank(rounds[r]), -r))
+    return rounds[at].best, at
+
+
+def refine_rows(problem: Problem, rounds: list[Round], job_id: str | None = None
+                ) -> tuple[list[list[dict]], list[int | None]]:
+    """Trajectory rows per round, and per round the earlier round whose attempt it refined: the best one so far
+    (None for round 0); the store links them through `parent_id`. Only the job's overall best is marked `is_best`
+    (the one training uses, paired with the problem's own prompt); a round's own prompt is kept in `prompt`."""
     per_round, parents = [], []
-    best, at = None, None
-    for r, result in enumerate(results):
-        rows = trajectory_rows(result, job_id=job_id, round=r)
+    for r, x in enumerate(rounds):
+        rows = trajectory_rows(x.result, job_id=job_id, round=r)
         for row in rows:
             row["is_best"] = False
-            row["prompt"] = None if result.problem.prompt == problem.prompt else result.problem.prompt
+            row["prompt"] = None if x.result.problem.prompt == problem.prompt else x.result.problem.prompt
         per_round.append(rows)
-        parents.append(at)
-        if _better(result.best, best):
-            best, at = result.best, r
-    if results:
-        per_round[at][0]["is_best"] = True  # rows are ranked best first
+        parents.append(best_of_rounds(rounds[:r])[1] if r else None)
+    if rounds:
+        per_round[best_of_rounds(rounds)[1]][0]["is_best"] = True  # rows are ranked best first
     return per_round, parents
 
 
+def tried(rounds: list[Round]) -> list[dict]:
+    """What each round answered and why it was rejected (a job's result; the web view's rounds table)."""
+    return [{"round": r, "answer": x.best.completion, "verdict": x.verdict.text, "accepted": x.verdict.accepted,
+             "resamples": x.resamples} for r, x in enumerate(rounds)]
+
+
 def refinement_examples(results: list[SearchResult], round_prompts: list[str | None]) -> list[dict]:
-    """Training examples from refinement: a result whose best attempt verified in a later round (its round prompt is
-    given: it holds the earlier attempts and their feedback) becomes {round prompt, attempt}."""
+    """Training examples from refinement jobs: a result whose best attempt verified in a later round (its round
+    prompt is given: it holds the earlier attempts and their verdicts) becomes {round prompt, attempt}."""
     return [{"prompt": prompt, "completion": r.best.completion}
             for r, prompt in zip(results, round_prompts) if prompt is not None and r.best.verified]
 
 
-def best_of_rounds(results: list[SearchResult]) -> tuple[Candidate, int]:
-    """The best attempt over all rounds and the round that produced it."""
-    best, at = None, 0
-    for r, result in enumerate(results):
-        if _better(result.best, best):
-            best, at = result.best, r
-    return best, at
+def sibling_examples(results: list[SearchResult], labels: list[dict], task: Task, solve: Solve | None) -> list[dict]:
+    """Refinement examples from one search (RISE's multi-turn examples without running any round): for a problem
+    with a label (`labels`: {problem_id, completion}, verified or label-accepted), its distinct candidates that
+    state another answer and that a job would reject, shown as the attempts of rounds 1, 2, ... (at most
+    MAX_SHOWN_ATTEMPTS), each completed by the label. The verdicts are `judge_attempts`' own, so the prompt is
+    the one a refinement job would write."""
+    label_of = {e["problem_id"]: e["completion"] for e in labels}
+    problems, wrong = [], []
+    for result in results:
+        label = label_of.get(result.problem.id)
+        if label is None:
+            continue
+        seen = {answer_key(task, result.problem, label)}
+        for c in result.candidates:
+            key = answer_key(task, result.problem, c.completion)
+            if key not in seen and c.verified is not True:
+                seen.add(key)
+                problems.append(result.problem)
+                wrong.append(c)
+    verdicts = judge_attempts(problems, wrong, task, solve) if wrong else []
+    shown: dict[str, list[tuple[str, str]]] = {}
+    examples = []
+    for p, c, v in zip(problems, wrong, verdicts):
+        history = shown.setdefault(p.id, [])
+        if v.accepted is not False or len(history) >= MAX_SHOWN_ATTEMPTS:
+            continue  # a job would have stopped at an attempt that passes
+        history.append((c.completion, v.text))
+        examples.append({"prompt": round_prompt(p, history), "completion": label_of[p.id], "problem_id": p.id})
+    return examples

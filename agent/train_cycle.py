@@ -25,13 +25,13 @@ from agent.jobs import LeaseBusy
 from agent.locks import FileLease
 from agent.loop import replay_mix
 from agent.policy import Policy
-from agent.refine import refinement_examples
+from agent.refine import refinement_examples, shows_history, sibling_examples
 from agent.schema import JOB_FINISHED, store_buffer
-from agent.select import select
+from agent.select import memoized, select
 from agent.store import Store
 from agent.warm_start import warm_start_examples
 from search import Candidate, SearchResult
-from tasks import TASKS, Problem, Task, get_task
+from tasks import TASKS, Problem, task_of
 
 log = logging.getLogger("arbor.train_cycle")
 
@@ -56,11 +56,6 @@ def loop_config_from_env(settings):
     if settings.heldout_per_difficulty is not None:
         cfg.heldout_per_difficulty = settings.heldout_per_difficulty
     return cfg
-
-
-def task_of(problem: Problem) -> Task:
-    """The problem's task: a built-in one by name, the generic Task() when it names none."""
-    return get_task(problem.task) if problem.task is not None else Task()
 
 
 def _new_results(store: Store, limit: int) -> tuple[list[SearchResult], list[list[int]], list[str | None]]:
@@ -120,7 +115,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     current = registry.load(device=settings.device)
     difficulties = [p.difficulty for p in (r.problem for r in results) if p.difficulty is not None]
     max_new = max((task.max_new_tokens(d) for d in difficulties), default=cfg.search.max_new_tokens)
-    solve = greedy_solver(current, replace(cfg.search, max_new_tokens=max_new))
+    # one memo for the filters and the siblings' verdicts: both ask the same sub-problems
+    solve = memoized(greedy_solver(current, replace(cfg.search, max_new_tokens=max_new)))
     # verifier mode where answers exist (the checker's verdicts were recorded with the trajectories), the loop's
     # label-free filters with the task's own checks elsewhere
     filters, examples = {}, []
@@ -142,14 +138,16 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     replayed = sorted((e for e in examples if (e["problem_id"], e["completion"]) in row_of),
                       key=lambda e: row_of[(e["problem_id"], e["completion"])])
     newest = [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
-    # a refinement round that succeeded after failed ones: its prompt (attempts and feedback) with the answer that
-    # passed, so the policy learns to use feedback as well as to solve the problem outright
-    refined = refinement_examples(results, round_prompts)
-    newest += refined
+    # a refinement round that succeeded after failed ones (its prompt: the attempts and verdicts), and the wrong
+    # siblings of a labelled problem shown as attempts, each with the label: the policy learns to use a verdict
+    siblings = (sibling_examples(results, examples, task, solve if task.label_checks() else None)
+                if shows_history(current) else [])
+    refined = refinement_examples(results, round_prompts) + [
+        {"prompt": e["prompt"], "completion": e["completion"]} for e in siblings]
     seed_examples = warm_start_examples(task, cfg.warm_start, cfg.seed) if task.name in TASKS else []
     rng = random.Random(f"{cfg.seed}/{len(store.policies())}")
     buffer = store_buffer(name)
-    mix = replay_mix(seed_examples, newest, store.replay_labels(buffer, cfg.examples_per_cycle), cfg, rng)
+    mix = replay_mix(seed_examples, newest, store.replay_labels(buffer, cfg.examples_per_cycle), cfg, rng, refined)
     mode = "verifier" if any(p.answer is not None for ps in heldout.values() for p in ps) else "label_free"
     trained_on = {"source": "store", "task": name, "results": len(results), "examples": len(examples),
                   "refinement_examples": len(refined), "filters": filters,

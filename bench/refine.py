@@ -1,17 +1,22 @@
-"""Does refinement help, and does training on refinement rounds make it help more?
+"""Does refinement solve what the first attempt missed, and does the loop's training make it better than sampling?
 
-A built-in policy warm-started on 1-4 digit addition faces held-out problems a little past what it masters
-(--digits). For R = 1..rounds rounds: the share solved by refinement (each round sees the earlier attempts and
-the checker's verdicts, agent/refine.py) against the share solved by R independent samples of the plain prompt
-(pass@R), at equal generated tokens (one sample per round, both at T=1; the tokens are reported).
+For each setting (addition with answers, reversal with answers, addition label-free), one built-in policy is
+warm-started on short problems; then the real loop (`arbor run`'s defaults, from that warm start) trains it for
+--cycles cycles. On the same held-out problems (the warm start's frontier and the trained policy's), both
+policies are measured two ways:
 
-Then refinement jobs on train problems make training data: every problem solved in some round gives
-{problem prompt, attempt}; one solved in a later round also gives {round prompt, attempt} (the attempts and
-feedback it was shown). Two fine-tunes of the same steps from the warm-started policy: on the plain examples
-only (control) and on both; the curves are measured again for each. Refinement learns when its gain over
-sampling grows with training on its own rounds, beyond what the plain examples give.
+- refinement: a job of R rounds (agent/refine.py: one T=1 sample a round, judged as a job judges it, a rejected
+  answer never given again, stopping at an accepted one; the built-in policies are position-coupled, so their
+  rounds show no history, agent/refine.py shows_history);
+- independent samples: k samples of the plain prompt (T=1), the answer being the first one the same judge accepts
+  (the checker with answers: pass@k; label-free: the task's checks), else the most confident.
 
-    python -m bench.refine                  # about 6 minutes on a 2-core CPU
+"Solved" reads the true answer in both. Refinement's later rounds cost tokens only for the problems still going
+(and resamples of repeated answers cost tokens too), so each round is also compared with independent samples at
+the same generated tokens per problem (the samples' curve read at refinement's tokens).
+
+    python -m bench.refine                                # three settings, about 30 minutes on a 2-core CPU
+    python -m bench.refine --settings addition-verifier   # one
 
 Prints one JSON object (last line), writes bench/results/refine.json and bench/results/refine.png.
 """
@@ -20,74 +25,176 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
+import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from agent.config import WarmStartConfig
-
-from agent.warm_start import warm_start_examples
-from agent.config import BuiltinConfig
-from agent.policy import Policy, build_builtin_policy
-from agent.refine import refine_many, refinement_examples
-from agent.config import TrainConfig
-from agent.trainer import SFTFineTuner, clone_for_training
+from agent.config import LoopConfig
+from agent.evaluation import greedy_solver
+from agent.policy import Policy
+from agent.refine import answer_key, best_of_rounds, judge_attempts, refine_many
+from agent.runner import RunInputs, run_main
+from agent.select import memoized
+from agent.settings import Settings
+from bench.selfimprove import shared_warm_start
 from search import SearchConfig, run_search
-from tasks import get_task
+from tasks import Problem, get_task, verify
 
 RESULTS = Path(__file__).parent / "results"
+SETTINGS = {"addition-verifier": ("addition", "verifier"), "reversal-verifier": ("reversal", "verifier"),
+            "addition-label_free": ("addition", "label_free")}
 
 
-def pass_at_k(n: int, correct: int, k: int) -> float:
-    """The unbiased estimate of solving with k of n samples (Chen et al. 2021)."""
-    if n - correct < k:
-        return 1.0
-    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+def greedy_accuracy(policy: Policy, task, difficulty: int, n: int, seed: int) -> float:
+    problems = task.generate(difficulty, n, seed=seed, split="heldout")
+    cfg = SearchConfig(strategy="greedy", max_new_tokens=task.max_new_tokens(difficulty))
+    return sum(bool(r.best.verified) for r in run_search(problems, cfg, policy)) / n
 
 
-def curves(policy: Policy, problems, rounds: int, max_new_tokens: int, seed: int) -> dict:
-    """Solved share and generated tokens per round count, for refinement and for independent samples."""
-    cfg = SearchConfig(strategy="best_of_n", n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    refined = refine_many(problems, policy, cfg, rounds)
-    solved_at = [next((r for r, res in enumerate(rs) if res.best.verified), None) for rs in refined]
-    tokens = [0] * rounds
-    for rs in refined:
-        for r in range(rounds):  # a problem solved early spends nothing in later rounds
-            tokens[r] += sum(res.generated_tokens for res in rs[: r + 1])
-    n = 2 * rounds  # samples per problem for the pass@k estimate
-    sampled = run_search(problems, SearchConfig(strategy="best_of_n", n=n, temperature=1.0, max_new_tokens=max_new_tokens,
-                                                seed=seed + 1), policy)
-    correct = [sum(bool(c.verified) for c in res.candidates) for res in sampled]
-    per_sample = sum(res.generated_tokens for res in sampled) / (n * len(problems))
-    return {
-        "rounds": list(range(1, rounds + 1)),
-        "refine_solved": [sum(s is not None and s < r for s in solved_at) / len(problems) for r in range(1, rounds + 1)],
-        "refine_tokens_per_problem": [t / len(problems) for t in tokens],
-        "samples_solved": [sum(pass_at_k(n, c, k) for c in correct) / len(problems) for k in range(1, rounds + 1)],
-        "samples_tokens_per_problem": [per_sample * k for k in range(1, rounds + 1)],
-    }
+def frontier(policy: Policy, task, start: int, seed: int, low: float = 0.5) -> int:
+    """The shortest difficulty from `start` on where greedy accuracy falls below `low` (on 50 problems)."""
+    d = start
+    while greedy_accuracy(policy, task, d, 50, seed + 99) >= low and d < 60:
+        d += 1
+    return d
 
 
-def training_data(policy: Policy, problems, rounds: int, max_new_tokens: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(plain examples, refinement examples) from refinement jobs on train problems."""
-    cfg = SearchConfig(strategy="best_of_n", n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
-    plain, refined = [], []
-    for problem, rs in zip(problems, refine_many(problems, policy, cfg, rounds)):
-        last = rs[-1]
-        if last.best.verified:
-            plain.append({"prompt": problem.prompt, "completion": last.best.completion})
-            refined += refinement_examples([last], [last.problem.prompt if len(rs) > 1 else None])
-    return plain, refined
+def _judge(task, policy, label_free: bool, max_new: int):
+    """The verdicts a job would give: the checker with answers; label-free, the task's checks on the policy's
+    greedy answers to sub-problems (memoized: a problem's halves are asked once)."""
+    return memoized(greedy_solver(policy, SearchConfig(max_new_tokens=max_new))) if label_free else None
 
 
-def fine_tuned(policy: Policy, examples: list[dict], replay: list[dict], steps: int, seed: int) -> Policy:
-    model = clone_for_training(policy.model)
-    mix = examples + random.Random(seed).sample(replay, min(len(replay), len(examples)))  # keep what it knew
-    SFTFineTuner(TrainConfig(learning_rate=5e-4, time_budget_s=1e9, max_steps=steps, seed=seed)).train(model, policy.tokenizer, mix)
-    return Policy(model, policy.tokenizer, "tuned")
+def refinement_curve(policy: Policy, task, problems: list[Problem], asked: list[Problem], rounds: int, max_new: int,
+                     seed: int, label_free: bool) -> dict:
+    cfg = SearchConfig(strategy="best_of_n", n=1, temperature=1.0, max_new_tokens=max_new, seed=seed)
+    jobs = refine_many(asked, policy, cfg, rounds, task, _judge(task, policy, label_free, max_new))
+    solved, tokens = [], []
+    for r in range(1, rounds + 1):
+        solved.append(sum(bool(verify(p, best_of_rounds(job[:r])[0].completion)) for p, job in zip(problems, jobs))
+                      / len(problems))
+        tokens.append(sum(x.result.generated_tokens for job in jobs for x in job[:r]) / len(problems))
+    first_solved = [next((r for r, x in enumerate(job) if verify(p, x.best.completion)), None)
+                    for p, job in zip(problems, jobs)]
+    repeats = 0
+    for p, job in zip(problems, jobs):
+        rejected: set[str] = set()
+        for x in job:
+            key = answer_key(task, p, x.best.completion)
+            repeats += key in rejected
+            if x.verdict.accepted is False:
+                rejected.add(key)
+    return {"solved": solved, "tokens_per_problem": tokens,
+            "solved_after_round_0": sum(s is not None and s > 0 for s in first_solved),
+            "repeated_rejected_answers": repeats,
+            "resamples": sum(x.resamples for job in jobs for x in job),
+            "rounds_run": [sum(len(job) > r for job in jobs) for r in range(rounds)]}
+
+
+def samples_curve(policy: Policy, task, problems: list[Problem], asked: list[Problem], n: int, max_new: int, seed: int,
+                  label_free: bool) -> dict:
+    """Answer with k of n independent samples, k = 1..n: the first the judge accepts, else the most confident,
+    averaged over the n // k disjoint groups of k."""
+    cfg = SearchConfig(strategy="best_of_n", n=n, temperature=1.0, max_new_tokens=max_new, seed=seed)
+    results = run_search(asked, cfg, policy)
+    solve = _judge(task, policy, label_free, max_new)
+    rng = random.Random(seed)
+    order = [rng.sample(r.candidates, len(r.candidates)) for r in results]  # sampling order, not the ranking
+    flat = [(a, c) for a, cs in zip(asked, order) for c in cs]
+    verdicts = iter(judge_attempts([a for a, _ in flat], [c for _, c in flat], task, solve))
+    accepted = [[next(verdicts).accepted is True for _ in cs] for cs in order]
+    solved = []
+    for k in range(1, n + 1):
+        total = 0.0
+        for p, cs, ok in zip(problems, order, accepted):
+            groups = [range(g * k, g * k + k) for g in range(n // k)]
+            picks = [next((i for i in g if ok[i]), max(g, key=lambda i: cs[i].mean_logprob)) for g in groups]
+            total += sum(bool(verify(p, cs[i].completion)) for i in picks) / len(picks)
+        solved.append(total / len(problems))
+    per_sample = sum(r.generated_tokens for r in results) / (n * len(problems))
+    return {"solved": solved, "tokens_per_problem": [per_sample * k for k in range(1, n + 1)]}
+
+
+def at_tokens(curve: dict, tokens: float) -> float:
+    """The samples' solved share at `tokens` per problem, linear between the k around it."""
+    xs, ys = curve["tokens_per_problem"], curve["solved"]
+    if tokens <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if tokens <= x1:
+            return y0 + (y1 - y0) * (tokens - x0) / (x1 - x0)
+    return ys[-1]
+
+
+def reused(marker: Path, make):
+    """`make()`'s JSON-able result, kept in `marker` for --reuse (a later run skips what an earlier one trained)."""
+    if marker.exists():
+        return json.loads(marker.read_text())
+    made = make()
+    marker.write_text(json.dumps(made, default=str))
+    return made
+
+
+def trained(warm: Path, task: str, mode: str, cycles: int, seed: int, home: Path) -> tuple[Path, dict]:
+    """The loop run for `cycles` cycles from the warm start with `arbor run`'s defaults; the final policy."""
+    shutil.rmtree(home, ignore_errors=True)
+    base = LoopConfig()
+    cfg = replace(base, cycles=cycles, seed=seed, select=replace(base.select, mode=mode))
+    report = run_main(Settings(home=home, device="cpu"), cfg, RunInputs(model=warm, task=task, run_name="refine"))
+    last = report["cycles"][-1]
+    return Path(report["final_policy"]), {
+        "promotions": sum(c["promoted"] for c in report["cycles"]), "frontier": last["frontier"],
+        "refinement_examples": [c.get("refinement_examples", 0) for c in report["cycles"][1:]],
+        "elapsed_s": last["elapsed_s"]}
+
+
+def measure(name: str, policy: Policy, task, difficulties: list[int], args, label_free: bool) -> dict:
+    problems = [p for d in difficulties for p in task.generate(d, args.heldout, seed=args.seed, split="heldout")]
+    asked = [replace(p, answer=None) for p in problems] if label_free else problems  # label-free: no answer to read
+    max_new = max(task.max_new_tokens(d) for d in difficulties)
+    t = time.monotonic()
+    refinement = refinement_curve(policy, task, problems, asked, args.rounds, max_new, args.seed + 10, label_free)
+    samples = samples_curve(policy, task, problems, asked, 4 * args.rounds, max_new, args.seed + 20, label_free)
+    equal = [at_tokens(samples, t) for t in refinement["tokens_per_problem"]]
+    out = {"refinement": refinement, "samples": samples,
+           "samples_at_equal_tokens": equal,
+           "gain_over_samples_at_k": [round(r - s, 3) for r, s in zip(refinement["solved"], samples["solved"])],
+           "gain_over_samples_at_equal_tokens": [round(r - s, 3) for r, s in zip(refinement["solved"], equal)],
+           "seconds": round(time.monotonic() - t, 1)}
+    print(f"[{name}] refinement {[round(x, 3) for x in refinement['solved']]} samples@k "
+          f"{[round(x, 3) for x in samples['solved'][:args.rounds]]} samples@tokens {[round(x, 3) for x in equal]} "
+          f"after-round-0 {refinement['solved_after_round_0']} repeats {refinement['repeated_rejected_answers']}",
+          flush=True)
+    return out
+
+
+def run_setting(setting: str, args, warm_cache: dict) -> dict:
+    task_name, mode = SETTINGS[setting]
+    task = get_task(task_name)
+    home = args.home / setting
+    keep = (lambda marker, make: reused(marker, make)) if args.reuse else (lambda marker, make: make())
+    args.home.mkdir(parents=True, exist_ok=True)
+    if task_name not in warm_cache:  # one warm start per task, shared by its settings
+        cfg = replace(LoopConfig(), seed=args.seed)
+        warm_cache[task_name] = keep(args.home / f"{task_name}-warm.json", lambda: shared_warm_start(
+            args.home / f"{task_name}-warm", cfg, task_name))
+    warm, warm_s = Path(warm_cache[task_name][0]), warm_cache[task_name][1]
+    print(f"[{setting}] warm start {warm_s:.0f} s; training the loop for {args.cycles} cycles", flush=True)
+    arms = {"warm start": (warm, {})}
+    path, info = keep(home / "trained.json", lambda: trained(warm, task_name, mode, args.cycles, args.seed,
+                                                             home / "trained"))
+    arms["trained by the loop"] = (Path(path), info)
+    policies = {k: Policy.load(str(path)) for k, (path, _) in arms.items()}
+    start = max(LoopConfig().warm_start.difficulties) + 1
+    difficulties = sorted({frontier(policies["warm start"], task, start, args.seed),
+                           frontier(policies["trained by the loop"], task, start, args.seed)})
+    print(f"[{setting}] held-out difficulties {difficulties} ({args.heldout} problems each)", flush=True)
+    return {"task": task_name, "mode": mode, "warm_start_s": round(warm_s, 1), "difficulties": difficulties,
+            "policies": {k: {"training": info, **measure(f"{setting} / {k}", policies[k], task, difficulties, args,
+                                                          mode == "label_free")}
+                         for k, (_, info) in arms.items()}}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -96,16 +203,18 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (name, c), color in zip(results.items(), ["tab:gray", "tab:blue", "tab:green"]):
-        ax.plot(c["refine_tokens_per_problem"], c["refine_solved"], marker="o", color=color, label=f"{name}: refinement")
-        ax.plot(c["samples_tokens_per_problem"], c["samples_solved"], marker="x", linestyle="--", color=color,
-                label=f"{name}: independent samples")
-    ax.set_xlabel("generated tokens per problem (rounds or samples: 1, 2, ...)")
-    ax.set_ylabel("held-out problems solved")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Refinement against independent samples, before and after training")
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, (setting, r) in zip(axes[0], results.items()):
+        for (name, c), color in zip(r["policies"].items(), ["tab:gray", "tab:blue"]):
+            ref, sam = c["refinement"], c["samples"]
+            ax.plot(ref["tokens_per_problem"], ref["solved"], marker="o", color=color, label=f"{name}: refinement")
+            ax.plot(sam["tokens_per_problem"], sam["solved"], marker="x", linestyle="--", color=color,
+                    label=f"{name}: samples")
+        ax.set_title(f"{setting}, difficulties {r['difficulties']}")
+        ax.set_xlabel("generated tokens per problem")
+        ax.set_ylabel("held-out problems solved")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,46 +222,35 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--digits", type=int, nargs="+", default=[5, 6], help="held-out and train difficulties")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--heldout", type=int, default=200, help="held-out problems per difficulty")
-    parser.add_argument("--train-problems", type=int, default=1500, help="train problems per difficulty")
-    parser.add_argument("--warm-start", type=float, default=120.0, help="warm-start seconds on 1-4 digits")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tune steps of each trained policy")
+    parser.add_argument("--cycles", type=int, default=2, help="loop cycles of each trained policy")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-refine"))
     parser.add_argument("--out", type=Path, default=RESULTS / "refine.json")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the warm starts and trained policies an earlier run left under --home")
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
     start = time.monotonic()
-    task = get_task("addition")
-    warm = WarmStartConfig()
-    model, tokenizer = build_builtin_policy(BuiltinConfig(seed=args.seed))
-    replay = warm_start_examples(task, warm, args.seed)
-    SFTFineTuner(TrainConfig(learning_rate=3e-3, time_budget_s=args.warm_start, schedule="time_cosine")).train(model, tokenizer, replay)
-    base = Policy(model, tokenizer, "warm-start")
-    max_new = max(task.max_new_tokens(d) for d in args.digits)
-    heldout = [p for d in args.digits for p in task.generate(d, args.heldout, seed=args.seed, split="heldout")]
-    train = [p for d in args.digits for p in task.generate(d, args.train_problems, seed=args.seed, split="train")]
-
-    plain, refined = training_data(base, train, args.rounds, max_new, args.seed)
-    if not plain:
-        raise SystemExit("the warm-started policy solved none of the train problems: give it a longer --warm-start or "
-                         "fewer --digits")
-    results = {"warm start": curves(base, heldout, args.rounds, max_new, args.seed + 10)}
-    results["trained on plain examples"] = curves(fine_tuned(base, plain, replay, args.steps, args.seed), heldout, args.rounds,
-                                                  max_new, args.seed + 10)
-    results["trained on plain + refinement examples"] = curves(fine_tuned(base, plain + refined, replay, args.steps, args.seed),
-                                                               heldout, args.rounds, max_new, args.seed + 10)
-    gains = {name: [round(r - s, 3) for r, s in zip(c["refine_solved"], c["samples_solved"])] for name, c in results.items()}
-    summary = {"benchmark": "refine", "digits": args.digits, "rounds": args.rounds, "heldout": len(heldout),
-               "train_problems": len(train), "plain_examples": len(plain), "refinement_examples": len(refined),
-               "steps": args.steps, "refinement_gain_over_samples": gains, "curves": results,
-               "wall_s": round(time.monotonic() - start, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2))
+    warm_cache: dict = {}
+    results = {}
+    for setting in args.settings:
+        results[setting] = run_setting(setting, args, warm_cache)
+        summary = {"benchmark": "refine", "rounds": args.rounds, "heldout_per_difficulty": args.heldout,
+                   "cycles": args.cycles, "seed": args.seed, "settings": results,
+                   "wall_s": round(time.monotonic() - start, 1)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=2))  # rewritten after every setting
     plot(results, args.out.with_suffix(".png"))
-    print(json.dumps({k: v for k, v in summary.items() if k != "curves"}))
+    print(json.dumps({"benchmark": "refine", "wall_s": summary["wall_s"], "settings": {
+        s: {"difficulties": r["difficulties"], **{k: {"refinement": [round(x, 3) for x in c["refinement"]["solved"]],
+                                                      "samples_at_k": [round(x, 3) for x in c["samples"]["solved"][:args.rounds]],
+                                                      "samples_at_equal_tokens": [round(x, 3) for x in c["samples_at_equal_tokens"]],
+                                                      "repeats": c["refinement"]["repeated_rejected_answers"]}
+                                                  for k, c in r["policies"].items()}}
+        for s, r in results.items()}}))
 
 
 if __name__ == "__main__":

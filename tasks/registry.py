@@ -82,3 +82,8 @@ def get_task(name: str) -> Task:
         task.name = name  # what problems of this task carry in their `task` field
         _instances[name] = task
     return _instances[name]
+
+
+def task_of(problem) -> Task:
+    """A problem's task: the one it names, the generic Task() when it names none."""
+    return get_task(problem.task) if problem.task is not None else Task()

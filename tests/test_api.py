@@ -146,6 +146,9 @@ def test_submit_follow_events_and_read_results(stack):
         assert job["best"]["completion"] == job["result"]["best"]["completion"]
         assert job["best"]["verified"] is False
         assert sum(1 for r in job["refinement"] if r["best"]["is_best"]) == 1
+        # each round's verdict is shown, and no round answered what an earlier round had been told was wrong
+        assert [r["verdict"] for r in job["refinement"]] == ["rejected by the exact checker"] * 2
+        assert job["result"]["stopped"] == "rounds" and len({t["answer"].strip() for t in job["result"]["tried"]}) == 2
     listed = {j["job_id"]: j for j in client.get("/api/jobs", params={"status": "done"}).json()}
     assert set(ids) <= set(listed) and all(listed[j]["best"] is not None for j in ids)
     assert client.get("/api/jobs/nope").status_code == 404

@@ -34,11 +34,19 @@ def test_user_task_from_demos_and_problems(tmp_path):
     assert "problems.jsonl:17: not valid JSON" in proc.stderr and "not valid JSON" in proc.stderr  # named, and the run went on
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [c["cycle"] for c in report["cycles"]] == [0, 1]
+    # a file task's policy reads a refinement history: the cycle's wrong siblings of verified answers trained too
+    assert report["cycles"][1]["refinement_examples"] > 0
     # no difficulty given: grouped by prompt length (5 groups of about equal size; 14 of 16 prompts have 13 characters)
     assert set(report["cycles"][0]["heldout"]) == {"13"}
     assert Path(report["final_policy"]).is_dir()
     run_dir = Path(report["run_dir"])
     assert (run_dir / "report.md").is_file() and (run_dir / "learning_curve.png").stat().st_size > 1000
+    # where each cycle's time went: a row per cycle whose phases add up to no more than the cycle's wall clock
+    times = json.loads((run_dir / "report.json").read_text())["time_per_cycle"]
+    assert [t["cycle"] for t in times] == [0, 1] and times[0]["warm_start"] > 0 and times[1]["train"] > 0
+    assert all(sum(v for k, v in t.items() if k not in ("cycle", "total")) <= t["total"] + 0.6 for t in times)
+    assert "Where each cycle's time went" in (run_dir / "report.md").read_text()
+    assert (run_dir / "time_per_cycle.png").stat().st_size > 1000
 
 
 def test_builtin_run_json_and_policies(tmp_path):

@@ -185,7 +185,7 @@ def test_refinement_job_with_history_longer_than_window_solves_its_problem():
     cfg = SearchConfig(strategy="greedy", max_new_tokens=3)
     seen = []
     results = refine(Problem("next=", "7", id="h"), policy, cfg, rounds=10,
-                     on_round=lambda r, res: seen.append((len(res.problem.prompt), res.best.completion)))
+                     on_round=lambda r, x: seen.append((len(x.result.problem.prompt), x.best.completion)))
     # each round answers from the last attempt in its prompt; the job ends at the first verified attempt
     assert results[-1].best.verified and seen[-1][1] == "7" and len(results) >= 6, seen
     assert [c for _, c in seen[:3]] == ["0", "1", "2"], seen

@@ -73,6 +73,8 @@ def test_tiny_loop_trains_and_promotes(setup):
     first, second = records
     assert first.policy_version == v0 and first.candidate is None
     assert second.candidate == "v1" and second.accepted > 0 and second.train["steps"] > 0
+    # a position-coupled policy is shown no refinement history (agent/refine.py shows_history): nothing to learn there
+    assert first.refinement_examples == 0 and second.refinement_examples == 0
     # best-of-n generates at least one token per sample; nothing is searched before the first cycle
     assert first.search_tokens == 0 and second.search_tokens >= cfg.problems_per_cycle * cfg.search.n
     rows = {r.version: r for r in store.policies()}

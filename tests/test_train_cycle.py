@@ -109,10 +109,13 @@ def test_a_refinement_round_that_succeeded_trains_on_its_prompt_with_the_attempt
     shown = "# attempt: cta\n# feedback: rejected by the exact checker\ncat backwards:"
     _result(store, p, ["cta", "act"], job="j-cat", best=False)  # round 0 failed
     _result(store, p, ["tac", "cat"], job="j-cat", round=1, prompt=shown)  # round 1, shown round 0's attempt, passed
-    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg())
-    assert out["examples"] == 1 and out["refinement_examples"] == 1
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=_cfg(replay_refine_fraction=0.25))
+    assert out["examples"] == 1 and out["refinement_examples"] == 2
     pairs = {(e["prompt"], e["completion"]) for e in mixes[0]}
-    assert pairs == {("cat backwards:", "tac"), (shown, "tac")}  # solved outright, and solved from the feedback
+    # solved outright, solved from the feedback, and the wrong sibling "cat" shown as an attempt with its verdict
+    sibling = "# attempt: cat\n# feedback: rejected by the exact checker\ncat backwards:"
+    assert pairs == {("cat backwards:", "tac"), (shown, "tac"), (sibling, "tac")}
+    assert sum(e["prompt"].startswith("# attempt:") for e in mixes[0]) == 10  # their share of the 40
 
 
 def test_label_free_selection_applies_to_results_without_answers(setup):

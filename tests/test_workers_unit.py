@@ -10,8 +10,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from agent.refine import refine, refine_rows, round_prompt
-from tasks import Problem
+from agent.refine import judge_attempts, refine, refine_rows, round_prompt, tried
+from tasks import Problem, Task
 from search import Candidate, SearchConfig, SearchResult
 from workers.config import QueueConfig, celery_settings
 from tests.support import RedisServer, free_port
@@ -37,24 +37,54 @@ def test_refine_stops_when_verified_and_links_rounds(monkeypatch):
     scripted = _Scripted([("12", False, -1.0), ("13", False, -2.0), ("579", True, -0.5), ("never", True, 0.0)])
     monkeypatch.setattr("agent.refine.search_problems", scripted)
     problem = Problem("123+456=", "579", id="p1")
-    results = refine(problem, policy=None, cfg=SearchConfig(), rounds=5)
-    assert len(results) == 3  # stopped at the verified attempt, not after 5 rounds
+    rounds = refine(problem, policy=None, cfg=SearchConfig(), rounds=5)
+    assert len(rounds) == 3  # stopped at the verified attempt, not after 5 rounds
     assert scripted.prompts[0] == "123+456="
     # round 2 shows every attempt so far, oldest first, with the checker's verdicts
     assert scripted.prompts[2] == ("# attempt: 12\n# feedback: rejected by the exact checker\n"
                                    "# attempt: 13\n# feedback: rejected by the exact checker\n123+456=")
-    rows, parents = refine_rows(problem, results, job_id=None)
+    rows, parents = refine_rows(problem, rounds, job_id=None)
     assert parents == [None, 0, 0]
     assert [r["is_best"] for rr in rows for r in rr].count(True) == 1 and rows[2][0]["is_best"]
     assert rows[0][0]["prompt"] is None and rows[1][0]["prompt"].startswith("# attempt: 12")
+    assert [t["verdict"] for t in tried(rounds)] == ["rejected by the exact checker"] * 2 + ["accepted by the exact checker"]
 
 
 def test_refine_without_checker_feeds_back_confidence(monkeypatch):
     monkeypatch.setattr("agent.refine.search_problems", _Scripted([("a", None, -1.25), ("b", None, -0.5)]))
-    results = refine(Problem("say hi"), policy=None, cfg=SearchConfig(), rounds=2)
-    assert len(results) == 2  # nothing to verify: all R rounds
-    assert "confidence -1.25" in round_prompt(Problem("say hi"), results[0].best)
-    assert "579" not in round_prompt(Problem("1+2=", "579"), _cand("3", False, -1.0))  # the answer never leaks
+    rounds = refine(Problem("say hi"), policy=None, cfg=SearchConfig(), rounds=2)
+    assert len(rounds) == 2  # nothing to verify: all R rounds
+    assert "confidence -1.25" in rounds[1].result.problem.prompt
+    # the answer never leaks into a verdict
+    (verdict,) = judge_attempts([Problem("1+2=", "579")], [_cand("3", False, -1.0)], Task(), None)
+    assert "579" not in round_prompt(Problem("1+2=", "579"), [("3", verdict.text)])
+
+
+class _Repeating:
+    """Stands in for agent.refine.search_problems: answers from a fixed list per search, so that a round's first
+    searches repeat what was already rejected."""
+
+    def __init__(self, answers):
+        self.answers, self.searches = list(answers), []
+
+    def __call__(self, problems, policy, cfg):
+        self.searches.append((problems[0].prompt, cfg.strategy, cfg.seed))
+        text = self.answers.pop(0)
+        return [SearchResult(problems[0], [_cand(text, text == "579", -1.0)], cfg.strategy, "v0", generated_tokens=3)]
+
+
+def test_a_refinement_job_never_answers_a_rejected_answer_twice(monkeypatch):
+    # round 0 says 12; round 1's greedy search says 12 again and is resampled (at T=1) until it says 13; round 2's
+    # searches say 12, 13, 12, 13: nothing new in four searches, so the job stops there
+    search = _Repeating(["12", "12", "12", "13", "12", "13", "12", "13"])
+    monkeypatch.setattr("agent.refine.search_problems", search)
+    rounds = refine(Problem("123+456=", "579", id="p1"), policy=None, cfg=SearchConfig(strategy="greedy"), rounds=4)
+    answers = [x.best.completion for x in rounds]
+    assert answers == ["12", "13"] and len(set(answers)) == len(answers)
+    assert [x.resamples for x in rounds] == [0, 2]
+    assert [s[1] for s in search.searches[1:4]] == ["greedy", "best_of_n", "best_of_n"]  # greedy would repeat itself
+    assert rounds[1].result.generated_tokens == 9  # the resamples' tokens are counted
+    assert len(search.searches) == 8 and not search.answers
 
 
 def test_celery_settings_follow_the_notes(monkeypatch):
@@ -110,6 +140,28 @@ def test_run_job_twice_writes_once_and_cache_reloads_between_jobs(store_registry
     registry.promote(v1, {})
     assert run_job(store, b, cache.get, "t")["result"]["policy_version"] == v1 and cache.loads == 2
     registry.promote("v0", {})
+
+
+def test_a_label_free_refinement_job_is_told_which_check_failed_and_stops_when_they_pass(store_registry, monkeypatch):
+    from agent.jobs import run_job, submit_jobs
+    from workers.cache import PolicyCache
+
+    store, registry = store_registry
+    # the policy's answers to the split check's halves (21 + 43 split as 1 + 3 and 2 + 4): right, as a policy that
+    # masters one digit gives them (the untrained v0 does not)
+    monkeypatch.setattr("agent.evaluation.greedy_solver", lambda policy, cfg: (
+        lambda problems: [{"1+3=": "40", "2+4=": "60"}.get(p.prompt, "00") for p in problems]))
+    # the malformed "4+0" lands in the next round's prompt: answers are still read against the problem itself
+    search = _Scripted([("470", None, -1.0), ("4+0", None, -1.0), ("460", None, -2.0), ("never", None, 0.0)])
+    monkeypatch.setattr("agent.refine.search_problems", search)
+    (job,) = submit_jobs(store, [Problem("12+34=", task="addition", id="lf-job", difficulty=2)], rounds=4,
+                         search={"strategy": "greedy", "max_new_tokens": 4})
+    out = run_job(store, job, PolicyCache(registry).get, "t")
+    assert [t["verdict"] for t in out["result"]["tried"]] == [
+        "rejected by the split check", "rejected: not an answer of the expected form", "passes the split check"]
+    assert out["result"]["stopped"] == "accepted" and out["result"]["best"]["completion"] == "460"
+    # the position-coupled v0 is shown no history: its later rounds search the problem itself, afresh
+    assert search.prompts == ["12+34="] * 3
 
 
 def test_a_second_delivery_while_the_first_runs_does_not_write_twice(store_registry, tmp_path):
@@ -337,4 +389,4 @@ def test_refine_many_searches_the_unsolved_problems_of_each_round_in_one_batch(m
     results = refine_many(problems, policy=None, cfg=SearchConfig(), rounds=4)
     assert calls == [["p1", "p2", "p3"], ["p2", "p3"], ["p2", "p3"], ["p3"]]
     assert [len(r) for r in results] == [1, 3, 4]
-    assert results[1][2].problem.prompt.count("# attempt: ") == 2 and results[1][2].best.verified
+    assert results[1][2].result.problem.prompt.count("# attempt: ") == 2 and results[1][2].best.verified

@@ -67,8 +67,10 @@ def _run(task: Task, job_id: str) -> dict:
     cfg = ctx["cfg"]
     lease = RedisLease(ctx["redis"], lease_key(job_id), cfg.lease_ttl) if ctx["redis"] else None
 
-    def progress(r, result):
-        task.update_state(state="PROGRESS", meta={"job_id": job_id, "round": r + 1, "verified": result.best.verified})
+    def progress(r, this_round):
+        task.update_state(state="PROGRESS", meta={"job_id": job_id, "round": r + 1,
+                                                  "verified": this_round.best.verified,
+                                                  "verdict": this_round.verdict.text})
 
     try:
         out = run_job(ctx["store"], job_id, ctx["cache"].get, ctx["worker"], lease=lease,

@@ -186,8 +186,10 @@ class Service:
         by_round: dict[int, list] = {}
         for t in self.store.trajectories(job_id=job_id):
             by_round.setdefault(t.round, []).append(t)
+        verdicts = {t["round"]: t for t in (row.result or {}).get("tried", [])}
         out["refinement"] = [{
             "round": r, "prompt": rows[0].prompt or (problem.prompt if problem else None), "candidates": len(rows),
+            "verdict": verdicts.get(r, {}).get("verdict"), "resamples": verdicts.get(r, {}).get("resamples"),
             "policy_version": rows[0].policy_version, "strategy": rows[0].strategy,
             "best": {"completion": rows[0].completion, "score": rows[0].score, "verified": rows[0].verified,
                      "mean_logprob": rows[0].mean_logprob, "is_best": rows[0].is_best},
