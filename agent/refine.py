@@ -33,6 +33,7 @@ from search import Candidate, SearchConfig, SearchResult, traits_of
 from tasks import Problem, Solve, Task
 
 RESAMPLES = 3  # searches of a round, beyond the first, for an answer not yet rejected
+RESAMPLE_WIDTH = 4  # candidates a resample draws at least
 MAX_SHOWN_ATTEMPTS = 3  # wrong siblings shown in one refinement example (a job's rounds 1-3 show as many)
 
 
@@ -107,11 +108,21 @@ def round_prompt(problem: Problem, history: list[tuple[str, str]]) -> str:
     return shown + problem.prompt
 
 
+def _sampled(cfg: SearchConfig) -> dict:
+    """A deterministic search as samples of the same width (a round that searches the same prompt again)."""
+    if traits_of(cfg.strategy).samples or cfg.strategy in ("mcts", "step_beam"):
+        return {}
+    return {"strategy": "best_of_n", "n": 1 if cfg.strategy == "greedy" else cfg.beams, "temperature": 1.0}
+
+
 def _resample_config(cfg: SearchConfig, attempt: int) -> SearchConfig:
-    # a deterministic search repeats itself: resample at T=1 instead
-    fresh = {} if traits_of(cfg.strategy).samples or cfg.strategy in ("mcts", "step_beam") else {
-        "strategy": "best_of_n", "n": 4, "temperature": 1.0}
-    return replace(cfg, seed=cfg.seed + 7919 * attempt, **fresh)
+    # a deterministic search repeats itself: resample at T=1 instead. A policy sure of a wrong answer repeats it most
+    # of the time, so a resample draws at least RESAMPLE_WIDTH candidates in one batch
+    if cfg.strategy in ("mcts", "step_beam"):
+        return replace(cfg, seed=cfg.seed + 7919 * attempt)
+    n = max(cfg.n, RESAMPLE_WIDTH) if traits_of(cfg.strategy).samples else RESAMPLE_WIDTH
+    temperature = cfg.temperature if traits_of(cfg.strategy).samples else 1.0
+    return replace(cfg, strategy="best_of_n", n=n, temperature=temperature, seed=cfg.seed + 7919 * attempt)
 
 
 def _without_rejected(problems: list[Problem], asked: list[Problem], found: list[SearchResult],
@@ -167,7 +178,8 @@ def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
                                                                         for x in out[i]]))
                  if r and history else problems[i] for i in going]
         # the same prompt again is searched afresh: a new seed, and samples where the search is deterministic
-        round_cfg = cfg if r == 0 or history else replace(_resample_config(cfg, 0), seed=cfg.seed + 104_729 * r)
+        round_cfg = cfg if r == 0 or history else replace(cfg, seed=cfg.seed + 104_729 * r,
+                                                          **_sampled(cfg))
         found, resamples = _without_rejected([problems[i] for i in going], asked,
                                              search_problems(asked, policy, round_cfg),
                                              [rejected[i] for i in going], task, policy, round_cfg)
