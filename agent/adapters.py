@@ -1,9 +1,10 @@
 """LoRA adapter versions: a policy version that is a few MB of adapter over a fixed base folder.
 
-An adapter version's folder holds the adapter (peft's save_pretrained), `base.json` (the base folder's absolute path
-and the sha256 of its files, taken when the version was saved), the recycling matrix and arbor_meta.json. Loading one
-refuses a base whose files changed since, and puts the adapter over the base, which a process loads once (keyed by
-that hash, the newest base only: one GPU holds one base) and shares between the versions over it.
+An adapter version's folder holds the adapter (peft's save_pretrained), `base.json` (agent/versions.py: the base
+folder's absolute path and the sha256 of its files, taken when the version was saved), the recycling matrix and
+arbor_meta.json. Loading one refuses a base whose files changed since, and puts the adapter over the base, which a
+process loads once (keyed by that hash, the newest base only: one GPU holds one base) and shares between the versions
+over it.
 
 Every PeftModel made here sits on a *view* of its base: a module tree of its own whose weights are the base's tensors,
 so two versions, or a version and its training candidate, never copy the base. The base weights are frozen in all of
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import itertools
 import json
 import sys
@@ -24,43 +24,13 @@ from pathlib import Path
 import torch
 
 from agent.policy import Policy, PolicyLoadError, load_policy
+from agent.versions import BASE_FILE, folder_hash, read_base
 from memory.recycling import RecyclingMemory
-
-BASE_FILE = "base.json"
-_HASHES: dict[tuple, str] = {}  # (folder, its files' names, sizes and mtimes) -> sha256
 
 
 def is_adapter(model) -> bool:
     # peft takes seconds to import: a process that never imported it holds no PeftModel
     return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
-
-
-def folder_hash(folder: str | Path) -> str:
-    """sha256 over a folder's files: each relative path (sorted) and its bytes. Cached per (folder, mtimes), so a
-    base of many GB is read once per process unless its files change."""
-    folder = Path(folder).resolve()
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    stats = [p.stat() for p in files]
-    key = (str(folder), tuple((p.relative_to(folder).as_posix(), s.st_size, s.st_mtime_ns) for p, s in zip(files, stats)))
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        for p, s in zip(files, stats):
-            digest.update(f"{p.relative_to(folder).as_posix()}\0{s.st_size}\0".encode())
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
-
-def folder_bytes(folder: str | Path) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-def read_base(folder: str | Path) -> dict | None:
-    """An adapter version's base.json ({"path", "sha256"}), or None for a full version."""
-    path = Path(folder) / BASE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def checked_base(folder: str | Path, version: str) -> dict:

@@ -28,11 +28,12 @@ import time
 import uuid
 from pathlib import Path
 
-from agent.adapters import folder_hash, is_adapter, load_adapter_policy, read_base, save_adapter
+from agent.adapters import is_adapter, load_adapter_policy, save_adapter
 from agent.config import RegistryConfig
 from agent.policy import Policy, PolicyLoadError, load_policy
 from agent.run_store import RunStore
 from agent.store import Store
+from agent.versions import folder_hash, read_base
 
 log = logging.getLogger("arbor.registry")
 

@@ -38,7 +38,8 @@ class PolicyCache:
         self.failed: dict[str, float] = {}  # version -> when it last failed to load
 
     def _load(self, version: str):
-        from agent.adapters import BASES, folder_hash, is_adapter, read_base, swap_adapter
+        from agent.adapters import BASES, is_adapter, swap_adapter
+        from agent.versions import folder_hash, read_base
 
         folder = self.registry.folder(version)
         base = read_base(folder)

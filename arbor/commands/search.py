@@ -73,7 +73,8 @@ def search_command(
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line"),
 ):
     """Search for the best completion of a prompt (or of every problem in a JSONL file)."""
-    from agent.adapters import load_adapter_policy, read_base
+    from agent.adapters import load_adapter_policy
+    from agent.versions import read_base
     from agent.policy import Policy, PolicyLoadError
     from tasks import Problem
     from tasks.jsonl import read_problems
