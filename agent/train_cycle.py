@@ -47,10 +47,14 @@ def _ensure_job(store: Store, job_id: str) -> None:
 def loop_config_from_env(settings):
     """The train cycle's LoopConfig, with the knobs a deployment sets (agent/settings.py: ARBOR_TRAIN_BUDGET_S, the
     fine-tune wall clock; ARBOR_PROMOTE_MARGIN, how much the candidate must beat the promoted version by on held-out
-    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size). Unset: LoopConfig's own defaults."""
+    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size; ARBOR_ADAPTER, full or LoRA fine-tunes).
+    Unset: LoopConfig's own defaults."""
     cfg = LoopConfig()
     if settings.train_budget_s is not None:
         cfg.train = replace(cfg.train, time_budget_s=settings.train_budget_s)
+    if settings.adapter is not None:
+        cfg.train = replace(cfg.train, adapter=settings.adapter)
+        cfg.preference = replace(cfg.preference, adapter=settings.adapter)
     if settings.promote_margin is not None:
         cfg.promote_margin = settings.promote_margin
     if settings.heldout_per_difficulty is not None:
