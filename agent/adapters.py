@@ -1,4 +1,4 @@
-"""LoRA adapter versions: a policy version that is a few MB of adapter over a fixed base folder.
+"""LoRA adapter versions: a policy version that is an adapter (MB where the model is GB) over a fixed base folder.
 
 An adapter version's folder holds the adapter (peft's save_pretrained), `base.json` (agent/versions.py: the base
 folder's absolute path and the sha256 of its files, taken when the version was saved), the recycling matrix and

@@ -26,7 +26,7 @@ class FineTuneConfig:
         "help": "optimizer steps at most (whichever of this and time_budget_s comes first ends the fine-tune)"})
     max_length: int = field(default=512, metadata={"help": "longest training sequence, in tokens"})
     seed: int = field(default=0, metadata={"help": "training seed"})
-    # a version of a 0.5B-8B model is then a few MB of adapter over a fixed base, and a worker switches versions by
+    # a version of a 0.5B-8B model is then tens of MB of adapter over a fixed base, and a worker switches versions by
     # swapping adapters (docs/models.md)
     adapter: str = field(default="full", metadata={
         "help": "full (every parameter trains; a version is a whole model) or lora (low-rank adapters over a fixed "
@@ -39,8 +39,8 @@ class FineTuneConfig:
                 "decoder layers, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for Llama; never "
                 "the LM head or embeddings)"})
     gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass: far less activation memory for about a third more "
-                "compute"})
+        "help": "recompute activations in the backward pass: far less activation memory for one more forward per "
+                "step"})
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "micro-batches per optimizer step: each step still sees batch_size examples, this many at a time "
                 "fewer"})
@@ -254,3 +254,10 @@ class LoopConfig:
             # whose weights it changed
             raise ValueError(f"train_method sft+dpo trains one candidate: train.adapter ({self.train.adapter}) and "
                              f"preference.adapter ({self.preference.adapter}) must match")
+
+    def base_dtype(self, dtype: str) -> str:
+        """The dtype a cycle loads the current policy in: a LoRA fine-tune leaves its base frozen, so the base may sit
+        in `dtype` (Settings.dtype; bfloat16 halves an 8B base on one GPU, the adapters train in float32); a full
+        fine-tune trains every weight, in float32."""
+        lora = (self.preference if self.train_method == "dpo" else self.train).adapter == "lora"
+        return dtype if lora else "float32"

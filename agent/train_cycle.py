@@ -121,7 +121,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     for p in heldout_by_task[name]:
         heldout.setdefault(str(p.difficulty) if p.difficulty is not None else "all", []).append(p)
 
-    current = registry.load(device=settings.device)
+    current = registry.load(device=settings.device, dtype=cfg.base_dtype(settings.dtype))
     difficulties = [p.difficulty for p in (r.problem for r in results) if p.difficulty is not None]
     max_new = max((task.max_new_tokens(d) for d in difficulties), default=cfg.search.max_new_tokens)
     solve = greedy_solver(current, replace(cfg.search, max_new_tokens=max_new))
