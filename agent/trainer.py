@@ -131,10 +131,10 @@ def _time_bounded_args(cfg, bf16: bool, use_cuda: bool) -> dict:
 
 
 def clone_for_training(model, adapter: str | None = None):
-    """An independent copy for a candidate: same class, config and weights, no shared state or patches. `adapter` is
-    what the fine-tune will train (FineTuneConfig.adapter; None: what the model is). A LoRA candidate shares the
-    frozen base weights with `model` (a second copy of an 8B base would not fit beside it on one GPU) and copies only
-    the adapter; an adapter version trained "full" is merged into a copy of its base first."""
+    """A copy for a candidate: same class, config and weights, nothing that its fine-tune changes shared with `model`,
+    no patches. `adapter` is what the fine-tune will train (FineTuneConfig.adapter; None: what the model is). A LoRA
+    candidate shares the frozen base weights with `model` (a second copy of an 8B base would not fit beside it on one
+    GPU) and copies only the adapter; an adapter version trained "full" is merged into a copy of its base first."""
     if is_adapter(model):
         return merged_copy(model) if adapter == "full" else adapter_clone(model)
     if adapter == "lora":
