@@ -172,7 +172,8 @@ def test_greedy_and_beam_on_the_adapter_equal_generate_on_the_merged_model(versi
 def test_a_lora_fine_tune_changes_only_adapter_weights():
     model, tok = build_builtin_policy(TINY)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = TrainConfig(adapter="lora", max_steps=3, batch_size=8, gradient_accumulation_steps=2, time_budget_s=60)
+    cfg = TrainConfig(adapter="lora", max_steps=3, batch_size=8, gradient_accumulation_steps=2,
+                      gradient_checkpointing=True, time_budget_s=60)
     tuner = SFTFineTuner(cfg)
     stats = tuner.train(clone_for_training(model, "lora"), tok, EXAMPLES)
     trained = tuner.trained
