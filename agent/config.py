@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, replace
 
 from search.config import SearchConfig
 
+ADAPTERS = ("full", "lora")
+
+
 @dataclass
 class FineTuneConfig:
     """What every time-bounded fine-tune shares: it stops at its wall-clock budget or its step bound, whichever
@@ -23,10 +26,44 @@ class FineTuneConfig:
         "help": "optimizer steps at most (whichever of this and time_budget_s comes first ends the fine-tune)"})
     max_length: int = field(default=512, metadata={"help": "longest training sequence, in tokens"})
     seed: int = field(default=0, metadata={"help": "training seed"})
+    # a version of a 0.5B-8B model is then tens of MB of adapter over a fixed base, and a worker switches versions by
+    # swapping adapters (docs/models.md)
+    adapter: str = field(default="full", metadata={
+        "help": "full (every parameter trains; a version is a whole model) or lora (low-rank adapters over a fixed "
+                "base train; a version is the adapter)"})
+    lora_rank: int = field(default=16, metadata={"help": "lora: rank of each low-rank update"})
+    lora_alpha: int = field(default=32, metadata={"help": "lora: updates are scaled by lora_alpha / lora_rank"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "lora: dropout on the adapters' inputs in training"})
+    lora_target_modules: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "lora: names of the linear layers that get adapters (unset: every nn.Linear inside the model's "
+                "decoder layers, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for Llama; never "
+                "the LM head or embeddings)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: far less activation memory for one more forward per "
+                "step"})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step: each step still sees batch_size examples, this many at a time "
+                "fewer"})
 
     def __post_init__(self):
+        name = type(self).__name__
         if self.time_budget_s <= 0 and self.max_steps <= 0:
-            raise ValueError(f"{type(self).__name__}: a fine-tune needs a positive time_budget_s or max_steps")
+            raise ValueError(f"{name}: a fine-tune needs a positive time_budget_s or max_steps")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"{name}: adapter must be one of {', '.join(ADAPTERS)} (got {self.adapter!r})")
+        if self.lora_rank < 1 or self.lora_alpha <= 0:
+            raise ValueError(f"{name}: lora_rank must be at least 1 and lora_alpha positive (got {self.lora_rank}, "
+                             f"{self.lora_alpha})")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"{name}: lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.lora_target_modules is not None:
+            # a config restored from JSON holds a list
+            self.lora_target_modules = tuple(self.lora_target_modules)
+            if not self.lora_target_modules or not all(isinstance(m, str) and m for m in self.lora_target_modules):
+                raise ValueError(f"{name}: lora_target_modules must name at least one module, or be unset")
+        if not 1 <= self.gradient_accumulation_steps <= max(1, self.batch_size):
+            raise ValueError(f"{name}: gradient_accumulation_steps must be between 1 and batch_size "
+                             f"(got {self.gradient_accumulation_steps})")
 
 
 @dataclass
@@ -130,6 +167,11 @@ class WarmStartConfig:
         "help": "extensions at most, each a third of the fine-tune's time and steps"})
     check_problems: int = field(default=100, metadata={"help": "problems per difficulty of the mastery check"})
 
+    def __post_init__(self):
+        if self.train.adapter != "full":
+            raise ValueError("warm_start.train.adapter must be 'full': a first version has no earlier version to be an "
+                             "adapter over (the cycles after it may train lora)")
+
     def extension(self) -> TrainConfig:
         """One extension: a third of the warm start's time and steps, at a third of its learning rate (refine, not
         relearn)."""
@@ -212,3 +254,15 @@ class LoopConfig:
     def __post_init__(self):
         if self.train_method not in TRAIN_METHODS:
             raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)} (got {self.train_method!r})")
+        if self.train_method == "sft+dpo" and self.train.adapter != self.preference.adapter:
+            # DPO continues SFT's candidate: a full SFT under a DPO adapter would be saved as an adapter over a base
+            # whose weights it changed
+            raise ValueError(f"train_method sft+dpo trains one candidate: train.adapter ({self.train.adapter}) and "
+                             f"preference.adapter ({self.preference.adapter}) must match")
+
+    def base_dtype(self, dtype: str) -> str:
+        """The dtype a cycle loads the current policy in: a LoRA fine-tune leaves its base frozen, so the base may sit
+        in `dtype` (Settings.dtype; bfloat16 halves an 8B base on one GPU, the adapters train in float32); a full
+        fine-tune trains every weight, in float32."""
+        lora = (self.preference if self.train_method == "dpo" else self.train).adapter == "lora"
+        return dtype if lora else "float32"

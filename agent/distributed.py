@@ -45,7 +45,8 @@ def follow(load_parent: Callable[[str], tuple]) -> int:
     while (message := broadcast(None)) is not None:
         order = json.loads(message)
         model, tokenizer = load_parent(order["parent"])
-        SFTFineTuner(TrainConfig(**order["train"])).train(clone_for_training(model), tokenizer, order["examples"])
+        cfg = TrainConfig(**order["train"])
+        SFTFineTuner(cfg).train(clone_for_training(model, cfg.adapter), tokenizer, order["examples"])
         joined += 1
     return joined
 

@@ -19,16 +19,23 @@ def train_candidate(current: Policy, examples: list[dict], pairs: list[dict], tr
                     preference: PreferenceConfig) -> tuple[object, dict]:
     """A fine-tuned copy of `current`'s model and the fine-tune's stats: SFT on `examples`, DPO on `pairs`
     (agent/preference.py), or DPO after SFT (method sft+dpo; with no pairs, SFT gets DPO's time so that a cycle costs
-    the same). The copy leaves `current` untouched: a rejected candidate costs nothing but its time."""
-    model = clone_for_training(current.model)
+    the same). The copy leaves `current` untouched: a rejected candidate costs nothing but its time. With LoRA
+    (FineTuneConfig.adapter) the candidate is an adapter over `current`'s frozen base weights."""
+    model = clone_for_training(current.model, (preference if method == "dpo" else train).adapter)
     stats: dict = {}
     if method == "sft+dpo" and not pairs:
         train = replace(train, time_budget_s=train.time_budget_s + preference.time_budget_s)
     if method in ("sft", "sft+dpo"):
         distributed.share_fine_tune(current.version, examples, train)  # other ranks of a multi-process launch join it
-        stats = SFTFineTuner(train).train(model, current.tokenizer, examples)
+        sft = SFTFineTuner(train)
+        stats = sft.train(model, current.tokenizer, examples)
+        model = sft.trained
     if method in ("dpo", "sft+dpo"):
-        dpo = DPOFineTuner(preference).train(model, current.tokenizer, pairs) if pairs else {"steps": 0, "seconds": 0.0}
+        dpo = {"steps": 0, "seconds": 0.0}
+        if pairs:
+            tuner = DPOFineTuner(preference)
+            dpo = tuner.train(model, current.tokenizer, pairs)
+            model = tuner.trained
         stats["dpo"] = {**dpo, "pairs": len(pairs)}
     return model, stats
 

@@ -97,7 +97,7 @@ class _CycleWork:
 class SelfImprovementLoop:
     def __init__(self, cfg: LoopConfig, store: Store, registry: PolicyRegistry, source: ProblemSource,
                  seed_examples: list[dict], device: str = "cpu", on_cycle: Callable[[CycleRecord], None] | None = None,
-                 should_stop: Callable[[CycleRecord], bool] | None = None):
+                 should_stop: Callable[[CycleRecord], bool] | None = None, dtype: str = "float32"):
         self.cfg = cfg
         self.store = store
         self.runs = RunStore(store)
@@ -106,6 +106,7 @@ class SelfImprovementLoop:
         self.task = source.task
         self.seed_examples = seed_examples
         self.device = device
+        self.dtype = cfg.base_dtype(dtype)  # Settings.dtype, for a LoRA run's frozen base
         self.on_cycle = on_cycle  # called with every record of the run, the recorded ones first
         self.should_stop = should_stop  # a caller's own stop (a benchmark's target), checked after every cycle
         self.accepted: list[list[dict]] = []  # labels accepted per cycle, for replay
@@ -134,7 +135,7 @@ class SelfImprovementLoop:
             if self.on_cycle:
                 self.on_cycle(record)
         if records:
-            current = self.registry.load(records[-1].policy_version, self.device)
+            current = self.registry.load(records[-1].policy_version, self.device, self.dtype)
             state = stored[-1].state
             self.curriculum.update(state["known"])
             if "evaluation" in state:
@@ -147,7 +148,7 @@ class SelfImprovementLoop:
                 by_cycle.setdefault(label.cycle, []).append({"prompt": label.prompt, "completion": label.completion})
             self.accepted = [by_cycle[c] for c in sorted(by_cycle)]
         else:  # cycle 0: the warm-started policy, before any self-training
-            current = self.registry.load(self.runs.get(name).base_version, self.device)
+            current = self.registry.load(self.runs.get(name).base_version, self.device, self.dtype)
             t = time.monotonic()
             evaluation = self.evaluate(current, self.curriculum.frontier_index)
             self.curriculum.update(evaluation.metric)

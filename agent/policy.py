@@ -295,6 +295,9 @@ def load_policy(path: str | Path, device: str = "cpu", dtype: str = "float32"):
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     path = Path(path)
+    if (path / "base.json").is_file():
+        raise PolicyLoadError(f"{path} is a LoRA adapter version, not a whole model: it loads over the base its "
+                              "base.json names (agent/adapters.py)")
     if not (path / "config.json").is_file():
         raise PolicyLoadError(f"{path} is not a model folder (no config.json): pass a save_pretrained directory")
     try:
@@ -333,5 +336,7 @@ class Policy:
     def memory_cache_factory(self):
         """The Decoder's cache factory for the context memory (SearchConfig.memory): a fresh ContextMemory sized
         to the model's trained window per prefill. ValueError (one line) when this model cannot run it."""
-        check_model(self.model)
-        return ContextMemory
+        # a LoRA version (agent/adapters.py): the memory reads the model its adapters are injected into
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        check_model(model)
+        return ContextMemory if model is self.model else lambda _: ContextMemory(model)

@@ -1,4 +1,5 @@
-"""Versioned policies: v0, v1, ... as complete save_pretrained folders with metadata.
+"""Versioned policies: v0, v1, ... as complete save_pretrained folders with metadata, or (a model fine-tuned with
+LoRA) as its adapter and base.json naming the full folder it is over (agent/adapters.py).
 
 A version is a complete folder or does not exist. Its number is taken first, by inserting its row (status
 `saving`) into the store, so that two writers, in two processes or on two hosts, never take the same number.
@@ -11,7 +12,7 @@ only then does the row leave `saving`. At start, a registry tidies what crashed 
   candidate. A complete `vN` folder with no row at all is adopted too;
 - rejected versions beyond the newest RegistryConfig.keep_rejected lose their folders (their records stay).
 
-The promoted version is never touched.
+The promoted version is never touched, nor is the folder of a version that an adapter version is over.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import time
 import uuid
 from pathlib import Path
 
+from agent.adapters import is_adapter, load_adapter_policy, save_adapter
 from agent.config import RegistryConfig
 from agent.policy import Policy, PolicyLoadError, load_policy
 from agent.run_store import RunStore
 from agent.store import Store
+from agent.versions import folder_hash, read_base
 
 log = logging.getLogger("arbor.registry")
 
@@ -127,7 +130,9 @@ class PolicyRegistry:
     def save(self, model, tokenizer, parent: str | None, trained_on: dict, metrics: dict | None = None,
              status: str = "candidate", draft_source=None) -> str:
         """Write a new version atomically and record it; returns its name. `draft_source` (a RecyclingMemory)
-        is saved beside the weights, so a worker that loads the version starts with a warm matrix."""
+        is saved beside the weights, so a worker that loads the version starts with a warm matrix. A PeftModel (a
+        LoRA fine-tune of `parent`) is saved as its adapter over the full folder beneath `parent`."""
+        base = self._base_of(parent) if is_adapter(model) else None
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "version": None}
@@ -138,8 +143,11 @@ class PolicyRegistry:
             version = self.store.allocate_policy(lambda v: str((self.root / v).resolve()), parent, trained_on,
                                                  metrics or {}, floor=floor)
             (tmp / OWNER).write_text(json.dumps({**owner, "version": version}))
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            if base is not None:
+                save_adapter(model, tmp, *base)  # the base's tokenizer is the version's
+            else:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
             if draft_source is not None:
                 draft_source.save(tmp)
             meta = {"version": version, "parent": parent, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -160,6 +168,28 @@ class PolicyRegistry:
             raise
         self.store.finish_policy(version, status)
         return version
+
+    def _base_of(self, parent: str | None) -> tuple[str, str]:
+        """(path, sha256) of the full folder an adapter trained from `parent` is over: `parent`'s own folder, or the
+        base `parent` itself is over (as recorded then: those are the weights the adapter trained on)."""
+        if parent is None:
+            raise ValueError("a LoRA adapter needs the version it was trained from (parent) to be saved over")
+        folder = self.folder(parent)
+        recorded = read_base(folder)
+        return (recorded["path"], recorded["sha256"]) if recorded else (str(folder.resolve()), folder_hash(folder))
+
+    def bases(self) -> set[str]:
+        """Resolved paths of the folders adapter versions are over."""
+        found = set()
+        for folder in self.root.iterdir():
+            if re.fullmatch(r"v\d+", folder.name):
+                try:
+                    base = read_base(folder)
+                except (OSError, ValueError):
+                    continue
+                if base is not None:
+                    found.add(base["path"])
+        return found
 
     def add_external(self, path: str | Path, promote: bool = True) -> str:
         """Register a user's local transformers folder as a new version (copied, so the original may move)."""
@@ -186,6 +216,9 @@ class PolicyRegistry:
         ]
         rejected.sort(key=lambda r: (_created(r), _number(r.version)))
         old = rejected[: max(0, len(rejected) - self.cfg.keep_rejected)]
+        if old:
+            bases = self.bases()
+            old = [r for r in old if str(Path(r.path).resolve()) not in bases]  # adapters over it still load
         for row in old:
             shutil.rmtree(row.path, ignore_errors=True)
             self.store.set_policy_status(
@@ -197,19 +230,27 @@ class PolicyRegistry:
         row = self.store.promoted_policy()
         return (row.version, row.path) if row else None
 
+    def folder(self, version: str) -> Path:
+        """The folder of a saved version; PolicyLoadError (one line) for an unknown one or one still being saved."""
+        row = next((r for r in self.store.policies() if r.version == version), None)
+        if row is None:
+            raise PolicyLoadError(f"unknown policy version {version!r}: see `arbor policies`")
+        if row.status == "saving":
+            raise PolicyLoadError(f"policy version {version!r} is still being saved")
+        return Path(row.path)
+
     def load(self, version: str | None = None, device: str = "cpu", dtype: str = "float32") -> Policy:
-        """Load a version (default: the promoted one) on `device` with parameters in `dtype` (Settings.dtype)."""
-        rows = {r.version: r for r in self.store.policies()}
+        """Load a version (default: the promoted one) on `device` with parameters in `dtype` (Settings.dtype). An
+        adapter version goes over its base, loaded once per process; a base whose files changed is refused."""
         if version is None:
             current = self.promoted()
             if current is None:
                 raise PolicyLoadError("no promoted policy yet: run `arbor run` or `arbor policies add PATH` first")
             version = current[0]
-        if version not in rows:
-            raise PolicyLoadError(f"unknown policy version {version!r}: see `arbor policies`")
-        if rows[version].status == "saving":
-            raise PolicyLoadError(f"policy version {version!r} is still being saved")
-        return Policy.load(rows[version].path, version=version, device=device, dtype=dtype)
+        folder = self.folder(version)
+        if read_base(folder) is not None:
+            return load_adapter_policy(folder, version, device=device, dtype=dtype)
+        return Policy.load(folder, version=version, device=device, dtype=dtype)
 
     def discard(self, version: str) -> None:
         """Delete a version that was never promoted or rejected (saved by a run killed before it recorded the

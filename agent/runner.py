@@ -112,7 +112,8 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
         on_event("phase", f"run {name}: " + (f"resuming after cycle {recorded[-1].cycle}" if recorded else "starting")
                  + f" (after a stop, continue it with --resume {name})")
         loop = SelfImprovementLoop(cfg, store, registry, source, seed_examples, settings.device,
-                                   on_cycle=lambda record: on_event("cycle", record), should_stop=should_stop)
+                                   on_cycle=lambda record: on_event("cycle", record), should_stop=should_stop,
+                                   dtype=settings.dtype)
         loop.run(name, start, warm_seconds)
         runs.finish(name)
         records = [CycleRecord(**c.record) for c in runs.cycles(name)]  # whichever process ran each cycle

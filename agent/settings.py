@@ -38,6 +38,12 @@ def _float(raw: str) -> float:
         raise ValueError("is not a number") from None
 
 
+def _adapter(raw: str) -> str:
+    if raw not in ("full", "lora"):  # agent/config.py ADAPTERS (this module imports no config)
+        raise ValueError("is not one of full, lora")
+    return raw
+
+
 def _dtype(raw: str) -> str:
     if raw not in DTYPES:
         raise ValueError(f"is not one of {', '.join(DTYPES)}")
@@ -203,6 +209,8 @@ class Settings:
     promote_margin: float | None = _env("ARBOR_PROMOTE_MARGIN", None,
                                         "how much a candidate must beat the promoted version by on held-out problems "
                                         "(unset: LoopConfig.promote_margin)", _float)
+    adapter: str | None = _env("ARBOR_ADAPTER", None, "what a train cycle fine-tunes: full (every parameter) or lora "
+                               "(an adapter over the promoted version's base; unset: LoopConfig.train)", _adapter)
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "
                                               "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)

@@ -47,10 +47,14 @@ def _ensure_job(store: Store, job_id: str) -> None:
 def loop_config_from_env(settings):
     """The train cycle's LoopConfig, with the knobs a deployment sets (agent/settings.py: ARBOR_TRAIN_BUDGET_S, the
     fine-tune wall clock; ARBOR_PROMOTE_MARGIN, how much the candidate must beat the promoted version by on held-out
-    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size). Unset: LoopConfig's own defaults."""
+    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size; ARBOR_ADAPTER, full or LoRA fine-tunes).
+    Unset: LoopConfig's own defaults."""
     cfg = LoopConfig()
     if settings.train_budget_s is not None:
         cfg.train = replace(cfg.train, time_budget_s=settings.train_budget_s)
+    if settings.adapter is not None:
+        cfg.train = replace(cfg.train, adapter=settings.adapter)
+        cfg.preference = replace(cfg.preference, adapter=settings.adapter)
     if settings.promote_margin is not None:
         cfg.promote_margin = settings.promote_margin
     if settings.heldout_per_difficulty is not None:
@@ -112,7 +116,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     for p in heldout_by_task[name]:
         heldout.setdefault(str(p.difficulty) if p.difficulty is not None else "all", []).append(p)
 
-    current = registry.load(device=settings.device)
+    current = registry.load(device=settings.device, dtype=cfg.base_dtype(settings.dtype))
     difficulties = [p.difficulty for p in (r.problem for r in results) if p.difficulty is not None]
     max_new = max((task.max_new_tokens(d) for d in difficulties), default=cfg.search.max_new_tokens)
     # one memo for the filters and the siblings' verdicts: both ask the same sub-problems

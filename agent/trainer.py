@@ -1,5 +1,6 @@
 """Fine-tuning with TRL: SFTTrainer on prompt-completion pairs (loss on the completion only) and DPOTrainer on
-preference pairs (agent/preference.py).
+preference pairs (agent/preference.py), of every parameter or (FineTuneConfig.adapter "lora") of LoRA adapters over
+frozen weights (agent/adapters.py).
 
 A fresh trainer per cycle, bounded by wall-clock time rather than epochs so that a cycle's cost is
 predictable on a CPU; the learning rate is constant because the number of steps is not known ahead.
@@ -7,6 +8,7 @@ predictable on a CPU; the learning rate is constant because the number of steps 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -21,7 +23,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from agent import process_group
-from agent.config import PreferenceConfig, TrainConfig
+from agent.adapters import adapter_clone, is_adapter, lora_config, merged_copy, shared_view
+from agent.config import FineTuneConfig, PreferenceConfig, TrainConfig
 
 
 class _TimeBudget(TrainerCallback):
@@ -58,6 +61,43 @@ class _TimeBudget(TrainerCallback):
             control.should_training_stop = True
 
 
+def _peft_config(cfg: FineTuneConfig, model):
+    """TRL's peft_config: a new LoRA adapter (adapter "lora" on a plain model), or None. A PeftModel keeps training
+    its own adapter (TRL refuses a second one)."""
+    if is_adapter(model):
+        if cfg.adapter != "lora":
+            raise ValueError("a LoRA adapter version trains its adapter: copy it with clone_for_training(model, 'full') "
+                             "for a full fine-tune")
+        model.set_adapter(model.active_adapter)  # trainable again if it was loaded for inference
+        return None
+    return lora_config(cfg, model) if cfg.adapter == "lora" else None
+
+
+def _settled(model):
+    """The trained model, plain again: TRL patches `forward` (a fused LM head; under a PeftModel, on its base) with a
+    closure over the *original* bound forward, and a later copy of the model would keep calling the original's
+    weights. TRL's DPO reference adapter goes too, so that a saved version holds the trained adapter only."""
+    for m in (model, model.get_base_model()) if is_adapter(model) else (model,):
+        m.__dict__.pop("forward", None)
+    if is_adapter(model) and "ref" in model.peft_config:
+        model.delete_adapter("ref")
+    return model.eval()
+
+
+def _micro_batch(cfg: FineTuneConfig, processes: int = 1) -> int:
+    """Examples per forward: batch_size per optimizer step, over the processes and the accumulated micro-batches."""
+    return max(1, cfg.batch_size // (processes * cfg.gradient_accumulation_steps))
+
+
+@contextlib.contextmanager
+def _deprecations_quiet():
+    """TRL and peft call transformers' gradient_checkpointing names (deprecated for activation_checkpointing) when a
+    trainer is built and on every step of a reference forward."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def _bf16_supported() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
@@ -77,7 +117,9 @@ def _time_bounded_args(cfg, bf16: bool, use_cuda: bool) -> dict:
         max_length=cfg.max_length,
         bf16=bf16,
         use_cpu=not use_cuda,
-        activation_checkpointing=False,  # TRL turns it on; off is 1.5x faster for tiny models (measured)
+        # TRL turns it on by default; off is 1.5x faster for tiny models (measured), on is what lets a large one fit
+        activation_checkpointing=cfg.gradient_checkpointing,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         report_to="none",
         save_strategy="no",
         logging_steps=10,
@@ -88,8 +130,15 @@ def _time_bounded_args(cfg, bf16: bool, use_cuda: bool) -> dict:
     )
 
 
-def clone_for_training(model):
-    """An independent copy for a candidate: same class, config and weights, no shared state or patches."""
+def clone_for_training(model, adapter: str | None = None):
+    """A copy for a candidate: same class, config and weights, nothing that its fine-tune changes shared with `model`,
+    no patches. `adapter` is what the fine-tune will train (FineTuneConfig.adapter; None: what the model is). A LoRA
+    candidate shares the frozen base weights with `model` (a second copy of an 8B base would not fit beside it on one
+    GPU) and copies only the adapter; an adapter version trained "full" is merged into a copy of its base first."""
+    if is_adapter(model):
+        return merged_copy(model) if adapter == "full" else adapter_clone(model)
+    if adapter == "lora":
+        return shared_view(model).eval()  # TRL wraps it in a new adapter and freezes these shared weights
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())
     clone.generation_config = copy.deepcopy(model.generation_config)
@@ -97,10 +146,12 @@ def clone_for_training(model):
 
 
 class SFTFineTuner:
-    """Fine-tunes a policy in place on prompt-completion examples and returns what happened."""
+    """Fine-tunes a policy on prompt-completion examples and returns what happened. The model trains in place, except
+    that adapter "lora" on a plain model wraps it in a new PeftModel: `trained` is the model that trained, either way."""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.trained = None
 
     def train(self, model, tokenizer, examples: list[dict]) -> dict:
         from trl import SFTConfig, SFTTrainer
@@ -110,13 +161,14 @@ class SFTFineTuner:
         cfg = self.cfg
         use_cuda = torch.cuda.is_available() and model.device.type == "cuda"
         bf16 = _bf16_supported() if cfg.bf16 is None else cfg.bf16
+        peft_config = _peft_config(cfg, model)
         dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
         _quiet_libraries()
-        with tempfile.TemporaryDirectory(prefix="arbor-sft-") as out:
+        with tempfile.TemporaryDirectory(prefix="arbor-sft-") as out, _deprecations_quiet():
             args = SFTConfig(
                 output_dir=out,
                 # the same examples per optimiser step however many processes share the fine-tune
-                per_device_train_batch_size=max(1, cfg.batch_size // process_group.world_size()),
+                per_device_train_batch_size=_micro_batch(cfg, process_group.world_size()),
                 weight_decay=cfg.weight_decay,
                 **_time_bounded_args(cfg, bf16, use_cuda),
                 completion_only_loss=True,
@@ -131,16 +183,14 @@ class SFTFineTuner:
                 callbacks=[
                     _TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cfg.schedule == "time_cosine")
                 ],
+                peft_config=peft_config,
             )
             trainer.remove_callback(PrinterCallback)  # losses are kept in log_history, not printed per step
             start = time.monotonic()
             result = trainer.train()
             seconds = time.monotonic() - start
             losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        # TRL patches `model.forward` with a closure over the *original* bound forward; a later deepcopy of
-        # the model would keep calling the original's weights. Drop the patch so the model is plain again.
-        model.__dict__.pop("forward", None)
-        model.eval()
+        self.trained = _settled(trainer.model)
         return {
             "train_loss": losses[-1] if losses else float(result.training_loss),
             "mean_loss": float(result.training_loss),
@@ -152,11 +202,12 @@ class SFTFineTuner:
 
 
 class DPOFineTuner:
-    """Fine-tunes a policy in place with TRL's DPOTrainer on {"prompt", "chosen", "rejected"} pairs, against a
-    frozen copy of itself as it was before this fine-tune."""
+    """Fine-tunes a policy with TRL's DPOTrainer on {"prompt", "chosen", "rejected"} pairs, against a frozen copy of
+    itself as it was before this fine-tune. In place as SFTFineTuner, with `trained` the model that trained."""
 
     def __init__(self, cfg: PreferenceConfig):
         self.cfg = cfg
+        self.trained = None
 
     def train(self, model, tokenizer, pairs: list[dict]) -> dict:
         from trl import DPOConfig, DPOTrainer
@@ -171,13 +222,18 @@ class DPOFineTuner:
         dataset = Dataset.from_list(
             [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
         )
-        reference = clone_for_training(model)
-        reference.requires_grad_(False)
+        peft_config = _peft_config(cfg, model)
+        if peft_config is not None or (is_adapter(model) and model.active_adapter == "default"):
+            # TRL's reference is then the model with the new adapter off, or a frozen copy of its "default" adapter
+            reference = None
+        else:
+            reference = clone_for_training(model)
+            reference.requires_grad_(False)
         _quiet_libraries()
-        with tempfile.TemporaryDirectory(prefix="arbor-dpo-") as out:
+        with tempfile.TemporaryDirectory(prefix="arbor-dpo-") as out, _deprecations_quiet():
             args = DPOConfig(
                 output_dir=out,
-                per_device_train_batch_size=cfg.batch_size,
+                per_device_train_batch_size=_micro_batch(cfg),
                 beta=cfg.beta,
                 # a frozen reference model of this size costs one extra forward a step; precomputing its
                 # log-probs would spend the time budget on pairs the run may never reach
@@ -191,18 +247,14 @@ class DPOFineTuner:
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cosine=False)],
+                peft_config=peft_config,
             )
             trainer.remove_callback(PrinterCallback)
             start = time.monotonic()
-            with warnings.catch_warnings():
-                # TRL's reference forward asks the model for a deprecated attribute name on every step
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                result = trainer.train()
+            result = trainer.train()
             seconds = time.monotonic() - start
             logs = [h for h in trainer.state.log_history if "loss" in h]
-        # as for SFT: drop TRL's forward patch (a fused LM head) so that clones of this model are plain
-        model.__dict__.pop("forward", None)
-        model.eval()
+        self.trained = _settled(trainer.model)
         last = logs[-1] if logs else {}
         # TRL's rewards are beta-scaled log-ratios to the reference, logged every logging_steps
         rewards = {

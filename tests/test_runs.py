@@ -226,7 +226,7 @@ def test_rows_are_marked_trained_only_with_their_cycle(tmp_path, monkeypatch, on
     settings = Settings(home=tmp_path / "home", device="cpu")
     demos, problems = _files(tmp_path)
 
-    def killed(model):
+    def killed(*_):
         raise Killed()
 
     monkeypatch.setattr("agent.gate.clone_for_training", killed)  # the cycle's fine-tune starts here

@@ -58,6 +58,11 @@ def run(
     problems_per_cycle: int = option(LOOP, "problems_per_cycle"),
     train_method: str = option(LOOP, "train_method"),
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
+    # a cycle's SFT and DPO fine-tunes alike (one candidate); the warm start trains a full model
+    adapter: str = option(LOOP.train, "adapter"),
+    lora_rank: int = option(LOOP.train, "lora_rank"),
+    gradient_checkpointing: bool = option(LOOP.train, "gradient_checkpointing"),
+    gradient_accumulation_steps: int = option(LOOP.train, "gradient_accumulation_steps"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
     heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
     seed: int = option(LOOP, "seed"),
@@ -86,6 +91,8 @@ def run(
             raise typer.Exit(2)
         when = (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
         changes = {field: value for name, field, value in when if name in given}
+    fine_tune = dict(adapter=adapter, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
+                     gradient_accumulation_steps=gradient_accumulation_steps)
     try:
         cfg = replace(
             LOOP,
@@ -97,7 +104,8 @@ def run(
             seed=seed,
             search=replace(LOOP.search, strategy=strategy, n=samples),
             select=replace(LOOP.select, mode=select or LOOP.select.mode),
-            train=replace(LOOP.train, time_budget_s=train_seconds),
+            train=replace(LOOP.train, time_budget_s=train_seconds, **fine_tune),
+            preference=replace(LOOP.preference, **fine_tune),
             warm_start=replace(LOOP.warm_start, train=replace(LOOP.warm_start.train, time_budget_s=warm_start_seconds)),
         )
     except ValueError as exc:

@@ -46,7 +46,8 @@ def _row(result) -> dict:
 
 
 def search_command(
-    model: Path = typer.Option(..., "--model", help="a save_pretrained model folder (with its tokenizer)"),
+    model: Path = typer.Option(..., "--model", help="a save_pretrained model folder (with its tokenizer), or a LoRA "
+                               "adapter version's folder (loaded over its base)"),
     strategy: str = option(CLI_SEARCH, "strategy"),
     prompt: Optional[str] = typer.Option(None, help="one prompt"),
     problems: Optional[Path] = typer.Option(None, help="a JSONL file of problems"),
@@ -72,6 +73,8 @@ def search_command(
     as_json: bool = typer.Option(False, "--json", help="end with one JSON line"),
 ):
     """Search for the best completion of a prompt (or of every problem in a JSONL file)."""
+    from agent.adapters import load_adapter_policy
+    from agent.versions import read_base
     from agent.policy import Policy, PolicyLoadError
     from tasks import Problem
     from tasks.jsonl import read_problems
@@ -97,7 +100,10 @@ def search_command(
             recycling=recycling, memory=memory,
         )
         settings = load_settings(device=device, dtype=dtype)
-        policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
+        if read_base(model) is not None:  # a LoRA adapter version's folder: over its base
+            policy = load_adapter_policy(model, model.name, device=settings.device, dtype=settings.dtype)
+        else:
+            policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
         if memory:
             policy.memory_cache_factory()  # a model that cannot run the context memory fails here, in one line
     except (ValueError, PolicyLoadError) as exc:

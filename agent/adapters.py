@@ -1,0 +1,196 @@
+"""LoRA adapter versions: a policy version that is an adapter (MB where the model is GB) over a fixed base folder.
+
+An adapter version's folder holds the adapter (peft's save_pretrained), `base.json` (agent/versions.py: the base
+folder's absolute path and the sha256 of its files, taken when the version was saved), the recycling matrix and
+arbor_meta.json. Loading one refuses a base whose files changed since, and puts the adapter over the base, which a
+process loads once (keyed by that hash, the newest base only: one GPU holds one base) and shares between the versions
+over it.
+
+Every PeftModel made here sits on a *view* of its base: a module tree of its own whose weights are the base's tensors,
+so two versions, or a version and its training candidate, never copy the base. The base weights are frozen in all of
+them; never merge such a model in place (merge_and_unload writes into the shared weights): `merged_copy` copies first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from agent.policy import Policy, PolicyLoadError, load_policy
+from agent.versions import BASE_FILE, folder_hash, read_base
+from memory.recycling import RecyclingMemory
+
+
+def is_adapter(model) -> bool:
+    # peft takes seconds to import: a process that never imported it holds no PeftModel
+    return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
+
+
+def checked_base(folder: str | Path, version: str) -> dict:
+    """The base of adapter version `folder`, refused with one line when its folder is gone or its files changed."""
+    base = read_base(folder)
+    fix = "restore that base or promote a full version"
+    if not Path(base["path"]).is_dir():
+        raise PolicyLoadError(f"policy {version} is a LoRA adapter over {base['path']}, which is gone: {fix}")
+    now = folder_hash(base["path"])
+    if now != base["sha256"]:
+        raise PolicyLoadError(f"policy {version} is a LoRA adapter over {base['path']}, whose contents changed since "
+                              f"(sha256 {now[:12]} != {base['sha256'][:12]}): {fix}")
+    return base
+
+
+# ---- configs and copies ----
+
+def lora_targets(model) -> list[str]:
+    """Names of the nn.Linear modules inside the model's decoder layers (its longest ModuleList): the attention and MLP
+    projections, never the LM head or the embeddings."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = max(lists, key=len, default=[])
+    names = sorted({name.rsplit(".", 1)[-1] for layer in layers for name, m in layer.named_modules()
+                    if isinstance(m, torch.nn.Linear)})
+    if not names:
+        raise ValueError(f"found no nn.Linear inside the decoder layers of {type(model).__name__}: set "
+                         "lora_target_modules")
+    return names
+
+
+def lora_config(cfg, model):
+    """The peft LoraConfig of FineTuneConfig `cfg`'s LoRA settings for `model`."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules or lora_targets(model)), task_type="CAUSAL_LM")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """peft reads transformers' deprecated is_gradient_checkpointing whenever it wraps a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def _wrapped(model, config):
+    from peft import get_peft_model
+
+    with _quiet():
+        return get_peft_model(model, config)
+
+
+def shared_view(model):
+    """A module tree of its own over `model`'s parameters and buffers: no weight is copied."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def plain_view(model):
+    """The model under a PeftModel's adapters, as a view without them (the adapted model is left as it is)."""
+    view = shared_view(model).unload()
+    view.__dict__.pop("peft_config", None)  # peft's note on the model it wrapped: a fresh wrap starts clean
+    return view
+
+
+def adapter_clone(model):
+    """A trainable copy of a PeftModel's active adapter, named "default" (TRL's DPO reference copies that name), over
+    a view of the same base."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = model.active_adapter
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = False
+    clone = _wrapped(plain_view(model), config)
+    set_peft_model_state_dict(clone, get_peft_model_state_dict(model, adapter_name=name))
+    clone.generation_config = copy.deepcopy(model.generation_config)
+    return clone.eval()
+
+
+def merged_copy(model):
+    """A trainable full model with a PeftModel's active adapter merged in; the base it was over stays untouched."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    name = model.active_adapter
+    full = copy.deepcopy(plain_view(model))  # a real copy of the base this time: merging writes into its weights
+    wrapped = _wrapped(full, copy.deepcopy(model.peft_config[name]))
+    set_peft_model_state_dict(wrapped, get_peft_model_state_dict(model, adapter_name=name))
+    return wrapped.merge_and_unload().requires_grad_(True).eval()
+
+
+# ---- saving and loading ----
+
+def save_adapter(model, folder: Path, base_path: str | Path, base_sha256: str) -> None:
+    """Write the active adapter of `model` and base.json into `folder` (no base weights)."""
+    name = model.active_adapter
+    model.save_pretrained(folder, selected_adapters=[name], save_embedding_layers=False)
+    if name != "default":  # peft writes any other adapter into a subfolder named after it
+        for path in (folder / name).iterdir():
+            path.rename(folder / path.name)
+        (folder / name).rmdir()
+    (folder / "README.md").unlink(missing_ok=True)  # peft's model card: not needed to load the adapter
+    (folder / BASE_FILE).write_text(json.dumps({"path": str(Path(base_path).resolve()), "sha256": base_sha256},
+                                               indent=2))
+
+
+class _Bases:
+    """The base of the adapter versions a process loads: read from disk once per hash, then shared through views."""
+
+    def __init__(self):
+        self.held: tuple | None = None  # ((sha256, device, dtype), model, tokenizer)
+        self.loads = 0  # bases read from disk in this process
+
+    def get(self, base: dict, device: str, dtype: str):
+        key = (base["sha256"], str(device), dtype)
+        if self.held is None or self.held[0] != key:
+            model, tokenizer = load_policy(base["path"], device, dtype)
+            model.requires_grad_(False)
+            self.held = (key, model, tokenizer)
+            self.loads += 1
+        return self.held[1], self.held[2]
+
+    def adopt(self, sha256: str, device: str, dtype: str, model, tokenizer) -> None:
+        """A full model already in memory whose folder is this base (a worker holding the version that the new adapter
+        versions are over): used in place of a second copy."""
+        self.held = ((sha256, str(device), dtype), model, tokenizer)
+
+
+BASES = _Bases()
+
+
+def load_adapter_policy(folder: str | Path, version: str, device: str = "cpu", dtype: str = "float32") -> Policy:
+    """An adapter version over its (checked) base, as the Policy search runs; the adapter is named after the version."""
+    from peft import PeftModel
+
+    base, tokenizer = BASES.get(checked_base(folder, version), device, dtype)
+    try:
+        with _quiet():
+            model = PeftModel.from_pretrained(shared_view(base), folder, adapter_name=version, is_trainable=False)
+    except Exception as exc:  # peft raises many types; the user needs one clear line
+        raise PolicyLoadError(f"{folder} could not be loaded as a LoRA adapter: {type(exc).__name__}: {exc}") from exc
+    memory = RecyclingMemory.load(folder, model.config.vocab_size, device=base.device)
+    return Policy(model.eval(), tokenizer, version, str(folder), memory)
+
+
+def swap_adapter(policy: Policy, folder: str | Path, version: str) -> Policy:
+    """`policy`'s model with the adapter of `folder` (a version over the same base) in place of its own: only the
+    adapter is read. If it fails, the old adapter stays active and the model is as it was."""
+    model, old = policy.model, policy.model.active_adapter
+    try:
+        if version in model.peft_config:  # left by an earlier failed swap
+            model.delete_adapter(version)
+        with _quiet():
+            model.load_adapter(folder, adapter_name=version, is_trainable=False)
+        model.set_adapter(version, inference_mode=True)
+    except Exception as exc:
+        if version in model.peft_config:
+            model.set_adapter(old, inference_mode=True)
+            model.delete_adapter(version)
+        raise PolicyLoadError(f"{folder} could not be loaded as a LoRA adapter: {type(exc).__name__}: {exc}") from exc
+    model.delete_adapter(old)
+    memory = RecyclingMemory.load(folder, model.config.vocab_size, device=model.device)
+    return Policy(model.eval(), policy.tokenizer, version, str(folder), memory)
