@@ -18,22 +18,26 @@ with an answer already rejected for that problem (its repeats are dropped and th
 A policy learns the format before any refinement round has to succeed (`sibling_examples`): a problem the search
 labelled, with its wrong sibling candidates shown as attempts (and the verdicts a job would give them), completed
 by the label. The position-coupled built-in policy is shown no history (`shows_history`: measured, it cannot read
-one); its rounds are fresh searches of the problem that never return a rejected answer.
+one): its later rounds repair a rejected answer at its least confident token, the smallest margin first, the rest
+decoded greedily (search/repair.py), and search the problem afresh once no branch is left.
 
 Plain functions over agent.job_search, callable without a broker; agent/jobs.py records the rounds.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from agent.job_search import search_problems, trajectory_rows
 from search import Candidate, SearchConfig, SearchResult, traits_of
+from search.repair import Branch, branch_points, repair
 from tasks import Problem, Solve, Task
 
 RESAMPLES = 3  # searches of a round, beyond the first, for an answer not yet rejected
 RESAMPLE_WIDTH = 4  # candidates a resample draws at least
+REPAIR = "repair"  # the strategy a repaired answer's result names
 MAX_SHOWN_ATTEMPTS = 3  # wrong siblings shown in one refinement example (a job's rounds 1-3 show as many)
 
 
@@ -48,6 +52,7 @@ class Round:
     result: SearchResult  # its problem's prompt is the round's prompt (answer and checker: the original's)
     verdict: Verdict  # of result.best
     resamples: int = 0  # searches repeated because every candidate repeated a rejected answer
+    branch: Branch | None = None  # the rejected answer's branch this round repaired (None: a search)
 
     @property
     def best(self) -> Candidate:
@@ -172,32 +177,65 @@ def refine_many(problems: list[Problem], policy, cfg: SearchConfig, rounds: int,
     history = shows_history(policy)
     out: list[list[Round]] = [[] for _ in problems]
     rejected: list[set[str]] = [set() for _ in problems]
+    branches: list[list[Branch]] = [[] for _ in problems]  # a policy shown no history: its mistakes' branches
     going = list(range(len(problems)))
     for r in range(rounds):
         asked = [replace(problems[i], prompt=round_prompt(problems[i], [(x.best.completion, x.verdict.text)
                                                                         for x in out[i]]))
                  if r and history else problems[i] for i in going]
         # the same prompt again is searched afresh: a new seed, and samples where the search is deterministic
-        round_cfg = cfg if r == 0 or history else replace(cfg, seed=cfg.seed + 104_729 * r,
-                                                          **_sampled(cfg))
-        found, resamples = _without_rejected([problems[i] for i in going], asked,
-                                             search_problems(asked, policy, round_cfg),
+        round_cfg = cfg if r == 0 or history else replace(cfg, seed=cfg.seed + 104_729 * r, **_sampled(cfg))
+        found, picked = _round_search(asked, [branches[i] for i in going], policy, round_cfg)
+        found, resamples = _without_rejected([problems[i] for i in going], asked, found,
                                              [rejected[i] for i in going], task, policy, round_cfg)
         tried = [k for k, result in enumerate(found) if result.candidates]  # the others have nothing new: they stop
         verdicts = judge_attempts([problems[going[k]] for k in tried], [found[k].best for k in tried], task, solve)
-        this_round = []
+        this_round, wrong = [], []
         for k, verdict in zip(tried, verdicts):
             i = going[k]
-            out[i].append(Round(found[k], verdict, resamples[k]))
+            repaired = picked[k] if found[k].strategy == REPAIR else None  # not when a resample replaced it
+            out[i].append(Round(found[k], verdict, resamples[k], repaired))
             this_round.append(out[i][-1])
             if verdict.accepted is False:
                 rejected[i].add(answer_key(task, problems[i], found[k].best.completion))
+                wrong.append((i, out[i][-1]))
+        if not history and wrong and r + 1 < rounds:
+            _add_branches(policy, problems, wrong, branches)
         if on_round is not None and this_round:
             on_round(r, this_round)
         going = [going[k] for k, v in zip(tried, verdicts) if v.accepted is not True]
         if not going:
             break
     return out
+
+
+def _round_search(asked: list[Problem], branches: list[list[Branch]], policy, cfg: SearchConfig
+                  ) -> tuple[list[SearchResult], list[Branch | None]]:
+    """A round's search: the repair of the smallest-margin untried branch of a rejected answer where there is one
+    (search/repair.py), the round's own search elsewhere. Returns the results and the branch each repaired."""
+    picked = [heapq.heappop(b) if b else None for b in branches]
+    at = [k for k, b in enumerate(picked) if b is not None]
+    found: list[SearchResult | None] = [None] * len(asked)
+    if at:
+        repaired = repair(policy, [asked[k] for k in at], [picked[k] for k in at], cfg.max_new_tokens, REPAIR)
+        for k, result in zip(at, repaired):
+            found[k] = result
+    rest = [k for k in range(len(asked)) if found[k] is None]
+    if rest:
+        for k, result in zip(rest, search_problems([asked[k] for k in rest], policy, cfg)):
+            found[k] = result
+    return found, picked
+
+
+def _add_branches(policy, problems: list[Problem], wrong: list[tuple[int, "Round"]],
+                  branches: list[list[Branch]]) -> None:
+    """The branches of this round's rejected answers join their problems' queues; a repaired answer branches only
+    after its own branch point (before it, its tokens are an earlier answer's, whose branches are queued already)."""
+    starts = [x.branch.position + 1 if x.branch is not None else 0 for _, x in wrong]
+    found = branch_points(policy, [problems[i] for i, _ in wrong], [x.best for _, x in wrong], starts)
+    for (i, _), points in zip(wrong, found):
+        for branch in points:
+            heapq.heappush(branches[i], branch)
 
 
 def _rank(x: Round) -> tuple:
@@ -232,7 +270,14 @@ def refine_rows(problem: Problem, rounds: list[Round], job_id: str | None = None
 def tried(rounds: list[Round]) -> list[dict]:
     """What each round answered and why it was rejected (a job's result; the web view's rounds table)."""
     return [{"round": r, "answer": x.best.completion, "verdict": x.verdict.text, "accepted": x.verdict.accepted,
-             "resamples": x.resamples} for r, x in enumerate(rounds)]
+             "resamples": x.resamples, "how": _how(x)} for r, x in enumerate(rounds)]
+
+
+def _how(x: Round) -> str:
+    if x.branch is None:
+        return "search"
+    return (f"repair: token {x.branch.position + 1} of a rejected answer changed (margin {x.branch.margin:.2f}), "
+            "the rest greedy")
 
 
 def refinement_examples(results: list[SearchResult], round_prompts: list[str | None]) -> list[dict]:

@@ -90,6 +90,11 @@ def _plot_time(times: list[dict], path: Path) -> None:
     ax.set_ylabel("seconds")
     ax.legend(fontsize=8)
     ax.set_title("Arbor self-improvement: where each cycle's time went")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """A figure written whole as PNG (or not at all), then freed."""
     fig.tight_layout()
     try:
         write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -145,8 +150,4 @@ def _plot(cycles: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Arbor self-improvement: accuracy per difficulty")
-    fig.tight_layout()
-    try:
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    _save(fig, path)

@@ -7,7 +7,7 @@ import random
 
 from agent.config import LoopConfig
 from agent.loop import replay_mix
-from agent.refine import MAX_SHOWN_ATTEMPTS, sibling_examples
+from agent.refine import MAX_SHOWN_ATTEMPTS, answer_key, sibling_examples
 from search import Candidate, SearchResult
 from tasks import Problem, Task, get_task
 from tasks.addition import make_problem
@@ -61,3 +61,58 @@ def test_refinement_examples_take_their_share_from_the_newest_labels():
     # without refinement examples the mix is the one it always was, draw for draw
     assert replay_mix(seed, newest, older, cfg, random.Random(0)) == replay_mix(seed, newest, older, cfg,
                                                                                  random.Random(0), [])
+
+
+def _tiny_coupled_policy():
+    from agent.config import BuiltinConfig
+    from agent.policy import Policy, build_builtin_policy
+
+    model, tokenizer = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=2,
+                                                          num_heads=2, seed=3))
+    return Policy(model, tokenizer, "tiny")
+
+
+def test_a_repair_changes_the_least_confident_token_and_decodes_the_rest_greedily():
+    from dataclasses import replace
+
+    from search import SearchConfig, run_search
+    from search.repair import branch_points, repair
+
+    policy = _tiny_coupled_policy()
+    problem = make_problem("1234", "5678", id="r")
+    answer = run_search([problem], SearchConfig(strategy="greedy", max_new_tokens=7), policy)[0].best
+    (branches,) = branch_points(policy, [problem], [answer])
+    assert len(branches) == len(answer.token_ids) and [b.margin for b in branches] == sorted(b.margin for b in branches)
+    # greedy chose every token, so the model preferred it: no margin is negative
+    assert all(b.margin >= 0 for b in branches)
+    first = branches[0]
+    assert list(first.prefix) == answer.token_ids[: first.position] and first.token != answer.token_ids[first.position]
+    (fixed,) = repair(policy, [problem], [first], max_new_tokens=10)
+    head = list(first.prefix) + [first.token]
+    assert fixed.best.token_ids[: len(head)] == head
+    # the rest is what greedy decoding gives from the answer's head, and only the rest counts as generated
+    rest = run_search([replace(problem, prompt=problem.prompt + policy.tokenizer.decode(head))],
+                      SearchConfig(strategy="greedy", max_new_tokens=10 - len(head)), policy)[0]
+    assert fixed.best.completion == policy.tokenizer.decode(head) + rest.best.completion
+    assert fixed.generated_tokens == rest.generated_tokens
+    # a branch after a given point only
+    (later,) = branch_points(policy, [problem], [answer], starts=[3])
+    assert {b.position for b in later} == set(range(3, len(answer.token_ids)))
+
+
+def test_a_coupled_policys_later_rounds_repair_rejected_answers_and_never_repeat_one():
+    from agent.refine import refine, tried
+    from search import SearchConfig
+
+    policy = _tiny_coupled_policy()  # untrained: never right, so every round runs
+    problem = make_problem("1234", "5678", id="r")
+    rounds = refine(problem, policy, SearchConfig(strategy="greedy", max_new_tokens=7), rounds=4, task=get_task("addition"))
+    assert len(rounds) == 4 and not any(x.best.verified for x in rounds)
+    answers = [answer_key(get_task("addition"), problem, x.best.completion) for x in rounds]
+    assert len(set(answers)) == 4  # never an answer already rejected
+    how = [t["how"] for t in tried(rounds)]
+    assert how[0] == "search" and all(h.startswith("repair") for h in how[1:])
+    # round 1 repaired round 0's answer at its smallest margin: the same tokens before the branch, another at it
+    branch, before = rounds[1].branch, rounds[0].best.token_ids
+    assert rounds[1].best.token_ids[: branch.position] == before[: branch.position]
+    assert rounds[1].best.token_ids[branch.position] != before[branch.position]

@@ -151,17 +151,20 @@ def test_a_label_free_refinement_job_is_told_which_check_failed_and_stops_when_t
     # masters one digit gives them (the untrained v0 does not)
     monkeypatch.setattr("agent.evaluation.greedy_solver", lambda policy, cfg: (
         lambda problems: [{"1+3=": "40", "2+4=": "60"}.get(p.prompt, "00") for p in problems]))
-    # the malformed "4+0" lands in the next round's prompt: answers are still read against the problem itself
+    # the malformed "4+0" lands in the next round's prompt: answers are still read against the problem itself. The
+    # rounds are the scripted searches, shown their history as a policy that reads one is (v0 is position-coupled,
+    # whose rounds would repair instead: tests/test_refine.py)
     search = _Scripted([("470", None, -1.0), ("4+0", None, -1.0), ("460", None, -2.0), ("never", None, 0.0)])
     monkeypatch.setattr("agent.refine.search_problems", search)
+    monkeypatch.setattr("agent.refine.shows_history", lambda policy: True)
     (job,) = submit_jobs(store, [Problem("12+34=", task="addition", id="lf-job", difficulty=2)], rounds=4,
                          search={"strategy": "greedy", "max_new_tokens": 4})
     out = run_job(store, job, PolicyCache(registry).get, "t")
     assert [t["verdict"] for t in out["result"]["tried"]] == [
         "rejected by the split check", "rejected: not an answer of the expected form", "passes the split check"]
     assert out["result"]["stopped"] == "accepted" and out["result"]["best"]["completion"] == "460"
-    # the position-coupled v0 is shown no history: its later rounds search the problem itself, afresh
-    assert search.prompts == ["12+34="] * 3
+    assert search.prompts[2] == ("# attempt: 470\n# feedback: rejected by the split check\n# attempt: 4+0\n"
+                                 "# feedback: rejected: not an answer of the expected form\n12+34=")
 
 
 def test_a_second_delivery_while_the_first_runs_does_not_write_twice(store_registry, tmp_path):
