@@ -42,20 +42,23 @@ def _right_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor
 def branch_points(policy: SearchPolicy, problems: list[Problem], answers: list[Candidate],
                   starts: list[int] | None = None) -> list[list[Branch]]:
     """Each answer's branches at its tokens from `starts` on (default: all), smallest margin first: one batched
-    forward over prompt + answer. Special tokens (EOS, padding) are never the other token."""
+    forward over prompt + answer (+ EOS where it finished: a branch there goes on instead of stopping). Special
+    tokens (EOS, padding) are never the other token."""
     decoder = Decoder(policy.model, policy.tokenizer)
     prompts = decoder.encode([p.prompt for p in problems])
-    ids, mask = _right_padded([p + a.token_ids for p, a in zip(prompts, answers)], decoder.pad, decoder.device)
+    # a finished answer's last step chose EOS: stopping there can be the mistake too (a word cut short)
+    chosen_lists = [a.token_ids + ([decoder.eos] if a.finished else []) for a in answers]
+    ids, mask = _right_padded([p + c for p, c in zip(prompts, chosen_lists)], decoder.pad, decoder.device)
     logprobs = torch.log_softmax(policy.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
     special = [t for t in {decoder.eos, decoder.pad, policy.tokenizer.unk_token_id} if t is not None]
     out = []
-    for row, (prompt, answer) in enumerate(zip(prompts, answers)):
-        n = len(answer.token_ids)
+    for row, (prompt, answer, chosen_list) in enumerate(zip(prompts, answers, chosen_lists)):
+        n = len(chosen_list)
         if n == 0:
             out.append([])
             continue
         steps = logprobs[row, len(prompt) - 1: len(prompt) - 1 + n]  # the distributions that chose each token
-        chosen_ids = torch.tensor(answer.token_ids, device=steps.device)
+        chosen_ids = torch.tensor(chosen_list, device=steps.device)
         chosen = steps.gather(1, chosen_ids[:, None])[:, 0]
         others = steps.clone()
         others[torch.arange(n), chosen_ids] = float("-inf")

@@ -82,11 +82,12 @@ def test_a_repair_changes_the_least_confident_token_and_decodes_the_rest_greedil
     problem = make_problem("1234", "5678", id="r")
     answer = run_search([problem], SearchConfig(strategy="greedy", max_new_tokens=7), policy)[0].best
     (branches,) = branch_points(policy, [problem], [answer])
-    assert len(branches) == len(answer.token_ids) and [b.margin for b in branches] == sorted(b.margin for b in branches)
+    steps = answer.token_ids + ([policy.tokenizer.eos_token_id] if answer.finished else [])  # stopping is a step too
+    assert len(branches) == len(steps) and [b.margin for b in branches] == sorted(b.margin for b in branches)
     # greedy chose every token, so the model preferred it: no margin is negative
     assert all(b.margin >= 0 for b in branches)
     first = branches[0]
-    assert list(first.prefix) == answer.token_ids[: first.position] and first.token != answer.token_ids[first.position]
+    assert list(first.prefix) == answer.token_ids[: first.position] and first.token != steps[first.position]
     (fixed,) = repair(policy, [problem], [first], max_new_tokens=10)
     head = list(first.prefix) + [first.token]
     assert fixed.best.token_ids[: len(head)] == head
@@ -97,7 +98,7 @@ def test_a_repair_changes_the_least_confident_token_and_decodes_the_rest_greedil
     assert fixed.generated_tokens == rest.generated_tokens
     # a branch after a given point only
     (later,) = branch_points(policy, [problem], [answer], starts=[3])
-    assert {b.position for b in later} == set(range(3, len(answer.token_ids)))
+    assert {b.position for b in later} == set(range(3, len(steps)))
 
 
 def test_a_coupled_policys_later_rounds_repair_rejected_answers_and_never_repeat_one():
