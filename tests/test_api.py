@@ -139,10 +139,11 @@ def test_submit_follow_events_and_read_results(stack):
     for job_id in ids:
         job = client.get(f"/api/jobs/{job_id}").json()
         assert job["status"] == "done" and job["kind"] == "refine"
-        # an untrained policy never gets 999: both rounds run, round 1 searched a prompt showing round 0's attempt
+        # an untrained policy never gets 999: both rounds run; the position-coupled built-in policy is shown no
+        # history, so round 1 repaired round 0's answer on the problem's own prompt
         assert job["result"]["rounds"] == 2 and [r["round"] for r in job["refinement"]] == [0, 1]
-        assert job["refinement"][1]["prompt"].startswith("# attempt: ") and job["refinement"][1]["prompt"].endswith(
-            job["problem"]["prompt"])
+        assert job["refinement"][1]["prompt"] == job["problem"]["prompt"]
+        assert [t["how"].split(":")[0] for t in job["result"]["tried"]] == ["search", "repair"]
         assert job["best"]["completion"] == job["result"]["best"]["completion"]
         assert job["best"]["verified"] is False
         assert sum(1 for r in job["refinement"] if r["best"]["is_best"]) == 1

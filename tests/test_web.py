@@ -119,11 +119,12 @@ def test_jobs_page_and_a_jobs_rounds(site, browser):
     job = site["client"].get(f"/api/jobs/{job_id}").json()
     rounds = _rows(browser, "rounds")
     assert [r[0] for r in rounds] == ["0", "1", "2"]  # an untrained policy never gets the answer: every round runs
-    assert rounds[1][1].startswith("# attempt:") and rounds[1][1].endswith("12+34=")
+    assert rounds[1][1] == "12+34="  # the position-coupled built-in policy is shown no history: it repairs
     assert [" ".join(r[2].split()) for r in rounds] == [" ".join(r["best"]["completion"].split()) for r in job["refinement"]]
-    # each round's verdict is visible (with the resamples a repeated answer cost)
-    assert all(row[3].startswith(r["verdict"]) for row, r in zip(rounds, job["refinement"]))
-    assert rounds[0][3].startswith("rejected by the exact checker")
+    # how each round searched and its verdict are visible (with the resamples a repeated answer cost)
+    assert [row[3] for row in rounds] == [r["how"] for r in job["refinement"]] and rounds[1][3].startswith("repair")
+    assert all(row[4].startswith(r["verdict"]) for row, r in zip(rounds, job["refinement"]))
+    assert rounds[0][4].startswith("rejected by the exact checker")
     assert " ".join(job["best"]["completion"].split()) in " ".join(browser.find_element("id", "best").text.split())
     _shot(browser, "job")
 

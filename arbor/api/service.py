@@ -190,6 +190,7 @@ class Service:
         out["refinement"] = [{
             "round": r, "prompt": rows[0].prompt or (problem.prompt if problem else None), "candidates": len(rows),
             "verdict": verdicts.get(r, {}).get("verdict"), "resamples": verdicts.get(r, {}).get("resamples"),
+            "how": verdicts.get(r, {}).get("how"),
             "policy_version": rows[0].policy_version, "strategy": rows[0].strategy,
             "best": {"completion": rows[0].completion, "score": rows[0].score, "verified": rows[0].verified,
                      "mean_logprob": rows[0].mean_logprob, "is_best": rows[0].is_best},
