@@ -101,8 +101,7 @@ def shows_history(policy) -> bool:
     any line above the problem takes its accuracy from 1.00 to 0.00 (100 six-digit problems, teacher-forced and
     decoded alike), and 200 fine-tune steps with 30% such examples in the mix left refinement rounds solving none
     of what round 0 missed while independent samples gained 0.30, at 8x the time per step (the long prompts pad
-    every batch). Its rounds search the problem itself, without the answers already rejected: sampling without
-    replacement."""
+    every batch). Its rounds repair the rejected answers instead (search/repair.py)."""
     config = getattr(getattr(policy, "model", None), "config", None)
     return getattr(config, "position_scheme", "sequential") != "coupled"
 
