@@ -112,21 +112,20 @@ def round_prompt(problem: Problem, history: list[tuple[str, str]]) -> str:
     return shown + problem.prompt
 
 
-def _sampled(cfg: SearchConfig) -> dict:
-    """A deterministic search as samples of the same width (a round that searches the same prompt again)."""
-    if traits_of(cfg.strategy).samples or cfg.strategy in ("mcts", "step_beam"):
+def _sampled(cfg: SearchConfig, at_least: int = 1) -> dict:
+    """`cfg`'s changes for a search of the same prompt again: a deterministic search (greedy, beams) as T=1 samples
+    of its width, and at least `at_least` candidates where it samples (MCTS and step beam: only a new seed)."""
+    if cfg.strategy in ("mcts", "step_beam"):
         return {}
-    return {"strategy": "best_of_n", "n": 1 if cfg.strategy == "greedy" else cfg.beams, "temperature": 1.0}
+    if traits_of(cfg.strategy).samples:
+        return {"n": max(cfg.n, at_least)}
+    width = 1 if cfg.strategy == "greedy" else cfg.beams
+    return {"strategy": "best_of_n", "n": max(width, at_least), "temperature": 1.0}
 
 
 def _resample_config(cfg: SearchConfig, attempt: int) -> SearchConfig:
-    # a deterministic search repeats itself: resample at T=1 instead. A policy sure of a wrong answer repeats it most
-    # of the time, so a resample draws at least RESAMPLE_WIDTH candidates in one batch
-    if cfg.strategy in ("mcts", "step_beam"):
-        return replace(cfg, seed=cfg.seed + 7919 * attempt)
-    n = max(cfg.n, RESAMPLE_WIDTH) if traits_of(cfg.strategy).samples else RESAMPLE_WIDTH
-    temperature = cfg.temperature if traits_of(cfg.strategy).samples else 1.0
-    return replace(cfg, strategy="best_of_n", n=n, temperature=temperature, seed=cfg.seed + 7919 * attempt)
+    # a policy sure of a wrong answer repeats it most of the time: a resample draws RESAMPLE_WIDTH candidates at once
+    return replace(cfg, seed=cfg.seed + 7919 * attempt, **_sampled(cfg, RESAMPLE_WIDTH))
 
 
 def _without_rejected(problems: list[Problem], asked: list[Problem], found: list[SearchResult],

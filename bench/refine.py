@@ -61,16 +61,16 @@ def frontier(policy: Policy, task, start: int, seed: int, low: float = 0.5) -> i
     return d
 
 
-def _judge(task, policy, label_free: bool, max_new: int):
-    """The verdicts a job would give: the checker with answers; label-free, the task's checks on the policy's
-    greedy answers to sub-problems (memoized: a problem's halves are asked once)."""
+def _check_solver(policy, label_free: bool, max_new: int):
+    """The solver a job's label checks ask (label-free; with answers the checker needs none): the policy's greedy
+    answers to sub-problems, memoized so that a problem's halves are asked once."""
     return memoized(greedy_solver(policy, SearchConfig(max_new_tokens=max_new))) if label_free else None
 
 
 def refinement_curve(policy: Policy, task, problems: list[Problem], asked: list[Problem], rounds: int, max_new: int,
                      seed: int, label_free: bool) -> dict:
     cfg = SearchConfig(strategy="best_of_n", n=1, temperature=1.0, max_new_tokens=max_new, seed=seed)
-    jobs = refine_many(asked, policy, cfg, rounds, task, _judge(task, policy, label_free, max_new))
+    jobs = refine_many(asked, policy, cfg, rounds, task, _check_solver(policy, label_free, max_new))
     solved, tokens = [], []
     for r in range(1, rounds + 1):
         solved.append(sum(bool(verify(p, best_of_rounds(job[:r])[0].completion)) for p, job in zip(problems, jobs))
@@ -99,7 +99,7 @@ def samples_curve(policy: Policy, task, problems: list[Problem], asked: list[Pro
     averaged over the n // k disjoint groups of k."""
     cfg = SearchConfig(strategy="best_of_n", n=n, temperature=1.0, max_new_tokens=max_new, seed=seed)
     results = run_search(asked, cfg, policy)
-    solve = _judge(task, policy, label_free, max_new)
+    solve = _check_solver(policy, label_free, max_new)
     rng = random.Random(seed)
     order = [rng.sample(r.candidates, len(r.candidates)) for r in results]  # sampling order, not the ranking
     flat = [(a, c) for a, cs in zip(asked, order) for c in cs]
@@ -174,7 +174,7 @@ def run_setting(setting: str, args, warm_cache: dict) -> dict:
     task_name, mode = SETTINGS[setting]
     task = get_task(task_name)
     home = args.home / setting
-    keep = (lambda marker, make: reused(marker, make)) if args.reuse else (lambda marker, make: make())
+    keep = reused if args.reuse else (lambda marker, make: make())
     args.home.mkdir(parents=True, exist_ok=True)
     if task_name not in warm_cache:  # one warm start per task, shared by its settings
         cfg = replace(LoopConfig(), seed=args.seed)
