@@ -26,6 +26,7 @@ import torch
 from agent.policy import Policy, PolicyLoadError, load_policy
 from agent.versions import BASE_FILE, folder_hash, read_base
 from memory.recycling import RecyclingMemory
+from search.prompt_format import PromptFormat
 
 
 def is_adapter(model) -> bool:
@@ -47,6 +48,20 @@ def checked_base(folder: str | Path, version: str) -> dict:
 
 
 # ---- configs and copies ----
+
+# FineTuneConfig.adapter "auto" trains LoRA from this size on (docs/models.md gives the measurements): below it a full
+# version is under 400 MB in float32 and full fine-tuning gains the most per second
+LORA_FROM_PARAMETERS = 100_000_000
+
+
+def resolved_adapter(adapter: str, model) -> str:
+    """What a fine-tune of `model` with FineTuneConfig.adapter `adapter` trains: full or lora."""
+    if adapter != "auto":
+        return adapter
+    if is_adapter(model):
+        return "lora"  # an adapter version goes on training its adapter over the same base
+    return "lora" if sum(p.numel() for p in model.parameters()) >= LORA_FROM_PARAMETERS else "full"
+
 
 def lora_targets(model) -> list[str]:
     """Names of the nn.Linear modules inside the model's decoder layers (its longest ModuleList): the attention and MLP
@@ -173,7 +188,7 @@ def load_adapter_policy(folder: str | Path, version: str, device: str = "cpu", d
     except Exception as exc:  # peft raises many types; the user needs one clear line
         raise PolicyLoadError(f"{folder} could not be loaded as a LoRA adapter: {type(exc).__name__}: {exc}") from exc
     memory = RecyclingMemory.load(folder, model.config.vocab_size, device=base.device)
-    return Policy(model.eval(), tokenizer, version, str(folder), memory)
+    return Policy(model.eval(), tokenizer, version, str(folder), memory, PromptFormat.load(folder))
 
 
 def swap_adapter(policy: Policy, folder: str | Path, version: str) -> Policy:
@@ -193,4 +208,4 @@ def swap_adapter(policy: Policy, folder: str | Path, version: str) -> Policy:
         raise PolicyLoadError(f"{folder} could not be loaded as a LoRA adapter: {type(exc).__name__}: {exc}") from exc
     model.delete_adapter(old)
     memory = RecyclingMemory.load(folder, model.config.vocab_size, device=model.device)
-    return Policy(model.eval(), policy.tokenizer, version, str(folder), memory)
+    return Policy(model.eval(), policy.tokenizer, version, str(folder), memory, PromptFormat.load(folder))

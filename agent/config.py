@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from search.config import SearchConfig
+from search.prompt_format import RAW, PromptFormat, chosen
 
-ADAPTERS = ("full", "lora")
+ADAPTERS = ("auto", "full", "lora")
 
 
 @dataclass
@@ -28,9 +29,10 @@ class FineTuneConfig:
     seed: int = field(default=0, metadata={"help": "training seed"})
     # a version of a 0.5B-8B model is then tens of MB of adapter over a fixed base, and a worker switches versions by
     # swapping adapters (docs/models.md)
-    adapter: str = field(default="full", metadata={
-        "help": "full (every parameter trains; a version is a whole model) or lora (low-rank adapters over a fixed "
-                "base train; a version is the adapter)"})
+    adapter: str = field(default="auto", metadata={
+        "help": "full (every parameter trains; a version is a whole model), lora (low-rank adapters over a fixed "
+                "base train; a version is the adapter) or auto (lora for a model of 100M parameters or more, so the "
+                "built-in policy trains full; docs/models.md)"})
     lora_rank: int = field(default=16, metadata={"help": "lora: rank of each low-rank update"})
     lora_alpha: int = field(default=32, metadata={"help": "lora: updates are scaled by lora_alpha / lora_rank"})
     lora_dropout: float = field(default=0.05, metadata={"help": "lora: dropout on the adapters' inputs in training"})
@@ -168,6 +170,8 @@ class WarmStartConfig:
     check_problems: int = field(default=100, metadata={"help": "problems per difficulty of the mastery check"})
 
     def __post_init__(self):
+        if self.train.adapter == "auto":
+            self.train = replace(self.train, adapter="full")
         if self.train.adapter != "full":
             raise ValueError("warm_start.train.adapter must be 'full': a first version has no earlier version to be an "
                              "adapter over (the cycles after it may train lora)")
@@ -250,8 +254,14 @@ class LoopConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
     seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})
+    prompt_format: str | None = field(default=None, metadata={
+        "help": "how prompts are put to the policy in search, training and evaluation alike: raw, or chat (its "
+                "tokenizer's chat template); stored with every version the run saves (unset: the base version's own, "
+                "raw for a new one)"})
+    system_prompt: str | None = field(default=None, metadata={"help": "chat: a system message before each prompt"})
 
     def __post_init__(self):
+        self.chosen_prompt_format(RAW)  # ValueError names what is wrong
         if self.train_method not in TRAIN_METHODS:
             raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)} (got {self.train_method!r})")
         if self.train_method == "sft+dpo" and self.train.adapter != self.preference.adapter:
@@ -260,9 +270,14 @@ class LoopConfig:
             raise ValueError(f"train_method sft+dpo trains one candidate: train.adapter ({self.train.adapter}) and "
                              f"preference.adapter ({self.preference.adapter}) must match")
 
+    def chosen_prompt_format(self, default: PromptFormat) -> PromptFormat:
+        """The run's prompt format, or `default` (its base version's) when the run names none."""
+        return chosen(self.prompt_format, self.system_prompt, default)
+
     def base_dtype(self, dtype: str) -> str:
         """The dtype a cycle loads the current policy in: a LoRA fine-tune leaves its base frozen, so the base may sit
         in `dtype` (Settings.dtype; bfloat16 halves an 8B base on one GPU, the adapters train in float32); a full
         fine-tune trains every weight, in float32."""
-        lora = (self.preference if self.train_method == "dpo" else self.train).adapter == "lora"
+        # auto: a model that trains full copies its weights into a float32 candidate (trainer.clone_for_training)
+        lora = (self.preference if self.train_method == "dpo" else self.train).adapter in ("lora", "auto")
         return dtype if lora else "float32"

@@ -6,12 +6,14 @@ import time
 from dataclasses import dataclass, replace
 
 from agent import distributed
+from agent.adapters import resolved_adapter
 from agent.config import PreferenceConfig, TrainConfig
 from agent.evaluation import Evaluation, evaluate_policy
 from agent.policy import Policy
 from agent.promotion import beats
 from agent.trainer import DPOFineTuner, SFTFineTuner, clone_for_training
 from search import SearchConfig
+from search.prompt_format import formatted_examples
 from tasks import Problem, Task
 
 
@@ -21,7 +23,12 @@ def train_candidate(current: Policy, examples: list[dict], pairs: list[dict], tr
     (agent/preference.py), or DPO after SFT (method sft+dpo; with no pairs, SFT gets DPO's time so that a cycle costs
     the same). The copy leaves `current` untouched: a rejected candidate costs nothing but its time. With LoRA
     (FineTuneConfig.adapter) the candidate is an adapter over `current`'s frozen base weights."""
+    train = replace(train, adapter=resolved_adapter(train.adapter, current.model))
+    preference = replace(preference, adapter=resolved_adapter(preference.adapter, current.model))
     model = clone_for_training(current.model, (preference if method == "dpo" else train).adapter)
+    # the candidate reads prompts as its version does in search and evaluation
+    examples = formatted_examples(examples, current.prompt_format, current.tokenizer)
+    pairs = formatted_examples(pairs, current.prompt_format, current.tokenizer)
     stats: dict = {}
     if method == "sft+dpo" and not pairs:
         train = replace(train, time_budget_s=train.time_budget_s + preference.time_budget_s)
@@ -37,6 +44,7 @@ def train_candidate(current: Policy, examples: list[dict], pairs: list[dict], tr
             dpo = tuner.train(model, current.tokenizer, pairs)
             model = tuner.trained
         stats["dpo"] = {**dpo, "pairs": len(pairs)}
+    stats["adapter"] = (preference if method == "dpo" else train).adapter
     return model, stats
 
 

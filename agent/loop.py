@@ -135,7 +135,7 @@ class SelfImprovementLoop:
             if self.on_cycle:
                 self.on_cycle(record)
         if records:
-            current = self.registry.load(records[-1].policy_version, self.device, self.dtype)
+            current = self._formatted(self.registry.load(records[-1].policy_version, self.device, self.dtype))
             state = stored[-1].state
             self.curriculum.update(state["known"])
             if "evaluation" in state:
@@ -148,7 +148,7 @@ class SelfImprovementLoop:
                 by_cycle.setdefault(label.cycle, []).append({"prompt": label.prompt, "completion": label.completion})
             self.accepted = [by_cycle[c] for c in sorted(by_cycle)]
         else:  # cycle 0: the warm-started policy, before any self-training
-            current = self.registry.load(self.runs.get(name).base_version, self.device, self.dtype)
+            current = self._formatted(self.registry.load(self.runs.get(name).base_version, self.device, self.dtype))
             t = time.monotonic()
             evaluation = self.evaluate(current, self.curriculum.frontier_index)
             self.curriculum.update(evaluation.metric)
@@ -162,6 +162,13 @@ class SelfImprovementLoop:
             records.append(outcome.record)
             current, evaluation = outcome.current, outcome.evaluation
         return records
+
+    def _formatted(self, policy: Policy) -> Policy:
+        """`policy` putting prompts in the run's format (LoopConfig.prompt_format; unset: its own), which every
+        version the run saves keeps."""
+        policy.prompt_format = self.cfg.chosen_prompt_format(policy.prompt_format)
+        policy.prompt_format.check(policy.tokenizer)
+        return policy
 
     def _should_stop(self, last: CycleRecord, start_time: float) -> bool:
         if self.cfg.time_budget_s is not None and time.monotonic() - start_time >= self.cfg.time_budget_s:
@@ -231,7 +238,8 @@ class SelfImprovementLoop:
         mix = self.training_mix(cycle, work.refinements)
         model, train_stats = train_candidate(current, mix, work.pairs, cfg.train, cfg.train_method, cfg.preference)
         seconds["train"] = time.monotonic() - t
-        candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
+        candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source,
+                           prompt_format=current.prompt_format)
         verdict = judge(
             candidate,
             current,
@@ -248,11 +256,11 @@ class SelfImprovementLoop:
                       "filters": work.filters, "mode": cfg.select.mode, "run": self.name, "train": train_stats}
         t = time.monotonic()
         version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on,
-                                     metrics=verdict.metrics(), draft_source=current.draft_source)
+                                     metrics=verdict.metrics(), draft_source=current.draft_source,
+                                     prompt_format=current.prompt_format)
         seconds["save"] = time.monotonic() - t
-        promoted_policy = Policy(
-            model, current.tokenizer, version, str(self.registry.root / version), current.draft_source
-        )
+        promoted_policy = Policy(model, current.tokenizer, version, str(self.registry.root / version),
+                                 current.draft_source, current.prompt_format)
         outcomes: dict[bool, CycleOutcome] = {}
 
         def written(promoted: bool) -> tuple[dict, dict]:

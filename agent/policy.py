@@ -33,6 +33,7 @@ from transformers import (
 from memory.context import ContextMemory, check_model
 from memory.recycling import RecyclingMemory
 from search.decoder import float_mask, sequential_tree_inputs, tree_paths
+from search.prompt_format import RAW, PromptFormat
 from tasks.addition import COUPLING as ADDITION_COUPLING
 from tasks.base import PositionCoupling
 
@@ -323,6 +324,7 @@ class Policy:
     path: str | None = None
     # recycled-token drafts for greedy decoding (SearchConfig.recycling); hot across the jobs a worker runs
     draft_source: RecyclingMemory | None = None
+    prompt_format: PromptFormat = RAW  # how prompts are put to the model (search, training, evaluation alike)
 
     @classmethod
     def load(
@@ -331,7 +333,7 @@ class Policy:
         """A saved policy with the recycling matrix saved beside it (a fresh one when there is none)."""
         model, tokenizer = load_policy(path, device, dtype)
         memory = RecyclingMemory.load(path, model.config.vocab_size, device=model.device)
-        return cls(model, tokenizer, version or Path(path).name, str(path), memory)
+        return cls(model, tokenizer, version or Path(path).name, str(path), memory, PromptFormat.load(path))
 
     def memory_cache_factory(self):
         """The Decoder's cache factory for the context memory (SearchConfig.memory): a fresh ContextMemory sized

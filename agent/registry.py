@@ -34,6 +34,7 @@ from agent.policy import Policy, PolicyLoadError, load_policy
 from agent.run_store import RunStore
 from agent.store import Store
 from agent.versions import folder_hash, read_base
+from search.prompt_format import RAW, PromptFormat
 
 log = logging.getLogger("arbor.registry")
 
@@ -128,7 +129,7 @@ class PolicyRegistry:
                     pass  # recorded by another process a moment ago, or unreadable: left as it is
 
     def save(self, model, tokenizer, parent: str | None, trained_on: dict, metrics: dict | None = None,
-             status: str = "candidate", draft_source=None) -> str:
+             status: str = "candidate", draft_source=None, prompt_format: PromptFormat = RAW) -> str:
         """Write a new version atomically and record it; returns its name. `draft_source` (a RecyclingMemory)
         is saved beside the weights, so a worker that loads the version starts with a warm matrix. A PeftModel (a
         LoRA fine-tune of `parent`) is saved as its adapter over the full folder beneath `parent`."""
@@ -150,6 +151,8 @@ class PolicyRegistry:
                 tokenizer.save_pretrained(tmp)
             if draft_source is not None:
                 draft_source.save(tmp)
+            if not prompt_format.raw:
+                prompt_format.save(tmp)
             meta = {"version": version, "parent": parent, "created": dt.datetime.now(dt.timezone.utc).isoformat(),
                     "trained_on": trained_on, "metrics": metrics or {}}
             (tmp / META).write_text(json.dumps(meta, indent=2))

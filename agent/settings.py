@@ -39,8 +39,8 @@ def _float(raw: str) -> float:
 
 
 def _adapter(raw: str) -> str:
-    if raw not in ("full", "lora"):  # agent/config.py ADAPTERS (this module imports no config)
-        raise ValueError("is not one of full, lora")
+    if raw not in ("auto", "full", "lora"):  # agent/config.py ADAPTERS (this module imports no config)
+        raise ValueError("is not one of auto, full, lora")
     return raw
 
 

@@ -157,7 +157,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
                   "refinement_examples": len(refined), "filters": filters,
                   "mode": mode, "replayed_labels": len(replayed)}
     model, train_stats = train_candidate(current, mix, [], cfg.train, cfg.train_method, cfg.preference)
-    candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
+    candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source,
+                       prompt_format=current.prompt_format)
     verdict = judge(candidate, current, heldout, cfg.eval_search, task, mode, cfg.promote_margin)
     metrics = verdict.metrics()
     version = registry.save(
@@ -167,6 +168,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
         trained_on={**trained_on, "train": train_stats},
         metrics=metrics,
         draft_source=current.draft_source,
+        prompt_format=current.prompt_format,
     )
     # the compare-and-set: an operator's rollback (or another promotion) since this cycle began wins
     promoted = verdict.promote and store.promote_policy(version, expected=current.version, metrics=metrics,

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from agent import process_group
-from agent.adapters import adapter_clone, is_adapter, lora_config, merged_copy, shared_view
+from agent.adapters import adapter_clone, is_adapter, lora_config, merged_copy, resolved_adapter, shared_view
 from agent.config import FineTuneConfig, PreferenceConfig, TrainConfig
 
 
@@ -64,13 +64,14 @@ class _TimeBudget(TrainerCallback):
 def _peft_config(cfg: FineTuneConfig, model):
     """TRL's peft_config: a new LoRA adapter (adapter "lora" on a plain model), or None. A PeftModel keeps training
     its own adapter (TRL refuses a second one)."""
+    adapter = resolved_adapter(cfg.adapter, model)
     if is_adapter(model):
-        if cfg.adapter != "lora":
+        if adapter != "lora":
             raise ValueError("a LoRA adapter version trains its adapter: copy it with clone_for_training(model, 'full') "
                              "for a full fine-tune")
         model.set_adapter(model.active_adapter)  # trainable again if it was loaded for inference
         return None
-    return lora_config(cfg, model) if cfg.adapter == "lora" else None
+    return lora_config(cfg, model) if adapter == "lora" else None
 
 
 def _settled(model):
@@ -142,7 +143,7 @@ def clone_for_training(model, adapter: str | None = None):
     clone = type(model)(model.config)
     clone.load_state_dict(model.state_dict())
     clone.generation_config = copy.deepcopy(model.generation_config)
-    return clone.to(model.device).eval()
+    return clone.to(model.device, torch.float32).eval()  # every weight trains: in float32 even from a bf16 policy
 
 
 class SFTFineTuner:

@@ -7,6 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from search.prompt_format import PromptFormat
+
 BASE_FILE = "base.json"
 _HASHES: dict[tuple, str] = {}  # (folder, its files' names, sizes and mtimes) -> sha256
 
@@ -23,6 +25,23 @@ def kind(folder: str | Path) -> str:
 
 def folder_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def shown_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def on_disk(folder: str | Path) -> dict:
+    """What `arbor policies`, the API and the web view show of a version's folder: its kind, its size and how it
+    puts prompts to its model (all None once a rejected version's folder is pruned; its record stays)."""
+    if not Path(folder).is_dir():
+        return {"kind": None, "bytes": None, "prompt_format": None}
+    return {"kind": kind(folder), "bytes": folder_bytes(folder), "prompt_format": PromptFormat.load(folder).style}
 
 
 def folder_hash(folder: str | Path) -> str:

@@ -14,6 +14,7 @@ from agent.evaluation import evaluate_policy, greedy_config
 from agent.policy import DEFAULT_CHARSET, Policy, build_builtin_policy, load_policy
 from agent.registry import PolicyRegistry
 from agent.trainer import SFTFineTuner
+from search.prompt_format import PromptFormat, formatted_examples
 from tasks import Problem, Task, get_task
 from tasks.alignment import infer_coupling
 
@@ -86,15 +87,19 @@ def adopt_user_folder(registry: PolicyRegistry, path: Path, demos: list[dict] | 
                       run: str) -> str:
     """Register a user's model folder for `run` (a candidate); with demos, warm-start it on them first."""
     model, tokenizer = load_policy(path)  # PolicyLoadError names the folder and the problem
+    prompt_format = cfg.chosen_prompt_format(PromptFormat.load(path))
+    prompt_format.check(tokenizer)
     stats = {}
     if demos:
         on_event("phase", f"warm-starting {path} on {len(demos)} demonstrations")
-        stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer, demos)
+        stats = SFTFineTuner(cfg.warm_start.train).train(model, tokenizer,
+                                                         formatted_examples(demos, prompt_format, tokenizer))
     return registry.save(
         model,
         tokenizer,
         parent=None,
         trained_on={"source": str(Path(path).resolve()), "demos": len(demos or []), "train": stats, "run": run},
+        prompt_format=prompt_format,
     )
 
 
@@ -136,9 +141,12 @@ def base_policy(device: str, registry: PolicyRegistry, cfg: LoopConfig, task: Ta
     `seed_examples` (the run's own warm-start data, made once)."""
     if model is not None:
         return adopt_user_folder(registry, model, demos, cfg, on_event, run), True
+    promoted = registry.promoted()
+    if cfg.prompt_format == "chat" and (problems is not None or promoted is None):  # before the warm start, not after
+        raise ValueError("prompt_format chat needs a model whose tokenizer has a chat template (--model DIR): a new "
+                         "built-in policy's has none")
     if problems is not None:
         return fresh_builtin_for_files(registry, problems, demos, cfg, on_event, run), True
-    promoted = registry.promoted()
     if promoted is not None:
         return promoted[0], False
     on_event(

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA checks, for a machine with a GPU: the CUDA test module, then the search benchmark on the GPU.
+# The CUDA checks, for a machine with a GPU: the CUDA test module (every strategy, the tree step, full and LoRA
+# fine-tunes with bf16, gradient checkpointing and accumulation, a worker job), then the search benchmark on the GPU.
 # Prints everything to stdout; record what it printed in docs/benchmarks.md ("GPU check").
 set -uo pipefail
 cd "$(dirname "$0")/.."

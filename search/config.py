@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from search.prompt_format import PromptFormat, chosen
 from search.scorers import Scorer, load_scorer
 from search.traits import TRAITS, traits_of
 from search.types import SearchPolicy
@@ -59,6 +60,11 @@ class SearchConfig:
         "help": "attend through the context memory (initial tokens, blocks retrieved from FAISS, a local window) so "
                 "prompts longer than the policy's trained window still work "
                 f"({_WITH_MEMORY})"})
+    prompt_format: str | None = field(default=None, metadata={
+        "help": "how the prompt is put to the policy: raw, or chat (its tokenizer's chat template); unset: the policy "
+                "version's own format"})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "chat: a system message before each prompt (unset: the policy version's own)"})
 
     def __post_init__(self):
         traits = traits_of(self.strategy)
@@ -76,6 +82,8 @@ class SearchConfig:
             number = not isinstance(value, bool) and isinstance(value, (int, float))
             if not number or not math.isfinite(value) or abs(value) > 1e6:
                 raise ValueError(f"{name} must be a finite number of magnitude at most 1e6 (got {value!r})")
+        if self.prompt_format is not None or self.system_prompt is not None:
+            PromptFormat(self.prompt_format or "chat", self.system_prompt)  # ValueError names what is wrong
         if self.temperature > 100:
             raise ValueError(f"temperature must be at most 100 (got {self.temperature})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
@@ -111,6 +119,10 @@ class SearchConfig:
             raise ValueError("memory and recycling cannot be combined: draft verification crops the cache, a context "
                              "memory cannot")
         self.build_scorer()  # an unknown scorer or confidence fails here, with the scorer's own message
+
+    def prompt_format_for(self, policy: SearchPolicy) -> PromptFormat:
+        """The format this search puts prompts in: its own choice, else the policy version's."""
+        return chosen(self.prompt_format, self.system_prompt, policy.prompt_format)
 
     def build_scorer(self) -> Scorer:
         """The scorer that ranks candidates: `scorer`, or by default the beam score for the strategies that rank

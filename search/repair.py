@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from search.decoder import Decoder
+from search.prompt_format import formatted_problems
 from search.types import Candidate, SearchPolicy, SearchResult, confidence
 from tasks import Problem, verify
 
@@ -45,7 +46,7 @@ def branch_points(policy: SearchPolicy, problems: list[Problem], answers: list[C
     forward over prompt + answer (+ EOS where it finished: a branch there goes on instead of stopping). Special
     tokens (EOS, padding) are never the other token."""
     decoder = Decoder(policy.model, policy.tokenizer)
-    prompts = decoder.encode([p.prompt for p in problems])
+    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, policy.prompt_format, policy.tokenizer)])
     # a finished answer's last step chose EOS: stopping there can be the mistake too (a word cut short)
     chosen_lists = [a.token_ids + ([decoder.eos] if a.finished else []) for a in answers]
     ids, mask = _right_padded([p + c for p, c in zip(prompts, chosen_lists)], decoder.pad, decoder.device)
@@ -77,7 +78,7 @@ def repair(policy: SearchPolicy, problems: list[Problem], branches: list[Branch]
     """Each problem's answer from its branch: the prefix, the other token, then greedy decoding to the end. The
     candidate's log-probs are the model's own over the whole answer; its tokens count only what was decoded."""
     decoder = Decoder(policy.model, policy.tokenizer)
-    prompts = decoder.encode([p.prompt for p in problems])
+    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, policy.prompt_format, policy.tokenizer)])
     heads = [list(b.prefix) + [b.token] for b in branches]
     budgets = [max(1, max_new_tokens - len(h)) for h in heads]
     # one batch decoded to the longest budget; a row past its own budget is cut there, as if it had stopped

@@ -7,6 +7,7 @@ from search.config import SearchConfig
 from search.diverse_beam import diverse_beam
 from search.greedy import greedy
 from search.mcts import mcts
+from search.prompt_format import formatted_problems
 from search.step_beam import step_beam
 from search.traits import traits_of
 from search.types import SearchPolicy, SearchResult
@@ -24,4 +25,8 @@ STRATEGIES = {
 
 def run_search(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     traits_of(cfg.strategy)  # a name changed after the config was made fails here, in one line
-    return STRATEGIES[cfg.strategy](problems, cfg, policy)
+    shown = formatted_problems(problems, cfg.prompt_format_for(policy), policy.tokenizer)
+    results = STRATEGIES[cfg.strategy](shown, cfg, policy)
+    for result, problem in zip(results, problems):
+        result.problem = problem  # the problem as it was given, not as the policy read it
+    return results

@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # annotations only: the types load without torch (search/__in
     from transformers import PreTrainedTokenizerBase
 
     from search.decoder import DraftSource
+    from search.prompt_format import PromptFormat
 
 
 @runtime_checkable
@@ -30,6 +31,10 @@ class SearchPolicy(Protocol):
     @property
     def version(self) -> str:
         """The version each SearchResult records."""
+
+    @property
+    def prompt_format(self) -> PromptFormat:
+        """How the version puts a prompt to its model (search/prompt_format.py): raw or its chat template."""
 
     @property
     def draft_source(self) -> DraftSource | None:

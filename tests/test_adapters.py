@@ -197,3 +197,17 @@ def test_lora_settings_are_checked_in_one_line():
         LoopConfig(train_method="sft+dpo", train=TrainConfig(adapter="lora"), preference=PreferenceConfig())
     with pytest.raises(ValueError, match="warm_start.train.adapter must be 'full'"):
         WarmStartConfig(train=TrainConfig(adapter="lora"))
+
+
+def test_auto_trains_the_builtin_policy_in_full_and_a_large_model_with_lora():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    small, _ = build_builtin_policy(TINY)
+    assert adapters.resolved_adapter("auto", small) == "full"
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        large = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                             num_attention_heads=16, vocab_size=32000))
+    assert sum(p.numel() for p in large.parameters()) >= adapters.LORA_FROM_PARAMETERS
+    assert adapters.resolved_adapter("auto", large) == "lora"
+    assert adapters.resolved_adapter("full", large) == "full"
+    assert LoopConfig().train.adapter == "auto" and LoopConfig().warm_start.train.adapter == "full"

@@ -81,6 +81,30 @@ def test_one_fine_tune_step_on_cuda_changes_the_weights():
     assert not torch.equal(before, policy.model.model.embed_tokens.weight.detach())
 
 
+def test_a_lora_fine_tune_on_a_bf16_base_with_checkpointing_and_accumulation():
+    """The one-GPU settings for a user's model (docs/models.md): frozen bf16 base, float32 adapters, bf16 autocast,
+    gradient checkpointing, micro-batches; only the adapter moves, and search runs on the adapted model."""
+    from agent.config import TrainConfig
+    from agent.trainer import SFTFineTuner, clone_for_training
+
+    policy = _policy("cuda", torch.bfloat16)
+    base = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    cfg = TrainConfig(adapter="lora", lora_rank=4, max_steps=2, time_budget_s=60, batch_size=16, bf16=True,
+                      gradient_checkpointing=True, gradient_accumulation_steps=4, learning_rate=1e-2)
+    examples = [{"prompt": p.prompt, "completion": p.answer} for p in get_task("addition").generate(2, 64, seed=2)]
+    tuner = SFTFineTuner(cfg)
+    stats = tuner.train(clone_for_training(policy.model, "lora"), policy.tokenizer, examples)
+    assert stats["steps"] == 2
+    adapted = tuner.trained
+    lora = {n: p for n, p in adapted.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and p.device.type == "cuda" for p in lora.values())
+    assert all(torch.equal(base[n], p) for n, p in policy.model.named_parameters())  # the shared base never moved
+    problems = get_task("addition").generate(2, 4, seed=3)
+    results = run_search(problems, SearchConfig(strategy="beam", beams=2, max_new_tokens=4),
+                         Policy(adapted.eval(), policy.tokenizer, "lora"))
+    assert all(r.candidates for r in results)
+
+
 def test_one_worker_job_on_cuda(tmp_path):
     from agent.jobs import run_job, submit_jobs
     from agent.registry import PolicyRegistry

@@ -109,7 +109,8 @@ def test_a_loaded_policy_is_what_search_needs(tmp_path):
     tok.save_pretrained(tmp_path)
     policy = Policy.load(tmp_path)
     assert isinstance(policy, SearchPolicy) and isinstance(Policy(model, tok), SearchPolicy)
-    assert _protocol_members(SearchPolicy) == {"model", "tokenizer", "version", "draft_source", "memory_cache_factory"}
+    assert _protocol_members(SearchPolicy) == {"model", "tokenizer", "version", "prompt_format", "draft_source",
+                                                "memory_cache_factory"}
     bare = type("Bare", (), {"model": model, "tokenizer": tok, "version": "v"})()  # no drafts, no context memory
     assert not isinstance(bare, SearchPolicy)
 

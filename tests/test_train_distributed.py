@@ -53,13 +53,14 @@ def _versions(home: Path) -> list[str]:
     return sorted(p.name for p in (home / "policies").iterdir())
 
 
-def test_a_two_process_cycle_writes_one_version_the_single_process_cycle_would(tmp_path):
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_a_two_process_cycle_writes_one_version_the_single_process_cycle_would(tmp_path, adapter):
     launch = distributed.launch_command(2, ["train"])  # accelerate launch --multi_gpu --num_processes 2 -m arbor train
     single = [sys.executable, "-m", "arbor", "train"]
     outs = {}
     for name, cmd in (("two", launch), ("one", single)):
         home = _home(tmp_path / name)
-        outs[name] = (_cycle(cmd, home["env"]), home)
+        outs[name] = (_cycle(cmd, {**home["env"], "ARBOR_ADAPTER": adapter}), home)
 
     (two, home2), (one, home1) = outs["two"], outs["one"]
     assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1, (two["train"], one["train"])
@@ -74,6 +75,10 @@ def test_a_two_process_cycle_writes_one_version_the_single_process_cycle_would(t
     # the same kind of version: the same files, loadable, recorded with the same parent and gate metrics
     files = {name: sorted(p.name for p in (h["home"] / "policies" / "v1").iterdir()) for name, (_, h) in outs.items()}
     assert files["two"] == files["one"], files
+    # with LoRA both wrote the adapter alone (DDP averaged the adapter's gradients), over the same base
+    assert ("adapter_model.safetensors" in files["one"]) == (adapter == "lora")
+    assert ("model.safetensors" in files["one"]) == (adapter == "full")
+    assert two["train"]["adapter"] == one["train"]["adapter"] == adapter
     assert set(two["metrics"]) == set(one["metrics"])
     registry = PolicyRegistry(home2["home"] / "policies", home2["store"])
     assert registry.load("v1").version == "v1"

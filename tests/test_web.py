@@ -192,8 +192,10 @@ def test_policies_page_marks_the_promoted_version_and_the_gate_refuses(site, bro
     browser.get(f"{site['url']}/policies")
     rows = {r[0]: r for r in _rows(browser, "policies")}
     assert set(rows) == {"v0", "v1", "v2"}
-    assert rows["v0"][1] == "★ promoted" and rows["v1"][1] == "rejected" and rows["v2"][3] == "0.710"
-    assert rows["v2"][5].split() == ["d2", "0.99", "d4", "0.62"]
+    assert rows["v0"][1] == "★ promoted" and rows["v1"][1] == "rejected" and rows["v2"][6] == "0.710"
+    assert rows["v2"][8].split() == ["d2", "0.99", "d4", "0.62"]
+    # kind, size and prompt format, read from each version's folder
+    assert rows["v0"][3] == "full" and rows["v0"][4].endswith(("KB", "MB")) and rows["v0"][5] == "raw", rows["v0"]
     browser.find_element("css selector", 'tr[data-version="v1"] button').click()  # 0.42 does not beat 0.55
     wait_for(lambda: browser.find_elements("id", "message"), 20, "the gate's answer")
     assert "does not beat" in browser.find_element("id", "message").text

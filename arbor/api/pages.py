@@ -8,6 +8,7 @@ from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 from agent.schema import JOB_FINISHED, JOB_STATES
+from agent.versions import shown_size
 
 WEB = Path(__file__).resolve().parents[1] / "web"
 
@@ -23,6 +24,7 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 templates = Jinja2Templates(directory=str(WEB / "templates"))
 templates.env.filters["fmt"] = _fmt
+templates.env.filters["size"] = shown_size
 templates.env.globals.update(job_states=JOB_STATES, job_finished=JOB_FINISHED)
 
 

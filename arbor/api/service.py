@@ -17,6 +17,7 @@ from fastapi import Request
 from agent.promotion import PromotionRefused, UnknownVersion, promote_by_operator, promote_margin, rollback
 from agent.report import ReportUnreadable, read_report
 from agent.run_store import PLAIN_NAME
+from agent.versions import on_disk
 from agent.schema import RoundsOutOfRange, check_rounds
 from arbor import submission
 from arbor.api.config import ApiConfig
@@ -245,7 +246,8 @@ class Service:
             train = (r.trained_on or {}).get("train") or {}
             out.append({"version": r.version, "status": r.status, "parent": r.parent, "path": r.path,
                         "metrics": r.metrics, "created_at": _iso(r.created_at), "promoted_at": _iso(r.promoted_at),
-                        "train": {k: v for k, v in train.items() if isinstance(v, (int, float, str))}})
+                        "train": {k: v for k, v in train.items() if isinstance(v, (int, float, str))},
+                        **on_disk(r.path)})
         return out
 
     def promote(self, version: str) -> dict:

@@ -22,14 +22,11 @@ def policies(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", h
     """List policy versions (the promoted one marked)."""
     if ctx.invoked_subcommand is not None:
         return
-    from agent.versions import folder_bytes, kind
+    from agent.versions import on_disk, shown_size
 
     store = open_store(queue_settings())
-    rows = []
-    for r in store.policies():
-        on_disk = Path(r.path).is_dir()  # a rejected version's folder may be pruned (its record stays)
-        rows.append({"version": r.version, "path": r.path, "status": r.status, "metrics": r.metrics,
-                     "kind": kind(r.path) if on_disk else None, "bytes": folder_bytes(r.path) if on_disk else None})
+    rows = [{"version": r.version, "path": r.path, "status": r.status, "metrics": r.metrics, **on_disk(r.path)}
+            for r in store.policies()]
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -37,16 +34,7 @@ def policies(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", h
         typer.echo("no policy versions yet: `arbor policies add PATH` or `arbor run`")
     for r in rows:
         typer.echo(f"{'*' if r['status'] == 'promoted' else ' '} {r['version']:6} {r['status']:9} "
-                   f"{r['kind'] or '-':12} {_size(r['bytes']):>9} {r['path']}")
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+                   f"{r['kind'] or '-':12} {shown_size(r['bytes']):>9} {r['prompt_format'] or '-':4} {r['path']}")
 
 
 @policies_app.command("init")

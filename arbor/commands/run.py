@@ -64,6 +64,8 @@ def run(
     gradient_checkpointing: bool = option(LOOP.train, "gradient_checkpointing"),
     gradient_accumulation_steps: int = option(LOOP.train, "gradient_accumulation_steps"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
+    prompt_format: Optional[str] = option(LOOP, "prompt_format"),
+    system_prompt: Optional[str] = option(LOOP, "system_prompt"),
     heldout: int = option(LOOP, "heldout_per_difficulty", "--heldout"),
     seed: int = option(LOOP, "seed"),
     run_name: Optional[str] = typer.Option(None, help="The run's name: its folder under $ARBOR_HOME/runs (letters, "
@@ -102,6 +104,8 @@ def run(
             train_method=train_method,
             heldout_per_difficulty=heldout,
             seed=seed,
+            prompt_format=prompt_format,
+            system_prompt=system_prompt,
             search=replace(LOOP.search, strategy=strategy, n=samples),
             select=replace(LOOP.select, mode=select or LOOP.select.mode),
             train=replace(LOOP.train, time_budget_s=train_seconds, **fine_tune),

@@ -67,6 +67,8 @@ def search_command(
     seed: int = option(CLI_SEARCH, "seed"),
     recycling: bool = option(CLI_SEARCH, "recycling"),
     memory: bool = option(CLI_SEARCH, "memory"),
+    prompt_format: Optional[str] = option(CLI_SEARCH, "prompt_format"),
+    system_prompt: Optional[str] = option(CLI_SEARCH, "system_prompt"),
     device: Optional[str] = option(Settings, "device"),
     dtype: Optional[str] = option(Settings, "dtype"),
     tree: Optional[Path] = typer.Option(None, help="write an HTML view of the search tree here"),
@@ -97,13 +99,14 @@ def search_command(
             use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
             diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
             simulations=simulations, c_puct=c_puct, scorer=scorer, keep_tree=tree is not None,
-            recycling=recycling, memory=memory,
+            recycling=recycling, memory=memory, prompt_format=prompt_format, system_prompt=system_prompt,
         )
         settings = load_settings(device=device, dtype=dtype)
         if read_base(model) is not None:  # a LoRA adapter version's folder: over its base
             policy = load_adapter_policy(model, model.name, device=settings.device, dtype=settings.dtype)
         else:
             policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
+        cfg.prompt_format_for(policy).check(policy.tokenizer)
         if memory:
             policy.memory_cache_factory()  # a model that cannot run the context memory fails here, in one line
     except (ValueError, PolicyLoadError) as exc:
@@ -118,8 +121,9 @@ def search_command(
         )
     if tree is not None:
         tok = policy.tokenizer
-        roots = [r.tree or tree_from_candidates(tok(r.problem.prompt, add_special_tokens=False).input_ids, r.candidates)
-                 for r in results]
+        shown = cfg.prompt_format_for(policy)
+        roots = [r.tree or tree_from_candidates(tok(shown.apply(tok, r.problem.prompt), add_special_tokens=False)
+                                                .input_ids, r.candidates) for r in results]
         tree.write_text(tree_to_html(roots, tok, [f"{r.problem.id}: {strategy}" for r in results]), encoding="utf-8")
         typer.echo(f"tree written to {tree}")
     if as_json:

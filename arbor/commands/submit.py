@@ -117,6 +117,8 @@ def submit(
     max_step_tokens: Optional[int] = option(JOB_SEARCH, "max_step_tokens", unset=True),
     seed: Optional[int] = option(JOB_SEARCH, "seed", unset=True),
     memory: Optional[bool] = option(JOB_SEARCH, "memory", unset=True),
+    prompt_format: Optional[str] = option(JOB_SEARCH, "prompt_format", unset=True),
+    system_prompt: Optional[str] = option(JOB_SEARCH, "system_prompt", unset=True),
     task: Optional[str] = typer.Option(None, help="The task of lines that name none: built-in (addition, reversal), "
                                        "installed (arbor.tasks entry point) or module:Class (workers need it in "
                                        "ARBOR_TASKS)."),
@@ -130,7 +132,7 @@ def submit(
                  children=children, simulations=simulations, c_puct=c_puct, scorer=scorer, confidence=confidence,
                  use_verifier=use_verifier, length_penalty=length_penalty, groups=groups,
                  diversity_penalty=diversity_penalty, step_delimiter=step_delimiter, max_step_tokens=max_step_tokens,
-                 seed=seed, memory=memory)
+                 seed=seed, memory=memory, prompt_format=prompt_format, system_prompt=system_prompt)
     if not file.is_file():
         fail(f"{file} does not exist: pass a JSONL file of problems")
     if refine < 1:
