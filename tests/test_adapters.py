@@ -211,3 +211,31 @@ def test_auto_trains_the_builtin_policy_in_full_and_a_large_model_with_lora():
     assert adapters.resolved_adapter("auto", large) == "lora"
     assert adapters.resolved_adapter("full", large) == "full"
     assert LoopConfig().train.adapter == "auto" and LoopConfig().warm_start.train.adapter == "full"
+
+
+def test_every_strategy_recycling_and_the_context_memory_run_on_the_adapted_model():
+    from agent.policy import Policy
+    from search import STRATEGIES
+
+    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                                    position_scheme="sequential", seed=2))
+    adapted = _fine_tuned(model, tok).eval()
+    policy = Policy(adapted, tok, "lora")
+    merged = Policy(adapters.merged_copy(adapted), tok, "merged")
+    problems = [p for d in (1, 2) for p in get_task("addition").generate(d, 6, seed=7)]
+    for strategy in STRATEGIES:
+        cfg = SearchConfig(strategy=strategy, n=4, beams=4, groups=2, children=2, simulations=3, max_new_tokens=MAX_NEW)
+        got = run_search(problems, cfg, policy)
+        assert all(r.candidates and r.generated_tokens > 0 for r in got), strategy
+        if strategy in ("greedy", "beam", "diverse_beam"):  # deterministic: the merged model's answers
+            assert [r.best.token_ids for r in got] == [r.best.token_ids for r in run_search(problems, cfg, merged)]
+    plain = run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=MAX_NEW), policy)
+    from memory.recycling import RecyclingMemory
+
+    policy.draft_source = RecyclingMemory(adapted.config.vocab_size)
+    for _ in range(2):  # the second pass drafts from what the first recycled
+        drafted = run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=MAX_NEW, recycling=True), policy)
+        assert [r.best.token_ids for r in drafted] == [r.best.token_ids for r in plain]
+    memory = SearchConfig(strategy="greedy", max_new_tokens=MAX_NEW, memory=True)
+    assert ([r.best.token_ids for r in run_search(problems, memory, policy)]
+            == [r.best.token_ids for r in run_search(problems, memory, merged)])
