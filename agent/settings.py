@@ -209,8 +209,9 @@ class Settings:
     promote_margin: float | None = _env("ARBOR_PROMOTE_MARGIN", None,
                                         "how much a candidate must beat the promoted version by on held-out problems "
                                         "(unset: LoopConfig.promote_margin)", _float)
-    adapter: str | None = _env("ARBOR_ADAPTER", None, "what a train cycle fine-tunes: full (every parameter) or lora "
-                               "(an adapter over the promoted version's base; unset: LoopConfig.train)", _adapter)
+    adapter: str | None = _env("ARBOR_ADAPTER", None, "what a train cycle fine-tunes: full (every parameter), lora "
+                               "(an adapter over the promoted version's base) or auto (lora from 100M parameters; "
+                               "unset: LoopConfig.train, which is auto)", _adapter)
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "
                                               "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)
