@@ -1,9 +1,17 @@
 """A task given only as JSONL files, as a new user would bring one: no plugin, no generator, no label checks.
 
-The family (built here for the benchmark, neither addition nor reversal): *mirror letters*, each letter replaced
-by its mirror in the alphabet (a<->z, b<->y, ...), prompt "word|", answer the mirrored word. The files hold
-1,500 demonstrations of 1-4 letters, and 1,500 train and 300 held-out problems of 2-8 letters with answers,
-difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from a fresh built-in policy:
+Two families, built here for the benchmark (neither addition nor reversal), prompt "word|":
+
+  mirror   each letter replaced by its mirror in the alphabet (a<->z, b<->y, ...): 1,500 demonstrations of 1-4
+           letters, 1,500 train and 300 held-out problems of 2-8 letters. Each answer letter comes from the prompt
+           letter at the same place, so the new policy couples their positions (tasks/alignment.py).
+  rotate   the word rotated left by one letter ("abcde" -> "bcdea"): demonstrations of 2-5 letters, problems of
+           2-10. No answer letter sits at its source letter's place, so the policy numbers tokens in sequence and
+           has to learn each length's distance from examples of it: past the demonstrations only the problems'
+           answers teach it.
+
+Problems carry answers and their difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from a
+fresh built-in policy:
 
   answers     the default: every train problem carries an answer, so the run selects with them (verifier mode,
               and a problem none of whose candidates verified trains on its own answer);
@@ -12,7 +20,8 @@ difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from
 The baseline in the same run is the warm-started policy (cycle 0). Every promoted version is re-evaluated
 greedily on all 300 held-out problems, so each arm's curve is over the same problems at every cycle.
 
-    python -m bench.jsonl_family                       # both arms, 540 s each (warm start included)
+    python -m bench.jsonl_family                       # mirror, both arms, 540 s each (warm start included)
+    python -m bench.jsonl_family --family rotate --budget 1200
     python -m bench.jsonl_family --arms label_free --budget 300
 
 Prints one JSON object (last line) and writes bench/results/jsonl-family.json and a plot of both curves.
@@ -25,8 +34,9 @@ import json
 import random
 import shutil
 import string
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from agent.config import LoopConfig
 
@@ -42,33 +52,51 @@ RESULTS = Path(__file__).parent / "results"
 MIRROR = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[::-1])
 
 
-def mirror_record(word: str, split: str | None) -> dict:
-    record = {"prompt": f"{word}|", "answer": word.translate(MIRROR), "meta": {"difficulty": len(word)}}
+@dataclass(frozen=True)
+class Family:
+    title: str
+    answer: Callable[[str], str]
+    demo_lengths: tuple[int, int]  # shortest and longest word of the demonstrations
+    problem_lengths: tuple[int, int]  # ... of the train and held-out problems
+
+
+FAMILIES = {
+    "mirror": Family("mirror letters", lambda w: w.translate(MIRROR), (1, 4), (2, 8)),
+    "rotate": Family("rotate left by one", lambda w: w[1:] + w[:1], (2, 5), (2, 10)),
+}
+
+
+def family_record(family: Family, word: str, split: str | None) -> dict:
+    record = {"prompt": f"{word}|", "answer": family.answer(word), "meta": {"difficulty": len(word)}}
     if split:
         record["split"] = split
     return record
 
 
-def write_family(folder: Path, seed: int = 0) -> tuple[Path, Path]:
-    """demos.jsonl (1,500 demonstrations, 1-4 letters) and problems.jsonl (1,500 train, 300 held-out, 2-8 letters)."""
-    rng = random.Random(f"mirror/{seed}")
+def write_family(folder: Path, seed: int = 0, name: str = "mirror") -> tuple[Path, Path]:
+    """demos.jsonl (1,500 demonstrations) and problems.jsonl (1,500 train, 300 held-out), every length of the
+    family's ranges equally often."""
+    family = FAMILIES[name]
+    rng = random.Random(f"{name}/{seed}")
     word = lambda n: "".join(rng.choice(string.ascii_lowercase) for _ in range(n))  # noqa: E731
     folder.mkdir(parents=True, exist_ok=True)
     demos, problems = folder / "demos.jsonl", folder / "problems.jsonl"
+    low, high = family.demo_lengths
     with demos.open("w") as f:
         for i in range(1500):
-            w = word(1 + i % 4)
-            f.write(json.dumps({"prompt": f"{w}|", "completion": w.translate(MIRROR)}) + "\n")
+            w = word(low + i % (high - low + 1))
+            f.write(json.dumps({"prompt": f"{w}|", "completion": family.answer(w)}) + "\n")
     seen: set[str] = set()  # every problem's word is distinct, so held-out words never appear among train ones
+    low, high = family.problem_lengths
     with problems.open("w") as f:
         for split, n in (("heldout", 300), ("train", 1500)):
             written = 0
             while written < n:
-                w = word(2 + written % 7)
+                w = word(low + written % (high - low + 1))
                 if w in seen:  # a problem written twice would share its content id
                     continue
                 seen.add(w)
-                f.write(json.dumps(mirror_record(w, split)) + "\n")
+                f.write(json.dumps(family_record(family, w, split)) + "\n")
                 written += 1
     return demos, problems
 
@@ -120,14 +148,18 @@ def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, se
 
     report = run_main(Settings(home=home, device="cpu"), cfg, inputs, on_event)
     curve = heldout_curve(home, report, problems)
+    longest = max(curve[0]["by_length"], key=int)
+    reached = next((c["elapsed_s"] for c in curve if c["by_length"][longest] >= 0.9), None)
     return {"arm": arm, "mode": report["config"]["select"]["mode"], "phases": phases,
+            "longest": int(longest), "longest_heldout": [c["by_length"][longest] for c in curve],
+            "longest_0.9_at_s": reached,
             "warm_start_heldout": curve[0]["heldout_all"], "final_heldout": curve[-1]["heldout_all"],
             "best_heldout": max(c["heldout_all"] for c in curve),
             "lift": round(curve[-1]["heldout_all"] - curve[0]["heldout_all"], 3),
             "cycles_run": len(curve) - 1, "curve": curve}
 
 
-def plot(arms: list[dict], path: Path) -> None:
+def plot(arms: list[dict], path: Path, family: Family) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,11 +169,15 @@ def plot(arms: list[dict], path: Path) -> None:
     for a in arms:
         ax.plot([c["elapsed_s"] for c in a["curve"]], [c["heldout_all"] for c in a["curve"]], marker="o", label=f"{a['arm']} ({a['mode']})")
     ax.set_xlabel("seconds (warm start included)")
-    ax.set_ylabel("held-out greedy accuracy (300 problems, 2-8 letters)")
+    low, high = family.problem_lengths
+    for a in arms:
+        ax.plot([c["elapsed_s"] for c in a["curve"]], a["longest_heldout"], linestyle="--",
+                label=f"{a['arm']}: {a['longest']} letters only")
+    ax.set_ylabel(f"held-out greedy accuracy (300 problems, {low}-{high} letters)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("A JSONL-only task (mirror letters): answers vs label-free")
+    ax.set_title(f"A JSONL-only task ({family.title}): answers vs label-free")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -150,19 +186,22 @@ def plot(arms: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arms", nargs="+", choices=["answers", "label_free"], default=["answers", "label_free"])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="mirror")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-jsonl"))
-    parser.add_argument("--out", type=Path, default=RESULTS / "jsonl-family.json")
+    parser.add_argument("--out", type=Path, help="default: bench/results/jsonl-family.json, -rotate.json for rotate")
     args = parser.parse_args()
 
-    demos, problems = write_family(args.home / "files", args.seed)
+    family = FAMILIES[args.family]
+    out = args.out or RESULTS / ("jsonl-family.json" if args.family == "mirror" else f"jsonl-family-{args.family}.json")
+    demos, problems = write_family(args.home / "files", args.seed, args.family)
     arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed) for arm in args.arms]
-    summary = {"benchmark": "jsonl_family", "family": "mirror letters", "budget_s": args.budget,
+    summary = {"benchmark": "jsonl_family", "family": family.title, "budget_s": args.budget,
                "arms": {a["arm"]: {k: v for k, v in a.items() if k not in ("curve", "arm")} for a in arms}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({**summary, "curves": {a["arm"]: a["curve"] for a in arms}}, indent=2))
-    plot(arms, args.out.with_suffix(".png"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**summary, "curves": {a["arm"]: a["curve"] for a in arms}}, indent=2))
+    plot(arms, out.with_suffix(".png"), family)
     print(json.dumps(summary))
 
 
