@@ -31,7 +31,7 @@ class FineTuneConfig:
     # swapping adapters (docs/models.md)
     adapter: str = field(default="auto", metadata={
         "help": "full (every parameter trains; a version is a whole model), lora (low-rank adapters over a fixed "
-                "base train; a version is the adapter) or auto (lora for a model of 100M parameters or more, so the "
+                "base train; a version is the adapter) or auto (lora for a model of 300M parameters or more, so the "
                 "built-in policy trains full; docs/models.md)"})
     lora_rank: int = field(default=16, metadata={"help": "lora: rank of each low-rank update"})
     lora_alpha: int = field(default=32, metadata={"help": "lora: updates are scaled by lora_alpha / lora_rank"})

@@ -210,7 +210,7 @@ class Settings:
                                         "how much a candidate must beat the promoted version by on held-out problems "
                                         "(unset: LoopConfig.promote_margin)", _float)
     adapter: str | None = _env("ARBOR_ADAPTER", None, "what a train cycle fine-tunes: full (every parameter), lora "
-                               "(an adapter over the promoted version's base) or auto (lora from 100M parameters; "
+                               "(an adapter over the promoted version's base) or auto (lora from 300M parameters; "
                                "unset: LoopConfig.train, which is auto)", _adapter)
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "

@@ -205,7 +205,7 @@ def test_auto_trains_the_builtin_policy_in_full_and_a_large_model_with_lora():
     small, _ = build_builtin_policy(TINY)
     assert adapters.resolved_adapter("auto", small) == "full"
     with torch.device("meta"):  # shapes only: nothing is allocated
-        large = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+        large = LlamaForCausalLM(LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
                                              num_attention_heads=16, vocab_size=32000))
     assert sum(p.numel() for p in large.parameters()) >= adapters.LORA_FROM_PARAMETERS
     assert adapters.resolved_adapter("auto", large) == "lora"
