@@ -11,6 +11,7 @@ from dataclasses import replace
 from memory.context import exceeds_window
 from tasks import Problem
 from search import SearchConfig, SearchResult, run_search, traits_of
+from search.prompt_format import formatted_problems
 
 
 def trajectory_rows(
@@ -36,7 +37,8 @@ def search_problems(problems: list[Problem], policy, cfg: SearchConfig) -> list[
     history a refinement job accumulates. A model asked past its trained length otherwise fails."""
     if cfg.memory or cfg.recycling or not traits_of(cfg.strategy).memory or not problems:
         return run_search(problems, cfg, policy)
-    lengths = [len(ids) for ids in policy.tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids]
+    shown = formatted_problems(problems, cfg.prompt_format_for(policy), policy.tokenizer)  # what the model reads
+    lengths = [len(ids) for ids in policy.tokenizer([p.prompt for p in shown], add_special_tokens=False).input_ids]
     long = [exceeds_window(policy.model, n + cfg.max_new_tokens) for n in lengths]
     if not any(long):
         return run_search(problems, cfg, policy)

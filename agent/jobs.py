@@ -160,7 +160,8 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
             cfg = SearchConfig(**(job.params or {}).get("search", {}))
             rounds = check_rounds(job.rounds) if job.kind == "refine" else 1
             policy = get_policy()  # between jobs: a newly promoted version is picked up here, never mid-search
-            check_context(policy, problem.prompt, cfg.max_new_tokens)
+            shown = cfg.prompt_format_for(policy).apply(policy.tokenizer, problem.prompt)  # what the model reads
+            check_context(policy, shown, cfg.max_new_tokens)
             task = job_task(problem)
             solve = greedy_solver(policy, cfg) if task.label_checks() and problem.answer is None else None
             results = _search_retrying(lambda: refine(problem, policy, cfg, rounds, task, solve, on_round))
