@@ -184,11 +184,11 @@ class SelfImprovementLoop:
         t = time.monotonic()
         mastered = [key for key, value in evaluation.metric.items() if value >= cfg.threshold]
         confidences = [c for key in mastered for c in evaluation.confidence.get(key, [])]
-        # the latest metric of every difficulty, those below the evaluated window included (what proposals trust)
-        known = {**self.curriculum.known, **evaluation.metric}
         # one memo for the filters and the siblings' verdicts: both ask the same sub-problems (the split check's halves)
         solve = memoized(greedy_solver(current, search_cfg))
-        selection = select(results, self.task, cfg.select, solve, confidences, known)
+        # what proposals trust is judged by the current policy's own evaluation, never by the curriculum's older scores
+        # of lengths no longer evaluated (agent/select.py mastered_up_to)
+        selection = select(results, self.task, cfg.select, solve, confidences, evaluation.metric)
         refinements = (sibling_examples(results, selection.examples, self.task, solve)
                        if cfg.replay_refine_fraction and shows_history(current) else [])
         accepted_ids = {e["problem_id"] for e in selection.examples}

@@ -378,3 +378,58 @@ def test_a_cycle_searches_fewer_problems_as_answers_grow_past_its_token_budget(s
     assert 0 < records[1].search_tokens <= cfg.search.n * (cfg.answer_tokens_per_cycle + 3 * 7)
     unbounded = tiny_config(answer_tokens_per_cycle=None)
     assert unbounded.problems_per_cycle * 7 > 224  # without the budget all 64 would have been searched
+
+
+def test_proposals_trust_a_prefix_of_the_lengths_the_cycle_evaluated():
+    """The mastery bound runs over the difficulties one evaluation holds: the lengths it skips (between the report's
+    lengths, below the window) neither stop it nor extend it, and the first evaluated length that falls short ends
+    it."""
+    from agent.config import SelectConfig
+    from agent.select import mastered_up_to, select
+    from search import Candidate, SearchResult
+    from tasks.addition import make_problem
+
+    evaluated = {"4": 1.0, "8": 0.99, **{str(d): 1.0 for d in range(17, 21)}, "21": 0.97, "22": 1.0}
+    assert mastered_up_to(evaluated, 0.98) == 20
+    assert mastered_up_to({**evaluated, "8": 0.9}, 0.98) == 4
+    assert mastered_up_to({"3": 0.5, "4": 1.0}, 0.98) == float("-inf")
+    problem = make_problem("1234567890", "9876543210")  # 10 digits: halves of 5 and 6, never evaluated themselves
+    wrong = problem.answer[:-1] + "7"
+    samples = SearchResult(problem, [Candidate(wrong, token_ids=[1], mean_logprob=-0.1, min_logprob=-0.1,
+                                               mean_entropy=0.0, finished=True)] * 4, "best_of_n", "v0")
+    asked = []
+
+    def solve(problems):
+        asked.extend(p.difficulty for p in problems)
+        return [p.answer for p in problems]
+
+    chosen = select([samples], get_task("addition"), SelectConfig(), solve, gate_metric=evaluated)
+    assert [e["completion"] for e in chosen.examples] == [problem.answer]
+    assert chosen.filters[-1]["trusted_up_to"] == 20 and {5, 6} <= set(asked)
+    # a shorter bound than the halves: nothing is asked of the policy there, and the problem stays unlabelled
+    assert select([samples], get_task("addition"), SelectConfig(), solve,
+                  gate_metric={"4": 1.0, "5": 0.9, "17": 1.0}).examples == []
+
+
+def test_a_cycle_trusts_its_own_evaluation_over_older_scores_of_lengths_it_no_longer_evaluates(setup):
+    """A length below the frontier's window kept its score from an early cycle (0.95, under the proposals' 0.98):
+    proposals must still trust every length up to where the cycle's own evaluation falls short."""
+    from agent.evaluation import Evaluation
+    from agent.policy import Policy, build_builtin_policy
+
+    _, store, registry = setup
+    cfg = tiny_config(max_difficulty=40, report_difficulties=(4, 8), problems_per_cycle=8,
+                      select=SelectConfig(mode="label_free"))
+    loop = _loop(cfg, store, registry)
+    loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})
+    loop.curriculum.update({"5": 0.95})  # an early cycle's score: still "mastered" for the curriculum's 0.9
+    frontier = loop.curriculum.frontier_index
+    assert loop.curriculum.key(frontier) == "20"
+    keys = loop.plan.gate_keys(frontier)
+    assert "5" not in keys and "4" in keys  # 5 digits is not evaluated any more
+    scores = {k: (1.0 if int(k) < 20 else 0.0) for k in keys}
+    evaluation = Evaluation("label_free", dict(scores), dict(scores))
+    model, tokenizer = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2))
+    work = loop._search_and_select(1, Policy(model, tokenizer, "v0"), evaluation)
+    proposed = work.filters[-1]
+    assert proposed["name"] == "proposed" and proposed["trusted_up_to"] == 19
