@@ -68,6 +68,9 @@ class CycleRecord:
     seconds: dict
     elapsed_s: float
     search_tokens: int = 0  # tokens the cycle's search generated (what data sources are compared at)
+    # the accepted labels by source: found by the search, or a problem's own given answer where the search failed
+    trained_searched: int = 0
+    trained_given: int = 0
     refinement_examples: int = 0  # sibling refinement examples the cycle's mix drew from (agent/refine.py)
     stale: bool = False  # the gate promoted the candidate, but its parent was no longer the promoted version
 
@@ -91,6 +94,7 @@ class _CycleWork:
     pairs: list[dict]  # preference pairs, when the train method uses them
     refinements: list[dict]  # refinement examples from the search's siblings
     search_tokens: int
+    given: int  # examples that are a problem's own given answer
     seconds: dict = field(default_factory=dict)
 
 
@@ -202,7 +206,7 @@ class SelfImprovementLoop:
             else []
         )
         return _CycleWork(selection.examples, selection.filters, rows, pairs, refinements,
-                          sum(r.generated_tokens for r in results), seconds)
+                          sum(r.generated_tokens for r in results), selection.given, seconds)
 
     def cycle(self, cycle: int, current: Policy, evaluation: Evaluation, start_time: float) -> CycleOutcome:
         cfg = self.cfg
@@ -245,7 +249,8 @@ class SelfImprovementLoop:
         )
         seconds["eval"] = verdict.seconds
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
-                      "filters": work.filters, "mode": cfg.select.mode, "run": self.name, "train": train_stats}
+                      "given_answers": work.given, "filters": work.filters, "mode": cfg.select.mode, "run": self.name,
+                      "train": train_stats}
         t = time.monotonic()
         version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on,
                                      metrics=verdict.metrics(), draft_source=current.draft_source)
@@ -262,7 +267,7 @@ class SelfImprovementLoop:
                 self.curriculum.update(after_eval.metric)
             record = self._record(cycle, after.version, version, promoted, after_eval, work.filters, len(work.examples),
                                   train_stats, seconds, start_time, search_tokens=work.search_tokens,
-                                  refinement_examples=len(work.refinements),
+                                  refinement_examples=len(work.refinements), given=work.given,
                                   gate={"candidate": verdict.candidate_score, "current": verdict.current_score},
                                   stale=verdict.promote and not promoted)
             outcomes[promoted] = CycleOutcome(record, after, after_eval)
@@ -281,14 +286,15 @@ class SelfImprovementLoop:
         return {"known": dict(self.curriculum.known), "evaluation": evaluation.stored()}
 
     def _record(self, cycle, version, candidate, promoted, evaluation: Evaluation, filters, accepted, train, seconds,
-                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0) -> CycleRecord:
+                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0, given=0) -> CycleRecord:
         return CycleRecord(
             cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
             frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation.accuracy),
             self_verified=dict(evaluation.self_verified), gate=gate or {}, accepted=accepted, filters=filters,
             train=train, seconds={k: round(v, 2) for k, v in seconds.items()},
             elapsed_s=round(time.monotonic() - start_time, 1), search_tokens=search_tokens,
-            refinement_examples=refinement_examples, stale=stale,
+            refinement_examples=refinement_examples, stale=stale, trained_searched=accepted - given,
+            trained_given=given,
         )
 
     def _commit(self, record: CycleRecord, evaluation: Evaluation, rows: list[dict] = ()) -> CycleRecord:

@@ -56,14 +56,21 @@ def time_per_cycle(cycles: list[dict]) -> list[dict]:
     return rows
 
 
+def trained_on(cycles: list[dict]) -> dict:
+    """The run's accepted labels by source, over all its cycles: found by the search, or a problem's own given answer
+    where the search found none that verified."""
+    return {"searched": sum(c.get("trained_searched", c["accepted"]) for c in cycles),
+            "given": sum(c.get("trained_given", 0) for c in cycles)}
+
+
 def write_report(run_dir: Path, records: list, final_policy: str, config: dict, extra: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cycles = [asdict(r) for r in records]
     times = time_per_cycle(cycles)
-    report = {"cycles": cycles, "time_per_cycle": times, "final_policy": final_policy, "config": config,
-              **(extra or {})}
+    report = {"cycles": cycles, "time_per_cycle": times, "trained_on": trained_on(cycles), "final_policy": final_policy,
+              "config": config, **(extra or {})}
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
-    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy) + _time_table(times))
+    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy, report["trained_on"]) + _time_table(times))
     _plot(cycles, run_dir / "learning_curve.png")
     _plot_time(times, run_dir / "time_per_cycle.png")
     return report
@@ -102,21 +109,27 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def _markdown(cycles: list[dict], final_policy: str) -> str:
+def _markdown(cycles: list[dict], final_policy: str, sources: dict) -> str:
     keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
     shown = keys if len(keys) <= 12 else [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
+    given = sources["given"] > 0
     head = (
         "| cycle | time (s) | policy | frontier | "
         + " | ".join(f"d={k}" for k in shown)
-        + " | accepted | train loss | promoted |"
+        + (" | searched | given" if given else " | accepted")
+        + " | train loss | promoted |"
     )
-    lines = ["# Arbor run", "", f"Final policy: `{final_policy}`", "", "Held-out greedy accuracy per difficulty:", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
+    lines = ["# Arbor run", "", f"Final policy: `{final_policy}`", "",
+             f"Trained on {sources['searched']} labels the search found"
+             + (f" and {sources['given']} given answers (problems the search failed)" if given else "") + ".", "",
+             "Held-out greedy accuracy per difficulty:", "", head, "|" + "---|" * (head.count("|") - 1)]
     for c in cycles:
         accs = " | ".join(f"{c['heldout'][k]:.2f}" if k in c["heldout"] else "" for k in shown)
         loss = c["train"].get("train_loss")
+        labels = (f"{c.get('trained_searched', c['accepted'])} | {c.get('trained_given', 0)}" if given
+                  else str(c["accepted"]))
         lines.append(
-            f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {c['accepted']} | "
+            f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {labels} | "
             f"{'' if loss is None else f'{loss:.3f}'} | {'yes' if c['promoted'] else ('-' if c['candidate'] is None else 'no')} |"
         )
     lines += [

@@ -40,6 +40,12 @@ class Selection:
     examples: list[dict]  # {"prompt", "completion", "problem_id"}
     filters: list[dict] = field(default_factory=list)  # name, kept, kept_fraction, precision
     mode: str = "label_free"  # the rule that accepted the labels; preference pairs judge the siblings by it
+    given: int = 0  # examples that are a problem's own given answer (the search found none that verified)
+
+    @property
+    def searched(self) -> int:
+        """Examples the search found (the rest are given answers)."""
+        return len(self.examples) - self.given
 
 
 def _precision(items: list[Pseudo], task: Task) -> float | None:
@@ -338,4 +344,4 @@ def _select_verified(results: list[SearchResult], given_answers: bool) -> Select
                 "precision": 1.0 if examples else None,
             }
         )
-    return Selection(examples, report, mode="verifier")
+    return Selection(examples, report, mode="verifier", given=given)

@@ -433,3 +433,38 @@ def test_a_cycle_trusts_its_own_evaluation_over_older_scores_of_lengths_it_no_lo
     work = loop._search_and_select(1, Policy(model, tokenizer, "v0"), evaluation)
     proposed = work.filters[-1]
     assert proposed["name"] == "proposed" and proposed["trusted_up_to"] == 19
+
+
+def test_problems_the_search_fails_train_on_the_answers_the_user_gave_and_the_curriculum_moves_on(setup):
+    """An untrained policy never finds these answers: every label is the problem's own answer, the candidate learns
+    them, the frontier passes the length they taught, and the record and report count labels by source."""
+    import json
+    from agent.curriculum import FileSource
+    from agent.report import write_report
+    from tasks import Problem, Task
+    from tests.support import tiny_promoted_policy
+
+    settings, store, registry = setup
+    v0 = tiny_promoted_policy(registry)
+    # one answer to every problem: learnable in a few dozen steps, never sampled by chance
+    problems = [Problem(f"{i:0{d}d}>", "yes", id=f"{split}-{d}-{i}", difficulty=d, split=split)
+                for d in (1, 2) for split in ("train", "heldout") for i in range(10 ** d)]
+    cfg = tiny_config(select=SelectConfig(mode="verifier"), problems_per_cycle=40, report_difficulties=(),
+                      replay_refine_fraction=0.0, train=TrainConfig(learning_rate=5e-3, time_budget_s=60.0, max_steps=20))
+    source = FileSource(problems, Task(), max_new_tokens=4)
+    loop = SelfImprovementLoop(cfg, store, registry, source, seed_examples=[])
+    runs = RunStore(store)
+    runs.create("given", asdict(cfg), {})
+    runs.set_base("given", v0, promote=False)
+    records = loop.run("given", time.monotonic())
+    before, after = records
+    assert before.frontier == "1" and before.heldout == {"1": 0.0, "2": 0.0}
+    assert after.trained_given > 0 and after.trained_searched + after.trained_given == after.accepted
+    assert after.promoted and min(after.heldout.values()) >= cfg.threshold, (after.heldout, after.seconds)
+    assert after.frontier is None  # learned from the given answers alone: the curriculum moved on past both
+    assert {r.version: r for r in store.policies()}["v1"].trained_on["given_answers"] == after.trained_given
+    report = write_report(settings.home / "report", records, "v1", {})
+    assert report["trained_on"] == {"searched": after.trained_searched, "given": after.trained_given}
+    text = (settings.home / "report" / "report.md").read_text()
+    assert f"and {after.trained_given} given answers" in text and "| searched | given |" in text
+    assert json.loads((settings.home / "report" / "report.json").read_text())["cycles"][1]["trained_given"] > 0

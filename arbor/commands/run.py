@@ -31,8 +31,10 @@ def _cycle_row(record) -> list[str]:
     accs = " ".join(f"{k}:{record.heldout[k]:.2f}" for k in shown)
     loss = record.train.get("train_loss")
     status = "yes" if record.promoted else ("-" if record.candidate is None else "no")
+    accepted = (f"{record.trained_searched}+{record.trained_given} given" if record.trained_given
+                else str(record.accepted))
     return [str(record.cycle), f"{record.elapsed_s:.0f}", record.policy_version, str(record.frontier), accs,
-            str(record.accepted), "" if loss is None else f"{loss:.3f}", status]
+            accepted, "" if loss is None else f"{loss:.3f}", status]
 
 
 # the options a resumed run may be given: when to stop (agent/runner.py RESUME_CHANGES) and where it runs
