@@ -61,7 +61,7 @@ class CycleRecord:
     frontier: str | None
     heldout: dict  # the current policy's held-out accuracy per key
     self_verified: dict
-    gate: dict
+    gate: dict  # candidate and current gate scores; fell: {key: {before, after}} where the candidate scored lower
     accepted: int
     filters: list
     train: dict
@@ -268,7 +268,8 @@ class SelfImprovementLoop:
             record = self._record(cycle, after.version, version, promoted, after_eval, work.filters, len(work.examples),
                                   train_stats, seconds, start_time, search_tokens=work.search_tokens,
                                   refinement_examples=len(work.refinements), given=work.given,
-                                  gate={"candidate": verdict.candidate_score, "current": verdict.current_score},
+                                  gate={"candidate": verdict.candidate_score, "current": verdict.current_score,
+                                        "fell": verdict.fell()},
                                   stale=verdict.promote and not promoted)
             outcomes[promoted] = CycleOutcome(record, after, after_eval)
             return asdict(record), self._state(after_eval)

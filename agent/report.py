@@ -56,6 +56,20 @@ def time_per_cycle(cycles: list[dict]) -> list[dict]:
     return rows
 
 
+NONE_FELL = "no length fell, and the gain was within the promotion margin"
+
+
+def fell_text(gate: dict, most: int | None = None) -> str:
+    """The lengths where a candidate scored below the current policy, as `key before->after`, easiest first (`most`:
+    the largest drops only); empty when none fell."""
+    fell = gate.get("fell") or {}
+    keys = _difficulty_sort(fell)
+    if most is not None and len(keys) > most:
+        largest = sorted(keys, key=lambda k: fell[k]["after"] - fell[k]["before"])[:most]
+        keys = [k for k in keys if k in largest]
+    return ", ".join(f"{k} {fell[k]['before']:.2f}->{fell[k]['after']:.2f}" for k in keys)
+
+
 def trained_on(cycles: list[dict]) -> dict:
     """The run's accepted labels by source, over all its cycles: found by the search, or a problem's own given answer
     where the search found none that verified."""
@@ -132,6 +146,11 @@ def _markdown(cycles: list[dict], final_policy: str, sources: dict) -> str:
             f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {labels} | "
             f"{'' if loss is None else f'{loss:.3f}'} | {'yes' if c['promoted'] else ('-' if c['candidate'] is None else 'no')} |"
         )
+    rejected = [c for c in cycles if c["candidate"] is not None and not c["promoted"] and not c.get("stale")]
+    if rejected:
+        lines += ["", "Rejected candidates: the lengths where each scored below the current policy (gate metric, "
+                  "current -> candidate):", ""]
+        lines += [f"- cycle {c['cycle']}: " + (fell_text(c.get("gate", {})) or NONE_FELL) for c in rejected]
     lines += [
         "",
         "Label filters per cycle (kept fraction / pseudo-label precision; ground truth read only for this report):",

@@ -97,6 +97,20 @@ def test_gate_rejects_a_worse_candidate(setup):
     records = _run(broken, store, registry, v0)
     assert records[1].candidate == "v1" and not records[1].promoted
     assert records[1].gate["candidate"] < records[1].gate["current"]
+    # the record, the report and the console line say which lengths fell, and from what to what
+    fell = records[1].gate["fell"]
+    assert fell and all(f["after"] < f["before"] for f in fell.values())
+    assert set(fell) <= set(records[1].heldout) and all(fell[k]["before"] == records[0].heldout[k] for k in fell)
+    from agent.report import write_report
+    from arbor.commands.run import _cycle_row
+
+    worst = min(fell, key=lambda k: fell[k]["after"] - fell[k]["before"])
+    shown = f"{worst} {fell[worst]['before']:.2f}->{fell[worst]['after']:.2f}"
+    assert _cycle_row(records[1])[-1].startswith("no, fell: ") and shown in _cycle_row(records[1])[-1]
+    write_report(settings.home / "report", records, v0, {})
+    text = (settings.home / "report" / "report.md").read_text()
+    assert "Rejected candidates" in text and shown in next(line for line in text.splitlines()
+                                                            if line.startswith("- cycle 1: "))
     assert registry.promoted()[0] == v0
     assert {r.version: r.status for r in store.policies()} == {"v0": "promoted", "v1": "rejected"}
 
