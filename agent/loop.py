@@ -114,7 +114,9 @@ class SelfImprovementLoop:
         self.on_cycle = on_cycle  # called with every record of the run, the recorded ones first
         self.should_stop = should_stop  # a caller's own stop (a benchmark's target), checked after every cycle
         self.accepted: list[list[dict]] = []  # labels accepted per cycle, for replay
-        self.curriculum = Curriculum(source.difficulties(), cfg.threshold)
+        reported = [str(d) for d in cfg.report_difficulties]
+        self.curriculum = Curriculum(source.difficulties(), cfg.threshold,
+                                     horizon=max(reported, key=int) if reported else None)
         self.plan = CyclePlan(cfg, self.curriculum, source)
         self.name: str | None = None
 

@@ -38,6 +38,18 @@ def _difficulty_sort(keys):
     return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
 
 
+def _shown_keys(cycles: list[dict], most: int) -> list[str]:
+    """At most about `most` difficulties to show: all when they fit, else those every cycle evaluated (the report's
+    own lengths; the frontier's window moves), else every other one."""
+    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
+    if len(keys) <= most:
+        return keys
+    steady = [k for k in keys if all(k in c["heldout"] for c in cycles)]
+    if 2 <= len(steady) <= most:
+        return steady
+    return [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
+
+
 # where a cycle's time goes, in the order a cycle spends it (CycleRecord.seconds keys), and what the report calls it
 PHASES = {"warm_start": "warm start", "search": "search", "select": "selection and checks", "train": "training",
           "eval": "evaluation and gate", "save": "saving"}
@@ -124,8 +136,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _markdown(cycles: list[dict], final_policy: str, sources: dict) -> str:
-    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
-    shown = keys if len(keys) <= 12 else [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
+    shown = _shown_keys(cycles, 16)
     given = sources["given"] > 0
     head = (
         "| cycle | time (s) | policy | frontier | "
@@ -167,8 +178,8 @@ def _markdown(cycles: list[dict], final_policy: str, sources: dict) -> str:
 
 
 def _plot(cycles: list[dict], path: Path) -> None:
-    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
-    if len(keys) > 8:
+    keys = _shown_keys(cycles, 14)
+    if len(keys) > 14:
         keys = [k for k in keys if k.isdigit() and int(k) % 4 == 0] or keys[:8]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     minutes = [c["elapsed_s"] / 60 for c in cycles]
@@ -180,6 +191,6 @@ def _plot(cycles: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out greedy accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8, ncol=2 if len(keys) > 7 else 1)
     ax.set_title("Arbor self-improvement: accuracy per difficulty")
     _save(fig, path)

@@ -482,3 +482,40 @@ def test_problems_the_search_fails_train_on_the_answers_the_user_gave_and_the_cu
     text = (settings.home / "report" / "report.md").read_text()
     assert f"and {after.trained_given} given answers" in text and "| searched | given |" in text
     assert json.loads((settings.home / "report" / "report.json").read_text())["cycles"][1]["trained_given"] > 0
+
+
+def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_them(setup):
+    """Under the loop's defaults a 100-digit problem fits the built-in policy (prompt, 101-digit answer and end within
+    its positions, its decode budget and a fine-tune's sequences), goes through the greedy evaluation and is in the
+    cycle record; past the report's longest length nothing is trained or evaluated before the frontier gets there."""
+    from agent.jobs import check_context
+    from agent.policy import Policy, build_builtin_policy, coupled_positions
+
+    defaults = LoopConfig()
+    assert max(defaults.report_difficulties) == 100 and defaults.max_difficulty > 100
+    addition = get_task("addition")
+    problem = addition.generate(100, 1, seed=0, split="heldout")[0]
+    model, tokenizer = build_builtin_policy(defaults.builtin)
+    sequence = tokenizer(problem.prompt + problem.answer + tokenizer.eos_token)["input_ids"]
+    answer = tokenizer(problem.answer + tokenizer.eos_token)["input_ids"]
+    assert len(answer) == 102 <= addition.max_new_tokens(100) and len(sequence) <= defaults.train.max_length
+    check_context(Policy(model, tokenizer, "v0"), problem.prompt, addition.max_new_tokens(100))  # no ContextTooLong
+    ids = torch.tensor([sequence])
+    positions, _ = coupled_positions(model.config, ids, torch.ones_like(ids))
+    assert int(positions.max()) < defaults.builtin.max_positions
+
+    settings, store, registry = setup
+    cfg = tiny_config(cycles=0, report_difficulties=defaults.report_difficulties, max_difficulty=defaults.max_difficulty,
+                      heldout_past_window=2)
+    tiny, tokenizer = build_builtin_policy(cfg.builtin)
+    v0 = registry.save(tiny, tokenizer, parent=None, trained_on={})
+    records = _run(cfg, store, registry, v0)
+    assert "100" in records[0].heldout and str(defaults.max_difficulty) not in records[0].heldout
+    loop = _loop(cfg, store, registry)
+    horizon = loop.curriculum.keys.index("100")
+    loop.curriculum.update({str(d): 1.0 for d in range(1, 90)})  # frontier 90: stride 18 would aim at 108 and 126
+    assert loop.plan.training_keys(loop.curriculum.frontier_index, {}) == ["90", "100", "100"]
+    assert loop.plan.gate_keys(loop.curriculum.frontier_index)[-1] == "100"
+    loop.curriculum.update({str(d): 1.0 for d in range(90, 101)})  # past the report's longest: the curriculum goes on
+    assert loop.curriculum.frontier_index == horizon + 1
+    assert loop.plan.training_keys(loop.curriculum.frontier_index, {}) == ["101", "121", "141"]
