@@ -42,11 +42,6 @@ class Selection:
     mode: str = "label_free"  # the rule that accepted the labels; preference pairs judge the siblings by it
     given: int = 0  # examples that are a problem's own given answer (the search found none that verified)
 
-    @property
-    def searched(self) -> int:
-        """Examples the search found (the rest are given answers)."""
-        return len(self.examples) - self.given
-
 
 def _precision(items: list[Pseudo], task: Task) -> float | None:
     judged = [p for p in items if p.result.problem.answer is not None]
@@ -203,8 +198,8 @@ def proposals_in_use(task: Task, cfg: SelectConfig) -> bool:
 
 
 def mastered_up_to(metric: dict, bar: float) -> float:
-    """The longest difficulty below which every difficulty `metric` holds reaches `bar`: the easiest up to the first
-    that falls short. `metric` is one evaluation's (the current policy's, at the lengths the cycle evaluated):
+    """The longest difficulty up to which every difficulty `metric` holds reaches `bar`: from the easiest up to the
+    first that falls short. `metric` is one evaluation's (the current policy's, at the lengths the cycle evaluated):
     a length it skips, below the frontier's window or between the report's lengths, neither breaks the prefix nor
     extends it with an older score (a score kept from an early cycle once stopped the prefix at 4 digits while the
     lengths up to 27 self-verified at 0.97-1.00). -inf when the easiest difficulty evaluated falls short."""
