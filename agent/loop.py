@@ -28,7 +28,7 @@ from agent.refine import shows_history, sibling_examples
 from agent.select import memoized, select
 from agent.job_search import trajectory_rows
 from agent.store import Store
-from search import run_search
+from search import SearchConfig, run_search
 
 
 def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict], cfg: LoopConfig,
@@ -121,8 +121,16 @@ class SelfImprovementLoop:
         self.name: str | None = None
 
     def evaluate(self, policy, frontier_index: int | None) -> Evaluation:
-        return evaluate_policy(policy, self.plan.heldout_problems(frontier_index), self.cfg.eval_search, self.task,
-                               self.plan.gate_keys(frontier_index), self.cfg.select.mode)
+        heldout = self.plan.heldout_problems(frontier_index)
+        return evaluate_policy(policy, heldout, self.eval_search(heldout), self.task, self.plan.gate_keys(frontier_index),
+                               self.cfg.select.mode)
+
+    def eval_search(self, heldout: dict) -> SearchConfig:
+        """The held-out search, with room for the longest answer evaluated (a built-in task's is exact: a 100-digit
+        sum needs 102 tokens, past the search's default)."""
+        problems = [p for ps in heldout.values() for p in ps]
+        return replace(self.cfg.eval_search, max_new_tokens=self.source.max_new_tokens(problems)) if problems \
+            else self.cfg.eval_search
 
     def training_mix(self, cycle: int, refinements: list[dict] = ()) -> list[dict]:
         newest = self.accepted[-1] if self.accepted else []
@@ -238,11 +246,12 @@ class SelfImprovementLoop:
         model, train_stats = train_candidate(current, mix, work.pairs, cfg.train, cfg.train_method, cfg.preference)
         seconds["train"] = time.monotonic() - t
         candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source)
+        heldout = self.plan.heldout_problems(frontier_index)
         verdict = judge(
             candidate,
             current,
-            self.plan.heldout_problems(frontier_index),
-            cfg.eval_search,
+            heldout,
+            self.eval_search(heldout),
             self.task,
             cfg.select.mode,
             cfg.promote_margin,

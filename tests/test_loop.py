@@ -484,7 +484,7 @@ def test_problems_the_search_fails_train_on_the_answers_the_user_gave_and_the_cu
     assert json.loads((settings.home / "report" / "report.json").read_text())["cycles"][1]["trained_given"] > 0
 
 
-def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_them(setup):
+def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_them(setup, monkeypatch):
     """Under the loop's defaults a 100-digit problem fits the built-in policy (prompt, 101-digit answer and end within
     its positions, its decode budget and a fine-tune's sequences), goes through the greedy evaluation and is in the
     cycle record; past the report's longest length nothing is trained or evaluated before the frontier gets there."""
@@ -509,8 +509,16 @@ def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_th
                       heldout_past_window=2)
     tiny, tokenizer = build_builtin_policy(cfg.builtin)
     v0 = registry.save(tiny, tokenizer, parent=None, trained_on={})
+    import agent.loop
+
+    budgets, real = [], agent.loop.evaluate_policy
+    monkeypatch.setattr(agent.loop, "evaluate_policy",
+                        lambda policy, by, search, *a: budgets.append((sorted(by, key=int), search.max_new_tokens))
+                        or real(policy, by, search, *a))
     records = _run(cfg, store, registry, v0)
     assert "100" in records[0].heldout and str(defaults.max_difficulty) not in records[0].heldout
+    # the evaluation's greedy search has room for a 101-digit answer and its end (the search's default is 64 tokens)
+    assert budgets[0][0][-1] == "100" and budgets[0][1] >= 102
     loop = _loop(cfg, store, registry)
     horizon = loop.curriculum.keys.index("100")
     loop.curriculum.update({str(d): 1.0 for d in range(1, 90)})  # frontier 90: stride 18 would aim at 108 and 126
