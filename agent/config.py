@@ -216,8 +216,11 @@ class LoopConfig:
                 "furthest one that does (unset: no fallback)"})
     heldout_per_difficulty: int = field(default=100, metadata={
         "help": "held-out problems per difficulty (built-in task)"})
-    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40), metadata={
-        "help": "difficulties always evaluated for the report"})
+    # past the frontier's window a report length costs its 25 sampled answers (heldout_past_window): 60, 80 and 100
+    # digits decode in about half the time of 50-100 in steps of 10
+    report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40, 60, 80, 100), metadata={
+        "help": "difficulties always evaluated for the report; the longest is also how far the curriculum trains and "
+                "evaluates ahead of a frontier below it"})
     # a report's difficulties far past the frontier score 0 for most of a run, and their long answers made up most
     # of an evaluation's decoding: a sample tells the report as much there
     heldout_past_window: int | None = field(default=25, metadata={
@@ -225,7 +228,9 @@ class LoopConfig:
                 "held-out problems (unset: all); the window and everything below it always use all"})
     eval_ahead: int = field(default=3, metadata={
         "help": "also evaluate this many difficulties past the frontier (at least as far as the cycle trains)"})
-    max_difficulty: int = field(default=40, metadata={"help": "hardest difficulty the curriculum reaches"})
+    # 160-digit addition (prompt, answer and end: 485 tokens) still fits the built-in policy's 512 positions and a
+    # fine-tune's 512-token sequences
+    max_difficulty: int = field(default=160, metadata={"help": "hardest difficulty the curriculum reaches"})
     threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
     promote_margin: float = field(default=0.0, metadata={
         "help": "a candidate must beat the current policy on held-out problems by more than this"})

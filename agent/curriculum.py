@@ -14,12 +14,20 @@ from tasks import Problem, Task
 
 
 class Curriculum:
-    def __init__(self, keys: list[str], threshold: float, window: int = 3):
+    def __init__(self, keys: list[str], threshold: float, window: int = 3, horizon: str | None = None):
         self.keys = keys
         self.threshold = threshold
         self.window = window  # difficulties below the frontier still evaluated every cycle (forgetting)
         self.frontier_index: int | None = 0
         self.known: dict[str, float] = {}  # latest metric per difficulty, including ones no longer evaluated
+        # the report's longest difficulty: nothing past it is trained or evaluated around the frontier before the
+        # frontier passes it (the lengths past the frontier grow with it, and their long answers cost the most)
+        self.horizon_index = keys.index(horizon) if horizon in keys else None
+
+    def last_index(self, frontier_index: int | None) -> int:
+        """The furthest difficulty a cycle at `frontier_index` may train or evaluate around the frontier."""
+        reached = frontier_index is None or self.horizon_index is None or frontier_index > self.horizon_index
+        return len(self.keys) - 1 if reached else self.horizon_index
 
     def key(self, index: int | None) -> str | None:
         return None if index is None else self.keys[index]
@@ -38,7 +46,8 @@ class Curriculum:
         """The difficulties evaluated around the frontier: `window` below it up to `ahead` past it."""
         if frontier_index is None:
             return self.keys
-        return self.keys[max(0, frontier_index - self.window) : frontier_index + ahead + 1]
+        last = min(frontier_index + ahead, self.last_index(frontier_index))
+        return self.keys[max(0, frontier_index - self.window) : last + 1]
 
     def eval_keys(self, frontier_index: int | None, ahead: int, report: tuple[int, ...]) -> list[str]:
         wanted = set(self.keys_up_to(frontier_index, ahead)) | {str(d) for d in report}

@@ -60,6 +60,13 @@ class Verdict:
     keys: list[str]  # the held-out keys the scores average over
     seconds: float
 
+    def fell(self) -> dict[str, dict[str, float]]:
+        """The keys where the candidate scores below the current policy: the gate metric before (current) and after
+        (candidate), what a rejection is explained by."""
+        before, after = self.current.metric, self.candidate.metric
+        return {k: {"before": before[k], "after": after[k]} for k in self.keys
+                if k in before and k in after and after[k] < before[k]}
+
     def metrics(self) -> dict:
         """What the candidate's version records."""
         return {"heldout": self.candidate.accuracy, "self_verified": self.candidate.self_verified,

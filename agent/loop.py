@@ -28,7 +28,7 @@ from agent.refine import shows_history, sibling_examples
 from agent.select import memoized, select
 from agent.job_search import trajectory_rows
 from agent.store import Store
-from search import run_search
+from search import SearchConfig, run_search
 
 
 def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict], cfg: LoopConfig,
@@ -61,13 +61,16 @@ class CycleRecord:
     frontier: str | None
     heldout: dict  # the current policy's held-out accuracy per key
     self_verified: dict
-    gate: dict
+    gate: dict  # candidate and current gate scores; fell: {key: {before, after}} where the candidate scored lower
     accepted: int
     filters: list
     train: dict
     seconds: dict
     elapsed_s: float
     search_tokens: int = 0  # tokens the cycle's search generated (what data sources are compared at)
+    # the accepted labels by source: found by the search, or a problem's own given answer where the search failed
+    trained_searched: int = 0
+    trained_given: int = 0
     refinement_examples: int = 0  # sibling refinement examples the cycle's mix drew from (agent/refine.py)
     stale: bool = False  # the gate promoted the candidate, but its parent was no longer the promoted version
 
@@ -91,6 +94,7 @@ class _CycleWork:
     pairs: list[dict]  # preference pairs, when the train method uses them
     refinements: list[dict]  # refinement examples from the search's siblings
     search_tokens: int
+    given: int  # examples that are a problem's own given answer
     seconds: dict = field(default_factory=dict)
 
 
@@ -110,13 +114,23 @@ class SelfImprovementLoop:
         self.on_cycle = on_cycle  # called with every record of the run, the recorded ones first
         self.should_stop = should_stop  # a caller's own stop (a benchmark's target), checked after every cycle
         self.accepted: list[list[dict]] = []  # labels accepted per cycle, for replay
-        self.curriculum = Curriculum(source.difficulties(), cfg.threshold)
+        reported = [str(d) for d in cfg.report_difficulties]
+        self.curriculum = Curriculum(source.difficulties(), cfg.threshold,
+                                     horizon=max(reported, key=int) if reported else None)
         self.plan = CyclePlan(cfg, self.curriculum, source)
         self.name: str | None = None
 
     def evaluate(self, policy, frontier_index: int | None) -> Evaluation:
-        return evaluate_policy(policy, self.plan.heldout_problems(frontier_index), self.cfg.eval_search, self.task,
-                               self.plan.gate_keys(frontier_index), self.cfg.select.mode)
+        heldout = self.plan.heldout_problems(frontier_index)
+        return evaluate_policy(policy, heldout, self.eval_search(heldout), self.task, self.plan.gate_keys(frontier_index),
+                               self.cfg.select.mode)
+
+    def eval_search(self, heldout: dict) -> SearchConfig:
+        """The held-out search, with room for the longest answer evaluated (a built-in task's is exact: a 100-digit
+        sum needs 102 tokens, past the search's default)."""
+        problems = [p for ps in heldout.values() for p in ps]
+        return replace(self.cfg.eval_search, max_new_tokens=self.source.max_new_tokens(problems)) if problems \
+            else self.cfg.eval_search
 
     def training_mix(self, cycle: int, refinements: list[dict] = ()) -> list[dict]:
         newest = self.accepted[-1] if self.accepted else []
@@ -191,11 +205,11 @@ class SelfImprovementLoop:
         t = time.monotonic()
         mastered = [key for key, value in evaluation.metric.items() if value >= cfg.threshold]
         confidences = [c for key in mastered for c in evaluation.confidence.get(key, [])]
-        # the latest metric of every difficulty, those below the evaluated window included (what proposals trust)
-        known = {**self.curriculum.known, **evaluation.metric}
         # one memo for the filters and the siblings' verdicts: both ask the same sub-problems (the split check's halves)
         solve = memoized(greedy_solver(current, search_cfg))
-        selection = select(results, self.task, cfg.select, solve, confidences, known)
+        # what proposals trust is judged by the current policy's own evaluation, never by the curriculum's older scores
+        # of lengths no longer evaluated (agent/select.py mastered_up_to)
+        selection = select(results, self.task, cfg.select, solve, confidences, evaluation.metric)
         refinements = (sibling_examples(results, selection.examples, self.task, solve)
                        if cfg.replay_refine_fraction and shows_history(current) else [])
         accepted_ids = {e["problem_id"] for e in selection.examples}
@@ -209,7 +223,7 @@ class SelfImprovementLoop:
             else []
         )
         return _CycleWork(selection.examples, selection.filters, rows, pairs, refinements,
-                          sum(r.generated_tokens for r in results), seconds)
+                          sum(r.generated_tokens for r in results), selection.given, seconds)
 
     def cycle(self, cycle: int, current: Policy, evaluation: Evaluation, start_time: float) -> CycleOutcome:
         cfg = self.cfg
@@ -240,11 +254,12 @@ class SelfImprovementLoop:
         seconds["train"] = time.monotonic() - t
         candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source,
                            prompt_format=current.prompt_format)
+        heldout = self.plan.heldout_problems(frontier_index)
         verdict = judge(
             candidate,
             current,
-            self.plan.heldout_problems(frontier_index),
-            cfg.eval_search,
+            heldout,
+            self.eval_search(heldout),
             self.task,
             cfg.select.mode,
             cfg.promote_margin,
@@ -253,7 +268,8 @@ class SelfImprovementLoop:
         )
         seconds["eval"] = verdict.seconds
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
-                      "filters": work.filters, "mode": cfg.select.mode, "run": self.name, "train": train_stats}
+                      "given_answers": work.given, "filters": work.filters, "mode": cfg.select.mode, "run": self.name,
+                      "train": train_stats}
         t = time.monotonic()
         version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on,
                                      metrics=verdict.metrics(), draft_source=current.draft_source,
@@ -270,8 +286,9 @@ class SelfImprovementLoop:
                 self.curriculum.update(after_eval.metric)
             record = self._record(cycle, after.version, version, promoted, after_eval, work.filters, len(work.examples),
                                   train_stats, seconds, start_time, search_tokens=work.search_tokens,
-                                  refinement_examples=len(work.refinements),
-                                  gate={"candidate": verdict.candidate_score, "current": verdict.current_score},
+                                  refinement_examples=len(work.refinements), given=work.given,
+                                  gate={"candidate": verdict.candidate_score, "current": verdict.current_score,
+                                        "fell": verdict.fell()},
                                   stale=verdict.promote and not promoted)
             outcomes[promoted] = CycleOutcome(record, after, after_eval)
             return asdict(record), self._state(after_eval)
@@ -289,14 +306,15 @@ class SelfImprovementLoop:
         return {"known": dict(self.curriculum.known), "evaluation": evaluation.stored()}
 
     def _record(self, cycle, version, candidate, promoted, evaluation: Evaluation, filters, accepted, train, seconds,
-                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0) -> CycleRecord:
+                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0, given=0) -> CycleRecord:
         return CycleRecord(
             cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
             frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation.accuracy),
             self_verified=dict(evaluation.self_verified), gate=gate or {}, accepted=accepted, filters=filters,
             train=train, seconds={k: round(v, 2) for k, v in seconds.items()},
             elapsed_s=round(time.monotonic() - start_time, 1), search_tokens=search_tokens,
-            refinement_examples=refinement_examples, stale=stale,
+            refinement_examples=refinement_examples, stale=stale, trained_searched=accepted - given,
+            trained_given=given,
         )
 
     def _commit(self, record: CycleRecord, evaluation: Evaluation, rows: list[dict] = ()) -> CycleRecord:

@@ -38,7 +38,7 @@ class CyclePlan:
         keys, stride, floor = self.curriculum.keys, self.stride(frontier_index), self.cfg.min_label_yield
         chosen = []
         for offset in range(len(self.cfg.frontier_spread)):
-            i = min(frontier_index + offset * stride, len(keys) - 1)
+            i = min(frontier_index + offset * stride, self.curriculum.last_index(frontier_index))
             if floor is not None and self._labels_need_the_policy_right():
                 while i > frontier_index and metric.get(keys[i], 0.0) < floor:
                     i -= 1

@@ -38,6 +38,18 @@ def _difficulty_sort(keys):
     return sorted(keys, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
 
 
+def _shown_keys(cycles: list[dict], most: int) -> list[str]:
+    """At most about `most` difficulties to show: all when they fit, else those every cycle evaluated (the report's
+    own lengths; the frontier's window moves), else every other one."""
+    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
+    if len(keys) <= most:
+        return keys
+    steady = [k for k in keys if all(k in c["heldout"] for c in cycles)]
+    if 2 <= len(steady) <= most:
+        return steady
+    return [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
+
+
 # where a cycle's time goes, in the order a cycle spends it (CycleRecord.seconds keys), and what the report calls it
 PHASES = {"warm_start": "warm start", "search": "search", "select": "selection and checks", "train": "training",
           "eval": "evaluation and gate", "save": "saving"}
@@ -56,14 +68,35 @@ def time_per_cycle(cycles: list[dict]) -> list[dict]:
     return rows
 
 
+NONE_FELL = "no length fell, and the gain was within the promotion margin"
+
+
+def fell_text(gate: dict, most: int | None = None) -> str:
+    """The lengths where a candidate scored below the current policy, as `key before->after`, easiest first (`most`:
+    the largest drops only); empty when none fell."""
+    fell = gate.get("fell") or {}
+    keys = _difficulty_sort(fell)
+    if most is not None and len(keys) > most:
+        largest = sorted(keys, key=lambda k: fell[k]["after"] - fell[k]["before"])[:most]
+        keys = [k for k in keys if k in largest]
+    return ", ".join(f"{k} {fell[k]['before']:.2f}->{fell[k]['after']:.2f}" for k in keys)
+
+
+def trained_on(cycles: list[dict]) -> dict:
+    """The run's accepted labels by source, over all its cycles: found by the search, or a problem's own given answer
+    where the search found none that verified."""
+    return {"searched": sum(c.get("trained_searched", c["accepted"]) for c in cycles),
+            "given": sum(c.get("trained_given", 0) for c in cycles)}
+
+
 def write_report(run_dir: Path, records: list, final_policy: str, config: dict, extra: dict | None = None) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     cycles = [asdict(r) for r in records]
     times = time_per_cycle(cycles)
-    report = {"cycles": cycles, "time_per_cycle": times, "final_policy": final_policy, "config": config,
-              **(extra or {})}
+    report = {"cycles": cycles, "time_per_cycle": times, "trained_on": trained_on(cycles), "final_policy": final_policy,
+              "config": config, **(extra or {})}
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
-    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy) + _time_table(times))
+    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy, report["trained_on"]) + _time_table(times))
     _plot(cycles, run_dir / "learning_curve.png")
     _plot_time(times, run_dir / "time_per_cycle.png")
     return report
@@ -102,23 +135,33 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def _markdown(cycles: list[dict], final_policy: str) -> str:
-    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
-    shown = keys if len(keys) <= 12 else [k for k in keys if not k.isdigit() or int(k) % 2 == 0]
+def _markdown(cycles: list[dict], final_policy: str, sources: dict) -> str:
+    shown = _shown_keys(cycles, 16)
+    given = sources["given"] > 0
     head = (
         "| cycle | time (s) | policy | frontier | "
         + " | ".join(f"d={k}" for k in shown)
-        + " | accepted | train loss | promoted |"
+        + (" | searched | given" if given else " | accepted")
+        + " | train loss | promoted |"
     )
-    lines = ["# Arbor run", "", f"Final policy: `{final_policy}`", "", "Held-out greedy accuracy per difficulty:", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
+    lines = ["# Arbor run", "", f"Final policy: `{final_policy}`", "",
+             f"Trained on {sources['searched']} labels the search found"
+             + (f" and {sources['given']} given answers (problems the search failed)" if given else "") + ".", "",
+             "Held-out greedy accuracy per difficulty:", "", head, "|" + "---|" * (head.count("|") - 1)]
     for c in cycles:
         accs = " | ".join(f"{c['heldout'][k]:.2f}" if k in c["heldout"] else "" for k in shown)
         loss = c["train"].get("train_loss")
+        labels = (f"{c.get('trained_searched', c['accepted'])} | {c.get('trained_given', 0)}" if given
+                  else str(c["accepted"]))
         lines.append(
-            f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {c['accepted']} | "
+            f"| {c['cycle']} | {c['elapsed_s']:.0f} | {c['policy_version']} | {c['frontier']} | {accs} | {labels} | "
             f"{'' if loss is None else f'{loss:.3f}'} | {'yes' if c['promoted'] else ('-' if c['candidate'] is None else 'no')} |"
         )
+    rejected = [c for c in cycles if c["candidate"] is not None and not c["promoted"] and not c.get("stale")]
+    if rejected:
+        lines += ["", "Rejected candidates: the lengths where each scored below the current policy (gate metric, "
+                  "current -> candidate):", ""]
+        lines += [f"- cycle {c['cycle']}: " + (fell_text(c.get("gate", {})) or NONE_FELL) for c in rejected]
     lines += [
         "",
         "Label filters per cycle (kept fraction / pseudo-label precision; ground truth read only for this report):",
@@ -135,8 +178,8 @@ def _markdown(cycles: list[dict], final_policy: str) -> str:
 
 
 def _plot(cycles: list[dict], path: Path) -> None:
-    keys = _difficulty_sort({k for c in cycles for k in c["heldout"]})
-    if len(keys) > 8:
+    keys = _shown_keys(cycles, 14)
+    if len(keys) > 14:
         keys = [k for k in keys if k.isdigit() and int(k) % 4 == 0] or keys[:8]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     minutes = [c["elapsed_s"] / 60 for c in cycles]
@@ -148,6 +191,6 @@ def _plot(cycles: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out greedy accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=8, ncol=2 if len(keys) > 7 else 1)
     ax.set_title("Arbor self-improvement: accuracy per difficulty")
     _save(fig, path)

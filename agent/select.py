@@ -40,6 +40,7 @@ class Selection:
     examples: list[dict]  # {"prompt", "completion", "problem_id"}
     filters: list[dict] = field(default_factory=list)  # name, kept, kept_fraction, precision
     mode: str = "label_free"  # the rule that accepted the labels; preference pairs judge the siblings by it
+    given: int = 0  # examples that are a problem's own given answer (the search found none that verified)
 
 
 def _precision(items: list[Pseudo], task: Task) -> float | None:
@@ -173,13 +174,13 @@ class ProposedLabels:
         self.proposals = proposals
 
     def __call__(
-        self, dropped: list[Pseudo], task: Task, solve: Solve, trusted: set[int] | None = None
+        self, dropped: list[Pseudo], task: Task, solve: Solve, trusted_up_to: float | None = None
     ) -> list[Pseudo]:
-        """`trusted`: the difficulties at which the policy's answers may write a label (None: all)."""
+        """`trusted_up_to`: the longest difficulty at which the policy's answers may write a label (None: any)."""
         if not dropped:
             return []
         problems = [p.result.problem for p in dropped]
-        solve = solve if trusted is None else trusted_only(solve, trusted)
+        solve = solve if trusted_up_to is None else trusted_only(solve, trusted_up_to)
         proposed = [propose(problems, solve) for propose in self.proposals.values()]
         added = []
         for i, p in enumerate(dropped):
@@ -196,24 +197,31 @@ def proposals_in_use(task: Task, cfg: SelectConfig) -> bool:
     return cfg.mode == "label_free" and cfg.use_task_proposals and bool(task.label_proposals())
 
 
-def mastered_prefix(metric: dict, bar: float) -> set[int]:
-    """The difficulties from the easiest up to the first whose metric is below `bar`. An older value above a length
-    that has since fallen is not trusted: forgetting reaches the lengths that are no longer evaluated first."""
-    trusted = set()
+def mastered_up_to(metric: dict, bar: float) -> float:
+    """The longest difficulty up to which every difficulty `metric` holds reaches `bar`: from the easiest up to the
+    first that falls short. `metric` is one evaluation's (the current policy's, at the lengths the cycle evaluated):
+    a length it skips, below the frontier's window or between the report's lengths, neither breaks the prefix nor
+    extends it with an older score (a score kept from an early cycle once stopped the prefix at 4 digits while the
+    lengths up to 27 self-verified at 0.97-1.00). -inf when the easiest difficulty evaluated falls short."""
+    bound = float("-inf")
     for difficulty in sorted(int(k) for k in metric if str(k).isdigit()):
         if metric[str(difficulty)] < bar:
             break
-        trusted.add(difficulty)
-    return trusted
+        bound = difficulty
+    return bound
 
 
-def trusted_only(solve: Solve, difficulties: set[int]) -> Solve:
-    """`solve` that answers only problems at `difficulties`; any other gets an empty answer, which no task parses."""
+def trusted_only(solve: Solve, up_to: float) -> Solve:
+    """`solve` that answers only problems of a difficulty up to `up_to`; any other gets an empty answer, which no task
+    parses."""
+
+    def trusted(p) -> bool:
+        return p.difficulty is not None and p.difficulty <= up_to
 
     def run(problems):
-        asked = [p for p in problems if p.difficulty in difficulties]
+        asked = [p for p in problems if trusted(p)]
         answers = iter(solve(asked) if asked else [])
-        return [next(answers) if p.difficulty in difficulties else "" for p in problems]
+        return [next(answers) if trusted(p) else "" for p in problems]
 
     return run
 
@@ -247,8 +255,9 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
            mastered_confidences: list[float] | None = None, gate_metric: dict | None = None) -> Selection:
     """`mastered_confidences`: the current policy's greedy confidences on held-out problems of mastered difficulties,
     which calibrate the confidence filter of tasks without label checks (SelectConfig.calibration_quantile).
-    `gate_metric`: the current policy's gate metric per difficulty; label proposals use its answers only where it
-    reaches cfg.proposal_mastery (None: anywhere)."""
+    `gate_metric`: the current policy's gate metric per difficulty, from its latest evaluation only; label proposals
+    use its answers only up to the first evaluated difficulty where it falls short of cfg.proposal_mastery (None:
+    anywhere)."""
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
@@ -282,7 +291,7 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     if proposals_in_use(task, cfg):
         proposals = ProposedLabels(task.label_proposals())
         kept_ids = {id(p) for p in items}
-        trusted = None if gate_metric is None else mastered_prefix(gate_metric, cfg.proposal_mastery)
+        trusted = None if gate_metric is None else mastered_up_to(gate_metric, cfg.proposal_mastery)
         added = proposals([p for p in everything if id(p) not in kept_ids], task, solve, trusted)
         items = items + added
         report.append(
@@ -293,6 +302,8 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
                 "precision": _precision(items, task),
                 "added": len(added),
                 "added_precision": _precision(added, task),
+                # the longest length whose answers may write labels (null: none is mastered)
+                **({} if trusted is None else {"trusted_up_to": trusted if math.isfinite(trusted) else None}),
             }
         )
     examples = [
@@ -328,4 +339,4 @@ def _select_verified(results: list[SearchResult], given_answers: bool) -> Select
                 "precision": 1.0 if examples else None,
             }
         )
-    return Selection(examples, report, mode="verifier")
+    return Selection(examples, report, mode="verifier", given=given)

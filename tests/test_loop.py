@@ -97,6 +97,20 @@ def test_gate_rejects_a_worse_candidate(setup):
     records = _run(broken, store, registry, v0)
     assert records[1].candidate == "v1" and not records[1].promoted
     assert records[1].gate["candidate"] < records[1].gate["current"]
+    # the record, the report and the console line say which lengths fell, and from what to what
+    fell = records[1].gate["fell"]
+    assert fell and all(f["after"] < f["before"] for f in fell.values())
+    assert set(fell) <= set(records[1].heldout) and all(fell[k]["before"] == records[0].heldout[k] for k in fell)
+    from agent.report import write_report
+    from arbor.commands.run import _cycle_row
+
+    worst = min(fell, key=lambda k: fell[k]["after"] - fell[k]["before"])
+    shown = f"{worst} {fell[worst]['before']:.2f}->{fell[worst]['after']:.2f}"
+    assert _cycle_row(records[1])[-1].startswith("no, fell: ") and shown in _cycle_row(records[1])[-1]
+    write_report(settings.home / "report", records, v0, {})
+    text = (settings.home / "report" / "report.md").read_text()
+    assert "Rejected candidates" in text and shown in next(line for line in text.splitlines()
+                                                            if line.startswith("- cycle 1: "))
     assert registry.promoted()[0] == v0
     assert {r.version: r.status for r in store.policies()} == {"v0": "promoted", "v1": "rejected"}
 
@@ -378,3 +392,138 @@ def test_a_cycle_searches_fewer_problems_as_answers_grow_past_its_token_budget(s
     assert 0 < records[1].search_tokens <= cfg.search.n * (cfg.answer_tokens_per_cycle + 3 * 7)
     unbounded = tiny_config(answer_tokens_per_cycle=None)
     assert unbounded.problems_per_cycle * 7 > 224  # without the budget all 64 would have been searched
+
+
+def test_proposals_trust_a_prefix_of_the_lengths_the_cycle_evaluated():
+    """The mastery bound runs over the difficulties one evaluation holds: the lengths it skips (between the report's
+    lengths, below the window) neither stop it nor extend it, and the first evaluated length that falls short ends
+    it."""
+    from agent.config import SelectConfig
+    from agent.select import mastered_up_to, select
+    from search import Candidate, SearchResult
+    from tasks.addition import make_problem
+
+    evaluated = {"4": 1.0, "8": 0.99, **{str(d): 1.0 for d in range(17, 21)}, "21": 0.97, "22": 1.0}
+    assert mastered_up_to(evaluated, 0.98) == 20
+    assert mastered_up_to({**evaluated, "8": 0.9}, 0.98) == 4
+    assert mastered_up_to({"3": 0.5, "4": 1.0}, 0.98) == float("-inf")
+    problem = make_problem("1234567890", "9876543210")  # 10 digits: halves of 5 and 6, never evaluated themselves
+    wrong = problem.answer[:-1] + "7"
+    samples = SearchResult(problem, [Candidate(wrong, token_ids=[1], mean_logprob=-0.1, min_logprob=-0.1,
+                                               mean_entropy=0.0, finished=True)] * 4, "best_of_n", "v0")
+    asked = []
+
+    def solve(problems):
+        asked.extend(p.difficulty for p in problems)
+        return [p.answer for p in problems]
+
+    chosen = select([samples], get_task("addition"), SelectConfig(), solve, gate_metric=evaluated)
+    assert [e["completion"] for e in chosen.examples] == [problem.answer]
+    assert chosen.filters[-1]["trusted_up_to"] == 20 and {5, 6} <= set(asked)
+    # a shorter bound than the halves: nothing is asked of the policy there, and the problem stays unlabelled
+    assert select([samples], get_task("addition"), SelectConfig(), solve,
+                  gate_metric={"4": 1.0, "5": 0.9, "17": 1.0}).examples == []
+
+
+def test_a_cycle_trusts_its_own_evaluation_over_older_scores_of_lengths_it_no_longer_evaluates(setup):
+    """A length below the frontier's window kept its score from an early cycle (0.95, under the proposals' 0.98):
+    proposals must still trust every length up to where the cycle's own evaluation falls short."""
+    from agent.evaluation import Evaluation
+    from agent.policy import Policy, build_builtin_policy
+
+    _, store, registry = setup
+    cfg = tiny_config(max_difficulty=40, report_difficulties=(4, 8), problems_per_cycle=8,
+                      select=SelectConfig(mode="label_free"))
+    loop = _loop(cfg, store, registry)
+    loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})
+    loop.curriculum.update({"5": 0.95})  # an early cycle's score: still "mastered" for the curriculum's 0.9
+    frontier = loop.curriculum.frontier_index
+    assert loop.curriculum.key(frontier) == "20"
+    keys = loop.plan.gate_keys(frontier)
+    assert "5" not in keys and "4" in keys  # 5 digits is not evaluated any more
+    scores = {k: (1.0 if int(k) < 20 else 0.0) for k in keys}
+    evaluation = Evaluation("label_free", dict(scores), dict(scores))
+    model, tokenizer = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2))
+    work = loop._search_and_select(1, Policy(model, tokenizer, "v0"), evaluation)
+    proposed = work.filters[-1]
+    assert proposed["name"] == "proposed" and proposed["trusted_up_to"] == 19
+
+
+def test_problems_the_search_fails_train_on_the_answers_the_user_gave_and_the_curriculum_moves_on(setup):
+    """An untrained policy never finds these answers: every label is the problem's own answer, the candidate learns
+    them, the frontier passes the length they taught, and the record and report count labels by source."""
+    import json
+    from agent.curriculum import FileSource
+    from agent.report import write_report
+    from tasks import Problem, Task
+    from tests.support import tiny_promoted_policy
+
+    settings, store, registry = setup
+    v0 = tiny_promoted_policy(registry)
+    # one answer to every problem: learnable in a few dozen steps, never sampled by chance
+    problems = [Problem(f"{i:0{d}d}>", "yes", id=f"{split}-{d}-{i}", difficulty=d, split=split)
+                for d in (1, 2) for split in ("train", "heldout") for i in range(10 ** d)]
+    cfg = tiny_config(select=SelectConfig(mode="verifier"), problems_per_cycle=40, report_difficulties=(),
+                      replay_refine_fraction=0.0, train=TrainConfig(learning_rate=5e-3, time_budget_s=60.0, max_steps=20))
+    source = FileSource(problems, Task(), max_new_tokens=4)
+    loop = SelfImprovementLoop(cfg, store, registry, source, seed_examples=[])
+    runs = RunStore(store)
+    runs.create("given", asdict(cfg), {})
+    runs.set_base("given", v0, promote=False)
+    records = loop.run("given", time.monotonic())
+    before, after = records
+    assert before.frontier == "1" and before.heldout == {"1": 0.0, "2": 0.0}
+    assert after.trained_given > 0 and after.trained_searched + after.trained_given == after.accepted
+    assert after.promoted and min(after.heldout.values()) >= cfg.threshold, (after.heldout, after.seconds)
+    assert after.frontier is None  # learned from the given answers alone: the curriculum moved on past both
+    assert {r.version: r for r in store.policies()}["v1"].trained_on["given_answers"] == after.trained_given
+    report = write_report(settings.home / "report", records, "v1", {})
+    assert report["trained_on"] == {"searched": after.trained_searched, "given": after.trained_given}
+    text = (settings.home / "report" / "report.md").read_text()
+    assert f"and {after.trained_given} given answers" in text and "| searched | given |" in text
+    assert json.loads((settings.home / "report" / "report.json").read_text())["cycles"][1]["trained_given"] > 0
+
+
+def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_them(setup, monkeypatch):
+    """Under the loop's defaults a 100-digit problem fits the built-in policy (prompt, 101-digit answer and end within
+    its positions, its decode budget and a fine-tune's sequences), goes through the greedy evaluation and is in the
+    cycle record; past the report's longest length nothing is trained or evaluated before the frontier gets there."""
+    from agent.jobs import check_context
+    from agent.policy import Policy, build_builtin_policy, coupled_positions
+
+    defaults = LoopConfig()
+    assert max(defaults.report_difficulties) == 100 and defaults.max_difficulty > 100
+    addition = get_task("addition")
+    problem = addition.generate(100, 1, seed=0, split="heldout")[0]
+    model, tokenizer = build_builtin_policy(defaults.builtin)
+    sequence = tokenizer(problem.prompt + problem.answer + tokenizer.eos_token)["input_ids"]
+    answer = tokenizer(problem.answer + tokenizer.eos_token)["input_ids"]
+    assert len(answer) == 102 <= addition.max_new_tokens(100) and len(sequence) <= defaults.train.max_length
+    check_context(Policy(model, tokenizer, "v0"), problem.prompt, addition.max_new_tokens(100))  # no ContextTooLong
+    ids = torch.tensor([sequence])
+    positions, _ = coupled_positions(model.config, ids, torch.ones_like(ids))
+    assert int(positions.max()) < defaults.builtin.max_positions
+
+    settings, store, registry = setup
+    cfg = tiny_config(cycles=0, report_difficulties=defaults.report_difficulties, max_difficulty=defaults.max_difficulty,
+                      heldout_past_window=2)
+    tiny, tokenizer = build_builtin_policy(cfg.builtin)
+    v0 = registry.save(tiny, tokenizer, parent=None, trained_on={})
+    import agent.loop
+
+    budgets, real = [], agent.loop.evaluate_policy
+    monkeypatch.setattr(agent.loop, "evaluate_policy",
+                        lambda policy, by, search, *a: budgets.append((sorted(by, key=int), search.max_new_tokens))
+                        or real(policy, by, search, *a))
+    records = _run(cfg, store, registry, v0)
+    assert "100" in records[0].heldout and str(defaults.max_difficulty) not in records[0].heldout
+    # the evaluation's greedy search has room for a 101-digit answer and its end (the search's default is 64 tokens)
+    assert budgets[0][0][-1] == "100" and budgets[0][1] >= 102
+    loop = _loop(cfg, store, registry)
+    horizon = loop.curriculum.keys.index("100")
+    loop.curriculum.update({str(d): 1.0 for d in range(1, 90)})  # frontier 90: stride 18 would aim at 108 and 126
+    assert loop.plan.training_keys(loop.curriculum.frontier_index, {}) == ["90", "100", "100"]
+    assert loop.plan.gate_keys(loop.curriculum.frontier_index)[-1] == "100"
+    loop.curriculum.update({str(d): 1.0 for d in range(90, 101)})  # past the report's longest: the curriculum goes on
+    assert loop.curriculum.frontier_index == horizon + 1
+    assert loop.plan.training_keys(loop.curriculum.frontier_index, {}) == ["101", "121", "141"]

@@ -149,3 +149,13 @@ def test_a_damaged_report_is_one_clear_error(tmp_path, content):
     assert str(path) in message and "\n" not in message and "arbor run --resume" in message
     with pytest.raises(ReportUnreadable, match="cannot be read"):
         read_report(tmp_path / "missing" / "report.json")
+
+
+def test_a_rejected_candidates_fallen_lengths_are_shown_easiest_first_and_the_largest_drops_when_cut():
+    from agent.report import fell_text
+
+    gate = {"fell": {"12": {"before": 1.0, "after": 0.5}, "4": {"before": 0.99, "after": 0.97},
+                     "8": {"before": 0.9, "after": 0.6}}}
+    assert fell_text(gate) == "4 0.99->0.97, 8 0.90->0.60, 12 1.00->0.50"
+    assert fell_text(gate, most=2) == "8 0.90->0.60, 12 1.00->0.50"
+    assert fell_text({}) == "" and fell_text({"fell": {}}) == ""

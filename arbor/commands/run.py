@@ -31,8 +31,15 @@ def _cycle_row(record) -> list[str]:
     accs = " ".join(f"{k}:{record.heldout[k]:.2f}" for k in shown)
     loss = record.train.get("train_loss")
     status = "yes" if record.promoted else ("-" if record.candidate is None else "no")
+    if record.candidate is not None and not record.promoted and not record.stale:
+        from agent.report import NONE_FELL, fell_text  # the report's plotting imports only once a run has started
+
+        fell = fell_text(record.gate, most=4)
+        status = f"no, fell: {fell}" if fell else f"no, {NONE_FELL}"
+    accepted = (f"{record.trained_searched}+{record.trained_given} given" if record.trained_given
+                else str(record.accepted))
     return [str(record.cycle), f"{record.elapsed_s:.0f}", record.policy_version, str(record.frontier), accs,
-            str(record.accepted), "" if loss is None else f"{loss:.3f}", status]
+            accepted, "" if loss is None else f"{loss:.3f}", status]
 
 
 # the options a resumed run may be given: when to stop (agent/runner.py RESUME_CHANGES) and where it runs
