@@ -44,6 +44,11 @@ def _ensure_job(store: Store, job_id: str) -> None:
             pass  # another delivery created it a moment ago
 
 
+def _answer_room(task, problems, default: int) -> int:
+    """Tokens the longest answer among `problems` needs, by the task's difficulty (`default` where none has one)."""
+    return max((task.max_new_tokens(p.difficulty) for p in problems if p.difficulty is not None), default=default)
+
+
 def loop_config_from_env(settings):
     """The train cycle's LoopConfig, with the knobs a deployment sets (agent/settings.py: ARBOR_TRAIN_BUDGET_S, the
     fine-tune wall clock; ARBOR_PROMOTE_MARGIN, how much the candidate must beat the promoted version by on held-out
@@ -117,8 +122,7 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
         heldout.setdefault(str(p.difficulty) if p.difficulty is not None else "all", []).append(p)
 
     current = registry.load(device=settings.device, dtype=cfg.base_dtype(settings.dtype))
-    difficulties = [p.difficulty for p in (r.problem for r in results) if p.difficulty is not None]
-    max_new = max((task.max_new_tokens(d) for d in difficulties), default=cfg.search.max_new_tokens)
+    max_new = _answer_room(task, [r.problem for r in results], cfg.search.max_new_tokens)
     # one memo for the filters and the siblings' verdicts: both ask the same sub-problems
     solve = memoized(greedy_solver(current, replace(cfg.search, max_new_tokens=max_new)))
     # verifier mode where answers exist (the checker's verdicts were recorded with the trajectories), the loop's
@@ -159,7 +163,10 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     model, train_stats = train_candidate(current, mix, [], cfg.train, cfg.train_method, cfg.preference)
     candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source,
                        prompt_format=current.prompt_format)
-    verdict = judge(candidate, current, heldout, cfg.eval_search, task, mode, cfg.promote_margin)
+    # room for the longest held-out answer (a 100-digit sum needs 102 tokens, past the search's default)
+    eval_search = replace(cfg.eval_search, max_new_tokens=_answer_room(
+        task, [p for ps in heldout.values() for p in ps], cfg.eval_search.max_new_tokens))
+    verdict = judge(candidate, current, heldout, eval_search, task, mode, cfg.promote_margin)
     metrics = verdict.metrics()
     version = registry.save(
         model,
