@@ -323,6 +323,8 @@ class Policy:
     path: str | None = None
     # recycled-token drafts for greedy decoding (SearchConfig.recycling); hot across the jobs a worker runs
     draft_source: RecyclingMemory | None = None
+    # the version's value model (agent/value.py), which the 'value' scorer reads; None: that scorer is refused
+    value_model: object | None = None
 
     @classmethod
     def load(
