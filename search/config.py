@@ -48,7 +48,8 @@ class SearchConfig:
     simulations: int = field(default=8, metadata={"help": "mcts: selection-expansion-backup rounds per problem"})
     c_puct: float = field(default=1.0, metadata={"help": "mcts: exploration weight of the prior"})
     scorer: str | None = field(default=None, metadata={
-        "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, verifier+min_logprob "
+        "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, value, value+mean_logprob, "
+                "verifier+min_logprob "
                 "(default: from confidence and use_verifier)"})
     keep_tree: bool = field(default=False, metadata={
         "help": "attach the search tree to each result (for `arbor search --tree`)"})
@@ -112,13 +113,14 @@ class SearchConfig:
                              "memory cannot")
         self.build_scorer()  # an unknown scorer or confidence fails here, with the scorer's own message
 
-    def build_scorer(self) -> Scorer:
+    def build_scorer(self, policy: SearchPolicy | None = None) -> Scorer:
         """The scorer that ranks candidates: `scorer`, or by default the beam score for the strategies that rank
         like `generate` and the configured confidence for the others, after the verifier when the run may use
-        answers."""
+        answers. A search passes its `policy` (the value scorer reads its value model); a check of the
+        configuration alone passes none."""
         base = "beam_score" if traits_of(self.strategy).beam_score else self.confidence
         spec = self.scorer or (f"verifier+{base}" if self.use_verifier else base)
-        return load_scorer(spec, self.use_verifier, self.length_penalty)
+        return load_scorer(spec, self.use_verifier, self.length_penalty, policy)
 
 
 def cache_factory(cfg: SearchConfig, policy: SearchPolicy):

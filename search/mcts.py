@@ -39,7 +39,7 @@ def _backup(node: Node, value: float) -> None:
 
 
 def mcts(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
-    scorer = cfg.build_scorer()
+    scorer = cfg.build_scorer(policy)
     tok = policy.tokenizer
     # with cfg.recycling the greedy rollouts verify recycled-token drafts (same tokens, fewer forwards)
     decoder = Decoder(policy.model, tok, draft_source=policy.draft_source if cfg.recycling else None)
@@ -49,11 +49,16 @@ def mcts(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> li
     bounds = [[math.inf, -math.inf] for _ in problems]  # min/max value seen per tree
     answers: list[list[Node]] = [[] for _ in problems]  # finished or truncated completions (tree leaves, rollouts)
 
-    def value_of(i: int, nodes: list[Node]) -> list[float]:
-        cands = [to_candidate(n, problems[i], tok) for n in nodes]
-        values = [s if n.finished else s - 1.0 for n, s in zip(nodes, scorer.score([problems[i]], [cands])[0])]
-        bounds[i] = [min([bounds[i][0], *values]), max([bounds[i][1], *values])]
-        return values
+    def values_of(owned: list[tuple[int, list[Node]]]) -> list[list[float]]:
+        """The scorer's value of each node, every tree's nodes in one call (a value model batches its forwards)."""
+        tables = scorer.score([problems[i] for i, _ in owned],
+                              [[to_candidate(n, problems[i], tok) for n in nodes] for i, nodes in owned])
+        out = []
+        for (i, nodes), scores in zip(owned, tables):
+            values = [s if n.finished else s - 1.0 for n, s in zip(nodes, scores)]
+            bounds[i] = [min([bounds[i][0], *values]), max([bounds[i][1], *values])]
+            out.append(values)
+        return out
 
     for _ in range(cfg.simulations):
         leaves, owners = [], []
@@ -84,9 +89,8 @@ def mcts(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> li
             for c, (r,) in zip(open_kids, outs):
                 c.children.remove(r)  # a rollout is an estimate, not a tree node
                 rollouts[id(c)] = r
-        for i, new in new_by_owner:
-            ends = [rollouts.get(id(c), c) for c in new]
-            values = value_of(i, ends)
+        ends_by_owner = [(i, [rollouts.get(id(c), c) for c in new]) for i, new in new_by_owner]
+        for (i, new), (_, ends), values in zip(new_by_owner, ends_by_owner, values_of(ends_by_owner)):
             for c, end, v in zip(new, ends, values):
                 end.score = v
                 c.score = v
