@@ -254,13 +254,23 @@ def train_value(policy, labelled: list[dict], cfg: ValueConfig | None = None) ->
     tok = policy.tokenizer
     prompts = [e["prompt"] for e in labelled]
     ids = [tok(e["completion"], add_special_tokens=False).input_ids for e in labelled]
-    done = [True] * len(labelled)
+    targets = prefix_targets(prompts, ids, labels)  # from every sample: repeats are the Monte Carlo counts
     n_right = sum(labels)
     class_w = {True: 0.5 * len(labels) / n_right, False: 0.5 * len(labels) / (len(labels) - n_right)}
-    targets = prefix_targets(prompts, ids, labels)
+    # a repeated completion is trained once with its count as weight: the same loss, fewer forwards
+    unique: dict[tuple, int] = {}
+    weights: list[float] = []
+    for i, (prompt, seq, label) in enumerate(zip(prompts, ids, labels)):
+        key = (prompt, tuple(seq))
+        if key not in unique:
+            unique[key] = len(weights)
+            weights.append(0.0)
+        weights[unique[key]] += class_w[label]
+    keep = _first_of_each(prompts, ids)  # in the order of `unique`
+    prompts, ids, targets = [prompts[i] for i in keep], [ids[i] for i in keep], [targets[i] for i in keep]
     trunk = _trainable_copy(policy.model) if cfg.trunk == "tuned" else policy.model
     probe = ValueModel(trunk, tok, cfg, _head(1, 0), torch.zeros(1), torch.ones(1))
-    feats = probe.features(prompts, ids, done)  # the untrained trunk's: the head's input scale
+    feats = probe.features(prompts, ids, [True] * len(ids))  # the untrained trunk's: the head's input scale
     x = torch.cat(feats)
     mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
     torch.manual_seed(cfg.seed)
@@ -268,23 +278,33 @@ def train_value(policy, labelled: list[dict], cfg: ValueConfig | None = None) ->
     vm.head.train()
     start = time.monotonic()
     if cfg.trunk == "frozen":
-        steps, loss = _fit_head(vm, feats, targets, labels, class_w, cfg, start)
+        steps, loss = _fit_head(vm, feats, targets, weights, cfg, start)
     else:
-        steps, loss = _fit_tuned(vm, prompts, ids, targets, labels, class_w, cfg, start)
+        steps, loss = _fit_tuned(vm, prompts, ids, targets, weights, cfg, start)
+        trunk.requires_grad_(False)
     vm.head.eval()
-    trunk.eval().requires_grad_(False) if cfg.trunk == "tuned" else trunk.eval()
-    vm.meta = {"completions": len(labelled), "right": n_right, "prefixes": len(x), "steps": steps,
-               "final_loss": round(loss, 4), "train_s": round(time.monotonic() - start, 2), "trunk": cfg.trunk,
-               "policy": getattr(policy, "version", None)}
+    trunk.eval()
+    vm.meta = {"completions": len(labelled), "distinct": len(ids), "right": n_right, "prefixes": len(x),
+               "steps": steps, "final_loss": round(loss, 4), "train_s": round(time.monotonic() - start, 2),
+               "trunk": cfg.trunk, "policy": getattr(policy, "version", None)}
     vm.forward_passes = vm.scored_tokens = 0
     return vm
 
 
-def _fit_head(vm: ValueModel, feats, targets, labels, class_w, cfg: ValueConfig, start: float) -> tuple[int, float]:
+def _first_of_each(prompts, ids) -> list[int]:
+    seen, keep = set(), []
+    for i, key in enumerate(zip(prompts, map(tuple, ids))):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
+def _fit_head(vm: ValueModel, feats, targets, weights, cfg: ValueConfig, start: float) -> tuple[int, float]:
     """The head alone on the frozen trunk's features, computed once."""
     x = torch.cat(feats)
     y = torch.tensor([t for ts in targets for t in ts], device=x.device)
-    w = torch.cat([torch.full((len(f),), class_w[l] / len(f)) for f, l in zip(feats, labels)]).to(x.device)
+    w = torch.cat([torch.full((len(f),), wt / len(f)) for f, wt in zip(feats, weights)]).to(x.device)
     w = w / w.mean()
     opt = torch.optim.AdamW(vm.head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -304,7 +324,7 @@ def _fit_head(vm: ValueModel, feats, targets, labels, class_w, cfg: ValueConfig,
     return steps, loss.item()
 
 
-def _fit_tuned(vm: ValueModel, prompts, ids, targets, labels, class_w, cfg: ValueConfig, start: float) -> tuple[int, float]:
+def _fit_tuned(vm: ValueModel, prompts, ids, targets, weights, cfg: ValueConfig, start: float) -> tuple[int, float]:
     """Trunk and head together, `cfg.trunk_batch` completions per step, every prefix of each one a target."""
     seqs, starts = vm._sequences(prompts, ids, [True] * len(ids))
     params = [{"params": vm.head.parameters(), "lr": cfg.learning_rate},
@@ -324,9 +344,9 @@ def _fit_tuned(vm: ValueModel, prompts, ids, targets, labels, class_w, cfg: Valu
             for r, i in enumerate(rows):
                 first = width - len(seqs[i]) + starts[i]  # the prompt's last token: the first prefix
                 target[r, first:] = torch.tensor(targets[i], device=target.device)
-                weight[r, first:] = class_w[labels[i]] / (width - first)
+                weight[r, first:] = weights[i] / (width - first)
             bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            loss = (bce * weight).sum() / len(rows)
+            loss = (bce * weight).sum() / sum(weights[i] for i in rows)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -47,6 +47,9 @@ class SearchConfig:
     children: int = field(default=4, metadata={"help": "sampled children per expanded node (step_beam, mcts)"})
     simulations: int = field(default=8, metadata={"help": "mcts: selection-expansion-backup rounds per problem"})
     c_puct: float = field(default=1.0, metadata={"help": "mcts: exploration weight of the prior"})
+    leaf_value: Literal["rollout", "prefix"] = field(default="rollout", metadata={
+        "help": "mcts: a new node's value is the scorer's on a greedy rollout to the end (rollout), or on the node's "
+                "own partial completion with no rollout (prefix: for a scorer that values prefixes, such as value)"})
     scorer: str | None = field(default=None, metadata={
         "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, value, value+mean_logprob, "
                 "verifier+min_logprob "
@@ -83,6 +86,8 @@ class SearchConfig:
             raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (got {self.seed!r})")
         if not isinstance(self.step_delimiter, str) or len(self.step_delimiter) > 64:
             raise ValueError("step_delimiter must be a string of at most 64 characters")
+        if self.leaf_value not in ("rollout", "prefix"):
+            raise ValueError(f"leaf_value must be 'rollout' or 'prefix' (got {self.leaf_value!r})")
         if self.c_puct < 0:
             raise ValueError(f"c_puct must be >= 0 (got {self.c_puct})")
         if self.n < 1:

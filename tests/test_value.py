@@ -163,3 +163,21 @@ def test_a_tuned_trunk_round_trips(tmp_path, tiny_policy, trained):
 def test_train_value_refuses_labels_of_one_kind(tiny_policy):
     with pytest.raises(ValueError, match="both right and wrong"):
         train_value(tiny_policy, [{"prompt": "1+2=", "completion": "30", "label": True}], FAST)
+
+
+def test_mcts_with_prefix_values_needs_no_rollouts(tiny_policy, trained):
+    _, _, vm = trained
+    policy = type(tiny_policy)(tiny_policy.model, tiny_policy.tokenizer, "v-test", value_model=vm)
+    problems = get_task("addition").generate(2, 6, seed=4)
+    common = dict(strategy="mcts", simulations=3, children=2, max_step_tokens=1, max_new_tokens=4, scorer="value")
+    rollout = run_search(problems, SearchConfig(**common), policy)
+    prefix = run_search(problems, SearchConfig(**common, leaf_value="prefix"), policy)
+    assert sum(r.generated_tokens for r in prefix) < sum(r.generated_tokens for r in rollout)
+    for r in prefix:
+        # every tree ends with an answer (a final greedy rollout where search found none), or one cut at the cap
+        assert r.best.finished or len(r.best.token_ids) == 4
+        for c in r.candidates:
+            value = vm.score([r.problem.prompt], [c.token_ids], [c.finished])[0][-1]
+            assert c.score == pytest.approx(value if c.finished else value - 1e6, abs=1e-5)
+    with pytest.raises(ValueError, match="leaf_value"):
+        SearchConfig(strategy="mcts", leaf_value="guess")
