@@ -1,14 +1,14 @@
 """A value model: the probability that a (partial or finished) completion leads to a right answer.
 
-A small head over the frozen policy's own hidden states, one score per token position, so every prefix of a
-completion gets a value in one forward of the trunk: P(right answer | prompt + completion[:k]). It learns from
-finished completions the loop has already labelled (the checker's verdict, or label-free selection's accepted
-and rejected answers): the outcome label is broadcast to every prefix of the answer and the head is fitted with
-binary cross-entropy (an outcome-supervised value, as the XXX. The trunk is frozen, so its features are computed once and
-the head trains in seconds.
+A small head over a trunk's hidden states, one score per token position, so every prefix of a completion gets a
+value in one forward: P(right answer | prompt + completion[:k]). It learns from finished completions the loop has
+already labelled (the checker's verdicts, or label-free selection's accepted and rejected answers). A prefix's
+target is the share of right answers among the same prompt's samples that begin with it (`prefix_targets`), and
+the head is fitted with binary cross-entropy.
 
-Why a head on the trunk (docs/search.md has the measurement): it reads what the policy already computes, costs
-no second model, and scores all prefixes of a batch of candidates in one forward.
+The trunk (ValueConfig.trunk, measured in docs/search.md): `frozen`, the policy's own, read together with the
+policy's token log-probs and entropies along the path (no second model; the features are computed once and the
+head trains in seconds), or `tuned`, a copy of the policy trained with the head.
 
     train_value(policy, labelled, cfg) -> ValueModel     labelled: [{"prompt", "completion", "label"}]
     ValueModel.score(prompts, completions, finished)     -> per-prefix values (list per completion)
@@ -35,18 +35,20 @@ TRUNK_DIR = "trunk"  # a tuned trunk's save_pretrained folder
 class ValueConfig:
     layers: tuple[int, ...] = field(default=(-1,), metadata={
         "help": "which of the trunk's hidden states the head reads (indices into hidden_states; -1 the last)"})
-    trunk: str = field(default="tuned", metadata={
+    trunk: str = field(default="frozen", metadata={
         "help": "frozen: a head over the policy's own trunk (no second model); tuned: a copy of the policy's weights "
-                "trained with the head (a second forward per scoring, measured far better: docs/search.md)"})
+                "trained with the head (one more forward per scoring; no better on held-out problems: docs/search.md)"})
     confidence_features: bool = field(default=True, metadata={
         "help": "the head also reads the policy's token log-probs and entropies along the path"})
-    hidden: int = field(default=128, metadata={"help": "width of the head's hidden layer (0: a linear head)"})
-    trunk_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of a tuned trunk"})
+    hidden: int = field(default=0, metadata={
+        "help": "width of the head's hidden layer (0: a linear head, which generalised best to held-out problems)"})
+    trunk_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of a tuned trunk"})
     trunk_batch: int = field(default=64, metadata={"help": "completions per optimizer step of a tuned trunk"})
     learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the head"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    epochs: int = field(default=40, metadata={"help": "passes over the labelled prefixes"})
-    batch_size: int = field(default=1024, metadata={"help": "prefixes per optimizer step"})
+    epochs: int = field(default=15, metadata={
+        "help": "passes over the labelled prefixes (more fit the train problems and lose on held-out ones)"})
+    batch_size: int = field(default=256, metadata={"help": "prefixes per optimizer step (frozen trunk)"})
     time_budget_s: float = field(default=120.0, metadata={"help": "wall-clock limit of the head's training"})
     max_rows: int = field(default=256, metadata={"help": "sequences per trunk forward"})
     seed: int = field(default=0, metadata={"help": "seed of the head's weights and batch order"})

@@ -11,7 +11,7 @@ from search.scorers import load_scorer, rank_by
 from search.types import Candidate
 from tasks import get_task, verify
 
-FAST = ValueConfig(trunk="frozen", epochs=60, time_budget_s=30)
+FAST = ValueConfig(trunk="frozen", hidden=128, epochs=60, time_budget_s=30)
 
 
 def _labelled(policy, problems, seed=0):
