@@ -303,10 +303,16 @@ def save_value(registry: PolicyRegistry, version: str, value_model) -> Path:
 
 def load_value(registry: PolicyRegistry, version: str, policy: Policy):
     """The value model saved beside `version`, over `policy` (that version, loaded), or None when it has none."""
+    return load_value_beside(registry.folder(version), policy)
+
+
+def load_value_beside(folder: str | Path, policy: Policy):
+    """The value model saved beside a version's `folder` (as `arbor search --model FOLDER` names it), or None."""
     from agent.value import ValueModel
 
-    folder = value_folder(registry, version)
-    return ValueModel.load(folder, policy) if folder.is_dir() else None
+    folder = Path(folder)
+    beside = folder.with_name(folder.name + VALUE_SUFFIX)
+    return ValueModel.load(beside, policy) if beside.is_dir() else None
 
 
 def _created(row) -> float:

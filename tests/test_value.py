@@ -181,3 +181,28 @@ def test_mcts_with_prefix_values_needs_no_rollouts(tiny_policy, trained):
             assert c.score == pytest.approx(value if c.finished else value - 1e6, abs=1e-5)
     with pytest.raises(ValueError, match="leaf_value"):
         SearchConfig(strategy="mcts", leaf_value="guess")
+
+
+def test_arbor_search_scores_by_the_value_model_beside_the_folder(tmp_path, tiny_policy, trained):
+    import json
+    import re
+
+    from typer.testing import CliRunner
+
+    from arbor.cli import app
+
+    _, _, vm = trained
+    folder = tmp_path / "v1"
+    tiny_policy.model.save_pretrained(folder)
+    tiny_policy.tokenizer.save_pretrained(folder)
+    args = ["search", "--model", str(folder), "--strategy", "best_of_n", "--n", "4", "--prompt", "12+34=",
+            "--max-new-tokens", "4", "--scorer", "value", "--json"]
+    refused = CliRunner().invoke(app, args)
+    said = re.sub(r"[│╭╮╰╯─\s]+", " ", refused.output)  # typer boxes and wraps the message
+    assert refused.exit_code == 2 and "needs a value model" in said and "Traceback" not in said
+    vm.save(tmp_path / "v1.value")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output.strip().splitlines()[-1])
+    value = vm.score(["12+34="], [row["token_ids"]], [row["finished"]])[0][-1]
+    assert row["score"] == pytest.approx(value if row["finished"] else value - 1e6, abs=1e-5)
