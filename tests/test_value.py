@@ -206,3 +206,21 @@ def test_arbor_search_scores_by_the_value_model_beside_the_folder(tmp_path, tiny
     row = json.loads(res.output.strip().splitlines()[-1])
     value = vm.score(["12+34="], [row["token_ids"]], [row["finished"]])[0][-1]
     assert row["score"] == pytest.approx(value if row["finished"] else value - 1e6, abs=1e-5)
+
+
+def test_value_vote_weighs_each_answer_by_the_value_behind_it():
+    from agent.value import value_vote
+    from search.types import SearchResult
+
+    problem = get_task("addition").generate(1, 1, seed=0)[0]
+    right, wrong = problem.answer, ("1" if problem.answer[0] != "1" else "2") + problem.answer[1:]
+
+    def cand(text, value, finished=True):
+        return Candidate(text, [], 0.0, 0.0, 0.0, finished, score=value)
+
+    # three weak votes for the wrong answer against two strong ones for the right answer: value outweighs count
+    result = SearchResult(problem, [cand(wrong, 0.2), cand(wrong, 0.2), cand(wrong, 0.2), cand(right, 0.9),
+                                    cand(right, 0.8), cand("9" * 9, 5.0, finished=False)], "best_of_n", "v")
+    assert value_vote(result, get_task("addition")).completion == right
+    result.candidates[3].score = result.candidates[4].score = 0.25
+    assert value_vote(result, get_task("addition")).completion == wrong
