@@ -4,6 +4,9 @@
     python -m bench.value --model PATH     # or uses a saved one
     python -m bench.value --quick          # small sizes, a smoke run
 
+The policy's fine-tune is bounded by time (as bench/search.py's): on a busy machine it trains less, and
+`frontier_in_range` in the output says whether its frontier still has greedy between 0.3 and 0.7.
+
 One policy; a value model (agent/value.py) trained on its own best-of-16 candidates for *train* problems at the
 frontier and the length below, labelled by the task's checker (what the loop's verifier mode labels; label-free
 labels are the accepted and rejected answers). Then, on held-out problems at the frontier (the length where
@@ -160,6 +163,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--save", default=None, help="save the trained policy here (to rerun with --model)")
     args = ap.parse_args()
     if args.quick:
         args.problems, args.train_problems, args.train_seconds = 48, 100, min(args.train_seconds, 30.0)
@@ -167,6 +171,9 @@ def main():
     t0 = time.perf_counter()
     policy = Policy.load(args.model) if args.model else train_policy(args.train_seconds, args.seed)
     train_s = time.perf_counter() - t0
+    if args.save:
+        policy.model.save_pretrained(args.save)
+        policy.tokenizer.save_pretrained(args.save)
     d, accs = frontier(policy, 100)
     past = max(d, TRAINED_LENGTH) + 1
     t = time.perf_counter()
