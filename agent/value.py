@@ -6,9 +6,10 @@ already labelled (the checker's verdicts, or label-free selection's accepted and
 target is the share of right answers among the same prompt's samples that begin with it (`prefix_targets`), and
 the head is fitted with binary cross-entropy.
 
-The trunk (ValueConfig.trunk, measured in docs/search.md): `frozen`, the policy's own, read together with the
-policy's token log-probs and entropies along the path (no second model; the features are computed once and the
-head trains in seconds), or `tuned`, a copy of the policy trained with the head.
+The trunk (ValueConfig.trunk, measured in docs/search.md): `tuned` (default), a copy of the policy trained with
+the head, or `frozen`, the policy's own, read together with the policy's token log-probs and entropies along the
+path (no second model; the features are computed once and the head trains in seconds, but it judges no better
+than the policy's confidence).
 
     train_value(policy, labelled, cfg) -> ValueModel     labelled: [{"prompt", "completion", "label"}]
     ValueModel.score(prompts, completions, finished)     -> per-prefix values (list per completion)
@@ -35,9 +36,9 @@ TRUNK_DIR = "trunk"  # a tuned trunk's save_pretrained folder
 class ValueConfig:
     layers: tuple[int, ...] = field(default=(-1,), metadata={
         "help": "which of the trunk's hidden states the head reads (indices into hidden_states; -1 the last)"})
-    trunk: str = field(default="frozen", metadata={
-        "help": "frozen: a head over the policy's own trunk (no second model); tuned: a copy of the policy's weights "
-                "trained with the head (one more forward per scoring; no better on held-out problems: docs/search.md)"})
+    trunk: str = field(default="tuned", metadata={
+        "help": "tuned: a copy of the policy's weights trained with the head (one more forward per scoring; the one "
+                "that learned to judge: docs/search.md); frozen: a head over the policy's own trunk (no second model)"})
     confidence_features: bool = field(default=True, metadata={
         "help": "the head also reads the policy's token log-probs and entropies along the path"})
     hidden: int = field(default=0, metadata={
@@ -49,7 +50,7 @@ class ValueConfig:
     epochs: int = field(default=15, metadata={
         "help": "passes over the labelled prefixes (more fit the train problems and lose on held-out ones)"})
     batch_size: int = field(default=256, metadata={"help": "prefixes per optimizer step (frozen trunk)"})
-    time_budget_s: float = field(default=120.0, metadata={"help": "wall-clock limit of the head's training"})
+    time_budget_s: float = field(default=240.0, metadata={"help": "wall-clock limit of the value model's training"})
     max_rows: int = field(default=256, metadata={"help": "sequences per trunk forward"})
     seed: int = field(default=0, metadata={"help": "seed of the head's weights and batch order"})
 
