@@ -325,6 +325,8 @@ class Policy:
     # recycled-token drafts for greedy decoding (SearchConfig.recycling); hot across the jobs a worker runs
     draft_source: RecyclingMemory | None = None
     prompt_format: PromptFormat = RAW  # how prompts are put to the model (search, training, evaluation alike)
+    # the version's value model (agent/value.py), which the 'value' scorer reads; None: that scorer is refused
+    value_model: object | None = None
 
     @classmethod
     def load(

@@ -224,6 +224,7 @@ class PolicyRegistry:
             old = [r for r in old if str(Path(r.path).resolve()) not in bases]  # adapters over it still load
         for row in old:
             shutil.rmtree(row.path, ignore_errors=True)
+            shutil.rmtree(str(row.path) + VALUE_SUFFIX, ignore_errors=True)  # its value model goes with it
             self.store.set_policy_status(
                 row.version, "rejected", {"files_deleted": dt.datetime.now(dt.timezone.utc).isoformat()}
             )
@@ -252,8 +253,11 @@ class PolicyRegistry:
             version = current[0]
         folder = self.folder(version)
         if read_base(folder) is not None:
-            return load_adapter_policy(folder, version, device=device, dtype=dtype)
-        return Policy.load(folder, version=version, device=device, dtype=dtype)
+            policy = load_adapter_policy(folder, version, device=device, dtype=dtype)
+        else:
+            policy = Policy.load(folder, version=version, device=device, dtype=dtype)
+        policy.value_model = load_value(self, version, policy)  # the 'value' scorer's, when one was saved
+        return policy
 
     def discard(self, version: str) -> None:
         """Delete a version that was never promoted or rejected (saved by a run killed before it recorded the
@@ -263,7 +267,55 @@ class PolicyRegistry:
         if row is not None and row.status not in ("saving", "candidate"):
             raise RuntimeError(f"policy version {version} is {row.status}: only an undecided version may be discarded")
         shutil.rmtree(self.root / version, ignore_errors=True)
+        shutil.rmtree(self.root / (version + VALUE_SUFFIX), ignore_errors=True)
         RunStore(self.store).delete_undecided_policy(version)
+
+
+# the value model beside a version ------------------------------------------------------------------------------
+# A version's value model (agent/value.py) lives in `<version>.value/` next to the version's folder, not inside it:
+# it is trained after the version is saved (and may be retrained), and a version's own files never change once
+# written (an adapter version over it checks its base's hash).
+VALUE_SUFFIX = ".value"
+
+
+def value_folder(registry: PolicyRegistry, version: str) -> Path:
+    folder = registry.folder(version)
+    return folder.with_name(folder.name + VALUE_SUFFIX)
+
+
+def save_value(registry: PolicyRegistry, version: str, value_model) -> Path:
+    """Write `value_model` beside `version` atomically (a temporary folder renamed into place, replacing an older
+    one); returns its folder."""
+    target = value_folder(registry, version)
+    tmp = registry.root / f".tmp-value-{uuid.uuid4().hex}"
+    try:
+        value_model.save(tmp)
+        _fsync_tree(tmp)
+        if target.exists():
+            old = registry.root / f".tmp-value-old-{uuid.uuid4().hex}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+        _fsync_dir(registry.root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_value(registry: PolicyRegistry, version: str, policy: Policy):
+    """The value model saved beside `version`, over `policy` (that version, loaded), or None when it has none."""
+    return load_value_beside(registry.folder(version), policy)
+
+
+def load_value_beside(folder: str | Path, policy: Policy):
+    """The value model saved beside a version's `folder` (as `arbor search --model FOLDER` names it), or None."""
+    from agent.value import ValueModel
+
+    folder = Path(folder)
+    beside = folder.with_name(folder.name + VALUE_SUFFIX)
+    return ValueModel.load(beside, policy) if beside.is_dir() else None
 
 
 def _created(row) -> float:

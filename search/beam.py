@@ -154,7 +154,7 @@ def _beam_chunk(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy
                 stats: DecodeStats) -> list[SearchResult]:
     decoder, tok = Decoder(policy.model, policy.tokenizer, cache_factory=cache_factory(cfg, policy)), policy.tokenizer
     nb, max_new, eos = cfg.beams, cfg.max_new_tokens, tok.eos_token_id
-    scorer = cfg.build_scorer()
+    scorer = cfg.build_scorer(policy)
     cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)
     stats.forward_passes += 1
     b = len(problems)

@@ -48,8 +48,12 @@ class SearchConfig:
     children: int = field(default=4, metadata={"help": "sampled children per expanded node (step_beam, mcts)"})
     simulations: int = field(default=8, metadata={"help": "mcts: selection-expansion-backup rounds per problem"})
     c_puct: float = field(default=1.0, metadata={"help": "mcts: exploration weight of the prior"})
+    leaf_value: Literal["rollout", "prefix"] = field(default="rollout", metadata={
+        "help": "mcts: a new node's value is the scorer's on a greedy rollout to the end (rollout), or on the node's "
+                "own partial completion with no rollout (prefix: for a scorer that values prefixes, such as value)"})
     scorer: str | None = field(default=None, metadata={
-        "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, verifier+min_logprob "
+        "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, value, value+mean_logprob, "
+                "verifier+min_logprob "
                 "(default: from confidence and use_verifier)"})
     keep_tree: bool = field(default=False, metadata={
         "help": "attach the search tree to each result (for `arbor search --tree`)"})
@@ -90,6 +94,8 @@ class SearchConfig:
             raise ValueError(f"seed must be a whole number from 0 to 2**63-1 (got {self.seed!r})")
         if not isinstance(self.step_delimiter, str) or len(self.step_delimiter) > 64:
             raise ValueError("step_delimiter must be a string of at most 64 characters")
+        if self.leaf_value not in ("rollout", "prefix"):
+            raise ValueError(f"leaf_value must be 'rollout' or 'prefix' (got {self.leaf_value!r})")
         if self.c_puct < 0:
             raise ValueError(f"c_puct must be >= 0 (got {self.c_puct})")
         if self.n < 1:
@@ -124,13 +130,14 @@ class SearchConfig:
         """The format this search puts prompts in: its own choice, else the policy version's."""
         return chosen(self.prompt_format, self.system_prompt, policy.prompt_format)
 
-    def build_scorer(self) -> Scorer:
+    def build_scorer(self, policy: SearchPolicy | None = None) -> Scorer:
         """The scorer that ranks candidates: `scorer`, or by default the beam score for the strategies that rank
         like `generate` and the configured confidence for the others, after the verifier when the run may use
-        answers."""
+        answers. A search passes its `policy` (the value scorer reads its value model); a check of the
+        configuration alone passes none."""
         base = "beam_score" if traits_of(self.strategy).beam_score else self.confidence
         spec = self.scorer or (f"verifier+{base}" if self.use_verifier else base)
-        return load_scorer(spec, self.use_verifier, self.length_penalty)
+        return load_scorer(spec, self.use_verifier, self.length_penalty, policy)
 
 
 def cache_factory(cfg: SearchConfig, policy: SearchPolicy):

@@ -26,7 +26,7 @@ def _diverse_chunk(problems: list[Problem], cfg: SearchConfig, policy: SearchPol
     decoder, tok = Decoder(policy.model, policy.tokenizer, cache_factory=cache_factory(cfg, policy)), policy.tokenizer
     nb, G, max_new, eos = cfg.beams, cfg.groups, cfg.max_new_tokens, tok.eos_token_id
     gb = nb // G  # beams per group
-    scorer = cfg.build_scorer()
+    scorer = cfg.build_scorer(policy)
     cache, prompt_ids, prompt_mask, logp = prefill_prompts(decoder, [p.prompt for p in problems], nb)
     stats.forward_passes += 1
     b = len(problems)

@@ -10,6 +10,9 @@ a name, or names joined by "+" (a sum), e.g. "verifier+mean_logprob" (SearchConf
     beam_score     sum logprob / length**length_penalty, the score `generate` ranks beams by (the default for
                    beam and diverse beam, so that beam still equals `generate`)
     verifier       1 for a finished answer the checker accepts, else 0 (used only when cfg.use_verifier)
+    value          the policy version's value model: P(right answer | prompt + completion so far), in [0, 1], for
+                   a partial completion as for a finished one (agent/value.py); needs a policy that carries one
+                   (`policy.value_model`), else a one-line refusal
 """
 
 from __future__ import annotations
@@ -64,6 +67,37 @@ class Verifier(Scorer):
         return [[1.0 if (c.finished and c.verified) else 0.0 for c in cs] for cs in candidates]
 
 
+class Value(Scorer):
+    """The value model's estimate for each candidate: partial ones too (step beam's steps, MCTS's nodes). Values
+    are remembered per search, so that ranking the finished candidates at the end costs no second forward."""
+
+    name = "value"
+
+    def __init__(self, value_model=None, version: str | None = None):
+        self.value_model, self.version = value_model, version
+        self._seen: dict[tuple, float] = {}
+
+    def score(self, problems, candidates):
+        if self.value_model is None:
+            raise ValueError(value_refusal(self.version))
+        todo = {}
+        for problem, cs in zip(problems, candidates):
+            for c in cs:
+                key = (problem.prompt, tuple(c.token_ids), c.finished)
+                if key not in self._seen:
+                    todo[key] = c
+        if todo:
+            keys = list(todo)
+            values = self.value_model.score([k[0] for k in keys], [list(k[1]) for k in keys], [k[2] for k in keys])
+            self._seen.update((k, v[-1]) for k, v in zip(keys, values))
+        return [[self._seen[(p.prompt, tuple(c.token_ids), c.finished)] for c in cs] for p, cs in zip(problems, candidates)]
+
+
+def value_refusal(version: str | None) -> str:
+    return (f"scorer 'value' needs a value model, and policy version {version or '(unversioned)'} has none: train "
+            "one (agent.value.train_value) and save it beside the version, or choose another scorer")
+
+
 class Sum(Scorer):
     def __init__(self, parts: list[Scorer]):
         self.parts = parts
@@ -75,14 +109,20 @@ class Sum(Scorer):
         return [[sum(t[i][j] for t in tables) for j in range(len(cs))] for i, cs in enumerate(candidates)]
 
 
-SCORERS = ("mean_logprob", "min_logprob", "neg_entropy", "beam_score", "verifier")
+SCORERS = ("mean_logprob", "min_logprob", "neg_entropy", "beam_score", "verifier", "value")
 
 
-def load_scorer(spec: str, use_verifier: bool, length_penalty: float) -> Scorer:
-    """The scorer `spec` names; "verifier" only when the run may use answers (`use_verifier`)."""
+def load_scorer(spec: str, use_verifier: bool, length_penalty: float, policy=None) -> Scorer:
+    """The scorer `spec` names; "verifier" only when the run may use answers (`use_verifier`); "value" only with a
+    `policy` that carries a value model (without a policy, as when a configuration is checked, it is only named)."""
     parts = []
     for name in spec.split("+"):
-        if name == "verifier":
+        if name == "value":
+            value_model = getattr(policy, "value_model", None)
+            if policy is not None and value_model is None:
+                raise ValueError(value_refusal(getattr(policy, "version", None)))
+            parts.append(Value(value_model, getattr(policy, "version", None)))
+        elif name == "verifier":
             if not use_verifier:
                 raise ValueError("scorer 'verifier' needs use_verifier=True (the run must be allowed to use answers)")
             parts.append(Verifier())
@@ -97,8 +137,16 @@ def load_scorer(spec: str, use_verifier: bool, length_penalty: float) -> Scorer:
 
 def rank_by(scorer: Scorer, problem: Problem, candidates: list[Candidate]) -> list[Candidate]:
     """Set each candidate's score and sort best first; an unfinished completion never beats a finished one."""
-    scores = scorer.score([problem], [candidates])[0]
-    for c, s in zip(candidates, scores):
-        c.score = s if (c.finished or not scorer.penalise_unfinished) else s - 1e6
-    return sorted(candidates, key=lambda c: c.score, reverse=True)
+    return rank_all(scorer, [problem], [candidates])[0]
+
+
+def rank_all(scorer: Scorer, problems: list[Problem], candidates: list[list[Candidate]]) -> list[list[Candidate]]:
+    """rank_by for many problems in one call of the scorer (a value model scores them in batched forwards)."""
+    tables = scorer.score(problems, candidates)
+    ranked = []
+    for cs, scores in zip(candidates, tables):
+        for c, s in zip(cs, scores):
+            c.score = s if (c.finished or not scorer.penalise_unfinished) else s - 1e6
+        ranked.append(sorted(cs, key=lambda c: c.score, reverse=True))
+    return ranked
 

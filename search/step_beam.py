@@ -16,7 +16,7 @@ from search.types import SearchPolicy, SearchResult
 
 
 def step_beam(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
-    scorer = cfg.build_scorer()
+    scorer = cfg.build_scorer(policy)
     decoder = Decoder(policy.model, policy.tokenizer)
     ex = Expander(decoder, delimiter=cfg.step_delimiter, max_rows=cfg.max_rows)
     generator = decoder.generator(cfg.seed)
@@ -27,15 +27,19 @@ def step_beam(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) 
         parents = [n for f in frontier for n in f]
         kids = ex.expand(parents, [cfg.children] * len(parents), cfg.temperature, cfg.max_step_tokens, cfg.max_new_tokens, generator, greedy_first=True)
         by_parent = dict(zip(map(id, parents), kids))
-        for i, problem in enumerate(problems):
-            new = [c for p in frontier[i] for c in dedupe_children(p, by_parent[id(p)])]
+        news = [[c for p in frontier[i] for c in dedupe_children(p, by_parent[id(p)])] for i in range(len(problems))]
+        # every problem's new steps scored in one call (a value model scores them in batched forwards)
+        growing = [i for i, new in enumerate(news) if new]
+        tables = scorer.score([problems[i] for i in growing],
+                              [[to_candidate(c, problems[i], policy.tokenizer) for c in news[i]] for i in growing])
+        for i, scores in zip(growing, tables):
+            for c, s in zip(news[i], scores):
+                c.score = s
+        for i in range(len(problems)):
+            new = news[i]
             if not new:
                 frontier[i] = []
                 continue
-            cands = [to_candidate(c, problem, policy.tokenizer) for c in new]
-            scores = scorer.score([problem], [cands])[0]
-            for c, s in zip(new, scores):
-                c.score = s
             best = sorted(new, key=lambda c: c.score, reverse=True)[: cfg.beams]
             done[i] += [c for c in best if c.terminal]
             frontier[i] = [c for c in best if not c.terminal]

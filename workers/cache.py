@@ -39,6 +39,7 @@ class PolicyCache:
 
     def _load(self, version: str):
         from agent.adapters import BASES, is_adapter, swap_adapter
+        from agent.registry import load_value
         from agent.versions import folder_hash, read_base
 
         folder = self.registry.folder(version)
@@ -46,6 +47,7 @@ class PolicyCache:
         held = self.policy
         if base is not None and held is not None and is_adapter(held.model) and base["sha256"] == self.base:
             policy = swap_adapter(held, folder, version)  # the held base is the one this adapter trained over
+            policy.value_model = load_value(self.registry, version, policy)  # the new version's judge, if it has one
         else:
             if (base is not None and held is not None and not is_adapter(held.model) and held.path is not None
                     and str(Path(held.path).resolve()) == base["path"] and folder_hash(held.path) == base["sha256"]):

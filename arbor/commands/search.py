@@ -78,6 +78,7 @@ def search_command(
     from agent.adapters import load_adapter_policy
     from agent.versions import read_base
     from agent.policy import Policy, PolicyLoadError
+    from agent.registry import load_value_beside
     from tasks import Problem
     from tasks.jsonl import read_problems
     from search import run_search
@@ -107,6 +108,8 @@ def search_command(
         else:
             policy = Policy.load(model, device=settings.device, dtype=settings.dtype)
         cfg.prompt_format_for(policy).check(policy.tokenizer)
+        policy.value_model = load_value_beside(model, policy)  # a registry version's, for --scorer value
+        cfg.build_scorer(policy)  # 'value' without a value model fails here, in one line
         if memory:
             policy.memory_cache_factory()  # a model that cannot run the context memory fails here, in one line
     except (ValueError, PolicyLoadError) as exc:
