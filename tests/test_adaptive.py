@@ -76,3 +76,23 @@ def test_calibration_picks_the_lowest_threshold_at_the_precision():
     assert calibrate_accept_score(scores, right, precision=0.75) == 0.6
     assert calibrate_accept_score(scores, right, precision=0.5) == 0.5
     assert calibrate_accept_score([0.9, 0.9, 0.1], [True, False, True], precision=0.95) is None  # a tie is one cut
+
+
+def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path, policy):
+    from agent.jobs import run_job, submit_jobs
+    from agent.registry import PolicyRegistry
+    from agent.store import Store
+    from tasks import Problem
+    from workers.cache import PolicyCache
+
+    store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
+    registry = PolicyRegistry(tmp_path / "policies", store)
+    registry.promote(registry.save(policy.model, policy.tokenizer, parent=None, trained_on={}), {})
+    search = {**CFG, "accept_score": 1.0}  # never trusted: every stage runs
+    (job,) = submit_jobs(store, [Problem("4+5=", answer="9", id="adaptive-job")], search=search)
+    out = run_job(store, job, PolicyCache(registry).get, "t")
+    assert out["status"] == "done", out
+    (round0,) = out["result"]["tried"]
+    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_n", "mcts"]
+    assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "last stage"]
+    assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
