@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from search.beam import beam
 from search.best_of_n import best_of_n
 from search.config import SearchConfig
 from search.greedy import greedy
@@ -64,6 +65,18 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
     for r in merged:
         r.strategy = "adaptive"
     return merged
+
+
+def calibrated(policy: SearchPolicy) -> bool:
+    return getattr(getattr(policy, "value_model", None), "accept_score", None) is not None
+
+
+def auto(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
+    """A queue job's default: adaptive search once the version has a calibrated value model, beam search (which
+    measured best at equal budget without one) before, or when the job reads through the context memory."""
+    if calibrated(policy) and not (cfg.memory or cfg.recycling):
+        return adaptive(problems, replace(cfg, strategy="adaptive"), policy)
+    return beam(problems, replace(cfg, strategy="beam"), policy)
 
 
 def _joined(earlier: SearchResult, later: SearchResult) -> SearchResult:

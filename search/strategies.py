@@ -1,7 +1,7 @@
 """Every strategy by name, and the one entry point that runs a search: fn(problems, cfg, policy) -> results."""
 
 from tasks import Problem
-from search.adaptive import adaptive
+from search.adaptive import adaptive, auto
 from search.beam import beam
 from search.best_of_n import best_of_n
 from search.config import SearchConfig
@@ -21,6 +21,7 @@ STRATEGIES = {
     "diverse_beam": diverse_beam,
     "mcts": mcts,
     "adaptive": adaptive,
+    "auto": auto,
 }
 
 

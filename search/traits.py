@@ -30,6 +30,8 @@ TRAITS: dict[str, StrategyTraits] = {
     "mcts": StrategyTraits(),
     # greedy, then best-of-N and MCTS for the problems whose answer the scorer does not trust (search/adaptive.py)
     "adaptive": StrategyTraits(default_scorer="value"),
+    # adaptive where the version has a calibrated value model, else beam (search/adaptive.py): a job's default
+    "auto": StrategyTraits(memory=True, beam_score=True),
 }
 
 

@@ -96,3 +96,24 @@ def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path
     assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_n", "mcts"]
     assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "last stage"]
     assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
+
+
+def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(policy):
+    from dataclasses import replace
+
+    from arbor.submission import JOB_SEARCH
+
+    assert JOB_SEARCH.strategy == "auto"
+    cfg = SearchConfig(strategy="auto", beams=2, n=4, simulations=3, children=2, max_new_tokens=6)
+    plain = run_search(PROBLEMS[:4], cfg, policy)
+    beam = run_search(PROBLEMS[:4], replace(cfg, strategy="beam"), policy)
+    assert [r.strategy for r in plain] == ["beam"] * 4
+    assert [r.best.token_ids for r in plain] == [r.best.token_ids for r in beam]
+
+    class Calibrated:  # what auto reads of a value model: its calibrated threshold (scored by mean_logprob here)
+        accept_score = -0.5
+
+    judged = Policy(policy.model, policy.tokenizer, "v", value_model=Calibrated())
+    results = run_search(PROBLEMS[:4], replace(cfg, scorer="mean_logprob"), judged)
+    assert [r.strategy for r in results] == ["adaptive"] * 4 and all(r.stages for r in results)
+    assert all(r.stages[0]["accept_score"] == -0.5 for r in results)
