@@ -178,6 +178,9 @@ def run_job(store: Store, job_id: str, get_policy: Callable, worker: str, lease=
                      "verified": best.verified, "round": at, "verdict": results[at].verdict.text},
             "rounds": len(results),
             "tried": tried(results),
+            # what the job cost: each round's search (an adaptive one's stages and why each ran: in "tried")
+            "spent": {"tokens": sum(r.result.generated_tokens for r in results),
+                      "forward_passes": sum(r.result.forward_passes for r in results)},
             "stopped": stop_reason(results, rounds),
             "policy_version": results[0].result.policy_version,
             "worker": worker,

@@ -266,9 +266,12 @@ def refine_rows(problem: Problem, rounds: list[Round], job_id: str | None = None
 
 
 def tried(rounds: list[Round]) -> list[dict]:
-    """What each round answered and why it was rejected (a job's result; the web view's rounds table)."""
+    """What each round answered and why it was rejected, and what its search spent (an adaptive search: each stage
+    and why it ran) (a job's result; the web view's rounds table)."""
     return [{"round": r, "answer": x.best.completion, "verdict": x.verdict.text, "accepted": x.verdict.accepted,
-             "resamples": x.resamples, "how": _how(x)} for r, x in enumerate(rounds)]
+             "resamples": x.resamples, "how": _how(x), "tokens": x.result.generated_tokens,
+             "forward_passes": x.result.forward_passes, "stages": x.result.stages}
+            for r, x in enumerate(rounds)]
 
 
 def _how(x: Round) -> str:

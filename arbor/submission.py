@@ -20,9 +20,10 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 from agent.run_store import PLAIN_NAME  # one plain path component: an uploaded file's name, a run's folder
 from search import SearchConfig
 
-# a job's search unless the request says otherwise (and `arbor search`'s): beam won at equal budget
-# (docs/benchmarks.md); every other default is SearchConfig's own
-JOB_SEARCH = SearchConfig(strategy="beam")
+# a job's search unless the request says otherwise (and `arbor search`'s): adaptive search once the version has a
+# calibrated value model, beam before (it won at equal budget: docs/benchmarks.md); every other default is
+# SearchConfig's own
+JOB_SEARCH = SearchConfig(strategy="auto")
 
 
 class SubmitError(ValueError):

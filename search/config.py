@@ -51,6 +51,9 @@ class SearchConfig:
     leaf_value: Literal["rollout", "prefix"] = field(default="rollout", metadata={
         "help": "mcts: a new node's value is the scorer's on a greedy rollout to the end (rollout), or on the node's "
                 "own partial completion with no rollout (prefix: for a scorer that values prefixes, such as value)"})
+    accept_score: float | None = field(default=None, metadata={
+        "help": "adaptive: a stage's best answer is kept when the scorer gives it at least this, else the next stage "
+                "runs (unset: the threshold calibrated with the version's value model)"})
     scorer: str | None = field(default=None, metadata={
         "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, value, value+mean_logprob, "
                 "verifier+min_logprob "
@@ -81,7 +84,8 @@ class SearchConfig:
                 raise ValueError(f"{name} must be a whole number (got {value!r})")
             if value > high:
                 raise ValueError(f"{name} must be at most {high} (got {name}={value})")
-        for name in ("temperature", "length_penalty", "diversity_penalty", "c_puct"):
+        numbers = ("temperature", "length_penalty", "diversity_penalty", "c_puct")
+        for name in numbers + (("accept_score",) if self.accept_score is not None else ()):
             value = getattr(self, name)
             number = not isinstance(value, bool) and isinstance(value, (int, float))
             if not number or not math.isfinite(value) or abs(value) > 1e6:
@@ -135,7 +139,8 @@ class SearchConfig:
         like `generate` and the configured confidence for the others, after the verifier when the run may use
         answers. A search passes its `policy` (the value scorer reads its value model); a check of the
         configuration alone passes none."""
-        base = "beam_score" if traits_of(self.strategy).beam_score else self.confidence
+        traits = traits_of(self.strategy)
+        base = traits.default_scorer or ("beam_score" if traits.beam_score else self.confidence)
         spec = self.scorer or (f"verifier+{base}" if self.use_verifier else base)
         return load_scorer(spec, self.use_verifier, self.length_penalty, policy)
 

@@ -1,6 +1,7 @@
 """Every strategy by name, and the one entry point that runs a search: fn(problems, cfg, policy) -> results."""
 
 from tasks import Problem
+from search.adaptive import adaptive, auto
 from search.beam import beam
 from search.best_of_n import best_of_n
 from search.config import SearchConfig
@@ -20,6 +21,8 @@ STRATEGIES = {
     "step_beam": step_beam,
     "diverse_beam": diverse_beam,
     "mcts": mcts,
+    "adaptive": adaptive,
+    "auto": auto,
 }
 
 

@@ -17,6 +17,8 @@ class StrategyTraits:
     memory: bool = False
     # ranks by the beam score (sum logprob / length**length_penalty) unless a scorer is named, as `generate` does
     beam_score: bool = False
+    # ranks by this scorer unless one is named (adaptive: the value model, whose threshold is calibrated)
+    default_scorer: str | None = None
 
 
 TRAITS: dict[str, StrategyTraits] = {
@@ -26,6 +28,10 @@ TRAITS: dict[str, StrategyTraits] = {
     "step_beam": StrategyTraits(),
     "diverse_beam": StrategyTraits(memory=True, beam_score=True),
     "mcts": StrategyTraits(),
+    # greedy, then best-of-N and MCTS for the problems whose answer the scorer does not trust (search/adaptive.py)
+    "adaptive": StrategyTraits(default_scorer="value"),
+    # adaptive where the version has a calibrated value model, else beam (search/adaptive.py): a job's default
+    "auto": StrategyTraits(memory=True, beam_score=True),
 }
 
 

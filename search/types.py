@@ -81,6 +81,7 @@ class SearchResult:
     generated_tokens: int = 0
     forward_passes: int = 0
     tree: object = None  # the root search.tree.Node when cfg.keep_tree (key/values released)
+    stages: list[dict] = field(default_factory=list)  # adaptive: what each stage spent and why the next one ran
 
     @property
     def best(self) -> Candidate:

@@ -27,7 +27,9 @@ def _policy(device: str, dtype=torch.float32) -> Policy:
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_every_strategy_runs_on_cuda_and_greedy_ones_match_the_cpu(strategy):
     problems = get_task("addition").generate(3, 12, seed=0)
-    cfg = SearchConfig(strategy=strategy, n=4, beams=4, groups=2, children=2, simulations=3, max_new_tokens=6)
+    # adaptive escalates past greedy by confidence here (no value model): accept_score -1 mean log-prob
+    cfg = SearchConfig(strategy=strategy, n=4, beams=4, groups=2, children=2, simulations=3, max_new_tokens=6,
+                       accept_score=-1.0, scorer="mean_logprob" if strategy == "adaptive" else None)
     gpu = run_search(problems, cfg, _policy("cuda"))
     assert len(gpu) == len(problems) and all(r.candidates for r in gpu)
     assert all(r.generated_tokens > 0 and r.forward_passes > 0 for r in gpu)

@@ -197,6 +197,6 @@ def test_every_strategy_has_traits_and_the_config_reads_them():
         if traits.memory:
             SearchConfig(strategy=name, memory=True)
         else:
-            with pytest.raises(ValueError, match="memory works with greedy, best_of_n, beam and diverse_beam"):
+            with pytest.raises(ValueError, match="memory works with greedy, best_of_n, beam, diverse_beam and auto"):
                 SearchConfig(strategy=name, memory=True)
         assert (SearchConfig(strategy=name).build_scorer().name == "beam_score") == traits.beam_score

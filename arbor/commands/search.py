@@ -41,6 +41,7 @@ def _row(result) -> dict:
         "candidates": len(result.candidates),
         "generated_tokens": result.generated_tokens,
         "forward_passes": result.forward_passes,
+        "stages": result.stages,
         "strategy": result.strategy,
     }
 
@@ -63,6 +64,7 @@ def search_command(
     c_puct: float = option(CLI_SEARCH, "c_puct"),
     max_step_tokens: int = option(CLI_SEARCH, "max_step_tokens"),
     scorer: Optional[str] = option(CLI_SEARCH, "scorer"),
+    accept_score: Optional[float] = option(CLI_SEARCH, "accept_score"),
     use_verifier: bool = option(CLI_SEARCH, "use_verifier"),
     seed: int = option(CLI_SEARCH, "seed"),
     recycling: bool = option(CLI_SEARCH, "recycling"),
@@ -99,8 +101,9 @@ def search_command(
             CLI_SEARCH, strategy=strategy, n=n, temperature=temperature, max_new_tokens=max_new_tokens,
             use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
             diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
-            simulations=simulations, c_puct=c_puct, scorer=scorer, keep_tree=tree is not None,
-            recycling=recycling, memory=memory, prompt_format=prompt_format, system_prompt=system_prompt,
+            simulations=simulations, c_puct=c_puct, scorer=scorer, accept_score=accept_score,
+            keep_tree=tree is not None, recycling=recycling, memory=memory, prompt_format=prompt_format,
+            system_prompt=system_prompt,
         )
         settings = load_settings(device=device, dtype=dtype)
         if read_base(model) is not None:  # a LoRA adapter version's folder: over its base

@@ -108,6 +108,7 @@ def submit(
     simulations: Optional[int] = option(JOB_SEARCH, "simulations", unset=True),
     c_puct: Optional[float] = option(JOB_SEARCH, "c_puct", unset=True),
     scorer: Optional[str] = option(JOB_SEARCH, "scorer", unset=True),
+    accept_score: Optional[float] = option(JOB_SEARCH, "accept_score", unset=True),
     confidence: Optional[str] = option(JOB_SEARCH, "confidence", unset=True),
     use_verifier: Optional[bool] = option(JOB_SEARCH, "use_verifier", unset=True),
     length_penalty: Optional[float] = option(JOB_SEARCH, "length_penalty", unset=True),
@@ -129,7 +130,8 @@ def submit(
     from tasks import allow
 
     flags = dict(strategy=strategy, n=n, temperature=temperature, max_new_tokens=max_new_tokens, beams=beams,
-                 children=children, simulations=simulations, c_puct=c_puct, scorer=scorer, confidence=confidence,
+                 children=children, simulations=simulations, c_puct=c_puct, scorer=scorer,
+                 accept_score=accept_score, confidence=confidence,
                  use_verifier=use_verifier, length_penalty=length_penalty, groups=groups,
                  diversity_penalty=diversity_penalty, step_delimiter=step_delimiter, max_step_tokens=max_step_tokens,
                  seed=seed, memory=memory, prompt_format=prompt_format, system_prompt=system_prompt)

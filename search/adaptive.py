@@ -1,0 +1,111 @@
+"""Adaptive search: compute where it pays. Every problem is answered greedily first; a problem whose answer the
+scorer does not trust (its score under the accept threshold) escalates to best-of-N, and one still untrusted to
+MCTS. Each result keeps every stage's candidates, ranked together, and says what each stage spent and why the
+next one ran (SearchResult.stages).
+
+The threshold is SearchConfig.accept_score, or the one calibrated for the policy version's value model on held-out
+problems (`calibrate_accept_score`, stored with the value model), so that the default trusts a greedy answer only
+where the value model is right about such answers at the calibration's precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from search.beam import beam
+from search.best_of_n import best_of_n
+from search.config import SearchConfig
+from search.greedy import greedy
+from search.mcts import mcts
+from search.scorers import rank_all
+from search.traits import traits_of
+from search.types import SearchPolicy, SearchResult
+from tasks import Problem
+
+STAGES = (("greedy", greedy), ("best_of_n", best_of_n), ("mcts", mcts))
+
+
+def accept_threshold(cfg: SearchConfig, policy: SearchPolicy) -> float:
+    """cfg.accept_score, else the version's calibrated one; a one-line refusal when there is neither."""
+    if cfg.accept_score is not None:
+        return cfg.accept_score
+    calibrated = getattr(getattr(policy, "value_model", None), "accept_score", None)
+    if calibrated is None:
+        raise ValueError(f"adaptive search needs accept_score, or a value model calibrated for it, and policy version "
+                         f"{policy.version} has none: set accept_score or choose another strategy")
+    return calibrated
+
+
+def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
+    threshold = accept_threshold(cfg, policy)
+    scorer = cfg.build_scorer(policy)
+    # every stage ranks by the same scorer (MCTS values its leaves by it too)
+    cfg = replace(cfg, scorer=cfg.scorer or traits_of("adaptive").default_scorer)
+    merged: list[SearchResult | None] = [None] * len(problems)
+    pending = list(range(len(problems)))
+    for stage, run in STAGES:
+        if not pending:
+            break
+        found = run([problems[i] for i in pending], replace(cfg, strategy=stage), policy)
+        for i, r in zip(pending, found):
+            merged[i] = r if merged[i] is None else _joined(merged[i], r)
+        last = stage == STAGES[-1][0]
+        ranked = rank_all(scorer, [problems[i] for i in pending], [merged[i].candidates for i in pending])
+        still = []
+        for i, r, candidates in zip(pending, found, ranked):
+            best = candidates[0]
+            trusted = best.finished and best.score >= threshold
+            merged[i].candidates = candidates
+            merged[i].stages.append({"stage": stage, "tokens": r.generated_tokens, "forward_passes": r.forward_passes,
+                                     "best_score": round(best.score, 4) if best.finished else None,
+                                     "accept_score": threshold, "why": _why(trusted, last, best, threshold)})
+            if not trusted:
+                still.append(i)
+        pending = still
+    for r in merged:
+        r.strategy = "adaptive"
+    return merged
+
+
+def calibrated(policy: SearchPolicy) -> bool:
+    return getattr(getattr(policy, "value_model", None), "accept_score", None) is not None
+
+
+def auto(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
+    """A queue job's default: adaptive search once the version has a calibrated value model, beam search (which
+    measured best at equal budget without one) before, or when the job reads through the context memory."""
+    if calibrated(policy) and not (cfg.memory or cfg.recycling):
+        return adaptive(problems, replace(cfg, strategy="adaptive"), policy)
+    return beam(problems, replace(cfg, strategy="beam"), policy)
+
+
+def _joined(earlier: SearchResult, later: SearchResult) -> SearchResult:
+    """One result over both stages' candidates (a repeated completion kept once) and both stages' costs."""
+    seen = {tuple(c.token_ids) for c in earlier.candidates}
+    earlier.candidates += [c for c in later.candidates if tuple(c.token_ids) not in seen]
+    earlier.generated_tokens += later.generated_tokens
+    earlier.forward_passes += later.forward_passes
+    return earlier
+
+
+def _why(trusted: bool, last: bool, best, threshold: float) -> str:
+    if trusted:
+        return f"kept: best score {best.score:.3f} >= {threshold:.3f}"
+    reason = f"best score {best.score:.3f} < {threshold:.3f}" if best.finished else "no answer finished"
+    return f"last stage: {reason}, kept anyway" if last else f"escalated: {reason}"
+
+
+def calibrate_accept_score(scores: list[float], right: list[bool], precision: float = 0.95) -> float | None:
+    """The lowest threshold at which the greedy answers scoring at least it are right at `precision` or better (on
+    held-out problems with answers): above it a greedy answer is kept, below it the search escalates. None when no
+    threshold reaches that precision."""
+    if len(scores) != len(right) or not scores:
+        raise ValueError("calibration needs one verdict per score, and at least one")
+    pairs = sorted(zip(scores, right), key=lambda p: -p[0])
+    best, hits = None, 0
+    for n, (score, ok) in enumerate(pairs, 1):
+        hits += ok
+        last_of_tie = n == len(pairs) or pairs[n][0] != score
+        if last_of_tie and hits / n >= precision:
+            best = score
+    return best

@@ -1,0 +1,119 @@
+"""Adaptive search: greedy first, best-of-N and MCTS only for the problems whose answer the scorer does not trust;
+every stage's spending and reason recorded; the threshold calibrated from held-out verdicts; refused without one."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import BuiltinConfig, TrainConfig
+from agent.trainer import SFTFineTuner
+from agent.policy import Policy, build_builtin_policy
+from search import SearchConfig, run_search
+from search.adaptive import calibrate_accept_score
+from tasks import get_task
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CFG = dict(strategy="adaptive", scorer="mean_logprob", n=4, simulations=3, children=2, max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                                    seed=4))
+    # a few steps on short sums: answers finish, some right and confident, some not
+    examples = [{"prompt": p.prompt, "completion": p.answer} for d in (1, 2) for p in get_task("addition").generate(d, 256, seed=0)]
+    SFTFineTuner(TrainConfig(learning_rate=3e-3, max_steps=40, batch_size=32, time_budget_s=120)).train(model, tok, examples)
+    return Policy(model.eval(), tok, "v")
+
+
+PROBLEMS = get_task("addition").generate(2, 10, seed=1)
+
+
+def test_trusted_greedy_answers_stop_there_and_untrusted_ones_escalate(policy):
+    greedy = run_search(PROBLEMS, SearchConfig(strategy="greedy", max_new_tokens=6), policy)
+    scores = sorted(r.best.mean_logprob for r in greedy if r.best.finished)
+    assert len(scores) >= 4
+    threshold = scores[len(scores) // 2]  # half the problems trust their greedy answer
+    results = run_search(PROBLEMS, SearchConfig(**CFG, accept_score=threshold), policy)
+    for g, r in zip(greedy, results):
+        assert r.strategy == "adaptive" and r.problem is g.problem
+        first = r.stages[0]
+        assert first["stage"] == "greedy" and first["tokens"] == g.generated_tokens
+        assert first["best_score"] is None if not g.best.finished else abs(first["best_score"] - g.best.mean_logprob) < 1e-3
+        if g.best.finished and g.best.mean_logprob >= threshold:  # kept: greedy's cost and answer, nothing more
+            assert [s["stage"] for s in r.stages] == ["greedy"] and first["why"].startswith("kept")
+            assert r.generated_tokens == g.generated_tokens and r.best.token_ids == g.best.token_ids
+        else:
+            assert [s["stage"] for s in r.stages][:2] == ["greedy", "best_of_n"]
+            assert first["why"].startswith("escalated")
+            assert r.generated_tokens == sum(s["tokens"] for s in r.stages) > g.generated_tokens
+            # the greedy answer stays a candidate: a later stage can only find a better-scored one
+            assert any(c.token_ids == g.best.token_ids for c in r.candidates)
+            assert r.best.score >= g.best.mean_logprob - 1e-6
+    assert 0 < sum(len(r.stages) == 1 for r in results) < len(results)
+
+
+def test_an_unreachable_threshold_runs_every_stage_and_says_so(policy):
+    results = run_search(PROBLEMS[:3], SearchConfig(**CFG, accept_score=1.0), policy)  # mean log-prob <= 0
+    for r in results:
+        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_n", "mcts"]
+        assert r.stages[-1]["why"].startswith("last stage")
+        assert r.forward_passes == sum(s["forward_passes"] for s in r.stages)
+
+
+def test_without_a_threshold_or_a_calibrated_value_model_adaptive_is_refused_in_one_line(policy):
+    with pytest.raises(ValueError, match="adaptive search needs accept_score") as exc:
+        run_search(PROBLEMS[:1], SearchConfig(**CFG), policy)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ValueError, match="accept_score must be a finite number"):
+        SearchConfig(**CFG, accept_score=float("nan"))
+
+
+def test_calibration_picks_the_lowest_threshold_at_the_precision():
+    scores, right = [0.9, 0.8, 0.7, 0.6, 0.5], [True, True, False, True, False]
+    assert calibrate_accept_score(scores, right, precision=0.95) == 0.8
+    assert calibrate_accept_score(scores, right, precision=0.75) == 0.6
+    assert calibrate_accept_score(scores, right, precision=0.5) == 0.5
+    assert calibrate_accept_score([0.9, 0.9, 0.1], [True, False, True], precision=0.95) is None  # a tie is one cut
+
+
+def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path, policy):
+    from agent.jobs import run_job, submit_jobs
+    from agent.registry import PolicyRegistry
+    from agent.store import Store
+    from tasks import Problem
+    from workers.cache import PolicyCache
+
+    store = Store(f"sqlite:///{tmp_path / 'arbor.db'}")
+    registry = PolicyRegistry(tmp_path / "policies", store)
+    registry.promote(registry.save(policy.model, policy.tokenizer, parent=None, trained_on={}), {})
+    search = {**CFG, "accept_score": 1.0}  # never trusted: every stage runs
+    (job,) = submit_jobs(store, [Problem("4+5=", answer="9", id="adaptive-job")], search=search)
+    out = run_job(store, job, PolicyCache(registry).get, "t")
+    assert out["status"] == "done", out
+    (round0,) = out["result"]["tried"]
+    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_n", "mcts"]
+    assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "last stage"]
+    assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
+
+
+def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(policy):
+    from dataclasses import replace
+
+    from arbor.submission import JOB_SEARCH
+
+    assert JOB_SEARCH.strategy == "auto"
+    cfg = SearchConfig(strategy="auto", beams=2, n=4, simulations=3, children=2, max_new_tokens=6)
+    plain = run_search(PROBLEMS[:4], cfg, policy)
+    beam = run_search(PROBLEMS[:4], replace(cfg, strategy="beam"), policy)
+    assert [r.strategy for r in plain] == ["beam"] * 4
+    assert [r.best.token_ids for r in plain] == [r.best.token_ids for r in beam]
+
+    class Calibrated:  # what auto reads of a value model: its calibrated threshold (scored by mean_logprob here)
+        accept_score = -0.5
+
+    judged = Policy(policy.model, policy.tokenizer, "v", value_model=Calibrated())
+    results = run_search(PROBLEMS[:4], replace(cfg, scorer="mean_logprob"), judged)
+    assert [r.strategy for r in results] == ["adaptive"] * 4 and all(r.stages for r in results)
+    assert all(r.stages[0]["accept_score"] == -0.5 for r in results)
