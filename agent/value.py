@@ -180,6 +180,11 @@ class ValueModel:
 
     # ----- persistence -----
 
+    @property
+    def accept_score(self) -> float | None:
+        """Adaptive search's threshold for this model's values, set by `calibrate` (None before)."""
+        return self.meta.get("accept_score")
+
     def save(self, folder: str | Path) -> None:
         """The head (and a tuned trunk, as a save_pretrained folder) in `folder`."""
         folder = Path(folder)
@@ -357,6 +362,33 @@ def _fit_tuned(vm: ValueModel, prompts, ids, targets, weights, cfg: ValueConfig,
             if time.monotonic() - start > cfg.time_budget_s:
                 return steps, loss.item()
     return steps, loss.item()
+
+
+def calibrate(value_model: ValueModel, policy, problems: list, precision: float = 0.95, max_new_tokens: int = 64) -> dict:
+    """Set the value model's accept threshold for adaptive search (search/adaptive.py) from `problems` with answers
+    (held-out ones): the policy's greedy answers are scored by the model and checked, and the threshold is the
+    lowest value at which the answers scoring at least that are right at `precision`. Returns what it measured
+    (also kept in the model's meta, so saved with it); no threshold reaches `precision`: accept_score stays unset."""
+    from search import SearchConfig, run_search
+    from search.adaptive import calibrate_accept_score
+    from search.prompt_format import formatted_problems
+
+    answered = [p for p in problems if p.answer is not None]
+    if not answered:
+        raise ValueError("calibration needs problems with answers (held-out ones)")
+    results = run_search(answered, SearchConfig(strategy="greedy", max_new_tokens=max_new_tokens), policy)
+    best = [r.best for r in results]
+    shown = formatted_problems(answered, policy.prompt_format, policy.tokenizer)  # as the value scorer sees them
+    values = [v[-1] for v in value_model.score([p.prompt for p in shown], [c.token_ids for c in best],
+                                               [c.finished for c in best])]
+    right = [bool(c.verified) for c in best]
+    threshold = calibrate_accept_score(values, right, precision)
+    kept = sum(v >= threshold for v in values) if threshold is not None else 0
+    report = {"accept_score": threshold, "precision": precision, "problems": len(answered),
+              "greedy_accuracy": round(sum(right) / len(right), 4), "kept_share": round(kept / len(right), 4),
+              "auroc": auroc(values, right)}
+    value_model.meta.update(accept_score=threshold, calibration=report)
+    return report
 
 
 def auroc(scores: list[float], labels: list[bool]) -> float | None:

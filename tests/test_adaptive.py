@@ -19,11 +19,11 @@ CFG = dict(strategy="adaptive", scorer="mean_logprob", n=4, simulations=3, child
 
 @pytest.fixture(scope="module")
 def policy():
-    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+    model, tok = build_builtin_policy(BuiltinConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
                                                     seed=4))
     # a few steps on short sums: answers finish, some right and confident, some not
     examples = [{"prompt": p.prompt, "completion": p.answer} for d in (1, 2) for p in get_task("addition").generate(d, 256, seed=0)]
-    SFTFineTuner(TrainConfig(learning_rate=3e-3, max_steps=40, batch_size=32, time_budget_s=120)).train(model, tok, examples)
+    SFTFineTuner(TrainConfig(learning_rate=3e-3, max_steps=300, batch_size=32, time_budget_s=300)).train(model, tok, examples)
     return Policy(model.eval(), tok, "v")
 
 
@@ -98,10 +98,36 @@ def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path
     assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
 
 
-def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(policy):
+@pytest.fixture(scope="module")
+def judged(policy):
+    """A value model trained on the policy's own labelled samples of train problems, calibrated on held-out ones."""
+    from agent.value import ValueConfig, calibrate, train_value
+
+    res = run_search(get_task("addition").generate(1, 60, seed=11),
+                     SearchConfig(strategy="best_of_n", n=6, temperature=1.0, max_new_tokens=6), policy)
+    # its finished samples, and each problem's right answer as the loop's accepted label would add it
+    labelled = [{"prompt": r.problem.prompt, "completion": c.completion, "label": bool(c.verified)}
+                for r in res for c in r.candidates if c.finished]
+    labelled += [{"prompt": r.problem.prompt, "completion": r.problem.answer, "label": True} for r in res]
+    value_model = train_value(policy, labelled, ValueConfig(trunk="frozen", epochs=30, time_budget_s=30))
+    report = calibrate(value_model, policy, get_task("addition").generate(1, 40, seed=12, split="heldout"),
+                       precision=0.8)
+    return value_model, report
+
+
+def test_calibration_sets_the_threshold_the_version_keeps(judged):
+    value_model, report = judged
+    assert report["problems"] == 40 and report["accept_score"] is not None, report
+    assert value_model.accept_score == report["accept_score"] and 0 < report["kept_share"] <= 1
+
+
+def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(policy, judged, tmp_path):
     from dataclasses import replace
 
+    from agent.registry import PolicyRegistry, save_value
+    from agent.store import Store
     from arbor.submission import JOB_SEARCH
+    from workers.cache import PolicyCache
 
     assert JOB_SEARCH.strategy == "auto"
     cfg = SearchConfig(strategy="auto", beams=2, n=4, simulations=3, children=2, max_new_tokens=6)
@@ -110,10 +136,14 @@ def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(pol
     assert [r.strategy for r in plain] == ["beam"] * 4
     assert [r.best.token_ids for r in plain] == [r.best.token_ids for r in beam]
 
-    class Calibrated:  # what auto reads of a value model: its calibrated threshold (scored by mean_logprob here)
-        accept_score = -0.5
-
-    judged = Policy(policy.model, policy.tokenizer, "v", value_model=Calibrated())
-    results = run_search(PROBLEMS[:4], replace(cfg, scorer="mean_logprob"), judged)
-    assert [r.strategy for r in results] == ["adaptive"] * 4 and all(r.stages for r in results)
-    assert all(r.stages[0]["accept_score"] == -0.5 for r in results)
+    # the version with its calibrated value model, as a worker loads it: auto is now adaptive, by the value
+    value_model, report = judged
+    registry = PolicyRegistry(tmp_path / "policies", Store(f"sqlite:///{tmp_path / 'arbor.db'}"))
+    version = registry.save(policy.model, policy.tokenizer, parent=None, trained_on={})
+    save_value(registry, version, value_model)
+    registry.promote(version, {})
+    served = PolicyCache(registry).get()
+    assert served.value_model.accept_score == report["accept_score"]
+    results = run_search(PROBLEMS[:4], cfg, served)
+    assert [r.strategy for r in results] == ["adaptive"] * 4
+    assert all(r.stages and r.stages[0]["accept_score"] == report["accept_score"] for r in results)
