@@ -193,10 +193,55 @@ def load_adapter_policy(folder: str | Path, version: str, device: str = "cpu", d
     return Policy(model.eval(), tokenizer, version, str(folder), memory, PromptFormat.load(folder))
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _same_shape_weights(model, folder: Path) -> dict | None:
+    """The adapter weights of `folder`, keyed as the active adapter's state dict, when that adapter has the same
+    LoRA settings and tensor shapes (a later version of one lineage); None when it does not."""
+    from peft import PeftConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    held = model.peft_config[model.active_adapter]
+    given = PeftConfig.from_pretrained(folder)
+    settings = ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "bias", "modules_to_save")
+    if any(getattr(held, s, None) != getattr(given, s, None) for s in settings):
+        return None
+    live = get_peft_model_state_dict(model, adapter_name=model.active_adapter)
+    new = load_file(folder / ADAPTER_WEIGHTS)
+    if new.keys() != live.keys() or any(new[k].shape != live[k].shape for k in live):
+        return None
+    return new
+
+
+def _copy_adapter_in_place(model, folder: Path) -> bool:
+    """Switch to `folder`'s adapter by writing its weights into the active adapter's tensors. peft's load_adapter
+    builds and injects a new module pair in every adapted layer, a cost per layer that does not shrink with the
+    model: measured on a 21M Llama (42 adapted layers), 0.106 s a swap against 0.054 s to reload the whole model,
+    while copying the same tensors took 0.012 s (docs/benchmarks.md). Every weight is read and checked before any
+    is written, so a failure leaves the model as it was. False when the shapes or settings differ."""
+    new = _same_shape_weights(model, Path(folder))
+    if new is None:
+        return False
+    from peft import get_peft_model_state_dict
+
+    with torch.no_grad():
+        for key, tensor in get_peft_model_state_dict(model, adapter_name=model.active_adapter).items():
+            tensor.copy_(new[key])
+    return True
+
+
 def swap_adapter(policy: Policy, folder: str | Path, version: str) -> Policy:
     """`policy`'s model with the adapter of `folder` (a version over the same base) in place of its own: only the
-    adapter is read. If it fails, the old adapter stays active and the model is as it was."""
+    adapter is read, and written into the held adapter's tensors where its shapes match. If it fails, the old
+    adapter stays active and the model is as it was."""
     model, old = policy.model, policy.model.active_adapter
+    try:
+        if _copy_adapter_in_place(model, Path(folder)):
+            memory = RecyclingMemory.load(folder, model.config.vocab_size, device=model.device)
+            return Policy(model.eval(), policy.tokenizer, version, str(folder), memory, PromptFormat.load(folder))
+    except Exception as exc:
+        raise PolicyLoadError(f"{folder} could not be loaded as a LoRA adapter: {type(exc).__name__}: {exc}") from exc
     try:
         if version in model.peft_config:  # left by an earlier failed swap
             model.delete_adapter(version)

@@ -64,9 +64,12 @@ def _logits(model, tok):
         return model(**enc).logits
 
 
-def test_an_adapter_version_round_trips_and_a_worker_swaps_adapters_over_one_base(versions, monkeypatch):
+@pytest.mark.parametrize("in_place", [True, False], ids=["weights-copied", "adapter-loaded"])
+def test_an_adapter_version_round_trips_and_a_worker_swaps_adapters_over_one_base(versions, monkeypatch, in_place):
     home, registry, saved = versions
     monkeypatch.setattr(adapters, "BASES", adapters._Bases())  # a fresh process: no base read yet
+    if not in_place:  # as for an adapter of another rank: peft loads it as a new adapter
+        monkeypatch.setattr(adapters, "_copy_adapter_in_place", lambda model, folder: False)
     tok = registry.load("v0").tokenizer
     cache = PolicyCache(registry)
     held = cache.get()
@@ -77,7 +80,7 @@ def test_an_adapter_version_round_trips_and_a_worker_swaps_adapters_over_one_bas
     registry.promote("v2", {})
     swapped = cache.get()
     assert swapped.version == "v2" and swapped.model is held.model  # only the adapter was loaded
-    assert list(swapped.model.peft_config) == ["v2"]  # the previous adapter is gone
+    assert len(swapped.model.peft_config) == 1  # one adapter held: the previous one was overwritten or removed
     assert torch.equal(_logits(swapped.model, tok), _logits(saved["v2"], tok))
 
     registry.promote("v1", {})  # an operator's rollback
@@ -87,6 +90,16 @@ def test_an_adapter_version_round_trips_and_a_worker_swaps_adapters_over_one_bas
     # the base under all of them is v0's weights, untouched by training and swaps
     base = registry.load("v0").model
     assert all(torch.equal(p, base.state_dict()[k]) for k, p in adapters.BASES.held[1].state_dict().items())
+
+
+def test_an_adapter_of_other_shapes_is_not_copied_in_place(versions):
+    _, registry, saved = versions
+    held = registry.load("v1")
+    other = TrainConfig(**{**LORA.__dict__, "lora_rank": 3})
+    folder = registry.root / "rank3"
+    adapters.save_adapter(_fine_tuned(saved["v0"], held.tokenizer, other), folder, registry.folder("v0"), "x")
+    assert adapters._same_shape_weights(held.model, folder) is None
+    assert adapters._same_shape_weights(held.model, registry.folder("v2")) is not None
 
 
 def test_a_worker_holding_the_base_version_goes_over_it_without_a_second_load(versions, monkeypatch):
@@ -224,10 +237,12 @@ def test_every_strategy_recycling_and_the_context_memory_run_on_the_adapted_mode
     merged = Policy(adapters.merged_copy(adapted), tok, "merged")
     problems = [p for d in (1, 2) for p in get_task("addition").generate(d, 6, seed=7)]
     for strategy in STRATEGIES:
-        cfg = SearchConfig(strategy=strategy, n=4, beams=4, groups=2, children=2, simulations=3, max_new_tokens=MAX_NEW)
+        # adaptive escalates by confidence here (no value model): below -1 mean log-prob
+        cfg = SearchConfig(strategy=strategy, n=4, beams=4, groups=2, children=2, simulations=3, max_new_tokens=MAX_NEW,
+                           accept_score=-1.0, scorer="mean_logprob" if strategy == "adaptive" else None)
         got = run_search(problems, cfg, policy)
         assert all(r.candidates and r.generated_tokens > 0 for r in got), strategy
-        if strategy in ("greedy", "beam", "diverse_beam"):  # deterministic: the merged model's answers
+        if strategy in ("greedy", "beam", "diverse_beam", "auto"):  # deterministic: the merged model's answers
             assert [r.best.token_ids for r in got] == [r.best.token_ids for r in run_search(problems, cfg, merged)]
     plain = run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=MAX_NEW), policy)
     from memory.recycling import RecyclingMemory
