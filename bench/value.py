@@ -16,10 +16,13 @@ greedy is between 0.3 and 0.7) and at one length past the trained length, every 
   majority vote, best-of-16 reranked by value, by value+mean_logprob, value-weighted vote, step beam and MCTS
   ranked by the value; accuracy, generated tokens and forward passes per problem, plus the value model's own
   trunk forwards and scored tokens (its cost beside the policy's);
-  AUROC of the value against confidence (mean and min token log-prob) at telling right from wrong candidates.
+  AUROC of the value against confidence (mean and min token log-prob) at telling right from wrong candidates;
+  adaptive search (greedy, then best-of-16, then MCTS, each only where the value of the best answer so far is under
+  the threshold calibrated on validation problems at both lengths: agent/value.py calibrate).
 
 Goals (booleans): value-guided search closes >= 50% of the greedy -> pass@16 gap at no more than best-of-16's
-generated tokens; value AUROC >= 0.85.
+generated tokens; value AUROC >= 0.85; adaptive search reaches >= 90% of the best value-guided row's gain over
+greedy at no more than a third of best-of-16's generated tokens.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (
 import torch  # noqa: E402
 
 from agent.policy import Policy  # noqa: E402
-from agent.value import ValueConfig, auroc, train_value, value_vote  # noqa: E402
+from agent.value import ValueConfig, auroc, calibrate, train_value, value_vote  # noqa: E402
 from bench.search import greedy_accuracy, train_policy, voted  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
 from search.scorers import load_scorer, rank_all  # noqa: E402
@@ -123,6 +126,10 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
         res, s, cost = search(policy, problems, strategy="mcts", simulations=sims, children=2, max_step_tokens=2,
                               temperature=1.0, scorer="value")
         rows.append(row(f"mcts value sims={sims} children=2 step=2", res, s, value_cost=cost))
+    res, s, cost = search(policy, problems, strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2,
+                          max_step_tokens=2, leaf_value="prefix")
+    rows.append(row("adaptive by value: greedy, then best_of_16, then mcts", res, s, value_cost=cost))
+    escalated = sum(len(r.stages) > 1 for r in res) / len(res)
     # right against wrong among the 16 samples' finished candidates: does the value tell them apart?
     cands = [(r, c) for r in res16 for c in r.candidates if c.finished]
     labels = [bool(c.verified) for _, c in cands]
@@ -131,7 +138,8 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
                   "auroc_value": _round(auroc([v[-1] for v in values], labels)),
                   "auroc_mean_logprob": _round(auroc([c.mean_logprob for _, c in cands], labels)),
                   "auroc_min_logprob": _round(auroc([c.min_logprob for _, c in cands], labels))}
-    return {"difficulty": d, "problems": n, "rows": rows, "separation": separation, "goal": goal(rows)}
+    return {"difficulty": d, "problems": n, "rows": rows, "separation": separation, "goal": goal(rows),
+            "adaptive": adaptive_goal(rows, escalated)}
 
 
 def _round(x):
@@ -150,6 +158,24 @@ def goal(rows: list[dict]) -> dict:
     closed = (best["accuracy"] - greedy) / gap if gap > 0 else None
     return {"best_value_guided": best["config"], "accuracy": best["accuracy"], "greedy": greedy, "pass@16": ceiling,
             "gap_closed": _round(closed), "met": closed is not None and closed >= 0.5}
+
+
+def adaptive_goal(rows: list[dict], escalated: float) -> dict:
+    """Adaptive search's gain over greedy as a share of the best value-guided row's, and its tokens as a share of
+    best-of-16's."""
+    acc = {r["config"]: r for r in rows}
+    greedy = acc["greedy"]["accuracy"]
+    budget = acc["best_of_16 confidence (mean_logprob)"]["tokens_per_problem"]
+    adaptive = next(r for r in rows if r["config"].startswith("adaptive"))
+    guided = [r for r in rows if "value" in r["config"] and not r["config"].startswith("adaptive")
+              and r["tokens_per_problem"] <= budget]
+    best = max(guided, key=lambda r: r["accuracy"])
+    gain = best["accuracy"] - greedy
+    share = (adaptive["accuracy"] - greedy) / gain if gain > 0 else None
+    tokens = adaptive["tokens_per_problem"] / budget
+    return {"accuracy": adaptive["accuracy"], "escalated_share": round(escalated, 4),
+            "share_of_value_gain": _round(share), "tokens_vs_best_of_16": round(tokens, 4),
+            "met": share is not None and share >= 0.9 and tokens <= 1 / 3}
 
 
 def main():
@@ -183,16 +209,22 @@ def main():
     vm = train_value(policy, labelled, ValueConfig(trunk=args.trunk, time_budget_s=args.value_seconds,
                                                     seed=args.seed))
     policy.value_model = vm
+    # adaptive search's threshold, on validation problems (neither the value model's train problems nor the
+    # evaluated held-out ones) at both evaluated lengths
+    calibration = calibrate(vm, policy, [p for length in (d, past) for p in get_task("addition").generate(
+        length, args.problems, seed=13, split="validation")], max_new_tokens=past + 3)
     report = {"policy": policy.version, "train_s": round(train_s, 1), "greedy_by_difficulty": accs,
               "frontier_difficulty": d, "frontier_in_range": 0.3 <= accs[d] <= 0.7,
               "trained_length": TRAINED_LENGTH, "past_trained_length": past,
               "value_model": {**vm.meta, "sampling_s": round(sample_s, 1), "config": vars(vm.cfg)},
+              "calibration": calibration,
               "frontier": evaluate(policy, d, args.problems, args.quick),
               "past": evaluate(policy, past, args.problems, args.quick)}
     report["goals"] = {
         "value_search_closes_half_the_gap_at_frontier": report["frontier"]["goal"]["met"],
         "value_auroc_at_least_0.85_frontier": (report["frontier"]["separation"]["auroc_value"] or 0) >= 0.85,
         "value_auroc_at_least_0.85_past": (report["past"]["separation"]["auroc_value"] or 0) >= 0.85,
+        "adaptive_90pct_of_gain_at_a_third_of_the_tokens": report["frontier"]["adaptive"]["met"],
     }
     report["threads"], report["total_s"] = args.threads, round(time.perf_counter() - t0, 1)
     print(json.dumps(report))
