@@ -53,7 +53,7 @@ class BenchConfig:
     layers: int = 6
     intermediate: int = 1536
     heads: int = 8
-    vocab: int = 4096
+    vocab: int = 4096  # the BPE vocabulary at most (the text made here merges to about 570 tokens)
     pretrain_s: float = 240.0
     pretrain_lr: float = 3e-3
     arm_budget_s: float = 480.0  # each arm's --time-budget
@@ -111,7 +111,7 @@ def corpus_line(rng: random.Random) -> str:
     return " ".join(LETTERS[(i + k) % 26] for k in range(rng.randint(4, 12)))
 
 
-def train_tokenizer(lines: list[str], vocab: int, folder: Path):
+def train_tokenizer(lines: list[str], vocab: int):
     """A byte-level BPE tokenizer trained on `lines` (it round-trips any text), with eos, pad and bos set."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -133,7 +133,7 @@ def build_user_model(cfg: BenchConfig, folder: Path, seed: int) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(f"corpus/{seed}")
     lines = [corpus_line(rng) for _ in range(200_000)]
-    tokenizer = train_tokenizer(lines, cfg.vocab, folder)
+    tokenizer = train_tokenizer(lines, cfg.vocab)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
                          num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
                          max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
