@@ -342,6 +342,38 @@ def memory_probe(adapter: str, model_dir: Path, problems: Path, steps: int, rank
                       "steps": stats["steps"], "seconds": stats["seconds"]}))
 
 
+# ---- learning rates at a fixed step count ----
+
+FIXED_STEP_ARMS = (("full", 4, 5e-4), ("lora", 4, 5e-4), ("lora", 4, 5e-3), ("lora", 16, 5e-3))
+
+
+def fixed_step_comparison(model_dir: Path, problems: Path, steps: int) -> list[dict]:
+    """Each (adapter, rank, learning rate) fine-tunes the user's model for `steps` steps on every train answer, in
+    this process (no loop, no gate, no wall clock), then answers the held-out problems greedily."""
+    from agent.config import LoopConfig, TrainConfig
+    from agent.evaluation import evaluate_policy
+    from agent.policy import Policy, load_policy
+    from agent.trainer import SFTFineTuner
+    from tasks.jsonl import read_problems
+
+    read = read_problems(problems)[0]
+    train = [{"prompt": p.prompt, "completion": p.answer} for p in read if p.split == "train"]
+    heldout = {"all": [p for p in read if p.split == "heldout"]}
+    rows = []
+    for adapter, rank, lr in FIXED_STEP_ARMS:
+        model, tokenizer = load_policy(model_dir)
+        # lora_alpha stays 32, as `arbor run` has it: the update's scale is 32 / rank
+        tuner = SFTFineTuner(TrainConfig(adapter=adapter, lora_rank=rank, learning_rate=lr, max_steps=steps,
+                                         time_budget_s=3600.0))
+        stats = tuner.train(model, tokenizer, train)
+        accuracy = evaluate_policy(Policy(tuner.trained.eval(), tokenizer), heldout, LoopConfig().eval_search).accuracy
+        rows.append({"adapter": adapter, "rank": rank if adapter == "lora" else None, "learning_rate": lr,
+                     "steps": stats["steps"], "seconds": stats["seconds"], "train_loss": round(stats["train_loss"], 3),
+                     "heldout": round(accuracy["all"], 3)})
+        print(f"[fixed steps] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
+
+
 # ---- the report ----
 
 def plot(arms: dict, path: Path, budget: float) -> None:
@@ -378,6 +410,8 @@ def main() -> None:
     parser.add_argument("--pretrain-seconds", type=float)
     parser.add_argument("--work", type=Path, default=Path("/tmp/arbor-bench-adapters"))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--fixed-steps", type=int, help="instead of the two runs: fine-tune the user's model this many "
+                        "steps per learning rate and LoRA rank, and compare held-out accuracy (no loop)")
     parser.add_argument("--memory-probe", choices=["full", "lora"], help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--problems", type=Path, help=argparse.SUPPRESS)
@@ -399,6 +433,14 @@ def main() -> None:
     model = build_user_model(cfg, model_dir, args.seed)
     print(f"[model] {json.dumps(model)}", file=sys.stderr, flush=True)
     problems = write_task(args.work / "task" / "problems.jsonl", cfg, args.seed)
+    if args.fixed_steps:
+        rows = fixed_step_comparison(model_dir, problems, args.fixed_steps)
+        summary = {"benchmark": "adapters_fixed_steps", "quick": args.quick, "seed": args.seed, "model": model,
+                   "steps": args.fixed_steps, "arms": rows}
+        out = args.out or RESULTS / "adapters-fixed-steps.json"
+        out.write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
+        return
 
     arms = {}
     for arm in ("full", "lora"):
