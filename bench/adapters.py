@@ -20,8 +20,8 @@ version over the base it holds) against Policy.load of a full version (what it d
 
     python -m bench.adapters              # the benchmark (about 25 minutes on 2 CPU cores)
     python -m bench.adapters --quick      # a few-minute smoke run of the same steps
-    python -m bench.adapters --quick --fixed-steps 60   # no runs: full and LoRA fine-tunes of 60 steps each, per
-                                                        # learning rate and rank (bench/results/adapters-fixed-steps.json)
+    python -m bench.adapters --quick --fixed-steps 60   # no runs: 60-step full and LoRA fine-tunes per learning
+                                                        # rate and rank (bench/results/adapters-fixed-steps.json)
 
 Prints one JSON object (last line) and writes bench/results/adapters.json and adapters.png.
 """
