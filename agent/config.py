@@ -36,6 +36,9 @@ class FineTuneConfig:
     lora_rank: int = field(default=16, metadata={"help": "lora: rank of each low-rank update"})
     lora_alpha: int = field(default=32, metadata={"help": "lora: updates are scaled by lora_alpha / lora_rank"})
     lora_dropout: float = field(default=0.05, metadata={"help": "lora: dropout on the adapters' inputs in training"})
+    lora_learning_rate_scale: float = field(default=10.0, metadata={
+        "help": "lora: the adapters train at learning_rate times this (they start at zero and are few: at the full "
+                "rate they barely move; docs/models.md)"})
     lora_target_modules: tuple[str, ...] | None = field(default=None, metadata={
         "help": "lora: names of the linear layers that get adapters (unset: every nn.Linear inside the model's "
                 "decoder layers, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for Llama; never "
@@ -56,6 +59,8 @@ class FineTuneConfig:
         if self.lora_rank < 1 or self.lora_alpha <= 0:
             raise ValueError(f"{name}: lora_rank must be at least 1 and lora_alpha positive (got {self.lora_rank}, "
                              f"{self.lora_alpha})")
+        if not self.lora_learning_rate_scale > 0:
+            raise ValueError(f"{name}: lora_learning_rate_scale must be positive (got {self.lora_learning_rate_scale})")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"{name}: lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.lora_target_modules is not None:

@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 from datasets import Dataset
@@ -72,6 +73,15 @@ def _peft_config(cfg: FineTuneConfig, model):
         model.set_adapter(model.active_adapter)  # trainable again if it was loaded for inference
         return None
     return lora_config(cfg, model) if adapter == "lora" else None
+
+
+def _at_adapter_rate(cfg: FineTuneConfig, model):
+    """`cfg` with the learning rate of what trains: a LoRA fine-tune's is lora_learning_rate_scale times the full
+    rate (the adapters start at zero and are a small share of the weights: at one full rate, 60 steps on a 1.9M
+    model reached held-out 0.04 against full fine-tuning's 0.69, at ten times 0.37 at rank 4 and 0.56 at rank 16)."""
+    if resolved_adapter(cfg.adapter, model) != "lora":
+        return cfg
+    return replace(cfg, learning_rate=cfg.learning_rate * cfg.lora_learning_rate_scale)
 
 
 def _settled(model):
@@ -159,7 +169,7 @@ class SFTFineTuner:
 
         if not examples:
             raise ValueError("nothing to train on: the selection kept no examples")
-        cfg = self.cfg
+        cfg = _at_adapter_rate(self.cfg, model)
         use_cuda = torch.cuda.is_available() and model.device.type == "cuda"
         bf16 = _bf16_supported() if cfg.bf16 is None else cfg.bf16
         peft_config = _peft_config(cfg, model)
@@ -218,7 +228,7 @@ class DPOFineTuner:
         if process_group.world_size() > 1:
             # the other ranks of a launch join SFT fine-tunes only (agent/distributed.py follow)
             raise RuntimeError("a preference fine-tune runs in one process")
-        cfg = self.cfg
+        cfg = _at_adapter_rate(self.cfg, model)
         use_cuda = torch.cuda.is_available() and model.device.type == "cuda"
         dataset = Dataset.from_list(
             [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]

@@ -92,7 +92,7 @@ def test_a_lora_fine_tune_on_a_bf16_base_with_checkpointing_and_accumulation():
     policy = _policy("cuda", torch.bfloat16)
     base = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     cfg = TrainConfig(adapter="lora", lora_rank=4, max_steps=2, time_budget_s=60, batch_size=16, bf16=True,
-                      gradient_checkpointing=True, gradient_accumulation_steps=4, learning_rate=1e-2)
+                      gradient_checkpointing=True, gradient_accumulation_steps=4, learning_rate=1e-3)
     examples = [{"prompt": p.prompt, "completion": p.answer} for p in get_task("addition").generate(2, 64, seed=2)]
     tuner = SFTFineTuner(cfg)
     stats = tuner.train(clone_for_training(policy.model, "lora"), policy.tokenizer, examples)
