@@ -108,8 +108,8 @@ class SearchConfig:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.beams < 1 or self.children < 1 or self.simulations < 1 or self.max_step_tokens < 1:
-            raise ValueError("beams, children, simulations and max_step_tokens must be at least 1")
+        if min(self.beams, self.children, self.simulations, self.max_step_tokens, self.max_rows) < 1:
+            raise ValueError("beams, children, simulations, max_step_tokens and max_rows must be at least 1")
         if self.groups < 1:
             raise ValueError(f"groups must be at least 1 (got groups={self.groups})")
         if self.strategy == "diverse_beam" and self.beams % self.groups:

@@ -208,7 +208,7 @@ def test_memory_flag_on_a_model_that_cannot_run_it_is_one_line(tmp_path):
     tok.save_pretrained(tmp_path / "gpt2")
     res = CliRunner().invoke(app, ["search", "--model", str(tmp_path / "gpt2"), "--memory", "--prompt", "1+1="])
     assert res.exit_code != 0 and "needs a Llama-architecture model" in res.output and "'gpt2'" in res.output
-    with pytest.raises(ValueError, match="greedy, best_of_n, beam and diverse_beam"):
+    with pytest.raises(ValueError, match="greedy, best_of_n, beam, diverse_beam and auto"):
         SearchConfig(strategy="mcts", memory=True)
 
 
