@@ -18,7 +18,7 @@ greedy is between 0.3 and 0.7) and at one length past the trained length, every 
   trunk forwards and scored tokens (its cost beside the policy's);
   AUROC of the value against confidence (mean and min token log-prob) at telling right from wrong candidates;
   adaptive search (greedy, then best-of-16, then MCTS, each only where the value of the best answer so far is under
-  the threshold calibrated on validation problems at both lengths: agent/value.py calibrate).
+  the threshold calibrated on validation problems at both lengths: search/calibration.py).
 
 Goals (booleans): value-guided search closes >= 50% of the greedy -> pass@16 gap at no more than best-of-16's
 generated tokens; value AUROC >= 0.85; adaptive search reaches >= 90% of the best value-guided row's gain over
@@ -38,7 +38,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (
 import torch  # noqa: E402
 
 from agent.policy import Policy  # noqa: E402
-from agent.value import ValueConfig, auroc, calibrate, train_value, value_vote  # noqa: E402
+from agent.value import ValueConfig, train_value, value_vote  # noqa: E402
+from search.calibration import auroc, calibrate  # noqa: E402
 from bench.search import greedy_accuracy, train_policy, voted  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
 from search.scorers import load_scorer, rank_all  # noqa: E402

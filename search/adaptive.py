@@ -4,7 +4,7 @@ MCTS. Each result keeps every stage's candidates, ranked together, and says what
 next one ran (SearchResult.stages).
 
 The threshold is SearchConfig.accept_score, or the one calibrated for the policy version's value model on held-out
-problems (`calibrate_accept_score`, stored with the value model), so that the default trusts a greedy answer only
+problems (search/calibration.py, stored with the value model), so that the default trusts a greedy answer only
 where the value model is right about such answers at the calibration's precision.
 """
 
@@ -93,19 +93,3 @@ def _why(trusted: bool, last: bool, best, threshold: float) -> str:
         return f"kept: best score {best.score:.3f} >= {threshold:.3f}"
     reason = f"best score {best.score:.3f} < {threshold:.3f}" if best.finished else "no answer finished"
     return f"last stage: {reason}, kept anyway" if last else f"escalated: {reason}"
-
-
-def calibrate_accept_score(scores: list[float], right: list[bool], precision: float = 0.95) -> float | None:
-    """The lowest threshold at which the greedy answers scoring at least it are right at `precision` or better (on
-    held-out problems with answers): above it a greedy answer is kept, below it the search escalates. None when no
-    threshold reaches that precision."""
-    if len(scores) != len(right) or not scores:
-        raise ValueError("calibration needs one verdict per score, and at least one")
-    pairs = sorted(zip(scores, right), key=lambda p: -p[0])
-    best, hits = None, 0
-    for n, (score, ok) in enumerate(pairs, 1):
-        hits += ok
-        last_of_tie = n == len(pairs) or pairs[n][0] != score
-        if last_of_tie and hits / n >= precision:
-            best = score
-    return best

@@ -9,7 +9,7 @@ from agent.config import BuiltinConfig, TrainConfig
 from agent.trainer import SFTFineTuner
 from agent.policy import Policy, build_builtin_policy
 from search import SearchConfig, run_search
-from search.adaptive import calibrate_accept_score
+from search.calibration import calibrate_accept_score
 from tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -101,7 +101,8 @@ def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path
 @pytest.fixture(scope="module")
 def judged(policy):
     """A value model trained on the policy's own labelled samples of train problems, calibrated on held-out ones."""
-    from agent.value import ValueConfig, calibrate, train_value
+    from agent.value import ValueConfig, train_value
+    from search.calibration import calibrate
 
     res = run_search(get_task("addition").generate(1, 60, seed=11),
                      SearchConfig(strategy="best_of_n", n=6, temperature=1.0, max_new_tokens=6), policy)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.value import ValueConfig, ValueModel, auroc, prefix_targets, train_value
+from agent.value import ValueConfig, ValueModel, prefix_targets, train_value
+from search.calibration import auroc
 from search import SearchConfig, run_search
 from search.scorers import load_scorer, rank_by
 from search.types import Candidate
