@@ -1,6 +1,6 @@
 """Adaptive search: compute where it pays. Every problem is answered greedily first; a problem whose answer the
-scorer does not trust (its score under the accept threshold) escalates to best-of-N, and one still untrusted to
-MCTS. Each result keeps every stage's candidates, ranked together, and says what each stage spent and why the
+scorer does not trust (its score under the accept threshold) escalates to a few samples, then to the rest of the N,
+and one still untrusted to MCTS. Each result keeps every stage's candidates, ranked together, and says what each stage spent and why the
 next one ran (SearchResult.stages).
 
 The threshold is SearchConfig.accept_score, or the one calibrated for the policy version's value model on held-out
@@ -22,7 +22,19 @@ from search.traits import traits_of
 from search.types import SearchPolicy, SearchResult
 from tasks import Problem
 
-STAGES = (("greedy", greedy), ("best_of_n", best_of_n), ("mcts", mcts))
+RUN = {"greedy": greedy, "best_of_n": best_of_n, "mcts": mcts}
+
+
+def stages(cfg: SearchConfig) -> list[tuple[str, SearchConfig]]:
+    """Greedy; a quarter of the n samples; the rest of them (another seed: together the n); MCTS. Sampling comes
+    in two steps because most answers that samples fix, a few samples fix (pass@4 0.77 against pass@16 0.84 at the
+    3-digit frontier), and a problem whose first samples hold a trusted answer needs no more."""
+    few = max(1, cfg.n // 4)
+    out = [("greedy", replace(cfg, strategy="greedy"))]
+    out.append((f"best_of_{few}", replace(cfg, strategy="best_of_n", n=few)))
+    if few < cfg.n:
+        out.append((f"best_of_{cfg.n}", replace(cfg, strategy="best_of_n", n=cfg.n - few, seed=cfg.seed + 1)))
+    return out + [("mcts", replace(cfg, strategy="mcts"))]
 
 
 def accept_threshold(cfg: SearchConfig, policy: SearchPolicy) -> float:
@@ -43,13 +55,14 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
     cfg = replace(cfg, scorer=cfg.scorer or traits_of("adaptive").default_scorer)
     merged: list[SearchResult | None] = [None] * len(problems)
     pending = list(range(len(problems)))
-    for stage, run in STAGES:
+    plan = stages(cfg)
+    for stage, stage_cfg in plan:
         if not pending:
             break
-        found = run([problems[i] for i in pending], replace(cfg, strategy=stage), policy)
+        found = RUN[stage_cfg.strategy]([problems[i] for i in pending], stage_cfg, policy)
         for i, r in zip(pending, found):
             merged[i] = r if merged[i] is None else _joined(merged[i], r)
-        last = stage == STAGES[-1][0]
+        last = stage == plan[-1][0]
         ranked = rank_all(scorer, [problems[i] for i in pending], [merged[i].candidates for i in pending])
         still = []
         for i, r, candidates in zip(pending, found, ranked):

@@ -45,7 +45,7 @@ def test_trusted_greedy_answers_stop_there_and_untrusted_ones_escalate(policy):
             assert [s["stage"] for s in r.stages] == ["greedy"] and first["why"].startswith("kept")
             assert r.generated_tokens == g.generated_tokens and r.best.token_ids == g.best.token_ids
         else:
-            assert [s["stage"] for s in r.stages][:2] == ["greedy", "best_of_n"]
+            assert [s["stage"] for s in r.stages][:2] == ["greedy", "best_of_1"]  # a quarter of n=4 first
             assert first["why"].startswith("escalated")
             assert r.generated_tokens == sum(s["tokens"] for s in r.stages) > g.generated_tokens
             # the greedy answer stays a candidate: a later stage can only find a better-scored one
@@ -57,7 +57,7 @@ def test_trusted_greedy_answers_stop_there_and_untrusted_ones_escalate(policy):
 def test_an_unreachable_threshold_runs_every_stage_and_says_so(policy):
     results = run_search(PROBLEMS[:3], SearchConfig(**CFG, accept_score=1.0), policy)  # mean log-prob <= 0
     for r in results:
-        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_n", "mcts"]
+        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_1", "best_of_4", "mcts"]
         assert r.stages[-1]["why"].startswith("last stage")
         assert r.forward_passes == sum(s["forward_passes"] for s in r.stages)
 
@@ -93,8 +93,8 @@ def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path
     out = run_job(store, job, PolicyCache(registry).get, "t")
     assert out["status"] == "done", out
     (round0,) = out["result"]["tried"]
-    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_n", "mcts"]
-    assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "last stage"]
+    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_1", "best_of_4", "mcts"]
+    assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "escalated", "last stage"]
     assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
 
 
