@@ -129,7 +129,7 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
         rows.append(row(f"mcts value sims={sims} children=2 step=2", res, s, value_cost=cost))
     res, s, cost = search(policy, problems, strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2,
                           max_step_tokens=2, leaf_value="prefix")
-    rows.append(row("adaptive by value: greedy, then best_of_16, then mcts", res, s, value_cost=cost))
+    rows.append(row("adaptive by value: greedy, then 4 samples, then 12 more, then mcts", res, s, value_cost=cost))
     escalated = sum(len(r.stages) > 1 for r in res) / len(res)
     # right against wrong among the 16 samples' finished candidates: does the value tell them apart?
     cands = [(r, c) for r in res16 for c in r.candidates if c.finished]
