@@ -102,8 +102,8 @@ def test_in_process_submit_uses_the_configuration_too(deployment, tmp_path):
 
 @pytest.mark.parametrize("search,flags,message", [
     ({"strategy": "mcts", "simulatons": 3}, [], "unknown search field 'simulatons': valid fields are strategy, n,"),
-    ({"strategy": "mcts"}, ["--simulations", "0"], "bad search configuration: beams, children, simulations and "
-                                                   "max_step_tokens must be at least 1"),
+    ({"strategy": "mcts"}, ["--simulations", "0"], "bad search configuration: beams, children, simulations, "
+                                                   "max_step_tokens and max_rows must be at least 1"),
     ({"strategy": "tree"}, [], "bad search configuration: unknown strategy 'tree': choose one of greedy,"),
     ({"scorer": "max_logprob"}, [], "bad search configuration: unknown scorer 'max_logprob'"),
     ({"scorer": 3}, [], "search field 'scorer' must be str or null (got 3)"),
