@@ -30,10 +30,11 @@ def stages(cfg: SearchConfig) -> list[tuple[str, SearchConfig]]:
     in two steps because most answers that samples fix, a few samples fix (pass@4 0.77 against pass@16 0.84 at the
     3-digit frontier), and a problem whose first samples hold a trusted answer needs no more."""
     few = max(1, cfg.n // 4)
-    out = [("greedy", replace(cfg, strategy="greedy"))]
-    out.append((f"best_of_{few}", replace(cfg, strategy="best_of_n", n=few)))
+    sampled = replace(cfg, scorer=None)  # ranked again by adaptive's own scorer
+    out = [("greedy", replace(sampled, strategy="greedy"))]
+    out.append((f"best_of_{few}", replace(sampled, strategy="best_of_n", n=few)))
     if few < cfg.n:
-        out.append((f"best_of_{cfg.n}", replace(cfg, strategy="best_of_n", n=cfg.n - few, seed=cfg.seed + 1)))
+        out.append((f"best_of_{cfg.n}", replace(sampled, strategy="best_of_n", n=cfg.n - few, seed=cfg.seed + 1)))
     return out + [("mcts", replace(cfg, strategy="mcts"))]
 
 
@@ -50,8 +51,9 @@ def accept_threshold(cfg: SearchConfig, policy: SearchPolicy) -> float:
 
 def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
     threshold = accept_threshold(cfg, policy)
-    scorer = cfg.build_scorer(policy)
-    # every stage ranks by the same scorer (MCTS values its leaves by it too)
+    scorer = cfg.build_scorer(policy)  # one instance for every stage: a value is computed once per candidate
+    # MCTS values its leaves by that scorer; the sampling stages' own ranking is replaced by `scorer`'s below, so
+    # they rank by the free confidence rather than score every candidate a second time
     cfg = replace(cfg, scorer=cfg.scorer or traits_of("adaptive").default_scorer)
     merged: list[SearchResult | None] = [None] * len(problems)
     pending = list(range(len(problems)))
