@@ -129,8 +129,14 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
         rows.append(row(f"mcts value sims={sims} children=2 step=2", res, s, value_cost=cost))
     res, s, cost = search(policy, problems, strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2,
                           max_step_tokens=2, leaf_value="prefix")
-    rows.append(row("adaptive by value: greedy, then 4 samples, then 12 more, then mcts", res, s, value_cost=cost))
+    rows.append(row("adaptive by value: greedy, then 2, 4 and 10 samples, then mcts", res, s, value_cost=cost))
     escalated = sum(len(r.stages) > 1 for r in res) / len(res)
+    ended = {}  # where each problem's search stopped: how many, how many right, the tokens they spent
+    for r in res:
+        e = ended.setdefault(r.stages[-1]["stage"], {"problems": 0, "right": 0, "tokens": 0})
+        e["problems"] += 1
+        e["right"] += bool(r.best.verified)
+        e["tokens"] += r.generated_tokens
     # right against wrong among the 16 samples' finished candidates: does the value tell them apart?
     cands = [(r, c) for r in res16 for c in r.candidates if c.finished]
     labels = [bool(c.verified) for _, c in cands]
@@ -140,7 +146,7 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
                   "auroc_mean_logprob": _round(auroc([c.mean_logprob for _, c in cands], labels)),
                   "auroc_min_logprob": _round(auroc([c.min_logprob for _, c in cands], labels))}
     return {"difficulty": d, "problems": n, "rows": rows, "separation": separation, "goal": goal(rows),
-            "adaptive": adaptive_goal(rows, escalated)}
+            "adaptive": {**adaptive_goal(rows, escalated), "ended_at": ended}}
 
 
 def _round(x):

@@ -1,6 +1,6 @@
 """Adaptive search: compute where it pays. Every problem is answered greedily first; a problem whose answer the
-scorer does not trust (its score under the accept threshold) escalates to a few samples, then to the rest of the N,
-and one still untrusted to MCTS. Each result keeps every stage's candidates, ranked together, and says what each stage spent and why the
+scorer does not trust (its score under the accept threshold) escalates to two samples, then four more, then the
+rest of the N (steps that double), and one still untrusted to MCTS. Each result keeps every stage's candidates, ranked together, and says what each stage spent and why the
 next one ran (SearchResult.stages).
 
 The threshold is SearchConfig.accept_score, or the one calibrated for the policy version's value model on held-out
@@ -25,16 +25,30 @@ from tasks import Problem
 RUN = {"greedy": greedy, "best_of_n": best_of_n, "mcts": mcts}
 
 
+def sample_sizes(n: int, first: int = 2) -> list[int]:
+    """The n samples in steps that double (16: 2, 4, then 10), the last step taking the rest once what is left
+    is under two steps' worth. Most answers that samples fix, a few samples fix (pass@4 0.77 against pass@16 0.84
+    at the 3-digit frontier), so a problem whose first samples hold a trusted answer stops at 2 or 6; a step of 4
+    samples first spent 39% of best-of-16's tokens for 91% of its gain."""
+    sizes, total, size = [], 0, min(first, n)
+    while total < n:
+        if n - total - size < 2 * size:
+            size = n - total
+        sizes.append(size)
+        total += size
+        size *= 2
+    return sizes
+
+
 def stages(cfg: SearchConfig) -> list[tuple[str, SearchConfig]]:
-    """Greedy; a quarter of the n samples; the rest of them (another seed: together the n); MCTS. Sampling comes
-    in two steps because most answers that samples fix, a few samples fix (pass@4 0.77 against pass@16 0.84 at the
-    3-digit frontier), and a problem whose first samples hold a trusted answer needs no more."""
-    few = max(1, cfg.n // 4)
+    """Greedy; the n samples in doubling steps (each with its own seed: together the n), named by the samples
+    drawn so far; MCTS."""
     sampled = replace(cfg, scorer=None)  # ranked again by adaptive's own scorer
     out = [("greedy", replace(sampled, strategy="greedy"))]
-    out.append((f"best_of_{few}", replace(sampled, strategy="best_of_n", n=few)))
-    if few < cfg.n:
-        out.append((f"best_of_{cfg.n}", replace(sampled, strategy="best_of_n", n=cfg.n - few, seed=cfg.seed + 1)))
+    drawn = 0
+    for step, size in enumerate(sample_sizes(cfg.n)):
+        drawn += size
+        out.append((f"best_of_{drawn}", replace(sampled, strategy="best_of_n", n=size, seed=cfg.seed + step)))
     return out + [("mcts", replace(cfg, strategy="mcts"))]
 
 

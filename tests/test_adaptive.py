@@ -14,7 +14,7 @@ from tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CFG = dict(strategy="adaptive", scorer="mean_logprob", n=4, simulations=3, children=2, max_new_tokens=6)
+CFG = dict(strategy="adaptive", scorer="mean_logprob", n=8, simulations=3, children=2, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_trusted_greedy_answers_stop_there_and_untrusted_ones_escalate(policy):
             assert [s["stage"] for s in r.stages] == ["greedy"] and first["why"].startswith("kept")
             assert r.generated_tokens == g.generated_tokens and r.best.token_ids == g.best.token_ids
         else:
-            assert [s["stage"] for s in r.stages][:2] == ["greedy", "best_of_1"]  # a quarter of n=4 first
+            assert [s["stage"] for s in r.stages][:2] == ["greedy", "best_of_2"]  # two samples first
             assert first["why"].startswith("escalated")
             assert r.generated_tokens == sum(s["tokens"] for s in r.stages) > g.generated_tokens
             # the greedy answer stays a candidate: a later stage can only find a better-scored one
@@ -54,10 +54,19 @@ def test_trusted_greedy_answers_stop_there_and_untrusted_ones_escalate(policy):
     assert 0 < sum(len(r.stages) == 1 for r in results) < len(results)
 
 
+def test_samples_come_in_doubling_steps_that_add_up_to_n():
+    from search.adaptive import sample_sizes
+
+    assert sample_sizes(16) == [2, 4, 10]
+    assert sample_sizes(8) == [2, 6]
+    assert sample_sizes(32) == [2, 4, 8, 18]
+    assert sample_sizes(4) == [4] and sample_sizes(1) == [1]
+
+
 def test_an_unreachable_threshold_runs_every_stage_and_says_so(policy):
     results = run_search(PROBLEMS[:3], SearchConfig(**CFG, accept_score=1.0), policy)  # mean log-prob <= 0
     for r in results:
-        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_1", "best_of_4", "mcts"]
+        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_2", "best_of_8", "mcts"]
         assert r.stages[-1]["why"].startswith("last stage")
         assert r.forward_passes == sum(s["forward_passes"] for s in r.stages)
 
@@ -93,7 +102,7 @@ def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path
     out = run_job(store, job, PolicyCache(registry).get, "t")
     assert out["status"] == "done", out
     (round0,) = out["result"]["tried"]
-    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_1", "best_of_4", "mcts"]
+    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_2", "best_of_8", "mcts"]
     assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "escalated", "last stage"]
     assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
 
@@ -131,7 +140,7 @@ def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(pol
     from workers.cache import PolicyCache
 
     assert JOB_SEARCH.strategy == "auto"
-    cfg = SearchConfig(strategy="auto", beams=2, n=4, simulations=3, children=2, max_new_tokens=6)
+    cfg = SearchConfig(strategy="auto", beams=2, n=8, simulations=3, children=2, max_new_tokens=6)
     plain = run_search(PROBLEMS[:4], cfg, policy)
     beam = run_search(PROBLEMS[:4], replace(cfg, strategy="beam"), policy)
     assert [r.strategy for r in plain] == ["beam"] * 4
