@@ -193,6 +193,40 @@ TRAIN_METHODS = ("sft", "dpo", "sft+dpo")
 
 
 @dataclass
+class ValueConfig:
+    layers: tuple[int, ...] = field(default=(-1,), metadata={
+        "help": "which of the trunk's hidden states the head reads (indices into hidden_states; -1 the last)"})
+    trunk: str = field(default="tuned", metadata={
+        "help": "tuned: a copy of the policy's weights trained with the head (one more forward per scoring; the one "
+                "that learned to judge: docs/search.md); frozen: a head over the policy's own trunk (no second model)"})
+    confidence_features: bool = field(default=True, metadata={
+        "help": "the head also reads the policy's token log-probs and entropies along the path"})
+    hidden: int = field(default=0, metadata={
+        "help": "width of the head's hidden layer (0: a linear head, which generalised best to held-out problems)"})
+    trunk_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of a tuned trunk"})
+    trunk_batch: int = field(default=64, metadata={"help": "completions per optimizer step of a tuned trunk"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the head"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    epochs: int = field(default=15, metadata={
+        "help": "passes over the labelled prefixes (more fit the train problems and lose on held-out ones)"})
+    batch_size: int = field(default=256, metadata={"help": "prefixes per optimizer step (frozen trunk)"})
+    time_budget_s: float = field(default=240.0, metadata={"help": "wall-clock limit of the value model's training"})
+    max_rows: int = field(default=256, metadata={"help": "sequences per trunk forward"})
+    seed: int = field(default=0, metadata={"help": "seed of the head's weights and batch order"})
+
+    def __post_init__(self):
+        self.layers = tuple(self.layers)
+        if not self.layers or not all(isinstance(i, int) for i in self.layers):
+            raise ValueError(f"layers must be hidden-state indices such as (-1,) (got {self.layers!r})")
+        if self.trunk not in ("frozen", "tuned"):
+            raise ValueError(f"trunk must be 'frozen' or 'tuned' (got {self.trunk!r})")
+        if self.hidden < 0 or self.epochs < 1 or self.batch_size < 1 or self.max_rows < 1:
+            raise ValueError("hidden must be >= 0 and epochs, batch_size, max_rows at least 1")
+        if not (self.learning_rate > 0 and self.time_budget_s > 0):
+            raise ValueError("learning_rate and time_budget_s must be positive")
+
+
+@dataclass
 class LoopConfig:
     cycles: int = field(default=30, metadata={"help": "self-training cycles after the warm start"})
     time_budget_s: float | None = field(default=None, metadata={
@@ -261,6 +295,15 @@ class LoopConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
         "help": "each cycle's preference fine-tune (train_method dpo or sft+dpo; an sft+dpo cycle without pairs gives "
                 "its time to SFT)"})
+    # a judge of the policy's answers that lives with it (agent/value.py, agent/value_cycle.py): trained each cycle on
+    # the cycle's labelled candidates, continuing the current version's, saved beside the candidate and promoted with it
+    value_model: bool = field(default=False, metadata={
+        "help": "train a value model every cycle and keep it beside the version (the 'value' scorer, and adaptive "
+                "search as queue jobs' default once one is calibrated)"})
+    value: ValueConfig = field(default_factory=lambda: ValueConfig(time_budget_s=30.0), metadata={
+        "help": "each cycle's value-model training (a tuned trunk continues from the current version's)"})
+    value_replay_fraction: float = field(default=0.5, metadata={
+        "help": "earlier cycles' labelled candidates in the value model's data, as a share of this cycle's"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
     seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})

@@ -22,12 +22,13 @@ from agent.gate import judge, train_candidate
 from agent.plan import CyclePlan, cycle_seed
 from agent.policy import Policy
 from agent.preference import preference_pairs
-from agent.registry import PolicyRegistry
+from agent.registry import PolicyRegistry, save_value
 from agent.run_store import RunStore
 from agent.refine import shows_history, sibling_examples
 from agent.select import memoized, select
 from agent.job_search import trajectory_rows
 from agent.store import Store
+from agent.value_cycle import labelled_candidates, train_cycle_value
 from search import SearchConfig, run_search
 
 
@@ -72,6 +73,7 @@ class CycleRecord:
     trained_searched: int = 0
     trained_given: int = 0
     refinement_examples: int = 0  # sibling refinement examples the cycle's mix drew from (agent/refine.py)
+    value: dict = field(default_factory=dict)  # the value model trained with a promoted candidate (agent/value_cycle.py)
     stale: bool = False  # the gate promoted the candidate, but its parent was no longer the promoted version
 
 
@@ -96,6 +98,7 @@ class _CycleWork:
     search_tokens: int
     given: int  # examples that are a problem's own given answer
     seconds: dict = field(default_factory=dict)
+    value_rows: list[dict] = field(default_factory=list)  # labelled candidates, when the run trains a value model
 
 
 class SelfImprovementLoop:
@@ -114,6 +117,7 @@ class SelfImprovementLoop:
         self.on_cycle = on_cycle  # called with every record of the run, the recorded ones first
         self.should_stop = should_stop  # a caller's own stop (a benchmark's target), checked after every cycle
         self.accepted: list[list[dict]] = []  # labels accepted per cycle, for replay
+        self.value_rows: list[dict] = []  # earlier cycles' labelled candidates, the value model's replay
         reported = [str(d) for d in cfg.report_difficulties]
         self.curriculum = Curriculum(source.difficulties(), cfg.threshold,
                                      horizon=max(reported, key=int) if reported else None)
@@ -222,8 +226,10 @@ class SelfImprovementLoop:
             if cfg.train_method != "sft"
             else []
         )
+        value_rows = (labelled_candidates(results, selection.examples, self.task, cfg.select.mode)
+                      if cfg.value_model else [])
         return _CycleWork(selection.examples, selection.filters, rows, pairs, refinements,
-                          sum(r.generated_tokens for r in results), selection.given, seconds)
+                          sum(r.generated_tokens for r in results), selection.given, seconds, value_rows)
 
     def cycle(self, cycle: int, current: Policy, evaluation: Evaluation, start_time: float) -> CycleOutcome:
         cfg = self.cfg
@@ -267,6 +273,15 @@ class SelfImprovementLoop:
             evaluation,
         )
         seconds["eval"] = verdict.seconds
+        value = None
+        if cfg.value_model and verdict.promote:  # a rejected candidate's judge would be pruned with it: not trained
+            t = time.monotonic()
+            gate_problems = [p for key in self.plan.gate_keys(frontier_index) for p in heldout.get(key, [])]
+            value = train_cycle_value(current, candidate, work.value_rows, self.value_rows, cfg,
+                                      random.Random(cycle_seed(cfg.seed, cycle)), gate_problems,
+                                      self.eval_search(heldout).max_new_tokens)
+            seconds["value"] = time.monotonic() - t
+        self.value_rows += work.value_rows
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
                       "given_answers": work.given, "filters": work.filters, "mode": cfg.select.mode, "run": self.name,
                       "train": train_stats}
@@ -274,9 +289,12 @@ class SelfImprovementLoop:
         version = self.registry.save(model, current.tokenizer, parent=current.version, trained_on=trained_on,
                                      metrics=verdict.metrics(), draft_source=current.draft_source,
                                      prompt_format=current.prompt_format)
+        if value is not None and value.model is not None:
+            save_value(self.registry, version, value.model)
         seconds["save"] = time.monotonic() - t
         promoted_policy = Policy(model, current.tokenizer, version, str(self.registry.root / version),
                                  current.draft_source, current.prompt_format)
+        promoted_policy.value_model = value.model if value is not None else None
         outcomes: dict[bool, CycleOutcome] = {}
 
         def written(promoted: bool) -> tuple[dict, dict]:
@@ -289,7 +307,8 @@ class SelfImprovementLoop:
                                   refinement_examples=len(work.refinements), given=work.given,
                                   gate={"candidate": verdict.candidate_score, "current": verdict.current_score,
                                         "fell": verdict.fell()},
-                                  stale=verdict.promote and not promoted)
+                                  stale=verdict.promote and not promoted,
+                                  value=value.record if value is not None else {})
             outcomes[promoted] = CycleOutcome(record, after, after_eval)
             return asdict(record), self._state(after_eval)
 
@@ -306,7 +325,8 @@ class SelfImprovementLoop:
         return {"known": dict(self.curriculum.known), "evaluation": evaluation.stored()}
 
     def _record(self, cycle, version, candidate, promoted, evaluation: Evaluation, filters, accepted, train, seconds,
-                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0, given=0) -> CycleRecord:
+                start_time, gate=None, search_tokens=0, stale=False, refinement_examples=0, given=0,
+                value=None) -> CycleRecord:
         return CycleRecord(
             cycle=cycle, policy_version=version, candidate=candidate, promoted=promoted,
             frontier=self.curriculum.key(self.curriculum.frontier_index), heldout=dict(evaluation.accuracy),
@@ -314,7 +334,7 @@ class SelfImprovementLoop:
             train=train, seconds={k: round(v, 2) for k, v in seconds.items()},
             elapsed_s=round(time.monotonic() - start_time, 1), search_tokens=search_tokens,
             refinement_examples=refinement_examples, stale=stale, trained_searched=accepted - given,
-            trained_given=given,
+            trained_given=given, value=value or {},
         )
 
     def _commit(self, record: CycleRecord, evaluation: Evaluation, rows: list[dict] = ()) -> CycleRecord:

@@ -21,49 +21,17 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from agent.config import ValueConfig
+
 HEAD_FILE = "value_head.pt"
 CONFIG_FILE = "value_config.json"
 TRUNK_DIR = "trunk"  # a tuned trunk's save_pretrained folder
-
-
-@dataclass
-class ValueConfig:
-    layers: tuple[int, ...] = field(default=(-1,), metadata={
-        "help": "which of the trunk's hidden states the head reads (indices into hidden_states; -1 the last)"})
-    trunk: str = field(default="tuned", metadata={
-        "help": "tuned: a copy of the policy's weights trained with the head (one more forward per scoring; the one "
-                "that learned to judge: docs/search.md); frozen: a head over the policy's own trunk (no second model)"})
-    confidence_features: bool = field(default=True, metadata={
-        "help": "the head also reads the policy's token log-probs and entropies along the path"})
-    hidden: int = field(default=0, metadata={
-        "help": "width of the head's hidden layer (0: a linear head, which generalised best to held-out problems)"})
-    trunk_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate of a tuned trunk"})
-    trunk_batch: int = field(default=64, metadata={"help": "completions per optimizer step of a tuned trunk"})
-    learning_rate: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the head"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    epochs: int = field(default=15, metadata={
-        "help": "passes over the labelled prefixes (more fit the train problems and lose on held-out ones)"})
-    batch_size: int = field(default=256, metadata={"help": "prefixes per optimizer step (frozen trunk)"})
-    time_budget_s: float = field(default=240.0, metadata={"help": "wall-clock limit of the value model's training"})
-    max_rows: int = field(default=256, metadata={"help": "sequences per trunk forward"})
-    seed: int = field(default=0, metadata={"help": "seed of the head's weights and batch order"})
-
-    def __post_init__(self):
-        self.layers = tuple(self.layers)
-        if not self.layers or not all(isinstance(i, int) for i in self.layers):
-            raise ValueError(f"layers must be hidden-state indices such as (-1,) (got {self.layers!r})")
-        if self.trunk not in ("frozen", "tuned"):
-            raise ValueError(f"trunk must be 'frozen' or 'tuned' (got {self.trunk!r})")
-        if self.hidden < 0 or self.epochs < 1 or self.batch_size < 1 or self.max_rows < 1:
-            raise ValueError("hidden must be >= 0 and epochs, batch_size, max_rows at least 1")
-        if not (self.learning_rate > 0 and self.time_budget_s > 0):
-            raise ValueError("learning_rate and time_budget_s must be positive")
 
 
 def _head(features: int, hidden: int) -> nn.Module:
@@ -246,13 +214,18 @@ def prefix_targets(prompts: list[str], completions: list[list[int]], labels: lis
             + [float(label)] for prompt, ids, label in zip(prompts, completions, labels)]
 
 
-def train_value(policy, labelled: list[dict], cfg: ValueConfig | None = None) -> ValueModel:
+def train_value(policy, labelled: list[dict], cfg: ValueConfig | None = None,
+                start: ValueModel | None = None) -> ValueModel:
     """A value model for `policy`, fitted to labelled finished completions [{"prompt", "completion" (text),
     "label" (bool: right)}]. Each completion's label is the target of all its prefixes; each completion weighs
     the same however long it is, and right and wrong ones weigh half each, so that a policy that is mostly right
     still learns what its mistakes look like. A frozen trunk's features are computed once and only the head
-    trains; a tuned trunk (a copy of the policy) trains with the head."""
+    trains; a tuned trunk (a copy of the policy) trains with the head. With `start` (a tuned value model, the
+    current version's), training continues from a copy of its trunk, head and feature scale, as the loop's policy
+    continues from the current version: each cycle adds what its labels teach to what the earlier ones taught."""
     cfg = cfg or ValueConfig()
+    if start is not None and not (cfg.trunk == start.cfg.trunk == "tuned"):
+        raise ValueError("only a tuned value model continues training (start has a frozen trunk, or cfg asks for one)")
     if not labelled:
         raise ValueError("train_value needs labelled completions: none were given")
     labels = [bool(e["label"]) for e in labelled]
@@ -276,25 +249,32 @@ def train_value(policy, labelled: list[dict], cfg: ValueConfig | None = None) ->
         weights[unique[key]] += class_w[label]
     keep = _first_of_each(prompts, ids)  # in the order of `unique`
     prompts, ids, targets = [prompts[i] for i in keep], [ids[i] for i in keep], [targets[i] for i in keep]
-    trunk = _trainable_copy(policy.model) if cfg.trunk == "tuned" else policy.model
-    probe = ValueModel(trunk, tok, cfg, _head(1, 0), torch.zeros(1), torch.ones(1))
-    feats = probe.features(prompts, ids, [True] * len(ids))  # the untrained trunk's: the head's input scale
-    x = torch.cat(feats)
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
-    torch.manual_seed(cfg.seed)
-    vm = ValueModel(trunk, tok, cfg, _head(x.shape[1], cfg.hidden), mean, std)
-    vm.head.train()
-    start = time.monotonic()
-    if cfg.trunk == "frozen":
-        steps, loss = _fit_head(vm, feats, targets, weights, cfg, start)
+    if start is not None:
+        trunk = copy.deepcopy(start.trunk).requires_grad_(True)
+        vm = ValueModel(trunk, tok, cfg, copy.deepcopy(start.head), start.mean, start.std)
+        feats = None
     else:
-        steps, loss = _fit_tuned(vm, prompts, ids, targets, weights, cfg, start)
+        trunk = _trainable_copy(policy.model) if cfg.trunk == "tuned" else policy.model
+        probe = ValueModel(trunk, tok, cfg, _head(1, 0), torch.zeros(1), torch.ones(1))
+        feats = probe.features(prompts, ids, [True] * len(ids))  # the untrained trunk's: the head's input scale
+        x = torch.cat(feats)
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-4)
+        torch.manual_seed(cfg.seed)
+        vm = ValueModel(trunk, tok, cfg, _head(x.shape[1], cfg.hidden), mean, std)
+    vm.head.train()
+    began = time.monotonic()
+    if cfg.trunk == "frozen":
+        steps, loss = _fit_head(vm, feats, targets, weights, cfg, began)
+    else:
+        steps, loss = _fit_tuned(vm, prompts, ids, targets, weights, cfg, began)
         trunk.requires_grad_(False)
     vm.head.eval()
     trunk.eval()
-    vm.meta = {"completions": len(labelled), "distinct": len(ids), "right": n_right, "prefixes": len(x),
-               "steps": steps, "final_loss": round(loss, 4), "train_s": round(time.monotonic() - start, 2),
-               "trunk": cfg.trunk, "policy": getattr(policy, "version", None)}
+    vm.meta = {"completions": len(labelled), "distinct": len(ids), "right": n_right,
+               "prefixes": sum(len(t) for t in targets), "steps": steps, "final_loss": round(loss, 4),
+               "train_s": round(time.monotonic() - began, 2), "trunk": cfg.trunk,
+               "policy": getattr(policy, "version", None),
+               "steps_in_all": steps + (start.meta.get("steps_in_all", start.meta.get("steps", 0)) if start else 0)}
     vm.forward_passes = vm.scored_tokens = 0
     return vm
 

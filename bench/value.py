@@ -17,8 +17,10 @@ greedy is between 0.3 and 0.7) and at one length past the trained length, every 
   ranked by the value; accuracy, generated tokens and forward passes per problem, plus the value model's own
   trunk forwards and scored tokens (its cost beside the policy's);
   AUROC of the value against confidence (mean and min token log-prob) at telling right from wrong candidates;
-  adaptive search (greedy, then best-of-16, then MCTS, each only where the value of the best answer so far is under
-  the threshold calibrated on validation problems at both lengths: search/calibration.py).
+  adaptive search (greedy, then 2, 4 and 10 samples, then MCTS, each only where the value of the best answer so far
+  is under the accept score and, after a sampling stage, not under the give-up score; both calibrated on validation
+  problems at both lengths for a third of best-of-16's tokens: search/calibration.py; --precision: the accept
+  score for 95% precision of greedy answers, no give-up).
 
 Goals (booleans): value-guided search closes >= 50% of the greedy -> pass@16 gap at no more than best-of-16's
 generated tokens; value AUROC >= 0.85; adaptive search reaches >= 90% of the best value-guided row's gain over
@@ -38,7 +40,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (
 import torch  # noqa: E402
 
 from agent.policy import Policy  # noqa: E402
-from agent.value import ValueConfig, train_value, value_vote  # noqa: E402
+from agent.value import ValueConfig, ValueModel, train_value, value_vote  # noqa: E402
 from search.calibration import auroc, calibrate  # noqa: E402
 from bench.search import greedy_accuracy, train_policy, voted  # noqa: E402
 from search import SearchConfig, run_search  # noqa: E402
@@ -46,6 +48,8 @@ from search.scorers import load_scorer, rank_all  # noqa: E402
 from tasks import get_task  # noqa: E402
 
 TRAINED_LENGTH = 4  # bench.search.train_policy trains on 1-4 digits
+ADAPTIVE = dict(strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2, max_step_tokens=2,
+                leaf_value="prefix")
 
 
 def frontier(policy, n: int) -> tuple[int, dict]:
@@ -127,8 +131,7 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
         res, s, cost = search(policy, problems, strategy="mcts", simulations=sims, children=2, max_step_tokens=2,
                               temperature=1.0, scorer="value")
         rows.append(row(f"mcts value sims={sims} children=2 step=2", res, s, value_cost=cost))
-    res, s, cost = search(policy, problems, strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2,
-                          max_step_tokens=2, leaf_value="prefix")
+    res, s, cost = search(policy, problems, **ADAPTIVE)
     rows.append(row("adaptive by value: greedy, then 2, 4 and 10 samples, then mcts", res, s, value_cost=cost))
     escalated = sum(len(r.stages) > 1 for r in res) / len(res)
     ended = {}  # where each problem's search stopped: how many, how many right, the tokens they spent
@@ -197,6 +200,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--save", default=None, help="save the trained policy here (to rerun with --model)")
+    ap.add_argument("--value", default=None, help="a saved value model folder (default: train one; --save-value keeps it)")
+    ap.add_argument("--save-value", default=None, help="save the trained value model here (to rerun with --value)")
+    ap.add_argument("--precision", action="store_true",
+                    help="calibrate adaptive search's threshold for 95%% precision of greedy answers instead of for "
+                         "a third of best-of-16's tokens")
     args = ap.parse_args()
     if args.quick:
         args.problems, args.train_problems, args.train_seconds = 48, 100, min(args.train_seconds, 30.0)
@@ -211,15 +219,24 @@ def main():
     d, accs = frontier(policy, 100)
     past = max(d, TRAINED_LENGTH) + 1
     t = time.perf_counter()
-    labelled = labelled_candidates(policy, sorted({max(1, d - 1), d}), args.train_problems, seed=5)
-    sample_s = time.perf_counter() - t
-    vm = train_value(policy, labelled, ValueConfig(trunk=args.trunk, time_budget_s=args.value_seconds,
-                                                    seed=args.seed))
+    if args.value:
+        vm, sample_s = ValueModel.load(args.value, policy), 0.0
+    else:
+        labelled = labelled_candidates(policy, sorted({max(1, d - 1), d}), args.train_problems, seed=5)
+        sample_s = time.perf_counter() - t
+        vm = train_value(policy, labelled, ValueConfig(trunk=args.trunk, time_budget_s=args.value_seconds,
+                                                        seed=args.seed))
+    if args.save_value:
+        vm.save(args.save_value)
     policy.value_model = vm
-    # adaptive search's threshold, on validation problems (neither the value model's train problems nor the
+    # adaptive search's thresholds, on validation problems (neither the value model's train problems nor the
     # evaluated held-out ones) at both evaluated lengths
-    calibration = calibrate(vm, policy, [p for length in (d, past) for p in get_task("addition").generate(
-        length, args.problems, seed=13, split="validation")], max_new_tokens=past + 3)
+    validation = [p for length in (d, past) for p in get_task("addition").generate(
+        length, args.problems, seed=13, split="validation")]
+    t = time.perf_counter()
+    calibration = calibrate(vm, policy, validation, max_new_tokens=past + 3, budget_share=None if args.precision
+                            else 1 / 3, cfg=SearchConfig(**ADAPTIVE))
+    calibration["seconds"] = round(time.perf_counter() - t, 1)
     report = {"policy": policy.version, "train_s": round(train_s, 1), "greedy_by_difficulty": accs,
               "frontier_difficulty": d, "frontier_in_range": 0.3 <= accs[d] <= 0.7,
               "trained_length": TRAINED_LENGTH, "past_trained_length": past,

@@ -4,8 +4,9 @@ rest of the N (steps that double), and one still untrusted to MCTS. Each result 
 next one ran (SearchResult.stages).
 
 The threshold is SearchConfig.accept_score, or the one calibrated for the policy version's value model on held-out
-problems (search/calibration.py, stored with the value model), so that the default trusts a greedy answer only
-where the value model is right about such answers at the calibration's precision.
+problems (search/calibration.py, stored with the value model). A calibration for a token budget also sets a give-up
+score: after a sampling stage, a problem whose best answer is valued under it stops there, since the samples that
+follow rarely find an answer where the first ones came nowhere near one.
 """
 
 from __future__ import annotations
@@ -52,19 +53,21 @@ def stages(cfg: SearchConfig) -> list[tuple[str, SearchConfig]]:
     return out + [("mcts", replace(cfg, strategy="mcts"))]
 
 
-def accept_threshold(cfg: SearchConfig, policy: SearchPolicy) -> float:
-    """cfg.accept_score, else the version's calibrated one; a one-line refusal when there is neither."""
+def thresholds(cfg: SearchConfig, policy: SearchPolicy) -> tuple[float, float | None]:
+    """(accept, give up): cfg.accept_score (with cfg.give_up_score), else the pair calibrated with the version's
+    value model; a one-line refusal when there is neither."""
     if cfg.accept_score is not None:
-        return cfg.accept_score
-    calibrated = getattr(getattr(policy, "value_model", None), "accept_score", None)
-    if calibrated is None:
+        return cfg.accept_score, cfg.give_up_score
+    meta = getattr(getattr(policy, "value_model", None), "meta", None) or {}
+    if meta.get("accept_score") is None:
         raise ValueError(f"adaptive search needs accept_score, or a value model calibrated for it, and policy version "
                          f"{policy.version} has none: set accept_score or choose another strategy")
-    return calibrated
+    give_up = cfg.give_up_score if cfg.give_up_score is not None else meta.get("give_up_score")
+    return meta["accept_score"], give_up
 
 
 def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -> list[SearchResult]:
-    threshold = accept_threshold(cfg, policy)
+    threshold, give_up = thresholds(cfg, policy)
     scorer = cfg.build_scorer(policy)  # one instance for every stage: a value is computed once per candidate
     # MCTS values its leaves by that scorer; the sampling stages' own ranking is replaced by `scorer`'s below, so
     # they rank by the free confidence rather than score every candidate a second time
@@ -79,16 +82,19 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
         for i, r in zip(pending, found):
             merged[i] = r if merged[i] is None else _joined(merged[i], r)
         last = stage == plan[-1][0]
+        may_give_up = give_up is not None and stage_cfg.strategy == "best_of_n"
         ranked = rank_all(scorer, [problems[i] for i in pending], [merged[i].candidates for i in pending])
         still = []
         for i, r, candidates in zip(pending, found, ranked):
             best = candidates[0]
             trusted = best.finished and best.score >= threshold
+            hopeless = may_give_up and not trusted and (not best.finished or best.score < give_up)
             merged[i].candidates = candidates
             merged[i].stages.append({"stage": stage, "tokens": r.generated_tokens, "forward_passes": r.forward_passes,
                                      "best_score": round(best.score, 4) if best.finished else None,
-                                     "accept_score": threshold, "why": _why(trusted, last, best, threshold)})
-            if not trusted:
+                                     "accept_score": threshold, "give_up_score": give_up,
+                                     "why": _why(trusted, last, best, threshold, hopeless, give_up)})
+            if not trusted and not hopeless:
                 still.append(i)
         pending = still
     for r in merged:
@@ -117,8 +123,11 @@ def _joined(earlier: SearchResult, later: SearchResult) -> SearchResult:
     return earlier
 
 
-def _why(trusted: bool, last: bool, best, threshold: float) -> str:
+def _why(trusted: bool, last: bool, best, threshold: float, hopeless: bool = False, give_up: float | None = None) -> str:
     if trusted:
         return f"kept: best score {best.score:.3f} >= {threshold:.3f}"
     reason = f"best score {best.score:.3f} < {threshold:.3f}" if best.finished else "no answer finished"
+    if hopeless:
+        near = f"best score {best.score:.3f} < give-up {give_up:.3f}" if best.finished else "no answer finished"
+        return f"gave up: {near}, more samples rarely help there"
     return f"last stage: {reason}, kept anyway" if last else f"escalated: {reason}"

@@ -3,32 +3,121 @@ keeps a greedy answer above: calibrated on held-out problems with answers and st
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from search.config import SearchConfig
 from search.prompt_format import formatted_problems
 from search.strategies import run_search
 
 
-def calibrate(value_model, policy, problems: list, precision: float = 0.95, max_new_tokens: int = 64) -> dict:
-    """Set the value model's accept threshold for adaptive search (search/adaptive.py) from `problems` with answers
-    (held-out ones): the policy's greedy answers are scored by the model and checked, and the threshold is the
-    lowest value at which the answers scoring at least that are right at `precision`. Returns what it measured
-    (also kept in the model's meta, so saved with it); no threshold reaches `precision`: accept_score stays unset."""
+def calibrate(value_model, policy, problems: list, precision: float = 0.95, max_new_tokens: int = 64,
+              budget_share: float | None = None, cfg: SearchConfig | None = None) -> dict:
+    """Set the value model's thresholds for adaptive search (search/adaptive.py) from `problems` with answers
+    (held-out ones), kept in its meta and so saved with it. Two rules:
+
+    - budget_share None: the policy's greedy answers are scored and checked, and accept_score is the lowest value
+      at which the answers scoring at least that are right at `precision` (none reaches it: stays unset);
+    - budget_share (e.g. 1/3): every adaptive stage runs on every problem (`cfg`'s n, simulations, ...), and the
+      accept and give-up scores are the pair with which adaptive search, replayed on those candidates, is right
+      most often while generating at most that share of best-of-n's tokens (compute-optimal by the value model)."""
     answered = [p for p in problems if p.answer is not None]
     if not answered:
         raise ValueError("calibration needs problems with answers (held-out ones)")
+    if budget_share is not None:
+        report = _calibrate_for_budget(value_model, policy, answered, budget_share,
+                                       cfg or SearchConfig(strategy="adaptive", n=16, temperature=1.0),
+                                       max_new_tokens)
+        value_model.meta.update(accept_score=report["accept_score"], give_up_score=report["give_up_score"],
+                                calibration=report)
+        return report
     results = run_search(answered, SearchConfig(strategy="greedy", max_new_tokens=max_new_tokens), policy)
     best = [r.best for r in results]
-    shown = formatted_problems(answered, policy.prompt_format, policy.tokenizer)  # as the value scorer sees them
-    values = [v[-1] for v in value_model.score([p.prompt for p in shown], [c.token_ids for c in best],
-                                               [c.finished for c in best])]
+    values = _final_values(value_model, policy, answered, [[c] for c in best])
     right = [bool(c.verified) for c in best]
-    threshold = calibrate_accept_score(values, right, precision)
-    kept = sum(v >= threshold for v in values) if threshold is not None else 0
+    threshold = calibrate_accept_score([v[0] for v in values], right, precision)
+    kept = sum(v[0] >= threshold for v in values) if threshold is not None else 0
     report = {"accept_score": threshold, "precision": precision, "problems": len(answered),
               "greedy_accuracy": round(sum(right) / len(right), 4), "kept_share": round(kept / len(right), 4),
-              "auroc": auroc(values, right)}
+              "auroc": auroc([v[0] for v in values], right)}
     value_model.meta.update(accept_score=threshold, calibration=report)
     return report
+
+
+def _final_values(value_model, policy, problems: list, candidates: list[list]) -> list[list[float]]:
+    """The value of each candidate's whole completion (what the value scorer ranks by), per problem; -inf for one
+    that did not finish (adaptive never trusts it)."""
+    shown = formatted_problems(problems, policy.prompt_format, policy.tokenizer)  # as the value scorer sees them
+    flat = [(p.prompt, c) for p, cs in zip(shown, candidates) for c in cs if c.finished]
+    scored = iter(v[-1] for v in value_model.score([p for p, _ in flat], [c.token_ids for _, c in flat]))
+    return [[next(scored) if c.finished else float("-inf") for c in cs] for cs in candidates]
+
+
+def _calibrate_for_budget(value_model, policy, problems: list, budget_share: float, cfg: SearchConfig,
+                          max_new_tokens: int) -> dict:
+    from search.adaptive import RUN, stages
+
+    plan = stages(replace(cfg, max_new_tokens=max_new_tokens, accept_score=0.0))
+    # per stage, per problem: (tokens spent, [(value, right) of each candidate])
+    runs = []
+    for _, stage_cfg in plan:
+        found = RUN[stage_cfg.strategy](problems, stage_cfg, policy)
+        values = _final_values(value_model, policy, problems, [r.candidates for r in found])
+        runs.append([(r.generated_tokens, [(v, bool(c.verified)) for v, c in zip(vs, r.candidates)])
+                     for r, vs in zip(found, values)])
+    sampling = [i for i, (_, c) in enumerate(plan) if c.strategy == "best_of_n"]
+    best_of_n_tokens = sum(runs[i][p][0] for i in sampling for p in range(len(problems))) / len(problems)
+    budget = budget_share * best_of_n_tokens
+    paths = running_best(runs)
+    finite = sorted({v for stage in runs for _, cands in stage for v, _ in cands if v != float("-inf")})
+    grid = sorted({finite[round(q * (len(finite) - 1))] for q in (i / 60 for i in range(61))}) if finite else [0.0]
+    best = None
+    for accept in grid + [float("inf")]:
+        for give_up in [None] + [g for g in grid[:30] if g < accept]:
+            accuracy, tokens = replay_adaptive(paths, sampling, accept, give_up)
+            within = tokens <= budget
+            key = (within, accuracy if within else -tokens, -tokens)  # over budget everywhere: the cheapest
+            if best is None or key > best[0]:
+                best = (key, accept, give_up, accuracy, tokens)
+    _, accept, give_up, accuracy, tokens = best
+    greedy_right = [any(ok for v, ok in cands[:1]) for _, cands in runs[0]]
+    return {"rule": "budget", "budget_share": budget_share, "problems": len(problems),
+            "accept_score": None if accept == float("inf") else accept, "give_up_score": give_up,
+            "replayed_accuracy": round(accuracy, 4), "replayed_tokens": round(tokens, 2),
+            "best_of_n_tokens": round(best_of_n_tokens, 2), "within_budget": tokens <= budget,
+            "greedy_accuracy": round(sum(greedy_right) / len(problems), 4)}
+
+
+def running_best(runs: list[list[tuple[int, list[tuple[float, bool]]]]]) -> list[list[tuple[float, float, bool]]]:
+    """Per problem, after each stage: (tokens spent so far, best value so far, whether that candidate is right).
+    runs[stage][problem] = (the stage's tokens, [(value, right) of each of its candidates])."""
+    out = []
+    for p in range(len(runs[0])):
+        spent, top, top_right, path = 0, float("-inf"), False, []
+        for stage in runs:
+            tokens, cands = stage[p]
+            spent += tokens
+            for value, ok in cands:
+                if value > top:
+                    top, top_right = value, ok
+            path.append((spent, top, top_right))
+        out.append(path)
+    return out
+
+
+def replay_adaptive(paths: list[list[tuple[float, float, bool]]], sampling: list[int], accept: float,
+                    give_up: float | None) -> tuple[float, float]:
+    """Adaptive search replayed on candidates found in advance (running_best's paths): (accuracy, mean tokens) when
+    a problem stops at the first stage whose best candidate so far is valued at least `accept`, or, after a
+    sampling stage, under `give_up`."""
+    right = tokens = 0
+    sampling = set(sampling)
+    for path in paths:
+        for s, (spent, top, top_right) in enumerate(path):
+            if top >= accept or s == len(path) - 1 or (give_up is not None and s in sampling and top < give_up):
+                break
+        right += top_right
+        tokens += spent
+    return right / len(paths), tokens / len(paths)
 
 
 def calibrate_accept_score(scores: list[float], right: list[bool], precision: float = 0.95) -> float | None:

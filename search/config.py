@@ -54,6 +54,10 @@ class SearchConfig:
     accept_score: float | None = field(default=None, metadata={
         "help": "adaptive: a stage's best answer is kept when the scorer gives it at least this, else the next stage "
                 "runs (unset: the threshold calibrated with the version's value model)"})
+    give_up_score: float | None = field(default=None, metadata={
+        "help": "adaptive: after a sampling stage, a problem whose best answer scores under this stops there (more "
+                "samples rarely find what the first ones did not come near); unset: the calibrated one with a "
+                "calibrated accept_score, else never"})
     scorer: str | None = field(default=None, metadata={
         "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, value, value+mean_logprob, "
                 "verifier+min_logprob "
@@ -85,7 +89,8 @@ class SearchConfig:
             if value > high:
                 raise ValueError(f"{name} must be at most {high} (got {name}={value})")
         numbers = ("temperature", "length_penalty", "diversity_penalty", "c_puct")
-        for name in numbers + (("accept_score",) if self.accept_score is not None else ()):
+        optional = tuple(name for name in ("accept_score", "give_up_score") if getattr(self, name) is not None)
+        for name in numbers + optional:
             value = getattr(self, name)
             number = not isinstance(value, bool) and isinstance(value, (int, float))
             if not number or not math.isfinite(value) or abs(value) > 1e6:

@@ -157,3 +157,47 @@ def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(pol
     results = run_search(PROBLEMS[:4], cfg, served)
     assert [r.strategy for r in results] == ["adaptive"] * 4
     assert all(r.stages and r.stages[0]["accept_score"] == report["accept_score"] for r in results)
+
+
+def test_replayed_adaptive_search_stops_where_its_scores_say():
+    from search.calibration import replay_adaptive, running_best
+
+    # two problems; stages: greedy, samples, samples, mcts; (tokens, [(value, right)])
+    runs = [[(5, [(0.2, False)]), (5, [(0.95, True)])],
+            [(10, [(0.1, False), (0.3, True)]), (10, [])],
+            [(20, [(0.9, True)]), (20, [])],
+            [(8, [(0.5, False)]), (8, [])]]
+    paths = running_best(runs)
+    assert paths[0] == [(5, 0.2, False), (15, 0.3, True), (35, 0.9, True), (43, 0.9, True)]
+    assert paths[1][0] == (5, 0.95, True)
+    sampling = [1, 2]
+    # accept 0.8: the first problem stops after the second sampling stage, the second at greedy
+    assert replay_adaptive(paths, sampling, 0.8, None) == (1.0, (35 + 5) / 2)
+    # giving up under 0.5 after a sampling stage: the first stops after its first samples, right by luck
+    assert replay_adaptive(paths, sampling, 0.8, 0.5) == (1.0, (15 + 5) / 2)
+    # never trusted, never given up: every stage runs and the best so far is kept
+    assert replay_adaptive(paths, sampling, 2.0, None) == (1.0, (43 + 43) / 2)
+
+
+def test_a_budget_calibration_stores_both_scores_and_adaptive_gives_up_by_them(policy, judged):
+    from search.calibration import calibrate
+
+    import copy
+
+    value_model, _ = judged
+    value_model = copy.copy(value_model)
+    value_model.meta = dict(value_model.meta)
+    cfg = SearchConfig(strategy="adaptive", n=8, temperature=1.0, simulations=2, children=2, max_new_tokens=6)
+    report = calibrate(
+        value_model, policy, get_task("addition").generate(1, 30, seed=14, split="heldout"), budget_share=0.5,
+        cfg=cfg, max_new_tokens=6)
+    assert report["rule"] == "budget" and report["problems"] == 30
+    assert value_model.meta["accept_score"] == report["accept_score"]
+    assert value_model.meta["give_up_score"] == report["give_up_score"]
+    assert report["within_budget"] == (report["replayed_tokens"] <= 0.5 * report["best_of_n_tokens"])
+    # a give-up score above every value: each escalated problem stops after its first samples, and says why
+    results = run_search(PROBLEMS[:4], SearchConfig(strategy="adaptive", n=8, temperature=1.0, max_new_tokens=6,
+                                                    scorer="mean_logprob", accept_score=1.0, give_up_score=1.0), policy)
+    for r in results:
+        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_2"]
+        assert r.stages[-1]["why"].startswith("gave up")

@@ -527,3 +527,42 @@ def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_th
     loop.curriculum.update({str(d): 1.0 for d in range(90, 101)})  # past the report's longest: the curriculum goes on
     assert loop.curriculum.frontier_index == horizon + 1
     assert loop.plan.training_keys(loop.curriculum.frontier_index, {}) == ["101", "121", "141"]
+
+
+def test_a_value_model_trains_with_every_promoted_candidate_and_continues_the_last(setup):
+    from agent.config import ValueConfig
+    from agent.registry import value_folder
+
+    settings, store, registry = setup
+    # promote_margin -1: every candidate is promoted, so each cycle's value model is kept beside it
+    cfg = tiny_config(cycles=2, value_model=True, promote_margin=-1.0,
+                      value=ValueConfig(time_budget_s=5.0, trunk_batch=32, epochs=2),
+                      train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=10))
+    v0 = ensure_policy(settings, registry, cfg)
+    records = _run(cfg, store, registry, v0)
+    assert [r.promoted for r in records[1:]] == [True, True]
+    first, second = records[1].value, records[2].value
+    assert first["completions"] > 0 and 0 < first["right"] < first["completions"] and first["steps"] > 0
+    assert first["continued_from"] is None and first["calibrated_on"] > 0 and "accept_score" in first
+    # the second cycle continues the first one's judge (loaded with v1) on its own labels plus a replay share
+    assert second["continued_from"] == "v1" and second["replayed"] > 0
+    assert second["steps_in_all"] == first["steps"] + second["steps"]
+    assert records[2].seconds["value"] > 0
+    for version in ("v1", "v2"):
+        assert value_folder(registry, version).is_dir()
+        loaded = registry.load(version)
+        assert loaded.value_model is not None and loaded.value_model.meta["steps"] > 0
+    assert registry.load("v2").value_model.accept_score == second["accept_score"]
+
+
+def test_a_rejected_candidate_trains_no_value_model(setup):
+    from agent.config import ValueConfig
+    from agent.registry import value_folder
+
+    settings, store, registry = setup
+    cfg = tiny_config(value_model=True, promote_margin=1.0, value=ValueConfig(time_budget_s=5.0),
+                      train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=5))
+    v0 = ensure_policy(settings, registry, cfg)
+    (_, record) = _run(cfg, store, registry, v0)
+    assert not record.promoted and record.value == {} and "value" not in record.seconds
+    assert not value_folder(registry, "v1").exists()

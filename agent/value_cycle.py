@@ -1,0 +1,76 @@
+"""A cycle's value model: labelled candidates from the cycle's search, a value model trained on them (continuing
+the current version's), calibrated for adaptive search, saved beside the candidate version and promoted with it.
+
+Labels are the ones the cycle's own selection trusts: in verifier mode the checker's verdict on every finished
+candidate; label-free, agreement with the answer the filters accepted for the problem (problems the filters
+dropped give no labels). Answers of train problems are never read label-free. The calibration reads the held-out
+problems' answers, as the run's report does; it sets only the threshold queue jobs escalate at, never a label.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from agent.config import LoopConfig
+from agent.policy import Policy
+from search import SearchResult
+from search.calibration import calibrate
+from tasks import Problem, Task
+
+CALIBRATION_PROBLEMS = 300  # held-out problems scored for the threshold: a few seconds of greedy decoding
+
+
+def labelled_candidates(results: list[SearchResult], examples: list[dict], task: Task, mode: str) -> list[dict]:
+    """[{"prompt", "completion", "label"}] for the finished candidates the cycle's selection can judge."""
+    accepted = {e["problem_id"]: e["completion"] for e in examples}
+    rows = []
+    for r in results:
+        if mode == "verifier":
+            judged = [(c, bool(c.verified)) for c in r.candidates if c.finished and c.verified is not None]
+        elif r.problem.id in accepted:
+            label = task.extract(r.problem, accepted[r.problem.id])
+            judged = [(c, task.extract(r.problem, c.completion) == label) for c in r.candidates if c.finished]
+        else:
+            judged = []
+        rows += [{"prompt": r.problem.prompt, "completion": c.completion, "label": ok} for c, ok in judged]
+    return rows
+
+
+@dataclass
+class ValueCycle:
+    """What train_cycle_value did: the model (None when the labels could not train one) and what to record."""
+
+    model: object | None
+    record: dict
+
+
+def train_cycle_value(current: Policy, candidate: Policy, newest: list[dict], older: list[dict], cfg: LoopConfig,
+                      rng: random.Random, calibration_problems: list[Problem], max_new_tokens: int) -> ValueCycle:
+    """Train the candidate's value model on this cycle's labelled candidates and a replay share of earlier ones,
+    continuing from the current version's (a first one starts from a copy of the policy), then calibrate its accept
+    threshold on held-out problems with answers (when there are any) with the candidate's greedy answers."""
+    from agent.value import train_value
+
+    replay = rng.sample(older, min(len(older), int(len(newest) * cfg.value_replay_fraction)))
+    data = newest + replay
+    labels = {row["label"] for row in data}
+    if labels != {True, False}:
+        return ValueCycle(None, {"skipped": f"{len(data)} labelled candidates, "
+                                            f"{'none wrong' if True in labels else 'none right'}: nothing to tell apart"})
+    start = getattr(current, "value_model", None)
+    start = start if start is not None and start.cfg.trunk == cfg.value.trunk == "tuned" else None
+    vm = train_value(current, data, cfg.value, start=start)
+    answered = [p for p in calibration_problems if p.answer is not None][:CALIBRATION_PROBLEMS]
+    calibration = (calibrate(vm, candidate, answered, max_new_tokens=max_new_tokens) if answered
+                   else {"accept_score": None, "problems": 0})
+    record = {"completions": vm.meta["completions"], "replayed": len(replay), "right": vm.meta["right"],
+              "steps": vm.meta["steps"], "loss": vm.meta["final_loss"], "continued_from": current.version if start is not None else None,
+              "steps_in_all": vm.meta["steps_in_all"],
+              "accept_score": calibration["accept_score"], "auroc": _rounded(calibration.get("auroc")),
+              "calibrated_on": calibration["problems"]}
+    return ValueCycle(vm, record)
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
