@@ -38,6 +38,12 @@ def _float(raw: str) -> float:
         raise ValueError("is not a number") from None
 
 
+def _switch(raw: str) -> bool:
+    if raw.lower() not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+        raise ValueError("is not one of on, off (or 1, 0, true, false, yes, no)")
+    return raw.lower() in ("1", "true", "on", "yes")
+
+
 def _adapter(raw: str) -> str:
     if raw not in ("auto", "full", "lora"):  # agent/config.py ADAPTERS (this module imports no config)
         raise ValueError("is not one of auto, full, lora")
@@ -212,6 +218,8 @@ class Settings:
     adapter: str | None = _env("ARBOR_ADAPTER", None, "what a train cycle fine-tunes: full (every parameter), lora "
                                "(an adapter over the promoted version's base) or auto (lora from 300M parameters; "
                                "unset: LoopConfig.train, which is auto)", _adapter)
+    value_model: bool | None = _env("ARBOR_VALUE_MODEL", None, "a train cycle that promotes also trains the version's "
+                                    "value model (on or off; unset: LoopConfig.value_model, which is off)", _switch)
     heldout_per_difficulty: int | None = _env("ARBOR_HELDOUT_PER_DIFFICULTY", None,
                                               "built-in held-out problems per difficulty in a train cycle "
                                               "(unset: LoopConfig.heldout_per_difficulty)", _int, minimum=1)

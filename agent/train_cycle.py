@@ -28,7 +28,9 @@ from agent.policy import Policy
 from agent.refine import refinement_examples, shows_history, sibling_examples
 from agent.schema import JOB_FINISHED, store_buffer
 from agent.select import memoized, select
+from agent.registry import save_value
 from agent.store import Store
+from agent.value_cycle import labelled_candidates, train_cycle_value
 from agent.warm_start import warm_start_examples
 from search import Candidate, SearchResult
 from tasks import TASKS, Problem, task_of
@@ -52,7 +54,8 @@ def _answer_room(task, problems, default: int) -> int:
 def loop_config_from_env(settings):
     """The train cycle's LoopConfig, with the knobs a deployment sets (agent/settings.py: ARBOR_TRAIN_BUDGET_S, the
     fine-tune wall clock; ARBOR_PROMOTE_MARGIN, how much the candidate must beat the promoted version by on held-out
-    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size; ARBOR_ADAPTER, full or LoRA fine-tunes).
+    problems; ARBOR_HELDOUT_PER_DIFFICULTY, the built-in held-out set size; ARBOR_ADAPTER, full or LoRA fine-tunes;
+    ARBOR_VALUE_MODEL, a value model trained with each promoted candidate).
     Unset: LoopConfig's own defaults."""
     cfg = LoopConfig()
     if settings.train_budget_s is not None:
@@ -64,6 +67,8 @@ def loop_config_from_env(settings):
         cfg.promote_margin = settings.promote_margin
     if settings.heldout_per_difficulty is not None:
         cfg.heldout_per_difficulty = settings.heldout_per_difficulty
+    if settings.value_model is not None:
+        cfg.value_model = settings.value_model
     return cfg
 
 
@@ -168,6 +173,14 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
         task, [p for ps in heldout.values() for p in ps], cfg.eval_search.max_new_tokens))
     verdict = judge(candidate, current, heldout, eval_search, task, mode, cfg.promote_margin)
     metrics = verdict.metrics()
+    value = None
+    if cfg.value_model and verdict.promote:
+        # the judge continues the promoted version's (which carries what earlier cycles taught it): no replay here
+        labelled = [row for part_mode in ("verifier", "label_free") for row in labelled_candidates(
+            [r for r in results if (r.problem.answer is not None) == (part_mode == "verifier")], examples, task,
+            part_mode)]
+        value = train_cycle_value(current, candidate, labelled, [], cfg, rng,
+                                  [p for ps in heldout.values() for p in ps], eval_search.max_new_tokens)
     version = registry.save(
         model,
         current.tokenizer,
@@ -177,6 +190,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
         draft_source=current.draft_source,
         prompt_format=current.prompt_format,
     )
+    if value is not None and value.model is not None:
+        save_value(registry, version, value.model)
     # the compare-and-set: an operator's rollback (or another promotion) since this cycle began wins
     promoted = verdict.promote and store.promote_policy(version, expected=current.version, metrics=metrics,
                                                         stale_status="stale")
@@ -188,6 +203,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
            "examples": len(examples), "refinement_examples": len(refined), "filters": filters,
            "metrics": {**metrics, "current_heldout": verdict.current.accuracy}, "train": train_stats,
            "pending_tasks": pending}
+    if value is not None:
+        out["value"] = value.record
     if verdict.promote and not promoted:
         out["stale"] = f"{current.version} was no longer the promoted version when {version} passed the gate"
     return out

@@ -180,9 +180,9 @@ def test_replayed_adaptive_search_stops_where_its_scores_say():
 
 
 def test_a_budget_calibration_stores_both_scores_and_adaptive_gives_up_by_them(policy, judged):
-    from search.calibration import calibrate
-
     import copy
+
+    from search.calibration import calibrate
 
     value_model, _ = judged
     value_model = copy.copy(value_model)

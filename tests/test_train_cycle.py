@@ -237,3 +237,22 @@ def test_a_cycle_finishing_after_a_rollback_does_not_promote_a_child_of_the_roll
     assert out["parent"] == v1 and out["promoted"] is False and "no longer the promoted version" in out["stale"]
     assert statuses == {v0: "promoted", v1: "rejected", out["candidate"]: "stale"}
     assert registry.promoted()[0] == v0
+
+
+def test_a_promoting_train_cycle_keeps_a_value_model_beside_its_version(setup, monkeypatch):
+    from agent.config import ValueConfig
+    from agent.registry import value_folder
+
+    settings, store, registry = setup
+    monkeypatch.setenv("ARBOR_VALUE_MODEL", "on")
+    from agent.train_cycle import loop_config_from_env
+
+    assert loop_config_from_env(Settings(home=settings.home, device="cpu")).value_model is True
+    for w in WORDS[:3]:  # verifier mode: the checker's verdicts on every candidate are the value model's labels
+        _result(store, Problem(f"{w} backwards:", w[::-1], id=f"t-{w}"), [w[::-1], "zz", "qq"], job=f"j-{w}")
+    cfg = _cfg(value_model=True, value=ValueConfig(time_budget_s=5.0, epochs=1))
+    out = run_train_cycle(settings, store, registry, job_id="c1", worker="t", cfg=cfg)
+    assert out["promoted"] and out["value"]["completions"] == 9 and out["value"]["right"] == 3, out
+    assert out["value"]["calibrated_on"] == len(WORDS[3:])  # the store's held-out problems with answers
+    assert value_folder(registry, out["candidate"]).is_dir()
+    assert registry.load(out["candidate"]).value_model is not None
