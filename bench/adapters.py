@@ -275,35 +275,10 @@ def switch_times(full_folder: Path, adapter_folders: list[Path], repeats: int) -
         t = time.perf_counter()
         policy = swap_adapter(policy, folder, f"swap-{i}")
         swaps.append(time.perf_counter() - t)
-    copies = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        copy_into_held_adapter(policy.model, adapter_folders[i % len(adapter_folders)])
-        copies.append(time.perf_counter() - t)
     median = statistics.median
     return {"full_reload_s": round(median(reloads), 4), "adapter_swap_s": round(median(swaps), 4),
             "full_reload_all_s": [round(s, 4) for s in reloads], "adapter_swap_all_s": [round(s, 4) for s in swaps],
-            "speedup": round(median(reloads) / median(swaps), 1),
-            "weight_copy_s": round(median(copies), 4),
-            "weight_copy_speedup": round(median(reloads) / median(copies), 1)}
-
-
-def copy_into_held_adapter(model, folder: Path) -> None:
-    """Diagnostic, not what a worker does: an adapter of the same shape written into the tensors of the one the model
-    holds, with the recycling matrix read as a swap reads it. swap_adapter instead has peft add a new adapter (its
-    LoRA modules created and injected into every target layer) and delete the old one."""
-    import torch
-    from safetensors.torch import load_file
-
-    from memory.recycling import RecyclingMemory
-
-    name = model.active_adapter
-    params = dict(model.named_parameters())
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    with torch.no_grad():
-        for key, tensor in weights.items():
-            params[key.replace(".weight", f".{name}.weight")].copy_(tensor)
-    RecyclingMemory.load(folder, model.config.vocab_size, device=model.device)
+            "speedup": round(median(reloads) / median(swaps), 1)}
 
 
 # ---- trainer memory, one process per arm ----

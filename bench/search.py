@@ -38,9 +38,10 @@ from search import SearchConfig, run_search  # noqa: E402
 from agent.select import answer_support, most_confident_with  # noqa: E402
 
 
-def train_policy(seconds: float, seed: int) -> Policy:
+def train_policy(seconds: float, seed: int, task_name: str = "addition") -> Policy:
+    """The built-in policy after `seconds` of SFT on difficulties 1-4 of the task (its given answers)."""
     model, tok = build_builtin_policy(BuiltinConfig(seed=seed))
-    task = get_task("addition")
+    task = get_task(task_name)
     examples = [{"prompt": p.prompt, "completion": p.answer}
                 for d in (1, 2, 3, 4) for p in task.generate(d, 4000, seed=seed)]
     SFTFineTuner(TrainConfig(time_budget_s=seconds, seed=seed)).train(model, tok, examples)

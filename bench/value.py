@@ -3,6 +3,7 @@
     python -m bench.value                  # trains the built-in policy first (1-4 digits, as bench/search.py)
     python -m bench.value --model PATH     # or uses a saved one
     python -m bench.value --quick          # small sizes, a smoke run
+    python -m bench.value --task reversal  # the same table on word reversal (a policy trained on 1-4 letters)
 
 The policy's fine-tune is bounded by time (as bench/search.py's): on a busy machine it trains less, and
 `frontier_in_range` in the output says whether its frontier still has greedy between 0.3 and 0.7.
@@ -19,7 +20,7 @@ greedy is between 0.3 and 0.7) and at one length past the trained length, every 
   AUROC of the value against confidence (mean and min token log-prob) at telling right from wrong candidates;
   adaptive search (greedy, then 2, 4 and 10 samples, then MCTS, each only where the value of the best answer so far
   is under the accept score and, after a sampling stage, not under the give-up score; both calibrated on validation
-  problems at both lengths for a third of best-of-16's tokens: search/calibration.py; --precision: the accept
+  problems at the frontier length (--calibrate-at both: and past it) for a third of best-of-16's tokens: search/calibration.py; --precision: the accept
   score for 95% precision of greedy answers, no give-up).
 
 Goals (booleans): value-guided search closes >= 50% of the greedy -> pass@16 gap at no more than best-of-16's
@@ -47,7 +48,8 @@ from search import SearchConfig, run_search  # noqa: E402
 from search.scorers import load_scorer, rank_all  # noqa: E402
 from tasks import get_task  # noqa: E402
 
-TRAINED_LENGTH = 4  # bench.search.train_policy trains on 1-4 digits
+TRAINED_LENGTH = 4  # bench.search.train_policy trains on difficulties 1-4 (digits, letters)
+TASK = "addition"  # --task
 ADAPTIVE = dict(strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2, max_step_tokens=2,
                 leaf_value="prefix")
 
@@ -56,7 +58,7 @@ def frontier(policy, n: int) -> tuple[int, dict]:
     """The shortest length at which greedy accuracy falls to 0.7 or below (it should be at least 0.3)."""
     accs = {}
     for d in range(2, 12):
-        accs[d] = greedy_accuracy(policy, get_task("addition").generate(d, n, seed=11, split="heldout"))
+        accs[d] = greedy_accuracy(policy, get_task(TASK).generate(d, n, seed=11, split="heldout"))
         if accs[d] <= 0.7:
             break
     return d, accs
@@ -86,7 +88,7 @@ def labelled_candidates(policy, difficulties, n: int, seed: int) -> list[dict]:
     """Best-of-16 candidates for train problems, labelled right or wrong by the task's checker."""
     out = []
     for d in difficulties:
-        res, _, _ = search(policy, get_task("addition").generate(d, n, seed=seed, split="train"),
+        res, _, _ = search(policy, get_task(TASK).generate(d, n, seed=seed, split="train"),
                            strategy="best_of_n", n=16, temperature=1.0, seed=seed)
         out += [{"prompt": r.problem.prompt, "completion": c.completion, "label": bool(c.verified)}
                 for r in res for c in r.candidates if c.finished]
@@ -107,7 +109,7 @@ def rerank(policy, res, spec: str):
 
 
 def evaluate(policy, d: int, n: int, quick: bool) -> dict:
-    task = get_task("addition")
+    task = get_task(TASK)
     problems = task.generate(d, n, seed=12, split="heldout")
     rows = []
     res, s, _ = search(policy, problems, strategy="greedy")
@@ -190,6 +192,7 @@ def adaptive_goal(rows: list[dict], escalated: float) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="addition", choices=("addition", "reversal"))
     ap.add_argument("--model", default=None, help="a saved policy folder (default: train the built-in one)")
     ap.add_argument("--train-seconds", type=float, default=75.0)
     ap.add_argument("--problems", type=int, default=200, help="held-out problems per length")
@@ -202,6 +205,9 @@ def main():
     ap.add_argument("--save", default=None, help="save the trained policy here (to rerun with --model)")
     ap.add_argument("--value", default=None, help="a saved value model folder (default: train one; --save-value keeps it)")
     ap.add_argument("--save-value", default=None, help="save the trained value model here (to rerun with --value)")
+    ap.add_argument("--calibrate-at", default="frontier", choices=("frontier", "both"),
+                    help="the validation problems adaptive search is calibrated on: the frontier length, or it and the "
+                         "length past the trained one")
     ap.add_argument("--precision", action="store_true",
                     help="calibrate adaptive search's threshold for 95%% precision of greedy answers instead of for "
                          "a third of best-of-16's tokens")
@@ -210,8 +216,10 @@ def main():
         args.problems, args.train_problems, args.train_seconds = 48, 100, min(args.train_seconds, 30.0)
         args.value_seconds = min(args.value_seconds, 30.0)
     torch.set_num_threads(args.threads)
+    global TASK
+    TASK = args.task
     t0 = time.perf_counter()
-    policy = Policy.load(args.model) if args.model else train_policy(args.train_seconds, args.seed)
+    policy = Policy.load(args.model) if args.model else train_policy(args.train_seconds, args.seed, args.task)
     train_s = time.perf_counter() - t0
     if args.save:
         policy.model.save_pretrained(args.save)
@@ -231,13 +239,16 @@ def main():
     policy.value_model = vm
     # adaptive search's thresholds, on validation problems (neither the value model's train problems nor the
     # evaluated held-out ones) at both evaluated lengths
-    validation = [p for length in (d, past) for p in get_task("addition").generate(
+    # calibrated for one budget at one length: mixed with a length where escalation seldom pays, the best pair
+    # for the mix spent the frontier's tokens too cheaply (0.655 at 23% of best-of-16's tokens, against 0.74)
+    lengths = (d, past) if args.calibrate_at == "both" else (d,)
+    validation = [p for length in lengths for p in get_task(TASK).generate(
         length, args.problems, seed=13, split="validation")]
     t = time.perf_counter()
     calibration = calibrate(vm, policy, validation, max_new_tokens=past + 3, budget_share=None if args.precision
                             else 1 / 3, cfg=SearchConfig(**ADAPTIVE))
     calibration["seconds"] = round(time.perf_counter() - t, 1)
-    report = {"policy": policy.version, "train_s": round(train_s, 1), "greedy_by_difficulty": accs,
+    report = {"task": args.task, "policy": policy.version, "train_s": round(train_s, 1), "greedy_by_difficulty": accs,
               "frontier_difficulty": d, "frontier_in_range": 0.3 <= accs[d] <= 0.7,
               "trained_length": TRAINED_LENGTH, "past_trained_length": past,
               "value_model": {**vm.meta, "sampling_s": round(sample_s, 1), "config": vars(vm.cfg)},
