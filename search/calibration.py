@@ -39,7 +39,7 @@ def calibrate(value_model, policy, problems: list, precision: float = 0.95, max_
     report = {"accept_score": threshold, "precision": precision, "problems": len(answered),
               "greedy_accuracy": round(sum(right) / len(right), 4), "kept_share": round(kept / len(right), 4),
               "auroc": auroc([v[0] for v in values], right)}
-    value_model.meta.update(accept_score=threshold, calibration=report)
+    value_model.meta.update(accept_score=threshold, give_up_score=None, calibration=report)
     return report
 
 
