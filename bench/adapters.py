@@ -321,8 +321,7 @@ def memory_probe(adapter: str, model_dir: Path, problems: Path, steps: int, rank
 
 # ---- learning rates at a fixed step count ----
 
-FIXED_STEP_ARMS = (("full", 4, 5e-4), ("lora", 4, 5e-4), ("lora", 4, 5e-3), ("lora", 16, 5e-3), ("lora", 4, 1.5e-2),
-                   ("lora", 6, 5e-3), ("lora", 6, 1.5e-2))
+FIXED_STEP_ARMS = (("full", 4, 5e-4), ("lora", 4, 5e-4), ("lora", 4, 5e-3), ("lora", 16, 5e-3))
 
 
 def fixed_step_comparison(model_dir: Path, problems: Path, steps: int) -> list[dict]:
