@@ -52,15 +52,17 @@ def _shown_keys(cycles: list[dict], most: int) -> list[str]:
 
 # where a cycle's time goes, in the order a cycle spends it (CycleRecord.seconds keys), and what the report calls it
 PHASES = {"warm_start": "warm start", "search": "search", "select": "selection and checks", "train": "training",
-          "eval": "evaluation and gate", "save": "saving"}
+          "eval": "evaluation and gate", "value": "value model", "save": "saving"}
+OPTIONAL_PHASES = {"value"}  # shown only by a run that spent time there (--value-model)
 
 
 def time_per_cycle(cycles: list[dict]) -> list[dict]:
     """Seconds per phase of every cycle, plus `other` (the rest of the cycle's wall clock: recording, the memory
     handed back) and `total` (elapsed since the cycle before)."""
     rows, before = [], 0.0
+    phases = [p for p in PHASES if p not in OPTIONAL_PHASES or any(p in c["seconds"] for c in cycles)]
     for c in cycles:
-        spent = {phase: round(c["seconds"].get(phase, 0.0), 1) for phase in PHASES}
+        spent = {phase: round(c["seconds"].get(phase, 0.0), 1) for phase in phases}
         total = c["elapsed_s"] - before
         rows.append({"cycle": c["cycle"], **spent, "other": round(max(0.0, total - sum(spent.values())), 1),
                      "total": round(total, 1)})
@@ -102,8 +104,12 @@ def write_report(run_dir: Path, records: list, final_policy: str, config: dict, 
     return report
 
 
+def _phases(times: list[dict]) -> list[str]:
+    return [p for p in PHASES if not times or p in times[0]]
+
+
 def _time_table(times: list[dict]) -> str:
-    columns = [*PHASES, "other", "total"]
+    columns = [*_phases(times), "other", "total"]
     head = "| cycle | " + " | ".join(PHASES.get(c, c) for c in columns) + " |"
     lines = ["", "Where each cycle's time went, in seconds (plot: time_per_cycle.png):", "", head,
              "|" + "---|" * (len(columns) + 1)]
@@ -115,7 +121,7 @@ def _plot_time(times: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bottom = [0.0] * len(times)
     cycles = [t["cycle"] for t in times]
-    for phase in [*PHASES, "other"]:
+    for phase in [*_phases(times), "other"]:
         values = [t[phase] for t in times]
         ax.bar(cycles, values, bottom=bottom, label=PHASES.get(phase, phase))
         bottom = [b + v for b, v in zip(bottom, values)]

@@ -159,3 +159,14 @@ def test_a_rejected_candidates_fallen_lengths_are_shown_easiest_first_and_the_la
     assert fell_text(gate) == "4 0.99->0.97, 8 0.90->0.60, 12 1.00->0.50"
     assert fell_text(gate, most=2) == "8 0.90->0.60, 12 1.00->0.50"
     assert fell_text({}) == "" and fell_text({"fell": {}}) == ""
+
+
+def test_the_value_models_time_is_a_column_only_in_runs_that_train_one():
+    from agent.report import _time_table, time_per_cycle
+
+    plain = [{"cycle": 1, "elapsed_s": 30.0, "seconds": {"search": 10.0, "train": 20.0}}]
+    assert "value" not in time_per_cycle(plain)[0] and "value model" not in _time_table(time_per_cycle(plain))
+    judged = plain + [{"cycle": 2, "elapsed_s": 75.0, "seconds": {"search": 10.0, "train": 20.0, "value": 12.0}}]
+    times = time_per_cycle(judged)
+    assert [t["value"] for t in times] == [0.0, 12.0] and times[1]["other"] == 3.0
+    assert "| value model |" in _time_table(times)
