@@ -82,7 +82,7 @@ def lora_config(cfg, model):
     """The peft LoraConfig of FineTuneConfig `cfg`'s LoRA settings for `model`."""
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_scale_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_target_modules or lora_targets(model)), task_type="CAUSAL_LM")
 
 

@@ -339,9 +339,9 @@ def fixed_step_comparison(model_dir: Path, problems: Path, steps: int) -> list[d
     rows = []
     for adapter, rank, lr in FIXED_STEP_ARMS:
         model, tokenizer = load_policy(model_dir)
-        # lora_alpha stays 32, as `arbor run` has it: the update's scale is 32 / rank; each arm trains at exactly
-        # its own rate (no LoRA scaling of it)
-        tuner = SFTFineTuner(TrainConfig(adapter=adapter, lora_rank=rank, learning_rate=lr, max_steps=steps,
+        # lora_alpha stays 32 (the recorded arms' setting: scale 32 / rank); each arm trains at exactly its own rate
+        # (no LoRA scaling of it)
+        tuner = SFTFineTuner(TrainConfig(adapter=adapter, lora_rank=rank, lora_alpha=32, learning_rate=lr, max_steps=steps,
                                          time_budget_s=3600.0, lora_learning_rate_scale=1.0))
         stats = tuner.train(model, tokenizer, train)
         accuracy = evaluate_policy(Policy(tuner.trained.eval(), tokenizer), heldout, LoopConfig().eval_search).accuracy

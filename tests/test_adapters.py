@@ -122,7 +122,7 @@ def test_the_version_folder_holds_only_the_adapter(versions):
     home, registry, _ = versions
     v0, v1, v2 = (registry.root / v for v in ("v0", "v1", "v2"))
     assert sorted(p.name for p in v1.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                     "arbor_meta.json", "base.json", "recycling.pt"]
+                                                     "arbor_meta.json", "base.json", "recycling.safetensors"]
     assert read_base(v2) == read_base(v1)  # an adapter of an adapter is over the same full base
     assert read_base(v1)["path"] == str(v0.resolve())
     from safetensors.torch import load_file
@@ -130,7 +130,7 @@ def test_the_version_folder_holds_only_the_adapter(versions):
     weights = load_file(v1 / "adapter_model.safetensors")
     assert weights and all("lora_" in k for k in weights)
     assert (kind(v0), kind(v1)) == ("full", "lora adapter")
-    assert folder_bytes(v1) - (v1 / "recycling.pt").stat().st_size < folder_bytes(v0) / 5
+    assert folder_bytes(v1) - (v1 / "recycling.safetensors").stat().st_size < folder_bytes(v0) / 5
     from arbor.cli import app
 
     listed = CliRunner().invoke(app, ["policies"], env={"ARBOR_HOME": str(home)})

@@ -94,6 +94,16 @@ def test_the_matrix_is_saved_beside_a_policy_and_loads_warm(tmp_path):
     assert torch.equal(again.adj, memory.adj) and torch.equal(again.accept_counts, memory.accept_counts)
     assert RecyclingMemory.load(tmp_path, vocab_size=31).adj.abs().sum() == 0  # another vocabulary starts cold
     assert RecyclingMemory.load(tmp_path / "none", vocab_size=30).adj.abs().sum() == 0
+    assert again.k == memory.k and again.tree.paths == memory.tree.paths
+
+
+def test_a_matrix_saved_by_an_earlier_version_as_recycling_pt_still_loads(tmp_path):
+    memory = RecyclingMemory(vocab_size=30)
+    memory.adj[7] = torch.arange(8, dtype=torch.int32)
+    torch.save({"adj": memory.adj, "k": memory.k, "accept_counts": memory.accept_counts,
+                "tree": [list(p) for p in memory.tree.paths[1:]]}, tmp_path / "recycling.pt")
+    again = RecyclingMemory.load(tmp_path, vocab_size=30)
+    assert torch.equal(again.adj, memory.adj) and again.tree.paths == memory.tree.paths
 
 
 def test_the_sizer_trades_accepted_tokens_against_measured_cost():
