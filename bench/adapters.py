@@ -321,7 +321,9 @@ def memory_probe(adapter: str, model_dir: Path, problems: Path, steps: int, rank
 
 # ---- learning rates at a fixed step count ----
 
-FIXED_STEP_ARMS = (("full", 4, 5e-4), ("lora", 4, 5e-4), ("lora", 4, 5e-3), ("lora", 16, 5e-3))
+# (adapter, rank, lora_alpha, learning rate): the first four as first recorded (alpha 32), then alpha at twice the rank
+FIXED_STEP_ARMS = (("full", 4, 32, 5e-4), ("lora", 4, 32, 5e-4), ("lora", 4, 32, 5e-3), ("lora", 16, 32, 5e-3),
+                   ("lora", 4, 8, 2e-3), ("lora", 4, 8, 5e-3), ("lora", 4, 8, 1e-2))
 
 
 def fixed_step_comparison(model_dir: Path, problems: Path, steps: int) -> list[dict]:
@@ -337,15 +339,16 @@ def fixed_step_comparison(model_dir: Path, problems: Path, steps: int) -> list[d
     train = [{"prompt": p.prompt, "completion": p.answer} for p in read if p.split == "train"]
     heldout = {"all": [p for p in read if p.split == "heldout"]}
     rows = []
-    for adapter, rank, lr in FIXED_STEP_ARMS:
+    for adapter, rank, alpha, lr in FIXED_STEP_ARMS:
         model, tokenizer = load_policy(model_dir)
-        # lora_alpha stays 32 (the recorded arms' setting: scale 32 / rank); each arm trains at exactly its own rate
-        # (no LoRA scaling of it)
-        tuner = SFTFineTuner(TrainConfig(adapter=adapter, lora_rank=rank, lora_alpha=32, learning_rate=lr, max_steps=steps,
+        # each arm trains at exactly its own rate (no LoRA scaling of it)
+        tuner = SFTFineTuner(TrainConfig(adapter=adapter, lora_rank=rank, lora_alpha=alpha, learning_rate=lr,
+                                         max_steps=steps,
                                          time_budget_s=3600.0, lora_learning_rate_scale=1.0))
         stats = tuner.train(model, tokenizer, train)
         accuracy = evaluate_policy(Policy(tuner.trained.eval(), tokenizer), heldout, LoopConfig().eval_search).accuracy
-        rows.append({"adapter": adapter, "rank": rank if adapter == "lora" else None, "learning_rate": lr,
+        rows.append({"adapter": adapter, "rank": rank if adapter == "lora" else None,
+                     "alpha": alpha if adapter == "lora" else None, "learning_rate": lr,
                      "steps": stats["steps"], "seconds": stats["seconds"], "train_loss": round(stats["train_loss"], 3),
                      "heldout": round(accuracy["all"], 3)})
         print(f"[fixed steps] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
