@@ -276,9 +276,13 @@ class SelfImprovementLoop:
         value = None
         if cfg.value_model and verdict.promote:  # a rejected candidate's judge would be pruned with it: not trained
             t = time.monotonic()
-            gate_problems = [p for key in self.plan.gate_keys(frontier_index) for p in heldout.get(key, [])]
+            # calibrated where answers are in doubt: on lengths the policy masters nearly every greedy answer is
+            # right, and a threshold for 95% precision there trusted almost anything (2e-10 in a measured run)
+            keys = self.plan.gate_keys(frontier_index)
+            unmastered = [k for k in keys if evaluation.metric.get(k, 0.0) < cfg.threshold] or keys
             value = train_cycle_value(current, candidate, work.value_rows, self.value_rows, cfg,
-                                      random.Random(cycle_seed(cfg.seed, cycle)), gate_problems,
+                                      random.Random(cycle_seed(cfg.seed, cycle)),
+                                      [p for key in unmastered for p in heldout.get(key, [])],
                                       self.eval_search(heldout).max_new_tokens)
             seconds["value"] = time.monotonic() - t
         self.value_rows += work.value_rows
