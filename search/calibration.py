@@ -79,7 +79,7 @@ def _calibrate_for_budget(value_model, policy, problems: list, budget_share: flo
             if best is None or key > best[0]:
                 best = (key, accept, give_up, accuracy, tokens)
     _, accept, give_up, accuracy, tokens = best
-    greedy_right = [any(ok for v, ok in cands[:1]) for _, cands in runs[0]]
+    greedy_right = [bool(cands) and cands[0][1] for _, cands in runs[0]]
     return {"rule": "budget", "budget_share": budget_share, "problems": len(problems),
             "accept_score": None if accept == float("inf") else accept, "give_up_score": give_up,
             "replayed_accuracy": round(accuracy, 4), "replayed_tokens": round(tokens, 2),
