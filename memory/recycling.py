@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import functools
 import json
-
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from search.decoder import Decoder, tree_paths
 
@@ -87,8 +88,7 @@ class DraftTree:
 
 @functools.lru_cache(maxsize=64)
 def _draft_tree(paths: tuple[tuple[int, ...], ...]) -> DraftTree:
-    """One DraftTree per shape, shared: it is never changed once built, and building it took a third of a version
-    load's time (a worker that swaps adapters loads the memory of every version it serves)."""
+    """One DraftTree per shape, shared (never changed once built): building it was a third of a version load."""
     return DraftTree(list(paths))
 
 
@@ -246,11 +246,8 @@ class RecyclingMemory:
     # ----- persistence: beside each policy version -----
 
     def save(self, folder: str | Path) -> None:
-        """`recycling.safetensors` in `folder`: the matrix and acceptance counts as tensors, k and the tree as
-        metadata. An adapter swap reads this file every time; unpickling recycling.pt (torch.save, its tree as
-        nested lists) took 3 ms of a 3.5 ms swap on a 21M Llama."""
-        from safetensors.torch import save_file
-
+        """`recycling.safetensors` in `folder` (k and the tree as metadata): an adapter swap reads it every time, and
+        unpickling the older recycling.pt took 3 ms of a 3.5 ms swap on a 21M Llama."""
         self._fold()
         save_file({"adj": self.adj.cpu().contiguous(), "accept_counts": self.accept_counts.contiguous()},
                   str(Path(folder) / RECYCLING_FILE),
@@ -262,8 +259,6 @@ class RecyclingMemory:
         fresh one when there is none (or its shape differs)."""
         folder = Path(folder)
         if (folder / RECYCLING_FILE).is_file():
-            from safetensors import safe_open
-
             with safe_open(str(folder / RECYCLING_FILE), framework="pt") as f:
                 meta = f.metadata()
                 state = {"adj": f.get_tensor("adj"), "accept_counts": f.get_tensor("accept_counts"),
