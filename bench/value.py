@@ -18,11 +18,11 @@ greedy is between 0.3 and 0.7) and at one length past the trained length, every 
   ranked by the value; accuracy, generated tokens and forward passes per problem, plus the value model's own
   trunk forwards and scored tokens (its cost beside the policy's);
   AUROC of the value against confidence (mean and min token log-prob) at telling right from wrong candidates;
-  adaptive search (greedy, then 2, 4 and 10 samples, then MCTS, each only where the value of the best answer so far
-  is under the accept score and, after a sampling stage, not under the give-up score), once under each calibration
-  (search/calibration.py, on validation problems at the frontier length; --calibrate-at both: and past it): the
-  accept score for 95% precision of greedy answers, and the accept and give-up scores for a third of best-of-16's
-  tokens.
+  adaptive search (greedy, then --repairs repairs of the greedy answer, then 2, 4 and 10 samples, then MCTS, each
+  only where the value of the best answer so far is under the accept score and, after a repair or sampling stage,
+  not under the give-up score), once under each calibration (search/calibration.py, on validation problems at the
+  frontier length; --calibrate-at both: and past it) and each number of repairs: the accept score for 95% precision
+  of greedy answers, and the accept and give-up scores for a third of best-of-16's tokens.
 
 Goals (booleans): value-guided search closes >= 50% of the greedy -> pass@16 gap at no more than best-of-16's
 generated tokens; value AUROC >= 0.85; adaptive search reaches >= 90% of the best value-guided row's gain over
@@ -51,7 +51,7 @@ from tasks import get_task  # noqa: E402
 
 TRAINED_LENGTH = 4  # bench.search.train_policy trains on difficulties 1-4 (digits, letters)
 TASK = "addition"  # --task
-CALIBRATIONS: dict[str, dict] = {}  # rule -> the thresholds it stored (adaptive search is run under each)
+CALIBRATIONS: dict[str, dict] = {}  # rule -> the thresholds it stored and the repairs (adaptive is run under each)
 ADAPTIVE = dict(strategy="adaptive", n=16, temperature=1.0, simulations=2, children=2, max_step_tokens=2,
                 leaf_value="prefix")
 
@@ -136,10 +136,11 @@ def evaluate(policy, d: int, n: int, quick: bool) -> dict:
                               temperature=1.0, scorer="value")
         rows.append(row(f"mcts value sims={sims} children=2 step=2", res, s, value_cost=cost))
     adaptive = {}
-    for rule, thresholds in CALIBRATIONS.items():  # adaptive search under each calibration's stored thresholds
-        policy.value_model.meta.update(thresholds)
-        res, s, cost = search(policy, problems, **ADAPTIVE)
-        rows.append(row(f"adaptive by value ({rule}): greedy, then 2, 4 and 10 samples, then mcts", res, s,
+    for rule, stored in CALIBRATIONS.items():  # adaptive search under each calibration's stored thresholds
+        policy.value_model.meta.update(accept_score=stored["accept_score"], give_up_score=stored["give_up_score"])
+        res, s, cost = search(policy, problems, **ADAPTIVE, repairs=stored["repairs"])
+        repaired = f"{stored['repairs']} repairs, " if stored["repairs"] else ""
+        rows.append(row(f"adaptive by value ({rule}): greedy, then {repaired}2, 4 and 10 samples, then mcts", res, s,
                         value_cost=cost))
         adaptive[rule] = {**adaptive_goal(rows, res), "ended_at": _ended_at(res)}
     # right against wrong among the 16 samples' finished candidates: does the value tell them apart?
@@ -220,6 +221,8 @@ def main():
     ap.add_argument("--calibrate-at", default="frontier", choices=("frontier", "both"),
                     help="the validation problems adaptive search is calibrated on: the frontier length, or it and the "
                          "length past the trained one")
+    ap.add_argument("--repairs", type=int, nargs="+", default=[0, 6],
+                    help="adaptive search is calibrated and run with each number of repairs before sampling")
     args = ap.parse_args()
     if args.quick:
         args.problems, args.train_problems, args.train_seconds = 48, 100, min(args.train_seconds, 30.0)
@@ -254,12 +257,18 @@ def main():
     validation = [p for length in lengths for p in get_task(TASK).generate(
         length, args.problems, seed=13, split="validation")]
     calibration = {}
-    for rule, share in (("95% precision", None), ("a third of the tokens", 1 / 3)):
-        t = time.perf_counter()
-        calibration[rule] = calibrate(vm, policy, validation, max_new_tokens=past + 3, budget_share=share,
-                                      cfg=SearchConfig(**ADAPTIVE))
-        calibration[rule]["seconds"] = round(time.perf_counter() - t, 1)
-        CALIBRATIONS[rule] = {"accept_score": vm.meta["accept_score"], "give_up_score": vm.meta.get("give_up_score")}
+    for repairs in args.repairs:
+        for rule, share in (("95% precision", None), ("a third of the tokens", 1 / 3)):
+            label = f"{rule}, {repairs} repairs"
+            t = time.perf_counter()
+            if share is None and repairs != args.repairs[0]:  # this rule reads greedy answers only: the same scores
+                calibration[label] = calibration[f"{rule}, {args.repairs[0]} repairs"]
+            else:
+                calibration[label] = calibrate(vm, policy, validation, max_new_tokens=past + 3, budget_share=share,
+                                               cfg=SearchConfig(**ADAPTIVE, repairs=repairs))
+                calibration[label]["seconds"] = round(time.perf_counter() - t, 1)
+            CALIBRATIONS[label] = {"accept_score": calibration[label]["accept_score"],
+                                   "give_up_score": calibration[label].get("give_up_score"), "repairs": repairs}
     report = {"task": args.task, "policy": policy.version, "train_s": round(train_s, 1), "greedy_by_difficulty": accs,
               "frontier_difficulty": d, "frontier_in_range": 0.3 <= accs[d] <= 0.7,
               "trained_length": TRAINED_LENGTH, "past_trained_length": past,

@@ -1,12 +1,13 @@
 """Adaptive search: compute where it pays. Every problem is answered greedily first; a problem whose answer the
-scorer does not trust (its score under the accept threshold) escalates to two samples, then four more, then the
-rest of the N (steps that double), and one still untrusted to MCTS. Each result keeps every stage's candidates, ranked together, and says what each stage spent and why the
-next one ran (SearchResult.stages).
+scorer does not trust (its score under the accept threshold) escalates to repairs of that answer (its least
+confident tokens changed one at a time, the rest decoded greedily: search/repair.py), then two samples, four more
+and the rest of the N (steps that double), and one still untrusted to MCTS. Each result keeps every stage's
+candidates, ranked together, and says what each stage spent and why the next one ran (SearchResult.stages).
 
 The threshold is SearchConfig.accept_score, or the one calibrated for the policy version's value model on held-out
 problems (search/calibration.py, stored with the value model). A calibration for a token budget also sets a give-up
-score: after a sampling stage, a problem whose best answer is valued under it stops there, since the samples that
-follow rarely find an answer where the first ones came nowhere near one.
+score: after a repair or sampling stage, a problem whose best answer is valued under it stops there, since the
+stages that follow rarely find an answer where the first ones came nowhere near one.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from search.best_of_n import best_of_n
 from search.config import SearchConfig
 from search.greedy import greedy
 from search.mcts import mcts
+from search.prompt_format import RAW
+from search.repair import Branch, branch_points, repair
 from search.scorers import rank_all
 from search.traits import traits_of
 from search.types import SearchPolicy, SearchResult
 from tasks import Problem
 
 RUN = {"greedy": greedy, "best_of_n": best_of_n, "mcts": mcts}
+REPAIR = "repair_"  # a repair stage's name: repair_1 changes the least confident token, repair_2 the next
 
 
 def sample_sizes(n: int, first: int = 2) -> list[int]:
@@ -42,10 +46,11 @@ def sample_sizes(n: int, first: int = 2) -> list[int]:
 
 
 def stages(cfg: SearchConfig) -> list[tuple[str, SearchConfig]]:
-    """Greedy; the n samples in doubling steps (each with its own seed: together the n), named by the samples
-    drawn so far; MCTS."""
+    """Greedy; cfg.repairs repairs of the greedy answer; the n samples in doubling steps (each with its own seed:
+    together the n), named by the samples drawn so far; MCTS."""
     sampled = replace(cfg, scorer=None)  # ranked again by adaptive's own scorer
     out = [("greedy", replace(sampled, strategy="greedy"))]
+    out += [(f"{REPAIR}{k}", replace(sampled, strategy="greedy")) for k in range(1, cfg.repairs + 1)]
     drawn = 0
     for step, size in enumerate(sample_sizes(cfg.n)):
         drawn += size
@@ -73,16 +78,27 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
     # they rank by the free confidence rather than score every candidate a second time
     cfg = replace(cfg, scorer=cfg.scorer or traits_of("adaptive").default_scorer)
     merged: list[SearchResult | None] = [None] * len(problems)
+    greedy_answers: list = [None] * len(problems)
+    branches: list[list[Branch] | None] = [None] * len(problems)  # the greedy answers', once a repair needs them
     pending = list(range(len(problems)))
     plan = stages(cfg)
     for stage, stage_cfg in plan:
         if not pending:
             break
-        found = RUN[stage_cfg.strategy]([problems[i] for i in pending], stage_cfg, policy)
+        if stage.startswith(REPAIR):
+            found, known = repair_stage(int(stage.removeprefix(REPAIR)), [problems[i] for i in pending],
+                                        [greedy_answers[i] for i in pending], [branches[i] for i in pending],
+                                        stage_cfg, policy)
+            for i, b in zip(pending, known):
+                branches[i] = b
+        else:
+            found = RUN[stage_cfg.strategy]([problems[i] for i in pending], stage_cfg, policy)
         for i, r in zip(pending, found):
             merged[i] = r if merged[i] is None else _joined(merged[i], r)
+            if stage == "greedy":
+                greedy_answers[i] = r.best
         last = stage == plan[-1][0]
-        may_give_up = give_up is not None and stage_cfg.strategy == "best_of_n"
+        may_give_up = give_up is not None and may_give_up_after(stage)
         ranked = rank_all(scorer, [problems[i] for i in pending], [merged[i].candidates for i in pending])
         still = []
         for i, r, candidates in zip(pending, found, ranked):
@@ -100,6 +116,34 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
     for r in merged:
         r.strategy = "adaptive"
     return merged
+
+
+def may_give_up_after(stage: str) -> bool:
+    """A give-up score stops a problem after a repair or sampling stage (greedy is always followed by more)."""
+    return stage.startswith(REPAIR) or stage.startswith("best_of_")
+
+
+def repair_stage(k: int, problems: list[Problem], answers: list, branches: list[list[Branch] | None],
+                 cfg: SearchConfig, policy: SearchPolicy) -> tuple[list[SearchResult], list[list[Branch]]]:
+    """Each answer repaired at its k-th least confident token (k from 1), the rest decoded greedily; an answer with
+    fewer tokens gets no candidate. Branches not yet known (None) are found in one teacher-forced pass (a forward
+    pass each). Returns the results and every answer's branches, for the next repair stage."""
+    todo = [j for j, b in enumerate(branches) if b is None]
+    branches = list(branches)
+    if todo:
+        # the problems are already in the policy's format (run_search formats them once)
+        for j, found in zip(todo, branch_points(policy, [problems[j] for j in todo], [answers[j] for j in todo],
+                                                fmt=RAW)):
+            branches[j] = found
+    at = [j for j in range(len(problems)) if len(branches[j]) >= k]
+    repaired = repair(policy, [problems[j] for j in at], [branches[j][k - 1] for j in at], cfg.max_new_tokens,
+                      "adaptive", fmt=RAW)
+    results = [SearchResult(p, [], "adaptive", policy.version) for p in problems]
+    for j, r in zip(at, repaired):
+        results[j] = r
+    for j in todo:
+        results[j].forward_passes += 1
+    return results, branches
 
 
 def calibrated(policy: SearchPolicy) -> bool:

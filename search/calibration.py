@@ -54,17 +54,25 @@ def _final_values(value_model, policy, problems: list, candidates: list[list]) -
 
 def _calibrate_for_budget(value_model, policy, problems: list, budget_share: float, cfg: SearchConfig,
                           max_new_tokens: int) -> dict:
-    from search.adaptive import RUN, stages
+    from search.adaptive import REPAIR, RUN, may_give_up_after, repair_stage, stages
 
     plan = stages(replace(cfg, max_new_tokens=max_new_tokens, accept_score=0.0))
+    shown = formatted_problems(problems, policy.prompt_format, policy.tokenizer)  # as run_search shows them
     # per stage, per problem: (tokens spent, [(value, right) of each candidate])
-    runs = []
-    for _, stage_cfg in plan:
-        found = RUN[stage_cfg.strategy](problems, stage_cfg, policy)
+    runs, greedy_answers, branches = [], None, [None] * len(problems)
+    for stage, stage_cfg in plan:
+        if stage.startswith(REPAIR):
+            found, branches = repair_stage(int(stage.removeprefix(REPAIR)), shown, greedy_answers, branches,
+                                           stage_cfg, policy)
+        else:
+            found = RUN[stage_cfg.strategy](shown, stage_cfg, policy)
+        if stage == "greedy":
+            greedy_answers = [r.best for r in found]
         values = _final_values(value_model, policy, problems, [r.candidates for r in found])
         runs.append([(r.generated_tokens, [(v, bool(c.verified)) for v, c in zip(vs, r.candidates)])
                      for r, vs in zip(found, values)])
     sampling = [i for i, (_, c) in enumerate(plan) if c.strategy == "best_of_n"]
+    escalations = [i for i, (stage, _) in enumerate(plan) if may_give_up_after(stage)]
     best_of_n_tokens = sum(runs[i][p][0] for i in sampling for p in range(len(problems))) / len(problems)
     budget = budget_share * best_of_n_tokens
     paths = running_best(runs)
@@ -73,7 +81,7 @@ def _calibrate_for_budget(value_model, policy, problems: list, budget_share: flo
     best = None
     for accept in grid + [float("inf")]:
         for give_up in [None] + [g for g in grid[:30] if g < accept]:
-            accuracy, tokens = replay_adaptive(paths, sampling, accept, give_up)
+            accuracy, tokens = replay_adaptive(paths, escalations, accept, give_up)
             within = tokens <= budget
             key = (within, accuracy if within else -tokens, -tokens)  # over budget everywhere: the cheapest
             if best is None or key > best[0]:
@@ -104,16 +112,16 @@ def running_best(runs: list[list[tuple[int, list[tuple[float, bool]]]]]) -> list
     return out
 
 
-def replay_adaptive(paths: list[list[tuple[float, float, bool]]], sampling: list[int], accept: float,
+def replay_adaptive(paths: list[list[tuple[float, float, bool]]], escalations: list[int], accept: float,
                     give_up: float | None) -> tuple[float, float]:
     """Adaptive search replayed on candidates found in advance (running_best's paths): (accuracy, mean tokens) when
-    a problem stops at the first stage whose best candidate so far is valued at least `accept`, or, after a
-    sampling stage, under `give_up`."""
+    a problem stops at the first stage whose best candidate so far is valued at least `accept`, or, after one of
+    the `escalations` stages (repairs and samples), under `give_up`."""
     right = tokens = 0
-    sampling = set(sampling)
+    escalations = set(escalations)
     for path in paths:
         for s, (spent, top, top_right) in enumerate(path):
-            if top >= accept or s == len(path) - 1 or (give_up is not None and s in sampling and top < give_up):
+            if top >= accept or s == len(path) - 1 or (give_up is not None and s in escalations and top < give_up):
                 break
         right += top_right
         tokens += spent

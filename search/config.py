@@ -54,8 +54,11 @@ class SearchConfig:
     accept_score: float | None = field(default=None, metadata={
         "help": "adaptive: a stage's best answer is kept when the scorer gives it at least this, else the next stage "
                 "runs (unset: the threshold calibrated with the version's value model)"})
+    repairs: int = field(default=6, metadata={
+        "help": "adaptive: repairs of an untrusted greedy answer before sampling, each its next least confident token "
+                "changed and the rest decoded greedily (a repair costs only the tokens after its change)"})
     give_up_score: float | None = field(default=None, metadata={
-        "help": "adaptive: after a sampling stage, a problem whose best answer scores under this stops there (more "
+        "help": "adaptive: after a repair or sampling stage, a problem whose best answer scores under this stops there (more "
                 "samples rarely find what the first ones did not come near); unset: the calibrated one with a "
                 "calibrated accept_score, else never"})
     scorer: str | None = field(default=None, metadata={
@@ -81,7 +84,7 @@ class SearchConfig:
         traits = traits_of(self.strategy)
         # sizes are bounded so that no configuration (a job's JSON included) can ask for unbounded work or memory
         limits = {"n": 4096, "max_new_tokens": 32768, "max_rows": 65536, "beams": 256, "children": 256,
-                  "simulations": 10000, "max_step_tokens": 1024, "groups": 256}
+                  "simulations": 10000, "max_step_tokens": 1024, "groups": 256, "repairs": 1024}
         for name, high in limits.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -109,6 +112,8 @@ class SearchConfig:
             raise ValueError(f"c_puct must be >= 0 (got {self.c_puct})")
         if self.n < 1:
             raise ValueError(f"n must be at least 1 (got n={self.n})")
+        if self.repairs < 0:
+            raise ValueError(f"repairs must be at least 0 (got repairs={self.repairs})")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (got {self.temperature})")
         if self.max_new_tokens < 1:

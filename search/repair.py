@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from search.decoder import Decoder
-from search.prompt_format import formatted_problems
+from search.prompt_format import PromptFormat, formatted_problems
 from search.types import Candidate, SearchPolicy, SearchResult, confidence
 from tasks import Problem, verify
 
@@ -41,12 +41,14 @@ def _right_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor
 
 @torch.inference_mode()
 def branch_points(policy: SearchPolicy, problems: list[Problem], answers: list[Candidate],
-                  starts: list[int] | None = None) -> list[list[Branch]]:
+                  starts: list[int] | None = None, fmt: PromptFormat | None = None) -> list[list[Branch]]:
     """Each answer's branches at its tokens from `starts` on (default: all), smallest margin first: one batched
     forward over prompt + answer (+ EOS where it finished: a branch there goes on instead of stopping). Special
-    tokens (EOS, padding) are never the other token."""
+    tokens (EOS, padding) are never the other token. `fmt`: how the prompts are put to the policy (default: the
+    version's own format; a search whose problems are already formatted passes raw)."""
     decoder = Decoder(policy.model, policy.tokenizer)
-    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, policy.prompt_format, policy.tokenizer)])
+    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, fmt or policy.prompt_format,
+                                                                   policy.tokenizer)])
     # a finished answer's last step chose EOS: stopping there can be the mistake too (a word cut short)
     chosen_lists = [a.token_ids + ([decoder.eos] if a.finished else []) for a in answers]
     ids, mask = _right_padded([p + c for p, c in zip(prompts, chosen_lists)], decoder.pad, decoder.device)
@@ -74,11 +76,12 @@ def branch_points(policy: SearchPolicy, problems: list[Problem], answers: list[C
 
 
 def repair(policy: SearchPolicy, problems: list[Problem], branches: list[Branch], max_new_tokens: int,
-           strategy: str = "repair") -> list[SearchResult]:
+           strategy: str = "repair", fmt: PromptFormat | None = None) -> list[SearchResult]:
     """Each problem's answer from its branch: the prefix, the other token, then greedy decoding to the end. The
     candidate's log-probs are the model's own over the whole answer; its tokens count only what was decoded."""
     decoder = Decoder(policy.model, policy.tokenizer)
-    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, policy.prompt_format, policy.tokenizer)])
+    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, fmt or policy.prompt_format,
+                                                                   policy.tokenizer)])
     heads = [list(b.prefix) + [b.token] for b in branches]
     budgets = [max(1, max_new_tokens - len(h)) for h in heads]
     # one batch decoded to the longest budget; a row past its own budget is cut there, as if it had stopped

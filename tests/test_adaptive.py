@@ -1,4 +1,4 @@
-"""Adaptive search: greedy first, best-of-N and MCTS only for the problems whose answer the scorer does not trust;
+"""Adaptive search: greedy first, repairs, best-of-N and MCTS only for the problems whose answer the scorer does not trust;
 every stage's spending and reason recorded; the threshold calibrated from held-out verdicts; refused without one."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from tasks import get_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CFG = dict(strategy="adaptive", scorer="mean_logprob", n=8, simulations=3, children=2, max_new_tokens=6)
+REPAIRS = ["repair_1", "repair_2", "repair_3"]
+CFG = dict(strategy="adaptive", scorer="mean_logprob", n=8, simulations=3, children=2, max_new_tokens=6, repairs=3)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_trusted_greedy_answers_stop_there_and_untrusted_ones_escalate(policy):
             assert [s["stage"] for s in r.stages] == ["greedy"] and first["why"].startswith("kept")
             assert r.generated_tokens == g.generated_tokens and r.best.token_ids == g.best.token_ids
         else:
-            assert [s["stage"] for s in r.stages][:2] == ["greedy", "best_of_2"]  # two samples first
+            assert [s["stage"] for s in r.stages][:2] == ["greedy", "repair_1"]  # a repair first
             assert first["why"].startswith("escalated")
             assert r.generated_tokens == sum(s["tokens"] for s in r.stages) > g.generated_tokens
             # the greedy answer stays a candidate: a later stage can only find a better-scored one
@@ -66,7 +67,7 @@ def test_samples_come_in_doubling_steps_that_add_up_to_n():
 def test_an_unreachable_threshold_runs_every_stage_and_says_so(policy):
     results = run_search(PROBLEMS[:3], SearchConfig(**CFG, accept_score=1.0), policy)  # mean log-prob <= 0
     for r in results:
-        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_2", "best_of_8", "mcts"]
+        assert [s["stage"] for s in r.stages] == ["greedy", *REPAIRS, "best_of_2", "best_of_8", "mcts"]
         assert r.stages[-1]["why"].startswith("last stage")
         assert r.forward_passes == sum(s["forward_passes"] for s in r.stages)
 
@@ -102,8 +103,8 @@ def test_a_queue_job_with_adaptive_search_reports_what_it_spent_and_why(tmp_path
     out = run_job(store, job, PolicyCache(registry).get, "t")
     assert out["status"] == "done", out
     (round0,) = out["result"]["tried"]
-    assert [s["stage"] for s in round0["stages"]] == ["greedy", "best_of_2", "best_of_8", "mcts"]
-    assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated", "escalated", "escalated", "last stage"]
+    assert [s["stage"] for s in round0["stages"]] == ["greedy", *REPAIRS, "best_of_2", "best_of_8", "mcts"]
+    assert [s["why"].split(":")[0] for s in round0["stages"]] == ["escalated"] * 6 + ["last stage"]
     assert out["result"]["spent"]["tokens"] == round0["tokens"] == sum(s["tokens"] for s in round0["stages"])
 
 
@@ -199,5 +200,27 @@ def test_a_budget_calibration_stores_both_scores_and_adaptive_gives_up_by_them(p
     results = run_search(PROBLEMS[:4], SearchConfig(strategy="adaptive", n=8, temperature=1.0, max_new_tokens=6,
                                                     scorer="mean_logprob", accept_score=1.0, give_up_score=1.0), policy)
     for r in results:
-        assert [s["stage"] for s in r.stages] == ["greedy", "best_of_2"]
+        assert [s["stage"] for s in r.stages] == ["greedy", "repair_1"]  # a repair is an escalation like samples
         assert r.stages[-1]["why"].startswith("gave up")
+    no_repairs = run_search(PROBLEMS[:4], SearchConfig(strategy="adaptive", n=8, temperature=1.0, max_new_tokens=6,
+                                                       scorer="mean_logprob", accept_score=1.0, give_up_score=1.0,
+                                                       repairs=0), policy)
+    assert all([s["stage"] for s in r.stages] == ["greedy", "best_of_2"] for r in no_repairs)
+
+
+def test_repair_stages_change_the_greedy_answer_at_its_least_confident_tokens_in_turn(policy):
+    from search.repair import branch_points, repair
+
+    greedy = run_search(PROBLEMS[:4], SearchConfig(strategy="greedy", max_new_tokens=6), policy)
+    results = run_search(PROBLEMS[:4], SearchConfig(strategy="adaptive", scorer="mean_logprob", accept_score=1.0,
+                                                    repairs=2, n=2, simulations=1, max_new_tokens=6), policy)
+    branches = branch_points(policy, PROBLEMS[:4], [g.best for g in greedy])
+    for k in (1, 2):
+        expected = repair(policy, PROBLEMS[:4], [b[k - 1] for b in branches], 6)
+        for r, e, b in zip(results, expected, branches):
+            stage = r.stages[k]
+            assert stage["stage"] == f"repair_{k}"
+            # a repair decodes only what follows its change: the answer's tokens before it are reused
+            assert stage["tokens"] == e.generated_tokens <= len(e.best.token_ids) - b[k - 1].position
+            assert any(c.token_ids == e.best.token_ids for c in r.candidates)
+    assert all(b[0].margin <= b[1].margin for b in branches)
