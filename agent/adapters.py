@@ -83,7 +83,8 @@ def lora_config(cfg, model):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_scale_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules or lora_targets(model)), task_type="CAUSAL_LM")
+                      use_dora=cfg.lora_dora, target_modules=list(cfg.lora_target_modules or lora_targets(model)),
+                      task_type="CAUSAL_LM")
 
 
 @contextlib.contextmanager
@@ -206,6 +207,10 @@ def _adapter_tensors(model) -> dict:
         tag = f".{name}."
         tensors = {key.replace(tag, "."): param for key, param in model.named_parameters()
                    if tag in key and (".lora_A." in key or ".lora_B." in key)}
+        # DoRA's magnitudes: peft saves `...lora_magnitude_vector` for the parameter `...lora_magnitude_vector.<name>.weight`
+        magnitude = f".lora_magnitude_vector.{name}.weight"
+        tensors.update({key.removesuffix(magnitude) + ".lora_magnitude_vector": param
+                        for key, param in model.named_parameters() if key.endswith(magnitude)})
         held = (name, tensors)
         model.__dict__["_arbor_adapter_tensors"] = held
     return held[1]

@@ -105,6 +105,28 @@ def test_an_adapter_of_other_shapes_is_not_copied_in_place(versions):
     assert adapters._same_shape_weights(held.model, registry.folder("v2")) is not None
 
 
+def test_dora_versions_keep_their_magnitudes_and_swap_in_place(tmp_path):
+    registry = PolicyRegistry(tmp_path / "policies", Store(f"sqlite:///{tmp_path / 'arbor.db'}"))
+    model, tok = build_builtin_policy(TINY)
+    registry.promote(registry.save(model, tok, parent=None, trained_on={}), {})
+    dora = replace(LORA, lora_dora=True)
+    first = _fine_tuned(registry.load("v0").model, tok, dora)
+    registry.save(first, tok, parent="v0", trained_on={})
+    second = _fine_tuned(first, tok, dora)
+    registry.save(second, tok, parent="v1", trained_on={})
+    held = registry.load("v1")
+    assert held.model.peft_config[held.model.active_adapter].use_dora
+    assert torch.equal(_logits(held.model, tok), _logits(first, tok))
+    # a magnitude per adapted layer is part of what a swap writes
+    magnitudes = [k for k in adapters._adapter_tensors(held.model) if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == TINY.num_layers * len(PROJECTIONS)
+    assert adapters._same_shape_weights(held.model, registry.folder("v2")) is not None
+    swapped = adapters.swap_adapter(held, registry.folder("v2"), "v2")
+    assert swapped.model is held.model and swapped.version == "v2"
+    assert torch.equal(_logits(swapped.model, tok), _logits(second, tok))
+    assert not torch.equal(_logits(first, tok), _logits(second, tok))
+
+
 def test_a_worker_holding_the_base_version_goes_over_it_without_a_second_load(versions, monkeypatch):
     _, registry, _ = versions
     monkeypatch.setattr(adapters, "BASES", adapters._Bases())

@@ -45,3 +45,15 @@ def test_search_problems_file(model_dir, tmp_path):
     assert [r["prompt"] for r in rows] == ["1+2=", "12+34="] and all(r["verified"] is False for r in rows)
     bad = CliRunner().invoke(app, ["search", "--model", str(model_dir), "--strategy", "nope", "--prompt", "1+1="])
     assert bad.exit_code != 0 and "unknown strategy" in bad.output
+
+
+def test_adaptive_search_takes_its_repairs_from_the_command_line(model_dir):
+    # an accept score no answer reaches (mean log-prob <= 0 < 1): every stage runs, the repairs first
+    args = ["search", "--model", str(model_dir), "--strategy", "adaptive", "--scorer", "mean_logprob",
+            "--accept-score", "1", "--repairs", "2", "--n", "2", "--simulations", "1", "--children", "2",
+            "--prompt", "12+34=", "--max-new-tokens", "5", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output.strip().splitlines()[-1])
+    assert [s["stage"] for s in row["stages"]] == ["greedy", "repair_1", "repair_2", "best_of_2", "mcts"]
+    assert row["generated_tokens"] == sum(s["tokens"] for s in row["stages"])

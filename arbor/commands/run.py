@@ -68,6 +68,7 @@ def run(
     # a cycle's SFT and DPO fine-tunes alike (one candidate); the warm start trains a full model
     adapter: str = option(LOOP.train, "adapter"),
     lora_rank: int = option(LOOP.train, "lora_rank"),
+    lora_dora: bool = option(LOOP.train, "lora_dora"),
     gradient_checkpointing: bool = option(LOOP.train, "gradient_checkpointing"),
     gradient_accumulation_steps: int = option(LOOP.train, "gradient_accumulation_steps"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
@@ -102,7 +103,8 @@ def run(
             raise typer.Exit(2)
         when = (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
         changes = {field: value for name, field, value in when if name in given}
-    fine_tune = dict(adapter=adapter, lora_rank=lora_rank, gradient_checkpointing=gradient_checkpointing,
+    fine_tune = dict(adapter=adapter, lora_rank=lora_rank, lora_dora=lora_dora,
+                     gradient_checkpointing=gradient_checkpointing,
                      gradient_accumulation_steps=gradient_accumulation_steps)
     try:
         cfg = replace(

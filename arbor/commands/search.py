@@ -65,6 +65,7 @@ def search_command(
     max_step_tokens: int = option(CLI_SEARCH, "max_step_tokens"),
     scorer: Optional[str] = option(CLI_SEARCH, "scorer"),
     accept_score: Optional[float] = option(CLI_SEARCH, "accept_score"),
+    repairs: int = option(CLI_SEARCH, "repairs"),
     use_verifier: bool = option(CLI_SEARCH, "use_verifier"),
     seed: int = option(CLI_SEARCH, "seed"),
     recycling: bool = option(CLI_SEARCH, "recycling"),
@@ -102,7 +103,7 @@ def search_command(
             use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
             diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
             simulations=simulations, c_puct=c_puct, scorer=scorer, accept_score=accept_score,
-            keep_tree=tree is not None, recycling=recycling, memory=memory, prompt_format=prompt_format,
+            repairs=repairs, keep_tree=tree is not None, recycling=recycling, memory=memory, prompt_format=prompt_format,
             system_prompt=system_prompt,
         )
         settings = load_settings(device=device, dtype=dtype)
