@@ -4,7 +4,8 @@ A policy's confident mistake is usually one wrong step (a carry in addition) tha
 from: the model's margin there, log p(chosen) - log p(best other token), is small. `branch_points` scores every
 token of an answer by that margin in one teacher-forced forward pass; `repair` takes a branch (the answer's tokens
 before it, the other token at it) and decodes the rest greedily, so one repair costs the tokens after the branch.
-Refinement (agent/refine.py) tries a rejected answer's branches in order of margin.
+Refinement (agent/refine.py) tries a rejected answer's branches in order of margin, and so does adaptive search
+(search/adaptive.py) with an untrusted greedy answer before it samples.
 """
 
 from __future__ import annotations
