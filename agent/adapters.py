@@ -207,7 +207,7 @@ def _adapter_tensors(model) -> dict:
         tag = f".{name}."
         tensors = {key.replace(tag, "."): param for key, param in model.named_parameters()
                    if tag in key and (".lora_A." in key or ".lora_B." in key)}
-        # DoRA's magnitudes: peft saves `...lora_magnitude_vector` for the parameter `...lora_magnitude_vector.<name>.weight`
+        # DoRA's magnitudes: parameter `...lora_magnitude_vector.<name>.weight`, saved as `...lora_magnitude_vector`
         magnitude = f".lora_magnitude_vector.{name}.weight"
         tensors.update({key.removesuffix(magnitude) + ".lora_magnitude_vector": param
                         for key, param in model.named_parameters() if key.endswith(magnitude)})

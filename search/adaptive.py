@@ -85,14 +85,10 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
     for stage, stage_cfg in plan:
         if not pending:
             break
-        if stage.startswith(REPAIR):
-            found, known = repair_stage(int(stage.removeprefix(REPAIR)), [problems[i] for i in pending],
-                                        [greedy_answers[i] for i in pending], [branches[i] for i in pending],
-                                        stage_cfg, policy)
-            for i, b in zip(pending, known):
-                branches[i] = b
-        else:
-            found = RUN[stage_cfg.strategy]([problems[i] for i in pending], stage_cfg, policy)
+        found, known = run_stage(stage, stage_cfg, [problems[i] for i in pending], policy,
+                                 [greedy_answers[i] for i in pending], [branches[i] for i in pending])
+        for i, b in zip(pending, known):
+            branches[i] = b
         for i, r in zip(pending, found):
             merged[i] = r if merged[i] is None else _joined(merged[i], r)
             if stage == "greedy":
@@ -116,6 +112,15 @@ def adaptive(problems: list[Problem], cfg: SearchConfig, policy: SearchPolicy) -
     for r in merged:
         r.strategy = "adaptive"
     return merged
+
+
+def run_stage(stage: str, cfg: SearchConfig, problems: list[Problem], policy: SearchPolicy, greedy_answers: list,
+              branches: list) -> tuple[list[SearchResult], list]:
+    """One stage's results for `problems`, and the greedy answers' branches (a repair stage finds those it needs;
+    `greedy_answers` and `branches` are per problem, unused before the first repair)."""
+    if stage.startswith(REPAIR):
+        return repair_stage(int(stage.removeprefix(REPAIR)), problems, greedy_answers, branches, cfg, policy)
+    return RUN[cfg.strategy](problems, cfg, policy), branches
 
 
 def may_give_up_after(stage: str) -> bool:

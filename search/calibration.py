@@ -54,18 +54,14 @@ def _final_values(value_model, policy, problems: list, candidates: list[list]) -
 
 def _calibrate_for_budget(value_model, policy, problems: list, budget_share: float, cfg: SearchConfig,
                           max_new_tokens: int) -> dict:
-    from search.adaptive import REPAIR, RUN, may_give_up_after, repair_stage, stages
+    from search.adaptive import may_give_up_after, run_stage, stages
 
     plan = stages(replace(cfg, max_new_tokens=max_new_tokens, accept_score=0.0))
     shown = formatted_problems(problems, policy.prompt_format, policy.tokenizer)  # as run_search shows them
     # per stage, per problem: (tokens spent, [(value, right) of each candidate])
-    runs, greedy_answers, branches = [], None, [None] * len(problems)
+    runs, greedy_answers, branches = [], [None] * len(problems), [None] * len(problems)
     for stage, stage_cfg in plan:
-        if stage.startswith(REPAIR):
-            found, branches = repair_stage(int(stage.removeprefix(REPAIR)), shown, greedy_answers, branches,
-                                           stage_cfg, policy)
-        else:
-            found = RUN[stage_cfg.strategy](shown, stage_cfg, policy)
+        found, branches = run_stage(stage, stage_cfg, shown, policy, greedy_answers, branches)
         if stage == "greedy":
             greedy_answers = [r.best for r in found]
         values = _final_values(value_model, policy, problems, [r.candidates for r in found])

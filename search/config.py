@@ -58,8 +58,8 @@ class SearchConfig:
         "help": "adaptive: repairs of an untrusted greedy answer before sampling, each its next least confident token "
                 "changed and the rest decoded greedily (a repair costs only the tokens after its change)"})
     give_up_score: float | None = field(default=None, metadata={
-        "help": "adaptive: after a repair or sampling stage, a problem whose best answer scores under this stops there (more "
-                "samples rarely find what the first ones did not come near); unset: the calibrated one with a "
+        "help": "adaptive: after a repair or sampling stage, a problem whose best answer scores under this stops "
+                "there (more rarely finds what the first ones did not come near); unset: the calibrated one with a "
                 "calibrated accept_score, else never"})
     scorer: str | None = field(default=None, metadata={
         "help": "how candidates are ranked, e.g. mean_logprob, min_logprob, neg_entropy, value, value+mean_logprob, "

@@ -1,5 +1,6 @@
-"""Adaptive search: greedy first, repairs, best-of-N and MCTS only for the problems whose answer the scorer does not trust;
-every stage's spending and reason recorded; the threshold calibrated from held-out verdicts; refused without one."""
+"""Adaptive search: greedy first; repairs, best-of-N and MCTS only for the problems whose answer the scorer does not
+trust; every stage's spending and reason recorded; the threshold calibrated from held-out verdicts; refused without
+one."""
 
 from __future__ import annotations
 

@@ -103,8 +103,8 @@ def search_command(
             use_verifier=use_verifier, seed=seed, beams=beams, length_penalty=length_penalty, groups=groups,
             diversity_penalty=diversity_penalty, max_step_tokens=max_step_tokens, children=children,
             simulations=simulations, c_puct=c_puct, scorer=scorer, accept_score=accept_score,
-            repairs=repairs, keep_tree=tree is not None, recycling=recycling, memory=memory, prompt_format=prompt_format,
-            system_prompt=system_prompt,
+            repairs=repairs, keep_tree=tree is not None, recycling=recycling, memory=memory,
+            prompt_format=prompt_format, system_prompt=system_prompt,
         )
         settings = load_settings(device=device, dtype=dtype)
         if read_base(model) is not None:  # a LoRA adapter version's folder: over its base
