@@ -293,7 +293,7 @@ def trainer_memory(adapter: str, model_dir: Path, problems: Path, cfg: BenchConf
     steps on the task's answers (the process's own peak, after it loaded the model, and the difference)."""
     out = subprocess.run([sys.executable, "-m", "bench.adapters", "--memory-probe", adapter, "--model", str(model_dir),
                           "--problems", str(problems), "--probe-steps", str(cfg.memory_steps),
-                          "--lora-rank", str(cfg.lora_rank)] + ["--lora-dora"] * cfg.lora_dora,
+                          "--lora-rank", str(cfg.lora_rank)] + ["--dora"] * cfg.lora_dora,
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"memory probe {adapter} failed: {out.stderr.strip().splitlines()[-1:]}")
@@ -396,7 +396,6 @@ def main() -> None:
     parser.add_argument("--budget", type=float, help="seconds per arm (--time-budget of each `arbor run`)")
     parser.add_argument("--lora-rank", type=int)
     parser.add_argument("--dora", action="store_true", help="the LoRA arm trains DoRA adapters (arbor run --lora-dora)")
-    parser.add_argument("--lora-dora", action="store_true", help=argparse.SUPPRESS)  # the memory probe's
     parser.add_argument("--pretrain-seconds", type=float)
     parser.add_argument("--work", type=Path, default=Path("/tmp/arbor-bench-adapters"))
     parser.add_argument("--out", type=Path)
@@ -408,7 +407,7 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        memory_probe(args.memory_probe, args.model, args.problems, args.probe_steps, args.lora_rank, args.lora_dora)
+        memory_probe(args.memory_probe, args.model, args.problems, args.probe_steps, args.lora_rank, args.dora)
         return
 
     cfg = BenchConfig(**(QUICK if args.quick else {}), lora_dora=args.dora)

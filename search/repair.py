@@ -40,6 +40,13 @@ def _right_padded(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
+def _encoded_prompts(decoder: Decoder, policy: SearchPolicy, problems: list[Problem],
+                     fmt: PromptFormat | None) -> list[list[int]]:
+    """The problems' prompts as token ids, in `fmt` (default: the version's own format)."""
+    return decoder.encode([p.prompt for p in formatted_problems(problems, fmt or policy.prompt_format,
+                                                                policy.tokenizer)])
+
+
 @torch.inference_mode()
 def branch_points(policy: SearchPolicy, problems: list[Problem], answers: list[Candidate],
                   starts: list[int] | None = None, fmt: PromptFormat | None = None) -> list[list[Branch]]:
@@ -48,8 +55,7 @@ def branch_points(policy: SearchPolicy, problems: list[Problem], answers: list[C
     tokens (EOS, padding) are never the other token. `fmt`: how the prompts are put to the policy (default: the
     version's own format; a search whose problems are already formatted passes raw)."""
     decoder = Decoder(policy.model, policy.tokenizer)
-    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, fmt or policy.prompt_format,
-                                                                   policy.tokenizer)])
+    prompts = _encoded_prompts(decoder, policy, problems, fmt)
     # a finished answer's last step chose EOS: stopping there can be the mistake too (a word cut short)
     chosen_lists = [a.token_ids + ([decoder.eos] if a.finished else []) for a in answers]
     ids, mask = _right_padded([p + c for p, c in zip(prompts, chosen_lists)], decoder.pad, decoder.device)
@@ -81,8 +87,7 @@ def repair(policy: SearchPolicy, problems: list[Problem], branches: list[Branch]
     """Each problem's answer from its branch: the prefix, the other token, then greedy decoding to the end. The
     candidate's log-probs are the model's own over the whole answer; its tokens count only what was decoded."""
     decoder = Decoder(policy.model, policy.tokenizer)
-    prompts = decoder.encode([p.prompt for p in formatted_problems(problems, fmt or policy.prompt_format,
-                                                                   policy.tokenizer)])
+    prompts = _encoded_prompts(decoder, policy, problems, fmt)
     heads = [list(b.prefix) + [b.token] for b in branches]
     budgets = [max(1, max_new_tokens - len(h)) for h in heads]
     # one batch decoded to the longest budget; a row past its own budget is cut there, as if it had stopped
