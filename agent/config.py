@@ -123,9 +123,9 @@ class SelectConfig:
     # -> 0.14 at 6 from a warm start) but let the policy's correlated mistakes through (split's precision in the loop
     # 0.96-0.99, against 0.99-1.00 for the majority answer alone)
     checked_min_share: float | None = field(default=None, metadata={
-        "help": "label_free, tasks with label checks: every answer with at least this support goes to the checks, most "
-                "supported first, and the first that passes all of them is the label (unset: the majority answer only, "
-                "when it reaches min_vote_share)"})
+        "help": "label_free, tasks with label checks or a min_value: every answer with at least this support goes to "
+                "the checks, most supported first, and the first that passes all of them is the label (unset: the "
+                "majority answer only, when it reaches min_vote_share)"})
     calibration_quantile: float | None = field(default=0.1, metadata={
         "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
                 "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
@@ -140,6 +140,9 @@ class SelectConfig:
     proposal_mastery: float = field(default=0.98, metadata={
         "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric "
                 "reaches this"})
+    min_value: float | None = field(default=None, metadata={
+        "help": "label_free: keep a label only if the current version's value model gives it at least this "
+                "probability of being right (needs --value-model; unset: filter off)"})
     given_answers: bool = field(default=True, metadata={
         "help": "verifier: a problem none of whose candidates verified trains on its own answer (exact checker only)"})
 
@@ -318,6 +321,12 @@ class LoopConfig:
         "help": "each cycle's value-model training (a tuned trunk continues from the current version's)"})
     value_replay_fraction: float = field(default=0.5, metadata={
         "help": "earlier cycles' labelled candidates in the value model's data, as a share of this cycle's"})
+    value_demonstrations: int = field(default=256, metadata={
+        "help": "label-free, tasks without label checks: demonstrations the value model learns from each cycle, "
+                "against the policy's own different answers to them"})
+    value_branches: int = field(default=2, metadata={
+        "help": "... and per demonstration, answers that leave it at its least confident tokens (the likeliest "
+                "mistakes)"})
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig, metadata={"help": "the warm start"})
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig, metadata={"help": "shape of a new built-in policy"})
     seed: int = field(default=0, metadata={"help": "seed of problem generation and sampling"})
@@ -329,6 +338,9 @@ class LoopConfig:
 
     def __post_init__(self):
         self.chosen_prompt_format(RAW)  # ValueError names what is wrong
+        if self.select.min_value is not None and not self.value_model:
+            raise ValueError("select.min_value filters labels by the version's value model: turn on value_model "
+                             "(--value-model) or leave min_value unset")
         if self.train_method not in TRAIN_METHODS:
             raise ValueError(f"train_method must be one of {', '.join(TRAIN_METHODS)} (got {self.train_method!r})")
         if self.train_method == "sft+dpo" and self.train.adapter != self.preference.adapter:

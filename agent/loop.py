@@ -28,7 +28,8 @@ from agent.refine import shows_history, sibling_examples
 from agent.select import memoized, select
 from agent.job_search import trajectory_rows
 from agent.store import Store
-from agent.value_cycle import labelled_candidates, train_cycle_value
+from agent.value_cycle import (ValueCycle, demonstration_candidates, labelled_candidates, learns_from_demonstrations,
+                                train_cycle_value)
 from search import SearchConfig, run_search
 
 
@@ -213,7 +214,18 @@ class SelfImprovementLoop:
         solve = memoized(greedy_solver(current, search_cfg))
         # what proposals trust is judged by the current policy's own evaluation, never by the curriculum's older scores
         # of lengths no longer evaluated (agent/select.py mastered_up_to)
-        selection = select(results, self.task, cfg.select, solve, confidences, evaluation.metric)
+        value_model = getattr(current, "value_model", None)
+        if cfg.select.min_value is not None and value_model is None and self._from_demonstrations():
+            # a first judge for the filter, from the demonstrations, kept beside the version it judges (a resume loads it)
+            t_value = time.monotonic()
+            first_rows = self._demonstration_rows(current, cycle)
+            first = self._train_value(current, current, first_rows, cycle, evaluation)
+            if first.model is not None:
+                save_value(self.registry, current.version, first.model)
+            current.value_model = value_model = first.model
+            self.value_rows += first_rows
+            seconds["value"] = time.monotonic() - t_value
+        selection = select(results, self.task, cfg.select, solve, confidences, evaluation.metric, value_model)
         refinements = (sibling_examples(results, selection.examples, self.task, solve)
                        if cfg.replay_refine_fraction and shows_history(current) else [])
         accepted_ids = {e["problem_id"] for e in selection.examples}
@@ -227,7 +239,7 @@ class SelfImprovementLoop:
             else []
         )
         value_rows = (labelled_candidates(results, selection.examples, self.task, cfg.select.mode)
-                      if cfg.value_model else [])
+                      if cfg.value_model and not self._from_demonstrations() else [])
         return _CycleWork(selection.examples, selection.filters, rows, pairs, refinements,
                           sum(r.generated_tokens for r in results), selection.given, seconds, value_rows)
 
@@ -276,15 +288,10 @@ class SelfImprovementLoop:
         value = None
         if cfg.value_model and verdict.promote:  # a rejected candidate's judge would be pruned with it: not trained
             t = time.monotonic()
-            # calibrated where answers are in doubt: on lengths the policy masters nearly every greedy answer is
-            # right, and a threshold for 95% precision there trusted almost anything (2e-10 in a measured run)
-            keys = self.plan.gate_keys(frontier_index)
-            unmastered = [k for k in keys if evaluation.metric.get(k, 0.0) < cfg.threshold] or keys
-            value = train_cycle_value(current, candidate, work.value_rows, self.value_rows, cfg,
-                                      random.Random(cycle_seed(cfg.seed, cycle)),
-                                      [p for key in unmastered for p in heldout.get(key, [])],
-                                      self.eval_search(heldout).max_new_tokens)
-            seconds["value"] = time.monotonic() - t
+            if self._from_demonstrations():  # the candidate's own answers are the negatives of the judge it gets
+                work.value_rows = self._demonstration_rows(candidate, cycle)
+            value = self._train_value(current, candidate, work.value_rows, cycle, evaluation)
+            seconds["value"] = seconds.get("value", 0.0) + time.monotonic() - t
         self.value_rows += work.value_rows
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
                       "given_answers": work.given, "filters": work.filters, "mode": cfg.select.mode, "run": self.name,
@@ -323,6 +330,27 @@ class SelfImprovementLoop:
         if not promoted:
             self.registry.prune_rejected()
         return outcomes[promoted]
+
+    def _from_demonstrations(self) -> bool:
+        return learns_from_demonstrations(self.task, self.cfg) and bool(self.seed_examples)
+
+    def _demonstration_rows(self, policy: Policy, cycle: int) -> list[dict]:
+        return demonstration_candidates(policy, self.seed_examples, self.task, self.cfg, cycle_seed(self.cfg.seed, cycle))
+
+    def _train_value(self, current: Policy, candidate: Policy, newest: list[dict], cycle: int,
+                     evaluation: Evaluation) -> ValueCycle:
+        """The candidate's value model from `newest` and a replay share of earlier cycles' rows, continuing the current
+        version's and calibrated for adaptive search on the held-out problems the policy does not master yet."""
+        frontier_index = self.curriculum.frontier_index
+        heldout = self.plan.heldout_problems(frontier_index)
+        keys = self.plan.gate_keys(frontier_index)
+        # calibrated where answers are in doubt: on lengths the policy masters nearly every greedy answer is right,
+        # and a threshold for 95% precision there trusted almost anything (2e-10 in a measured run)
+        unmastered = [k for k in keys if evaluation.metric.get(k, 0.0) < self.cfg.threshold] or keys
+        return train_cycle_value(current, candidate, newest, self.value_rows, self.cfg,
+                                 random.Random(cycle_seed(self.cfg.seed, cycle)),
+                                 [p for key in unmastered for p in heldout.get(key, [])],
+                                 self.eval_search(heldout).max_new_tokens)
 
     def _state(self, evaluation: Evaluation) -> dict:
         """What a resume needs besides the record: the curriculum's metrics and the current policy's evaluation."""

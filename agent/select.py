@@ -136,18 +136,20 @@ class ConfidenceFloor:
         return [p for p in items if p.confidence >= self.floor]
 
 
-class TaskCheck:
-    """One of the task's own label checks (tasks/: invariances, decompositions) as a filter stage. Every contender
-    of a problem is checked (one batch); those that fail drop out, and the label is the best supported survivor."""
+class ContenderCheck:
+    """A filter stage that judges every contender of every problem in one batch (`verdicts`); those that fail drop
+    out, and the label is the best supported survivor."""
 
-    def __init__(self, name: str, check):
-        self.name, self.check = name, check
+    name = "check"
+
+    def verdicts(self, pending: list[tuple[Pseudo, tuple[str, str, float, float]]], solve: Solve) -> list[bool]:
+        raise NotImplementedError
 
     def __call__(self, items: list[Pseudo], task: Task, solve: Solve) -> list[Pseudo]:
         if not items:
             return []
         pending = [(p, c) for p in items for c in (p.contenders or [(p.answer, p.completion, p.share, p.confidence)])]
-        passed = self.check([p.result.problem for p, _ in pending], [c[0] for _, c in pending], solve)
+        passed = self.verdicts(pending, solve)
         if len(passed) != len(pending):
             raise RuntimeError(f"label check {self.name!r} returned {len(passed)} verdicts for {len(pending)} answers")
         survivors: dict[int, list] = {}
@@ -161,6 +163,29 @@ class TaskCheck:
                 p.choose(survivors[id(p)][0])
                 kept.append(p)
         return kept
+
+
+class TaskCheck(ContenderCheck):
+    """One of the task's own label checks (tasks/: invariances, decompositions) on each contender's answer."""
+
+    def __init__(self, name: str, check):
+        self.name, self.check = name, check
+
+    def verdicts(self, pending, solve):
+        return self.check([p.result.problem for p, _ in pending], [c[0] for _, c in pending], solve)
+
+
+class ValueFloor(ContenderCheck):
+    """The value model's probability that a contender's completion is right is at least `floor`."""
+
+    name = "value"
+
+    def __init__(self, value_model, floor: float):
+        self.value_model, self.floor = value_model, floor
+
+    def verdicts(self, pending, solve):
+        values = self.value_model.score([p.result.problem.prompt for p, _ in pending], [c[1] for _, c in pending])
+        return [v[-1] >= self.floor for v in values]
 
 
 class ProposedLabels:
@@ -252,17 +277,19 @@ def calibrated_floor(mastered_confidences: list[float], quantile: float | None) 
 
 
 def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: Solve,
-           mastered_confidences: list[float] | None = None, gate_metric: dict | None = None) -> Selection:
+           mastered_confidences: list[float] | None = None, gate_metric: dict | None = None,
+           value_model=None) -> Selection:
     """`mastered_confidences`: the current policy's greedy confidences on held-out problems of mastered difficulties,
     which calibrate the confidence filter of tasks without label checks (SelectConfig.calibration_quantile).
     `gate_metric`: the current policy's gate metric per difficulty, from its latest evaluation only; label proposals
     use its answers only up to the first evaluated difficulty where it falls short of cfg.proposal_mastery (None:
-    anywhere)."""
+    anywhere). `value_model`: the current version's, which cfg.min_value filters by (None: that filter is off)."""
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
-    checked = cfg.use_task_filters and bool(task.label_checks())
-    filters = [FormatCheck(), VoteShare(cfg.min_vote_share, cfg.checked_min_share if checked else None)]
+    # contenders are worth keeping only for a stage that judges each of them: the task's checks or the value model
+    judged = (cfg.use_task_filters and bool(task.label_checks())) or (cfg.min_value is not None and value_model is not None)
+    filters = [FormatCheck(), VoteShare(cfg.min_vote_share, cfg.checked_min_share if judged else None)]
     if cfg.use_task_filters:
         filters += task_filters(task)
     # a problem's contenders share its sub-problems (the split check's halves), and so do the proposals
@@ -275,6 +302,8 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
         filters.append(ConfidenceFloor(floor, "calibrated_confidence"))
     if cfg.min_confidence is not None:
         filters.append(ConfidenceFloor(cfg.min_confidence))
+    if cfg.min_value is not None and value_model is not None:
+        filters.append(ValueFloor(value_model, cfg.min_value))
     report = []
     everything, total = list(items), len(items)
     for f in filters:
@@ -285,7 +314,7 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
                 "kept": len(items),
                 "kept_fraction": len(items) / total if total else 0.0,
                 "precision": _precision(items, task),
-                **({"floor": f.floor} if isinstance(f, ConfidenceFloor) else {}),
+                **({"floor": f.floor} if isinstance(f, (ConfidenceFloor, ValueFloor)) else {}),
             }
         )
     if proposals_in_use(task, cfg):

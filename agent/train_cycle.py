@@ -136,7 +136,8 @@ def train_from_store(settings, store: Store, registry, cfg=None) -> dict:
     for mode in ("verifier", "label_free"):
         part = [r for r in results if (r.problem.answer is not None) == (mode == "verifier")]
         if part:
-            selection = select(part, task, replace(cfg.select, mode=mode), solve)
+            selection = select(part, task, replace(cfg.select, mode=mode), solve,
+                               value_model=getattr(current, "value_model", None))
             filters[mode], examples = selection.filters, examples + selection.examples
     consumed = [group[0] for group in ids]  # each result's best row: judged by one cycle, never again
     if not examples:

@@ -3,7 +3,9 @@ the current version's), calibrated for adaptive search, saved beside the candida
 
 Labels are the ones the cycle's own selection trusts: in verifier mode the checker's verdict on every finished
 candidate; label-free, agreement with the answer the filters accepted for the problem (problems the filters
-dropped give no labels). Answers of train problems are never read label-free. The calibration reads the held-out
+dropped give no labels). Answers of train problems are never read label-free. A label-free run of a task without
+label checks trusts nothing its own selection accepts (vote share keeps the policy's unanimous mistakes), so its
+value model learns RankGen-style from the demonstrations instead (`demonstration_candidates`). The calibration reads the held-out
 problems' answers, as the run's report does; it sets only the threshold queue jobs escalate at, never a label.
 """
 
@@ -34,6 +36,49 @@ def labelled_candidates(results: list[SearchResult], examples: list[dict], task:
         else:
             judged = []
         rows += [{"prompt": r.problem.prompt, "completion": c.completion, "label": ok} for c, ok in judged]
+    return rows
+
+
+def learns_from_demonstrations(task: Task, cfg: LoopConfig) -> bool:
+    """Whether the run's value model learns from the demonstrations rather than from the cycle's own labels."""
+    return cfg.select.mode == "label_free" and not task.label_checks()
+
+
+def demonstration_candidates(policy: Policy, demos: list[dict], task: Task, cfg: LoopConfig, seed: int) -> list[dict]:
+    """RankGen's data for a judge: demonstrations as right completions against the policy's own different answers
+    to the same prompts as wrong ones, for cfg.value_demonstrations prompts: cfg.search's samples, and
+    cfg.value_branches answers that leave the demonstration where the policy is least sure of it (its runner-up
+    token there, then greedy, as search/repair.py repairs). A policy that has learned its demonstrations samples
+    them back (measured: 0 of 1,024 samples wrong on mirror letters after the warm start), so the branches are the
+    negatives that remain: its likeliest mistakes. Any answer that states the demonstration's answer is right."""
+    from search import SearchConfig, run_search
+    from search.repair import branch_points, repair
+    from search.types import Candidate
+
+    rng = random.Random(seed)
+    chosen = rng.sample(demos, min(len(demos), cfg.value_demonstrations))
+    if not chosen:
+        return []
+    problems = [Problem(prompt=d["prompt"], id=f"demonstration-{i}") for i, d in enumerate(chosen)]
+    encoded = [policy.tokenizer(d["completion"], add_special_tokens=False).input_ids for d in chosen]
+    room = 2 * max(len(ids) for ids in encoded) + 2
+    sampling = SearchConfig(strategy="best_of_n", n=cfg.search.n, temperature=cfg.search.temperature,
+                            max_new_tokens=room, seed=seed)
+    answers = [Candidate(d["completion"], ids, 0.0, 0.0, 0.0, True) for d, ids in zip(chosen, encoded)]
+    branches = branch_points(policy, problems, answers)
+    picked = [(i, b) for i, bs in enumerate(branches) for b in bs[:cfg.value_branches]]
+    branched = repair(policy, [problems[i] for i, _ in picked], [b for _, b in picked], room) if picked else []
+    found: dict[int, list] = {}
+    for (i, _), result in zip(picked, branched):
+        found.setdefault(i, []).extend(result.candidates)
+    for i, result in enumerate(run_search(problems, sampling, policy)):
+        found.setdefault(i, []).extend(result.candidates)
+    rows = []
+    for i, (demo, problem) in enumerate(zip(chosen, problems)):
+        right = task.extract(problem, demo["completion"])
+        rows.append({"prompt": demo["prompt"], "completion": demo["completion"], "label": True})
+        rows += [{"prompt": demo["prompt"], "completion": c.completion,
+                  "label": task.extract(problem, c.completion) == right} for c in found.get(i, []) if c.finished]
     return rows
 
 

@@ -16,6 +16,8 @@ fresh built-in policy:
   answers     the default: every train problem carries an answer, so the run selects with them (verifier mode,
               and a problem none of whose candidates verified trains on its own answer);
   label_free  `--select label_free`: the answers are read only to report each filter's precision.
+  value_filter  label-free with `--value-model --min-value 0.5`: a value model learned RankGen-style from the
+              demonstrations (against the policy's own different answers to them) filters the labels too.
 
 The baseline in the same run is the warm-started policy (cycle 0). Every promoted version is re-evaluated
 greedily on all 300 held-out problems, so each arm's curve is over the same problems at every cycle.
@@ -23,6 +25,7 @@ greedily on all 300 held-out problems, so each arm's curve is over the same prob
     python -m bench.jsonl_family                       # mirror, both arms, 540 s each (warm start included)
     python -m bench.jsonl_family --family rotate --budget 1200
     python -m bench.jsonl_family --arms label_free --budget 300
+    python -m bench.jsonl_family --arms label_free value_filter --out bench/results/jsonl-family-value.json
 
 Prints one JSON object (last line) and writes bench/results/jsonl-family.json and a plot of both curves.
 """
@@ -123,17 +126,20 @@ def heldout_curve(home: Path, report: dict, problems_path: Path) -> list[dict]:
         overall = sum(acc.get(k, 0.0) * n[k] for k in n) / sum(n.values())
         curve.append({"cycle": c["cycle"], "elapsed_s": c["elapsed_s"], "policy": version, "heldout_all": round(overall, 3),
                       "by_length": {k: round(acc.get(k, 0.0), 2) for k in sorted(n, key=int)},
-                      "accepted": c["accepted"], "filters": c["filters"]})
+                      "accepted": c["accepted"], "filters": c["filters"], "seconds": c["seconds"],
+                      **({"value": c["value"]} if c.get("value") else {})})
     return curve
 
 
-def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, seed: int) -> dict:
+def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, seed: int, min_value: float = 0.5) -> dict:
     shutil.rmtree(home, ignore_errors=True)
     base = LoopConfig()
     cfg = replace(base, seed=seed, time_budget_s=budget)
-    if arm == "label_free":
+    if arm in ("label_free", "value_filter"):
         cfg = replace(cfg, select=replace(base.select, mode="label_free"))
-    inputs = RunInputs(demos=demos, problems=problems, run_name=f"jsonl-{arm}", select_given=arm == "label_free")
+    if arm == "value_filter":
+        cfg = replace(cfg, value_model=True, select=replace(cfg.select, min_value=min_value))
+    inputs = RunInputs(demos=demos, problems=problems, run_name=f"jsonl-{arm}", select_given=arm != "answers")
     phases: list[str] = []
 
     def on_event(kind, payload):
@@ -185,7 +191,9 @@ def plot(arms: list[dict], path: Path, family: Family) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", nargs="+", choices=["answers", "label_free"], default=["answers", "label_free"])
+    parser.add_argument("--arms", nargs="+", choices=["answers", "label_free", "value_filter"],
+                        default=["answers", "label_free"])
+    parser.add_argument("--min-value", type=float, default=0.5, help="value_filter: the value floor of a label")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="mirror")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
@@ -196,7 +204,7 @@ def main() -> None:
     family = FAMILIES[args.family]
     out = args.out or RESULTS / ("jsonl-family.json" if args.family == "mirror" else f"jsonl-family-{args.family}.json")
     demos, problems = write_family(args.home / "files", args.seed, args.family)
-    arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed) for arm in args.arms]
+    arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed, args.min_value) for arm in args.arms]
     summary = {"benchmark": "jsonl_family", "family": family.title, "budget_s": args.budget,
                "arms": {a["arm"]: {k: v for k, v in a.items() if k not in ("curve", "arm")} for a in arms}}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -222,6 +222,40 @@ def test_a_resumed_cycle_selects_with_the_same_filters_and_floor_as_the_uninterr
         [(f["name"], f.get("floor"), f["kept"]) for f in first_try["filters"]]
 
 
+def test_a_file_task_without_checks_filters_labels_by_a_judge_learned_from_its_demonstrations(tmp_path, one_torch_thread):
+    """Label-free, no label checks, a value floor: before the first selection the base version gets a value model
+    trained on the demonstrations against its own different answers (kept beside it), the labels pass through its
+    floor, and the promoted candidate's judge learns from the demonstrations against the candidate's answers."""
+    from agent.config import ValueConfig
+    from agent.registry import PolicyRegistry, value_folder
+
+    settings = Settings(home=tmp_path / "home", device="cpu")
+    demos, problems = _files(tmp_path)
+    cfg = tiny(cycles=1, promote_margin=-1.0, value_model=True, value_demonstrations=8,
+               value=ValueConfig(time_budget_s=5.0, trunk_batch=16, epochs=1),
+               search=SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
+               # a floor this tiny judge passes (what a floor keeps and drops: tests/test_value.py)
+               select=SelectConfig(mode="label_free", min_value=1e-4, calibration_quantile=None))
+    run_main(settings, cfg, RunInputs(demos=demos, problems=problems, run_name="r", select_given=True))
+    record = RunStore(Store(settings.db_url)).cycles("r")[1].record
+    stages = [f["name"] for f in record["filters"]]
+    assert stages == ["format", "vote_share", "value"] and record["filters"][-1]["floor"] == 1e-4
+    assert 0 < record["filters"][-1]["kept"] <= record["filters"][-2]["kept"]
+    assert record["accepted"] == record["filters"][-1]["kept"]
+    registry = PolicyRegistry(settings.policies_dir, Store(settings.db_url))
+    base = registry.load("v0")
+    assert base.value_model is not None and value_folder(registry, "v0").is_dir()
+    # 8 demonstrations, each with its right completion, and the samples the policy gave (4 each, finished ones)
+    assert 8 < base.value_model.meta["completions"] <= 8 + 8 * 4
+    assert record["promoted"] and record["value"]["continued_from"] == "v0" and record["seconds"]["value"] > 0
+    assert registry.load("v1").value_model.meta["steps"] > 0
+
+
+def test_a_value_floor_without_a_value_model_is_refused_in_one_line():
+    with pytest.raises(ValueError, match="--value-model"):
+        tiny(select=SelectConfig(mode="label_free", min_value=0.5))
+
+
 def test_rows_are_marked_trained_only_with_their_cycle(tmp_path, monkeypatch, one_torch_thread):
     settings = Settings(home=tmp_path / "home", device="cpu")
     demos, problems = _files(tmp_path)

@@ -225,3 +225,72 @@ def test_value_vote_weighs_each_answer_by_the_value_behind_it():
     assert value_vote(result, get_task("addition")).completion == right
     result.candidates[3].score = result.candidates[4].score = 0.25
     assert value_vote(result, get_task("addition")).completion == wrong
+
+
+def test_the_value_floor_keeps_the_labels_its_judge_trusts_and_falls_back_to_the_next_contender(tiny_policy, trained):
+    """Label-free selection with SelectConfig.min_value: a problem keeps the most supported answer whose completion the
+    value model scores at least the floor; a problem none of whose contenders reaches it is dropped."""
+    from agent.config import SelectConfig
+    from agent.select import select
+    from search.types import SearchResult
+
+    res, labelled, vm = trained
+    task = get_task("addition")
+
+    def wrong_answer(right):
+        return ("1" if right[0] != "1" else "2") + right[1:]
+
+    results, values = [], {}
+    for r in res:
+        wrong, right = wrong_answer(r.problem.answer), r.problem.answer
+        # the wrong answer has the most votes; the right one is the runner-up contender
+        results.append(SearchResult(r.problem, [Candidate(t, [], -0.1, -0.1, 0.0, True) for t in (wrong, wrong, right)],
+                                    "best_of_n", "v"))
+        for text, v in zip((wrong, right), vm.score([r.problem.prompt] * 2, [wrong, right])):
+            values[(r.problem.prompt, text)] = v[-1]
+    # a floor between the two values of a problem whose judge prefers its right answer: the wrong majority falls below
+    # it there and the runner-up takes its place
+    prefers_right = [(values[(r.problem.prompt, wrong_answer(r.problem.answer))], values[(r.problem.prompt, r.problem.answer)])
+                     for r in results]
+    low, high = max(prefers_right, key=lambda pair: pair[1] - pair[0])
+    assert high > low
+    floor = (low + high) / 2
+    cfg = SelectConfig(min_vote_share=0.6, checked_min_share=0.3, use_task_filters=False, use_task_proposals=False,
+                       calibration_quantile=None, min_value=floor)
+    selection = select(results, task, cfg, solve=lambda problems: [""] * len(problems), value_model=vm)
+    stage = selection.filters[-1]
+    assert stage["name"] == "value" and stage["floor"] == floor
+    expected = {}
+    for r in results:
+        trusted = [c for c in (wrong_answer(r.problem.answer), r.problem.answer) if values[(r.problem.prompt, c)] >= floor]
+        if trusted:
+            expected[r.problem.prompt] = trusted[0]
+    assert {e["prompt"]: e["completion"] for e in selection.examples} == expected
+    assert stage["kept"] == len(expected)
+    assert any(expected.get(r.problem.prompt) == r.problem.answer for r in results)  # a runner-up took a majority's place
+    # without a value model the floor is off: the majority (wrong) answer of every problem is kept
+    plain = select(results, task, cfg, solve=lambda problems: [""] * len(problems))
+    assert [f["name"] for f in plain.filters] == ["format", "vote_share"] and plain.filters[-1]["precision"] == 0.0
+
+
+def test_demonstrations_are_the_right_answers_and_the_policys_different_ones_the_wrong(tiny_policy):
+    from dataclasses import replace
+
+    from agent.config import LoopConfig
+    from agent.value_cycle import demonstration_candidates
+    from tasks import Task
+
+    torch.set_num_threads(1)
+    demos = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+    cfg = replace(LoopConfig(), value_demonstrations=3)
+    rows = demonstration_candidates(tiny_policy, demos, Task(), cfg, seed=0)
+    chosen = [r for r in rows if r["completion"] in {d["completion"] for d in demos} and r["label"]]
+    prompts = {r["prompt"] for r in rows}
+    assert len(prompts) == 3  # value_demonstrations prompts, each with its demonstration as a right completion
+    assert {(r["prompt"], r["completion"]) for r in chosen} >= {(d["prompt"], d["completion"]) for d in demos
+                                                                  if d["prompt"] in prompts}
+    answer = {d["prompt"]: d["completion"] for d in demos}
+    assert all(r["label"] == (r["completion"].strip() == answer[r["prompt"]]) for r in rows)
+    # an untrained policy's samples state other answers: the wrong completions the judge learns from
+    assert len(rows) > 3 and any(not r["label"] for r in rows)
+    assert demonstration_candidates(tiny_policy, demos, Task(), cfg, seed=0) == rows  # seeded
