@@ -10,6 +10,7 @@ accuracy and pseudo-label precision. The baseline in the same run is the warm-st
     python -m bench.selfimprove --task reversal --target 8 --seeds 0    # reversal, twice the warm-start length
     python -m bench.selfimprove --mode verifier --target 20 --seeds 0
     python -m bench.selfimprove --sources --target 8 --budget 420 --seeds 0   # the data-source comparison
+    python -m bench.selfimprove --value-model both --seeds 0 1 2       # each seed without, then with a value model
 
 `--sources` compares the loop's data sources (the search that finds each cycle's trajectories, DATA_SOURCES):
 best-of-4, beam, diverse beam and MCTS, each sized to generate about as many tokens per problem. All arms of a
@@ -85,10 +86,11 @@ def shared_warm_start(home: Path, cfg: LoopConfig, task: str) -> tuple[Path, flo
 
 
 def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budget: float, home: Path,
-             source: str | None = None, policy: Path | None = None) -> dict:
-    """One run; from a fresh policy (its warm start in the clock) unless `policy` (a shared warm start) is given."""
+             source: str | None = None, policy: Path | None = None, value_model: bool = False) -> dict:
+    """One run; from a fresh policy (its warm start in the clock) unless `policy` (a shared warm start) is given.
+    `value_model`: the run trains a value model with every promoted candidate (`arbor run --value-model`)."""
     shutil.rmtree(home, ignore_errors=True)
-    cfg = bench_config(mode, seed, target, accuracy, budget, source)
+    cfg = replace(bench_config(mode, seed, target, accuracy, budget, source), value_model=value_model)
 
     def on_event(kind, payload):
         if kind == "cycle":
@@ -106,13 +108,14 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
                       target_reached(target, accuracy))
     cycles = report["cycles"]
     reached = next((c for c in cycles if c["heldout"].get(str(target), 0.0) >= accuracy), None)
-    stem = f"selfimprove-{task}-{mode}" + (f"-{source}" if source else "") + f"-s{seed}"
+    stem = f"selfimprove-{task}-{mode}" + (f"-{source}" if source else "") + ("-value" if value_model else "") + f"-s{seed}"
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(Path(report["run_dir"]) / "learning_curve.png", RESULTS / f"{stem}.png")
     shutil.copy(Path(report["run_dir"]) / "report.md", RESULTS / f"{stem}.md")
     return {
         "seed": seed,
         "source": source or "best_of_n",
+        "value_model": value_model,
         "baseline_warm_start_accuracy_at_target": cycles[0]["heldout"].get(str(target)),
         "final_accuracy_at_target": cycles[-1]["heldout"].get(str(target)),
         "reached": reached is not None,
@@ -142,12 +145,17 @@ def main() -> None:
     parser.add_argument("--policy", type=Path, default=None,
                         help="with --sources and one seed: start every arm from this warm-started policy folder instead of "
                              "a new warm start; runs of other sources already recorded from the same folder are kept")
+    parser.add_argument("--value-model", choices=["off", "on", "both"], default="off",
+                        help="train a value model in the loop: off, on, or both (each seed without, then with)")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-selfimprove"))
     args = parser.parse_args()
     if args.policy is not None and (args.sources is None or len(args.seeds) != 1):
         parser.error("--policy goes with --sources and a single seed")
+    if args.value_model != "off" and args.sources is not None:
+        parser.error("--value-model compares runs of the default data source: leave out --sources")
 
-    stem = f"selfimprove-{args.task}-{args.mode}" + ("-sources" if args.sources is not None else "")
+    stem = (f"selfimprove-{args.task}-{args.mode}" + ("-sources" if args.sources is not None else "")
+            + {"off": "", "on": "-value", "both": "-value-vs-none"}[args.value_model])
     runs, warm_seconds = [], {}
     earlier = RESULTS / f"{stem}.json"
     if args.policy is not None and earlier.exists():  # arms measured before from the same warm start stay in the summary
@@ -157,8 +165,11 @@ def main() -> None:
             warm_seconds = {int(k): v for k, v in kept.get("shared_warm_start_s", {}).items()}
     for seed in args.seeds:  # the summary is rewritten after every run: a stopped benchmark keeps what it finished
         if args.sources is None:
-            runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
-                                 args.home / f"{args.task}-{args.mode}-s{seed}"))
+            for value_model in {"off": [False], "on": [True], "both": [False, True]}[args.value_model]:
+                runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
+                                     args.home / f"{args.task}-{args.mode}-s{seed}{'-value' if value_model else ''}",
+                                     value_model=value_model))
+                (RESULTS / f"{stem}.json").write_text(json.dumps(summarize(args, runs, warm_seconds), indent=2))
         else:
             if args.policy is None:
                 warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
@@ -200,6 +211,12 @@ def summarize(args, runs: list[dict], warm_seconds: dict, policy: Path | None = 
              "final_accuracy_at_target": r["final_accuracy_at_target"],
              "search_tokens_per_cycle": round(r["search_tokens"] / max(1, r["cycles_run"]))}
             for r in runs]
+    if args.value_model == "both":  # one table: each seed's time to the target without and with the value model
+        by_seed: dict[int, dict] = {}
+        for r in runs:
+            by_seed.setdefault(r["seed"], {})["with" if r["value_model"] else "without"] = r["seconds_to_target"]
+        summary["value_comparison"] = [{"seed": seed, "without_s": t.get("without"), "with_s": t.get("with")}
+                                       for seed, t in sorted(by_seed.items())]
     return summary
 
 if __name__ == "__main__":
