@@ -290,6 +290,10 @@ class LoopConfig:
     threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
     promote_margin: float = field(default=0.0, metadata={
         "help": "a candidate must beat the current policy on held-out problems by more than this"})
+    # the recorded headline runs never had two rejections in a row; runs that had stopped learning (file tasks
+    # label-free, or with labels the policy could not fit) repeated the same rejected cycle 4-18 times until the budget
+    stop_after_rejections: int = field(default=3, metadata={
+        "help": "end the run once this many candidates in a row fail the gate, saying which lengths fell (0: never)"})
     examples_per_cycle: int = field(default=8000, metadata={"help": "training mix size (replay included)"})
     replay_seed_fraction: float = field(default=0.3, metadata={"help": "warm-start (true-labelled) data in every mix"})
     replay_newest_fraction: float = field(default=0.35, metadata={
@@ -338,6 +342,8 @@ class LoopConfig:
 
     def __post_init__(self):
         self.chosen_prompt_format(RAW)  # ValueError names what is wrong
+        if self.stop_after_rejections < 0:
+            raise ValueError(f"stop_after_rejections must be 0 (never) or more (got {self.stop_after_rejections})")
         if self.select.min_value is not None and not self.value_model:
             raise ValueError("select.min_value filters labels by the version's value model: turn on value_model "
                              "(--value-model) or leave min_value unset")

@@ -52,6 +52,21 @@ def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict],
     return mix
 
 
+def gate_keeps_rejecting(records: list["CycleRecord"], limit: int, mode: str) -> str | None:
+    """Why the run should end, when its last `limit` candidates all failed the gate against the same policy: a cycle
+    would only repeat them. Names the lengths that fell in each."""
+    from agent.report import NONE_FELL, fell_text  # the report's plotting imports only once a run needs them
+
+    last = records[-limit:] if limit else []
+    if not last or len(last) < limit or not all(r.candidate is not None and not r.promoted and not r.stale for r in last):
+        return None
+    fell = "; ".join(f"cycle {r.cycle}: {fell_text(r.gate, most=4) or NONE_FELL}" for r in last)
+    advice = ("give the problems answers, or use a task with label checks" if mode == "label_free"
+              else "give the fine-tune more time (--train-seconds) or more problems at the lengths that fell")
+    return (f"stopped: the gate rejected {limit} candidates in a row trained from {last[-1].policy_version} ({fell}); "
+            f"this cycle would repeat them: {advice}")
+
+
 @dataclass
 class CycleRecord:
     """What a run keeps of one cycle (and its report shows)."""
@@ -124,6 +139,7 @@ class SelfImprovementLoop:
                                      horizon=max(reported, key=int) if reported else None)
         self.plan = CyclePlan(cfg, self.curriculum, source)
         self.name: str | None = None
+        self.stop_reason: str | None = None  # why the run ended before its budget, when the loop itself ended it
 
     def evaluate(self, policy, frontier_index: int | None) -> Evaluation:
         heldout = self.plan.heldout_problems(frontier_index)
@@ -176,6 +192,9 @@ class SelfImprovementLoop:
                                                      start_time), evaluation))
         for cycle in range(records[-1].cycle + 1, self.cfg.cycles + 1):
             if self._should_stop(records[-1], start_time):
+                break
+            self.stop_reason = gate_keeps_rejecting(records, self.cfg.stop_after_rejections, self.cfg.select.mode)
+            if self.stop_reason:
                 break
             outcome = self.cycle(cycle, current, evaluation, start_time)
             records.append(outcome.record)

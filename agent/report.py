@@ -98,7 +98,9 @@ def write_report(run_dir: Path, records: list, final_policy: str, config: dict, 
     report = {"cycles": cycles, "time_per_cycle": times, "trained_on": trained_on(cycles), "final_policy": final_policy,
               "config": config, **(extra or {})}
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2, default=str))
-    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy, report["trained_on"]) + _time_table(times))
+    stopped = f"\n{report['stopped']}\n" if report.get("stopped") else ""
+    write_atomic(run_dir / "report.md", _markdown(cycles, final_policy, report["trained_on"]) + stopped
+                 + _time_table(times))
     _plot(cycles, run_dir / "learning_curve.png")
     _plot_time(times, run_dir / "time_per_cycle.png")
     return report

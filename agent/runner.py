@@ -115,6 +115,8 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
                                    on_cycle=lambda record: on_event("cycle", record), should_stop=should_stop,
                                    dtype=settings.dtype)
         loop.run(name, start, warm_seconds)
+        if loop.stop_reason:
+            on_event("phase", loop.stop_reason)
         runs.finish(name)
         records = [CycleRecord(**c.record) for c in runs.cycles(name)]  # whichever process ran each cycle
         paths = {r.version: r.path for r in store.policies()}
@@ -123,7 +125,8 @@ def run_main(settings: Settings, cfg: LoopConfig, inputs: RunInputs = RunInputs(
             records,
             paths[records[-1].policy_version],
             runs.get(name).config,
-            {"run": name, "run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1]},
+            {"run": name, "run_dir": str(run_dir.resolve()), "database": settings.db_url.split("@")[-1],
+             **({"stopped": loop.stop_reason} if loop.stop_reason else {})},
         )
     finally:
         lock.release()

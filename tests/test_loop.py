@@ -566,3 +566,28 @@ def test_a_rejected_candidate_trains_no_value_model(setup):
     (_, record) = _run(cfg, store, registry, v0)
     assert not record.promoted and record.value == {} and "value" not in record.seconds
     assert not value_folder(registry, "v1").exists()
+
+
+def test_a_run_whose_gate_keeps_rejecting_stops_and_says_which_lengths_fell(setup):
+    from agent.loop import gate_keeps_rejecting
+
+    settings, store, registry = setup
+    # promote_margin 1: no candidate can pass the gate, so every cycle would repeat the one before
+    cfg = tiny_config(cycles=6, promote_margin=1.0, stop_after_rejections=2,
+                      train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=3))
+    v0 = ensure_policy(settings, registry, cfg)
+    loop = _loop(cfg, store, registry)
+    RunStore(store).create("test", asdict(cfg), {})
+    RunStore(store).set_base("test", v0, promote=False)
+    records = loop.run("test", time.monotonic())
+    assert [r.cycle for r in records] == [0, 1, 2] and not any(r.promoted for r in records)
+    assert loop.stop_reason.startswith(f"stopped: the gate rejected 2 candidates in a row trained from {v0}")
+    assert "cycle 1: " in loop.stop_reason and "cycle 2: " in loop.stop_reason and "--train-seconds" in loop.stop_reason
+    # a promotion in between, a cycle that trained nothing, or 0 (never) keep a run going
+    promoted = replace(records[1], promoted=True)
+    assert gate_keeps_rejecting([records[0], promoted, records[2]], 2, "verifier") is None
+    assert gate_keeps_rejecting([records[0], replace(records[1], candidate=None), records[2]], 2, "verifier") is None
+    assert gate_keeps_rejecting(records, 0, "verifier") is None
+    assert "label checks" in gate_keeps_rejecting(records, 2, "label_free")
+    with pytest.raises(ValueError, match="stop_after_rejections"):
+        tiny_config(stop_after_rejections=-1)

@@ -170,3 +170,15 @@ def test_the_value_models_time_is_a_column_only_in_runs_that_train_one():
     times = time_per_cycle(judged)
     assert [t["value"] for t in times] == [0.0, 12.0] and times[1]["other"] == 3.0
     assert "| value model |" in _time_table(times)
+
+
+def test_why_the_loop_ended_a_run_is_in_both_reports(tmp_path):
+    from agent.report import read_report, write_report
+
+    reason = "stopped: the gate rejected 3 candidates in a row trained from v2 (cycle 1: 5 1.00->0.40); ..."
+    write_report(tmp_path / "stopped", records(2), final_policy="v2", config={}, extra={"stopped": reason})
+    assert read_report(tmp_path / "stopped" / "report.json")["stopped"] == reason
+    assert f"\n{reason}\n" in (tmp_path / "stopped" / "report.md").read_text()
+    write_report(tmp_path / "ran", records(2), final_policy="v2", config={})
+    assert "stopped" not in read_report(tmp_path / "ran" / "report.json")
+    assert "stopped:" not in (tmp_path / "ran" / "report.md").read_text()

@@ -63,6 +63,7 @@ def run(
                                    help="label_free or verifier (default: verifier when every train problem of "
                                         "--problems carries an answer, else label_free)"),
     problems_per_cycle: int = option(LOOP, "problems_per_cycle"),
+    stop_after_rejections: int = option(LOOP, "stop_after_rejections"),
     train_method: str = option(LOOP, "train_method"),
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
     # a cycle's SFT and DPO fine-tunes alike (one candidate); the warm start trains a full model
@@ -113,6 +114,7 @@ def run(
             cycles=cycles,
             time_budget_s=time_budget,
             problems_per_cycle=problems_per_cycle,
+            stop_after_rejections=stop_after_rejections,
             train_method=train_method,
             heldout_per_difficulty=heldout,
             seed=seed,
