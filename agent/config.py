@@ -290,6 +290,11 @@ class LoopConfig:
     threshold: float = field(default=0.9, metadata={"help": "held-out metric at which a difficulty counts as mastered"})
     promote_margin: float = field(default=0.0, metadata={
         "help": "a candidate must beat the current policy on held-out problems by more than this"})
+    # a file task whose answers teach lengths the policy cannot do yet: each 50 s fine-tune from the current policy
+    # moved them too little to pass the gate, and the next cycle threw it away and trained the same 50 s again
+    continue_rejected: bool = field(default=True, metadata={
+        "help": "verifier mode: a rejected candidate's fine-tune goes on in the next cycle instead of starting again "
+                "from the current policy (its labels are right; the gate still decides promotion)"})
     # the recorded headline runs never had two rejections in a row; runs that had stopped learning (file tasks
     # label-free, or with labels the policy could not fit) repeated the same rejected cycle 4-18 times until the budget
     stop_after_rejections: int = field(default=3, metadata={

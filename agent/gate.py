@@ -18,14 +18,16 @@ from tasks import Problem, Task
 
 
 def train_candidate(current: Policy, examples: list[dict], pairs: list[dict], train: TrainConfig, method: str,
-                    preference: PreferenceConfig) -> tuple[object, dict]:
+                    preference: PreferenceConfig, start=None) -> tuple[object, dict]:
     """A fine-tuned copy of `current`'s model and the fine-tune's stats: SFT on `examples`, DPO on `pairs`
     (agent/preference.py), or DPO after SFT (method sft+dpo; with no pairs, SFT gets DPO's time so that a cycle costs
     the same). The copy leaves `current` untouched: a rejected candidate costs nothing but its time. With LoRA
-    (FineTuneConfig.adapter) the candidate is an adapter over `current`'s frozen base weights."""
+    (FineTuneConfig.adapter) the candidate is an adapter over `current`'s frozen base weights. `start`: the model to
+    fine-tune a copy of instead of `current`'s (a rejected candidate of `current` whose training goes on)."""
     train = replace(train, adapter=resolved_adapter(train.adapter, current.model))
     preference = replace(preference, adapter=resolved_adapter(preference.adapter, current.model))
-    model = clone_for_training(current.model, (preference if method == "dpo" else train).adapter)
+    model = clone_for_training(current.model if start is None else start,
+                               (preference if method == "dpo" else train).adapter)
     # the candidate reads prompts as its version does in search and evaluation
     examples = formatted_examples(examples, current.prompt_format, current.tokenizer)
     pairs = formatted_examples(pairs, current.prompt_format, current.tokenizer)

@@ -52,14 +52,25 @@ def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict],
     return mix
 
 
-def gate_keeps_rejecting(records: list["CycleRecord"], limit: int, mode: str) -> str | None:
+def gate_keeps_rejecting(records: list["CycleRecord"], limit: int, mode: str, continuing: bool = False) -> str | None:
     """Why the run should end, when its last `limit` candidates all failed the gate against the same policy: a cycle
-    would only repeat them. Names the lengths that fell in each."""
+    would only repeat them. `continuing`: each rejected candidate's fine-tune went on in the next cycle, which ends
+    only when the last `limit` of them scored no higher at the gate than the best before them. Names the lengths
+    that fell in each."""
     from agent.report import NONE_FELL, fell_text  # the report's plotting imports only once a run needs them
 
-    last = records[-limit:] if limit else []
-    if not last or len(last) < limit or not all(r.candidate is not None and not r.promoted and not r.stale for r in last):
+    streak: list[CycleRecord] = []
+    for r in reversed(records):
+        if r.candidate is None or r.promoted or r.stale:
+            break
+        streak.insert(0, r)
+    if not limit or len(streak) < limit:
         return None
+    last = streak[-limit:]
+    if continuing:
+        before = [r.gate.get("candidate", float("-inf")) for r in streak[:-limit]]
+        if max(r.gate.get("candidate", float("-inf")) for r in last) > max(before, default=float("-inf")):
+            return None
     fell = "; ".join(f"cycle {r.cycle}: {fell_text(r.gate, most=4) or NONE_FELL}" for r in last)
     advice = ("give the problems answers, or use a task with label checks" if mode == "label_free"
               else "give the fine-tune more time (--train-seconds) or more problems at the lengths that fell")
@@ -140,6 +151,8 @@ class SelfImprovementLoop:
         self.plan = CyclePlan(cfg, self.curriculum, source)
         self.name: str | None = None
         self.stop_reason: str | None = None  # why the run ended before its budget, when the loop itself ended it
+        # (version, model) of the last candidate the gate rejected, whose fine-tune the next cycle continues
+        self.continue_from: tuple[str, object] | None = None
 
     def evaluate(self, policy, frontier_index: int | None) -> Evaluation:
         heldout = self.plan.heldout_problems(frontier_index)
@@ -182,6 +195,9 @@ class SelfImprovementLoop:
             for label in self.runs.labels(name):
                 by_cycle.setdefault(label.cycle, []).append({"prompt": label.prompt, "completion": label.completion})
             self.accepted = [by_cycle[c] for c in sorted(by_cycle)]
+            last = records[-1]
+            if self._continues_rejected() and last.candidate is not None and not last.promoted and not last.stale:
+                self.continue_from = self._rejected(last.candidate)
         else:  # cycle 0: the warm-started policy, before any self-training
             current = self._formatted(self.registry.load(self.runs.get(name).base_version, self.device, self.dtype))
             t = time.monotonic()
@@ -193,7 +209,8 @@ class SelfImprovementLoop:
         for cycle in range(records[-1].cycle + 1, self.cfg.cycles + 1):
             if self._should_stop(records[-1], start_time):
                 break
-            self.stop_reason = gate_keeps_rejecting(records, self.cfg.stop_after_rejections, self.cfg.select.mode)
+            self.stop_reason = gate_keeps_rejecting(records, self.cfg.stop_after_rejections, self.cfg.select.mode,
+                                                    self._continues_rejected())
             if self.stop_reason:
                 break
             outcome = self.cycle(cycle, current, evaluation, start_time)
@@ -287,7 +304,11 @@ class SelfImprovementLoop:
 
         t = time.monotonic()
         mix = self.training_mix(cycle, work.refinements)
-        model, train_stats = train_candidate(current, mix, work.pairs, cfg.train, cfg.train_method, cfg.preference)
+        start = self.continue_from if self._continues_rejected() else None
+        model, train_stats = train_candidate(current, mix, work.pairs, cfg.train, cfg.train_method, cfg.preference,
+                                             start=start[1] if start else None)
+        if start:
+            train_stats["continued_from"] = start[0]
         seconds["train"] = time.monotonic() - t
         candidate = Policy(model, current.tokenizer, "candidate", draft_source=current.draft_source,
                            prompt_format=current.prompt_format)
@@ -348,7 +369,18 @@ class SelfImprovementLoop:
             self.on_cycle(outcomes[promoted].record)
         if not promoted:
             self.registry.prune_rejected()
+        self.continue_from = (version, model) if self._continues_rejected() and not verdict.promote else None
         return outcomes[promoted]
+
+    def _continues_rejected(self) -> bool:
+        return self.cfg.continue_rejected and self.cfg.select.mode == "verifier"
+
+    def _rejected(self, version: str) -> tuple[str, object] | None:
+        """A rejected candidate to continue after a resume, when its folder is still kept (None: start afresh)."""
+        try:
+            return version, self.registry.load(version, self.device, self.dtype).model
+        except (OSError, ValueError):  # PolicyLoadError is a ValueError
+            return None
 
     def _from_demonstrations(self) -> bool:
         return learns_from_demonstrations(self.task, self.cfg) and bool(self.seed_examples)

@@ -572,8 +572,8 @@ def test_a_run_whose_gate_keeps_rejecting_stops_and_says_which_lengths_fell(setu
     from agent.loop import gate_keeps_rejecting
 
     settings, store, registry = setup
-    # promote_margin 1: no candidate can pass the gate, so every cycle would repeat the one before
-    cfg = tiny_config(cycles=6, promote_margin=1.0, stop_after_rejections=2,
+    # promote_margin 1: no candidate can pass the gate, and each cycle starts again from v0: it would repeat the last
+    cfg = tiny_config(cycles=6, promote_margin=1.0, stop_after_rejections=2, continue_rejected=False,
                       train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=3))
     v0 = ensure_policy(settings, registry, cfg)
     loop = _loop(cfg, store, registry)
@@ -591,3 +591,35 @@ def test_a_run_whose_gate_keeps_rejecting_stops_and_says_which_lengths_fell(setu
     assert "label checks" in gate_keeps_rejecting(records, 2, "label_free")
     with pytest.raises(ValueError, match="stop_after_rejections"):
         tiny_config(stop_after_rejections=-1)
+
+
+def test_a_rejected_candidate_trains_on_in_the_next_cycle_where_answers_are_given_and_after_a_resume(setup):
+    settings, store, registry = setup
+    cfg = tiny_config(cycles=1, promote_margin=1.0, stop_after_rejections=0,
+                      train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=3))
+    v0 = ensure_policy(settings, registry, cfg)
+    (_, first) = _run(cfg, store, registry, v0)
+    assert not first.promoted and "continued_from" not in first.train
+    # the same run resumed by a new process for two more cycles: each continues the candidate rejected before it
+    records = _loop(replace(cfg, cycles=3), store, registry).run("test", time.monotonic())
+    assert [(r.candidate, r.train.get("continued_from")) for r in records[2:]] == [("v2", "v1"), ("v3", "v2")]
+    assert all(r.policy_version == v0 for r in records)
+    # label-free labels may be wrong: a rejected candidate's training is dropped there
+    lf = tiny_config(cycles=2, promote_margin=1.0, stop_after_rejections=0, select=SelectConfig(mode="label_free"),
+                     train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=3))
+    records = _run(lf, store, registry, v0, name="label-free")
+    assert all("continued_from" not in r.train for r in records[1:] if r.candidate)
+
+
+def test_continued_candidates_stop_a_run_only_once_they_stop_gaining():
+    from agent.loop import CycleRecord, gate_keeps_rejecting
+
+    def rejected(cycle, score):
+        return CycleRecord(cycle, "v0", f"v{cycle}", False, "5", {}, {}, {"candidate": score, "current": 0.9}, 10, [],
+                           {}, {}, 0.0)
+
+    gaining = [rejected(1, 0.2), rejected(2, 0.3), rejected(3, 0.4), rejected(4, 0.5)]
+    assert gate_keeps_rejecting(gaining, 2, "verifier", continuing=True) is None
+    assert gate_keeps_rejecting(gaining, 2, "verifier").startswith("stopped: the gate rejected 2")  # a restart each time
+    stalled = gaining + [rejected(5, 0.45), rejected(6, 0.5)]
+    assert gate_keeps_rejecting(stalled, 2, "verifier", continuing=True).startswith("stopped: the gate rejected 2")
