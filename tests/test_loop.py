@@ -623,3 +623,25 @@ def test_continued_candidates_stop_a_run_only_once_they_stop_gaining():
     assert gate_keeps_rejecting(gaining, 2, "verifier").startswith("stopped: the gate rejected 2")  # a restart each time
     stalled = gaining + [rejected(5, 0.45), rejected(6, 0.5)]
     assert gate_keeps_rejecting(stalled, 2, "verifier", continuing=True).startswith("stopped: the gate rejected 2")
+
+
+def test_a_file_whose_answers_teach_trains_every_unmastered_length_at_once():
+    """Verifier mode on a user's file: the cycle draws problems at every length from the frontier to the longest and
+    the gate sees them all; label-free, the frontier's shares as before."""
+    from agent.curriculum import Curriculum, FileSource
+    from agent.plan import CyclePlan
+    from tasks import Problem, Task
+
+    problems = [Problem(f"{'a' * d}{i}|", "x", id=f"{split}-{d}-{i}", difficulty=d, split=split)
+                for d in range(2, 11) for split in ("train", "heldout") for i in range(20)]
+    source = FileSource(problems, Task())
+    cfg = tiny_config(select=SelectConfig(mode="verifier"), problems_per_cycle=90, report_difficulties=(), eval_ahead=1)
+    curriculum = Curriculum(source.difficulties(), cfg.threshold)
+    curriculum.update({"2": 1.0, "3": 1.0, "4": 0.5})
+    plan = CyclePlan(cfg, curriculum, source)
+    drawn = plan.problems(curriculum.frontier_index, {}, cycle=1)
+    assert sorted({p.difficulty for p in drawn}) == list(range(4, 11))
+    assert len(drawn) == 7 * 12 + 90 % 7  # equal shares (the remainder at the frontier), each within its length's pool
+    assert plan.gate_keys(curriculum.frontier_index)[-1] == "10"
+    label_free = CyclePlan(replace(cfg, select=SelectConfig(mode="label_free")), curriculum, source)
+    assert {p.difficulty for p in label_free.problems(curriculum.frontier_index, {"4": 0.5, "5": 0.5}, 1)} < set(range(4, 11))
