@@ -131,10 +131,13 @@ def heldout_curve(home: Path, report: dict, problems_path: Path) -> list[dict]:
     return curve
 
 
-def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, seed: int, min_value: float = 0.5) -> dict:
+def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, seed: int, min_value: float = 0.5,
+            learning_rate: float | None = None) -> dict:
     shutil.rmtree(home, ignore_errors=True)
     base = LoopConfig()
     cfg = replace(base, seed=seed, time_budget_s=budget)
+    if learning_rate is not None:
+        cfg = replace(cfg, train=replace(base.train, learning_rate=learning_rate))
     if arm in ("label_free", "value_filter"):
         cfg = replace(cfg, select=replace(base.select, mode="label_free"))
     if arm == "value_filter":
@@ -194,6 +197,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=["answers", "label_free", "value_filter"],
                         default=["answers", "label_free"])
     parser.add_argument("--min-value", type=float, default=0.5, help="value_filter: the value floor of a label")
+    parser.add_argument("--learning-rate", type=float, default=None, help="each cycle's fine-tune (default: arbor run's)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="mirror")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
@@ -204,7 +208,8 @@ def main() -> None:
     family = FAMILIES[args.family]
     out = args.out or RESULTS / ("jsonl-family.json" if args.family == "mirror" else f"jsonl-family-{args.family}.json")
     demos, problems = write_family(args.home / "files", args.seed, args.family)
-    arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed, args.min_value) for arm in args.arms]
+    arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed, args.min_value, args.learning_rate)
+            for arm in args.arms]
     summary = {"benchmark": "jsonl_family", "family": family.title, "budget_s": args.budget,
                "arms": {a["arm"]: {k: v for k, v in a.items() if k not in ("curve", "arm")} for a in arms}}
     out.parent.mkdir(parents=True, exist_ok=True)

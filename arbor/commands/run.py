@@ -66,6 +66,7 @@ def run(
     stop_after_rejections: int = option(LOOP, "stop_after_rejections"),
     train_method: str = option(LOOP, "train_method"),
     train_seconds: float = option(LOOP.train, "time_budget_s", "--train-seconds"),
+    learning_rate: float = option(LOOP.train, "learning_rate"),
     # a cycle's SFT and DPO fine-tunes alike (one candidate); the warm start trains a full model
     adapter: str = option(LOOP.train, "adapter"),
     lora_rank: int = option(LOOP.train, "lora_rank"),
@@ -124,7 +125,7 @@ def run(
             value=replace(LOOP.value, time_budget_s=value_seconds),
             search=replace(LOOP.search, strategy=strategy, n=samples),
             select=replace(LOOP.select, mode=select or LOOP.select.mode, min_value=min_value),
-            train=replace(LOOP.train, time_budget_s=train_seconds, **fine_tune),
+            train=replace(LOOP.train, time_budget_s=train_seconds, learning_rate=learning_rate, **fine_tune),
             preference=replace(LOOP.preference, **fine_tune),
             warm_start=replace(LOOP.warm_start, train=replace(LOOP.warm_start.train, time_budget_s=warm_start_seconds)),
         )
