@@ -252,7 +252,7 @@ class SelfImprovementLoop:
         # of lengths no longer evaluated (agent/select.py mastered_up_to)
         value_model = getattr(current, "value_model", None)
         if cfg.select.min_value is not None and value_model is None and self._from_demonstrations():
-            # a first judge for the filter, from the demonstrations, kept beside the version it judges (a resume loads it)
+            # a first judge for the filter, from the demonstrations, kept beside the version it judges (resumes load it)
             t_value = time.monotonic()
             first_rows = self._demonstration_rows(current, cycle)
             first = self._train_value(current, current, first_rows, cycle, evaluation)
@@ -386,7 +386,8 @@ class SelfImprovementLoop:
         return learns_from_demonstrations(self.task, self.cfg) and bool(self.seed_examples)
 
     def _demonstration_rows(self, policy: Policy, cycle: int) -> list[dict]:
-        return demonstration_candidates(policy, self.seed_examples, self.task, self.cfg, cycle_seed(self.cfg.seed, cycle))
+        return demonstration_candidates(policy, self.seed_examples, self.task, self.cfg,
+                                        cycle_seed(self.cfg.seed, cycle))
 
     def _train_value(self, current: Policy, candidate: Policy, newest: list[dict], cycle: int,
                      evaluation: Evaluation) -> ValueCycle:

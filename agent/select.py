@@ -288,7 +288,8 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
         return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
     # contenders are worth keeping only for a stage that judges each of them: the task's checks or the value model
-    judged = (cfg.use_task_filters and bool(task.label_checks())) or (cfg.min_value is not None and value_model is not None)
+    judged = ((cfg.use_task_filters and bool(task.label_checks()))
+              or (cfg.min_value is not None and value_model is not None))
     filters = [FormatCheck(), VoteShare(cfg.min_vote_share, cfg.checked_min_share if judged else None)]
     if cfg.use_task_filters:
         filters += task_filters(task)

@@ -5,8 +5,9 @@ Labels are the ones the cycle's own selection trusts: in verifier mode the check
 candidate; label-free, agreement with the answer the filters accepted for the problem (problems the filters
 dropped give no labels). Answers of train problems are never read label-free. A label-free run of a task without
 label checks trusts nothing its own selection accepts (vote share keeps the policy's unanimous mistakes), so its
-value model learns RankGen-style from the demonstrations instead (`demonstration_candidates`). The calibration reads the held-out
-problems' answers, as the run's report does; it sets only the threshold queue jobs escalate at, never a label.
+value model learns RankGen-style from the demonstrations instead (`demonstration_candidates`). The calibration
+reads the held-out problems' answers, as the run's report does; it sets only the threshold queue jobs escalate
+at, never a label.
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", choices=["answers", "label_free", "value_filter"],
                         default=["answers", "label_free"])
     parser.add_argument("--min-value", type=float, default=0.5, help="value_filter: the value floor of a label")
-    parser.add_argument("--learning-rate", type=float, default=None, help="each cycle's fine-tune (default: arbor run's)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="each cycle's fine-tune (default: arbor run's)")
     parser.add_argument("--family", choices=sorted(FAMILIES), default="mirror")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
