@@ -245,8 +245,9 @@ def test_a_file_task_without_checks_filters_labels_by_a_judge_learned_from_its_d
     registry = PolicyRegistry(settings.policies_dir, Store(settings.db_url))
     base = registry.load("v0")
     assert base.value_model is not None and value_folder(registry, "v0").is_dir()
-    # 8 demonstrations, each with its right completion, and the samples the policy gave (4 each, finished ones)
-    assert 8 < base.value_model.meta["completions"] <= 8 + 8 * 4
+    # 8 demonstrations, each with its right completion, the policy's samples (4 each) and its branches off each (2),
+    # the finished ones
+    assert 8 < base.value_model.meta["completions"] <= 8 * (1 + 4 + 2)
     assert record["promoted"] and record["value"]["continued_from"] == "v0" and record["seconds"]["value"] > 0
     assert registry.load("v1").value_model.meta["steps"] > 0
 
@@ -351,7 +352,8 @@ def test_sigkilled_three_times_then_resumed(tmp_path, request, database, one_tor
     # greedy label-free selection: every cycle trains and saves a candidate, so kills land in search, training,
     # evaluation, the save and the record alike
     start = ["run", "--model", str(model), "--problems", str(problems), "--select", "label_free", "--strategy", "greedy",
-             "--samples", "1", "--problems-per-cycle", "16", "--train-seconds", "1", "--cycles", "100", "--run-name", "k"]
+             "--samples", "1", "--problems-per-cycle", "16", "--train-seconds", "1", "--cycles", "100", "--run-name", "k",
+             "--stop-after-rejections", "0"]  # a long run to kill, whatever its gate decides
     log = tmp_path / "arbor.log"
     kills, window = [], []
 
