@@ -97,3 +97,29 @@ def judge(
         cur = cur.merged(evaluate_policy(current, missing, search, task, keys, mode))
     cand_score, cur_score = cand.score(keys), cur.score(keys)
     return Verdict(beats(cand_score, cur_score, margin), cand, cur, cand_score, cur_score, keys, time.monotonic() - t)
+
+
+def gate_keeps_rejecting(records: list, limit: int, mode: str, continuing: bool = False) -> str | None:
+    """Why a run should end, when the candidates of its last `limit` cycle records (agent/loop.py CycleRecord) all
+    failed the gate against the same policy: a next cycle would only repeat them. `continuing`: each rejected
+    candidate's fine-tune went on in the next cycle, which ends only when the last `limit` of them scored no higher
+    at the gate than the best before them. Names the lengths that fell in each."""
+    from agent.report import NONE_FELL, fell_text  # the report's plotting imports only once a run needs them
+
+    streak: list = []
+    for r in reversed(records):
+        if r.candidate is None or r.promoted or r.stale:
+            break
+        streak.insert(0, r)
+    if not limit or len(streak) < limit:
+        return None
+    last = streak[-limit:]
+    if continuing:
+        before = [r.gate.get("candidate", float("-inf")) for r in streak[:-limit]]
+        if max(r.gate.get("candidate", float("-inf")) for r in last) > max(before, default=float("-inf")):
+            return None
+    fell = "; ".join(f"cycle {r.cycle}: {fell_text(r.gate, most=4) or NONE_FELL}" for r in last)
+    advice = ("give the problems answers, or use a task with label checks" if mode == "label_free"
+              else "give the fine-tune more time (--train-seconds) or more problems at the lengths that fell")
+    return (f"stopped: the gate rejected {limit} candidates in a row trained from {last[-1].policy_version} ({fell}); "
+            f"this cycle would repeat them: {advice}")

@@ -18,7 +18,7 @@ from typing import Callable
 from agent.config import LoopConfig
 from agent.curriculum import Curriculum, ProblemSource
 from agent.evaluation import Evaluation, evaluate_policy, greedy_solver
-from agent.gate import judge, train_candidate
+from agent.gate import gate_keeps_rejecting, judge, train_candidate
 from agent.plan import CyclePlan, cycle_seed
 from agent.policy import Policy
 from agent.preference import preference_pairs
@@ -50,32 +50,6 @@ def replay_mix(seed_examples: list[dict], newest: list[dict], older: list[dict],
     mix += [rng.choice(older) for _ in range(n_older)]
     rng.shuffle(mix)
     return mix
-
-
-def gate_keeps_rejecting(records: list["CycleRecord"], limit: int, mode: str, continuing: bool = False) -> str | None:
-    """Why the run should end, when its last `limit` candidates all failed the gate against the same policy: a cycle
-    would only repeat them. `continuing`: each rejected candidate's fine-tune went on in the next cycle, which ends
-    only when the last `limit` of them scored no higher at the gate than the best before them. Names the lengths
-    that fell in each."""
-    from agent.report import NONE_FELL, fell_text  # the report's plotting imports only once a run needs them
-
-    streak: list[CycleRecord] = []
-    for r in reversed(records):
-        if r.candidate is None or r.promoted or r.stale:
-            break
-        streak.insert(0, r)
-    if not limit or len(streak) < limit:
-        return None
-    last = streak[-limit:]
-    if continuing:
-        before = [r.gate.get("candidate", float("-inf")) for r in streak[:-limit]]
-        if max(r.gate.get("candidate", float("-inf")) for r in last) > max(before, default=float("-inf")):
-            return None
-    fell = "; ".join(f"cycle {r.cycle}: {fell_text(r.gate, most=4) or NONE_FELL}" for r in last)
-    advice = ("give the problems answers, or use a task with label checks" if mode == "label_free"
-              else "give the fine-tune more time (--train-seconds) or more problems at the lengths that fell")
-    return (f"stopped: the gate rejected {limit} candidates in a row trained from {last[-1].policy_version} ({fell}); "
-            f"this cycle would repeat them: {advice}")
 
 
 @dataclass
@@ -287,19 +261,8 @@ class SelfImprovementLoop:
         if work.examples:
             self.accepted.append([{"prompt": e["prompt"], "completion": e["completion"]} for e in work.examples])
         if not self.accepted:
-            record = self._record(
-                cycle,
-                current.version,
-                None,
-                False,
-                evaluation,
-                work.filters,
-                0,
-                {},
-                seconds,
-                start_time,
-                search_tokens=work.search_tokens,
-            )
+            record = self._record(cycle, current.version, None, False, evaluation, work.filters, 0, {}, seconds,
+                                  start_time, search_tokens=work.search_tokens)
             return CycleOutcome(self._commit(record, evaluation, rows=work.rows), current, evaluation)
 
         t = time.monotonic()

@@ -569,7 +569,7 @@ def test_a_rejected_candidate_trains_no_value_model(setup):
 
 
 def test_a_run_whose_gate_keeps_rejecting_stops_and_says_which_lengths_fell(setup):
-    from agent.loop import gate_keeps_rejecting
+    from agent.gate import gate_keeps_rejecting
 
     settings, store, registry = setup
     # promote_margin 1: no candidate can pass the gate, and each cycle starts again from v0: it would repeat the last
@@ -612,7 +612,8 @@ def test_a_rejected_candidate_trains_on_in_the_next_cycle_where_answers_are_give
 
 
 def test_continued_candidates_stop_a_run_only_once_they_stop_gaining():
-    from agent.loop import CycleRecord, gate_keeps_rejecting
+    from agent.gate import gate_keeps_rejecting
+    from agent.loop import CycleRecord
 
     def rejected(cycle, score):
         return CycleRecord(cycle, "v0", f"v{cycle}", False, "5", {}, {}, {"candidate": score, "current": 0.9}, 10, [],
