@@ -45,6 +45,8 @@ class FineTuneConfig:
         "help": "lora: DoRA, a trained magnitude per output row beside the low-rank direction update (closer to full "
                 "fine-tuning per step; a version is about 14% larger and decodes about 2x slower unmerged; "
                 "docs/models.md)"})
+    lora_plus_ratio: float = field(default=1.0, metadata={
+        "help": "lora: LoRA+, the B matrices train at this many times the A matrices' rate (1: one rate for both)"})
     lora_learning_rate_scale: float = field(default=10.0, metadata={
         "help": "lora: the adapters train at learning_rate times this (they start at zero and are few: at the full "
                 "rate they barely move; docs/models.md)"})
@@ -73,6 +75,8 @@ class FineTuneConfig:
         if self.lora_rank < 1 or (self.lora_alpha is not None and self.lora_alpha <= 0):
             raise ValueError(f"{name}: lora_rank must be at least 1 and lora_alpha positive (got {self.lora_rank}, "
                              f"{self.lora_alpha})")
+        if not self.lora_plus_ratio >= 1.0:
+            raise ValueError(f"{name}: lora_plus_ratio must be 1 or more (got {self.lora_plus_ratio})")
         if not self.lora_learning_rate_scale > 0:
             raise ValueError(f"{name}: lora_learning_rate_scale must be positive (got {self.lora_learning_rate_scale})")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -330,6 +334,15 @@ class LoopConfig:
         "help": "each cycle's value-model training (a tuned trunk continues from the current version's)"})
     value_replay_fraction: float = field(default=0.5, metadata={
         "help": "earlier cycles' labelled candidates in the value model's data, as a share of this cycle's"})
+    # a judge's training pays only where it moves the judge: measured on addition, 30 s a cycle left judges at AUROC
+    # 0.42-0.59 on the next versions' samples past 9 digits (docs/search.md)
+    value_refresh_auroc: float = field(default=0.9, metadata={
+        "help": "a promoted candidate keeps the current version's value model (recalibrated, not trained) while it "
+                "tells this cycle's right candidates from wrong at this AUROC or more (1: train every cycle)"})
+    value_learning_auroc: float = field(default=0.6, metadata={
+        "help": "a promoted candidate also keeps the current version's value model while it tells this cycle's right "
+                "candidates from wrong at less than this AUROC: what it was taught does not carry to new candidates, "
+                "and more of the same budget would not either"})
     value_demonstrations: int = field(default=256, metadata={
         "help": "label-free, tasks without label checks: demonstrations the value model learns from each cycle, "
                 "against the policy's own different answers to them"})
@@ -349,6 +362,9 @@ class LoopConfig:
         self.chosen_prompt_format(RAW)  # ValueError names what is wrong
         if self.stop_after_rejections < 0:
             raise ValueError(f"stop_after_rejections must be 0 (never) or more (got {self.stop_after_rejections})")
+        if not 0.5 <= self.value_learning_auroc <= self.value_refresh_auroc <= 1.0:
+            raise ValueError("value_learning_auroc and value_refresh_auroc must satisfy 0.5 <= learning <= refresh <= 1 "
+                             f"(got {self.value_learning_auroc} and {self.value_refresh_auroc})")
         if self.select.min_value is not None and not self.value_model:
             raise ValueError("select.min_value filters labels by the version's value model: turn on value_model "
                              "(--value-model) or leave min_value unset")

@@ -32,14 +32,8 @@ class _TimeBudget(TrainerCallback):
     """Stops training once the time budget is spent and, optionally, anneals the learning rate over *time*
     (linear warm-up, cosine decay to 10%): the step count of a time-bounded run is not known in advance."""
 
-    def __init__(self, seconds: float, max_steps: int, base_lr: float, cosine: bool, warmup_fraction: float = 0.05):
-        self.seconds, self.max_steps, self.base_lr, self.cosine, self.warmup = (
-            seconds,
-            max_steps,
-            base_lr,
-            cosine,
-            warmup_fraction,
-        )
+    def __init__(self, seconds: float, max_steps: int, cosine: bool, warmup_fraction: float = 0.05):
+        self.seconds, self.max_steps, self.cosine, self.warmup = seconds, max_steps, cosine, warmup_fraction
         self.start = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -54,8 +48,8 @@ class _TimeBudget(TrainerCallback):
             scale = max(progress / self.warmup, 0.01)
         else:
             scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (progress - self.warmup) / (1 - self.warmup)))
-        for group in optimizer.param_groups:
-            group["lr"] = self.base_lr * scale
+        for group in optimizer.param_groups:  # each group's own rate (LoRA+ trains B faster than A)
+            group["lr"] = group.setdefault("arbor_base_lr", group["lr"]) * scale
 
     def on_step_end(self, args, state, control, **kwargs):
         if process_group.agree(time.monotonic() - self.start >= self.seconds):
@@ -82,6 +76,19 @@ def _at_adapter_rate(cfg: FineTuneConfig, model):
     if resolved_adapter(cfg.adapter, model) != "lora":
         return cfg
     return replace(cfg, learning_rate=cfg.learning_rate * cfg.lora_learning_rate_scale)
+
+
+def _lora_plus(trainer, cfg: FineTuneConfig) -> None:
+    """LoRA+ (Hayou et al., 2024): the adapters' B matrices (and DoRA's magnitudes) train at lora_plus_ratio times
+    the rate of their A matrices. B starts at zero and A at random, so at one shared rate B's updates are too small
+    for the adapter to move its features far in a short fine-tune. Set on the trainer before it builds its own."""
+    if cfg.lora_plus_ratio == 1.0 or not is_adapter(trainer.model):
+        return
+    from peft.optimizers import create_loraplus_optimizer
+
+    trainer.optimizer = create_loraplus_optimizer(trainer.model, torch.optim.AdamW, lr=cfg.learning_rate,
+                                                  loraplus_lr_ratio=cfg.lora_plus_ratio,
+                                                  loraplus_weight_decay=getattr(cfg, "weight_decay", 0.0))
 
 
 def _settled(model):
@@ -192,11 +199,12 @@ class SFTFineTuner:
                 train_dataset=dataset,
                 processing_class=tokenizer,
                 callbacks=[
-                    _TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cfg.schedule == "time_cosine")
+                    _TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.schedule == "time_cosine")
                 ],
                 peft_config=peft_config,
             )
             trainer.remove_callback(PrinterCallback)  # losses are kept in log_history, not printed per step
+            _lora_plus(trainer, cfg)
             start = time.monotonic()
             result = trainer.train()
             seconds = time.monotonic() - start
@@ -257,10 +265,11 @@ class DPOFineTuner:
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
-                callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cfg.learning_rate, cosine=False)],
+                callbacks=[_TimeBudget(cfg.time_budget_s, cfg.max_steps, cosine=False)],
                 peft_config=peft_config,
             )
             trainer.remove_callback(PrinterCallback)
+            _lora_plus(trainer, cfg)
             start = time.monotonic()
             result = trainer.train()
             seconds = time.monotonic() - start

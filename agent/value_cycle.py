@@ -95,27 +95,65 @@ def train_cycle_value(current: Policy, candidate: Policy, newest: list[dict], ol
                       rng: random.Random, calibration_problems: list[Problem], max_new_tokens: int) -> ValueCycle:
     """Train the candidate's value model on this cycle's labelled candidates and a replay share of earlier ones,
     continuing from the current version's (a first one starts from a copy of the policy), then calibrate its accept
-    threshold on held-out problems with answers (when there are any) with the candidate's greedy answers."""
+    threshold on held-out problems with answers (when there are any) with the candidate's greedy answers.
+
+    The current version's model is kept instead, recalibrated, where training it would not pay: when it still
+    tells this cycle's right candidates from wrong ones at cfg.value_refresh_auroc or better, when it does so at
+    less than cfg.value_learning_auroc (what it was taught so far does not carry to new candidates), or when the
+    cycle's labels are all of one kind. Its training costs every promoted cycle cfg.value's time budget (30 s against
+    a cycle's 65-140 s on addition)."""
     from agent.value import train_value
 
     replay = rng.sample(older, min(len(older), int(len(newest) * cfg.value_replay_fraction)))
     data = newest + replay
     labels = {row["label"] for row in data}
-    if labels != {True, False}:
-        return ValueCycle(None, {"skipped": f"{len(data)} labelled candidates, "
-                                            f"{'none wrong' if True in labels else 'none right'}: nothing to tell apart"})
     start = getattr(current, "value_model", None)
     start = start if start is not None and start.cfg.trunk == cfg.value.trunk == "tuned" else None
-    vm = train_value(current, data, cfg.value, start=start)
+    one_kind = labels != {True, False}
+    if one_kind and start is None:
+        return ValueCycle(None, {"skipped": f"{len(data)} labelled candidates, "
+                                            f"{'none wrong' if True in labels else 'none right'}: nothing to tell apart"})
+    fit = judged_auroc(start, newest, rng) if start is not None and not one_kind and cfg.value_refresh_auroc < 1 else None
+    pays = fit is None or cfg.value_learning_auroc <= fit < cfg.value_refresh_auroc
+    if start is not None and (one_kind or not pays):
+        vm, kept_from = kept_judge(start), current.version
+        kept = ("one kind of label" if one_kind else "still judges well" if fit >= cfg.value_refresh_auroc
+                else "its training does not carry to new candidates")
+    else:
+        vm, kept_from, kept = train_value(current, data, cfg.value, start=start), None, None
     answered = [p for p in calibration_problems if p.answer is not None][:CALIBRATION_PROBLEMS]
     calibration = (calibrate(vm, candidate, answered, max_new_tokens=max_new_tokens) if answered
                    else {"accept_score": None, "problems": 0})
-    record = {"completions": vm.meta["completions"], "replayed": len(replay), "right": vm.meta["right"],
-              "steps": vm.meta["steps"], "loss": vm.meta["final_loss"], "continued_from": current.version if start is not None else None,
-              "steps_in_all": vm.meta["steps_in_all"],
+    trained = kept_from is None
+    record = {"completions": len(data) if not trained else vm.meta["completions"], "replayed": len(replay),
+              "right": sum(row["label"] for row in data), "steps": vm.meta["steps"] if trained else 0,
+              "loss": vm.meta["final_loss"] if trained else None,
+              "continued_from": current.version if trained and start is not None else None,
+              "kept_from": kept_from, "kept_because": kept, "auroc_before": _rounded(fit), "steps_in_all": vm.meta["steps_in_all"],
               "accept_score": calibration["accept_score"], "auroc": _rounded(calibration.get("auroc")),
               "calibrated_on": calibration["problems"]}
     return ValueCycle(vm, record)
+
+
+JUDGED_CANDIDATES = 1024  # the current judge's check: one batched scoring pass, about a second on the built-in policy
+
+
+def judged_auroc(judge, rows: list[dict], rng: random.Random) -> float | None:
+    """How well `judge` tells right from wrong among (a sample of) labelled candidates it has not trained on: the
+    AUROC of its values of the whole completions (None without both labels in the sample)."""
+    from search.calibration import auroc
+
+    sample = rng.sample(rows, min(len(rows), JUDGED_CANDIDATES))
+    values = judge.score([row["prompt"] for row in sample], [row["completion"] for row in sample])
+    return auroc([v[-1] for v in values], [bool(row["label"]) for row in sample])
+
+
+def kept_judge(judge):
+    """The current version's value model for the candidate: the same weights (neither trains them further: a
+    later cycle continues from a copy) with its own meta, so that calibrating it leaves the current one's as is."""
+    from agent.value import ValueModel
+
+    return ValueModel(judge.trunk, judge.tokenizer, judge.cfg, judge.head, judge.mean, judge.std, dict(judge.meta))
 
 
 def _rounded(x: float | None) -> float | None:

@@ -126,7 +126,7 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
         "wall_s": round(time.monotonic() - start, 1),
         "curve": [{"cycle": c["cycle"], "elapsed_s": c["elapsed_s"], "frontier": c["frontier"], "promoted": c["promoted"],
                    "heldout": c["heldout"], "filters": c["filters"], "accepted": c["accepted"], "seconds": c["seconds"],
-                   "search_tokens": c.get("search_tokens", 0)}
+                   "search_tokens": c.get("search_tokens", 0), **({"value": c["value"]} if c.get("value") else {})}
                   for c in cycles],
     }
 

@@ -291,3 +291,37 @@ def test_lora_trains_at_its_own_rate():
     assert _at_adapter_rate(replace(cfg, adapter="lora", lora_learning_rate_scale=2.0), model).learning_rate == 1e-3
     with pytest.raises(ValueError, match="lora_learning_rate_scale must be positive"):
         TrainConfig(lora_learning_rate_scale=0)
+
+
+def test_lora_plus_trains_b_faster_than_a_and_the_time_schedule_keeps_the_ratio():
+    from types import SimpleNamespace
+
+    from agent.trainer import _lora_plus, _TimeBudget
+
+    model, tok = build_builtin_policy(TINY)
+    cfg = TrainConfig(adapter="lora", lora_plus_ratio=16.0, learning_rate=1e-3, schedule="time_cosine", max_steps=4,
+                      batch_size=8, time_budget_s=60)
+    wrapped = adapters._wrapped(clone_for_training(model, "lora"), adapters.lora_config(cfg, model))
+    trainer = SimpleNamespace(model=wrapped, optimizer=None)
+    _lora_plus(trainer, cfg)
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+
+    def rates():
+        return {names[id(p)]: g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+
+    assert {lr for n, lr in rates().items() if "lora_A" in n} == {1e-3}
+    assert [pytest.approx(1.6e-2)] == list({lr for n, lr in rates().items() if "lora_B" in n})
+    schedule = _TimeBudget(60.0, 4, cosine=True)
+    schedule.on_train_begin(None, None, None)
+    for step in (0, 2):  # warm-up, then cosine: every group scaled alike
+        schedule.on_step_begin(None, SimpleNamespace(global_step=step), None, optimizer=trainer.optimizer)
+        a = {lr for n, lr in rates().items() if "lora_A" in n}
+        b = {lr for n, lr in rates().items() if "lora_B" in n}
+        assert len(a) == len(b) == 1 and b.pop() == pytest.approx(16 * a.pop())
+    plain = SimpleNamespace(model=wrapped, optimizer=None)
+    _lora_plus(plain, replace(cfg, lora_plus_ratio=1.0))
+    assert plain.optimizer is None  # the trainer builds its own, one rate
+    tuner = SFTFineTuner(cfg)
+    assert tuner.train(clone_for_training(model, "lora"), tok, EXAMPLES)["steps"] == 4
+    with pytest.raises(ValueError, match="lora_plus_ratio must be 1 or more"):
+        TrainConfig(lora_plus_ratio=0.5)

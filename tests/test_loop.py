@@ -535,7 +535,7 @@ def test_a_value_model_trains_with_every_promoted_candidate_and_continues_the_la
 
     settings, store, registry = setup
     # promote_margin -1: every candidate is promoted, so each cycle's value model is kept beside it
-    cfg = tiny_config(cycles=2, value_model=True, promote_margin=-1.0,
+    cfg = tiny_config(cycles=2, value_model=True, promote_margin=-1.0, value_refresh_auroc=1.0,
                       value=ValueConfig(time_budget_s=5.0, trunk_batch=32, epochs=2),
                       train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=10))
     v0 = ensure_policy(settings, registry, cfg)

@@ -231,7 +231,7 @@ def test_a_file_task_without_checks_filters_labels_by_a_judge_learned_from_its_d
 
     settings = Settings(home=tmp_path / "home", device="cpu")
     demos, problems = _files(tmp_path)
-    cfg = tiny(cycles=1, promote_margin=-1.0, value_model=True, value_demonstrations=8,
+    cfg = tiny(cycles=1, promote_margin=-1.0, value_model=True, value_demonstrations=8, value_refresh_auroc=1.0,
                value=ValueConfig(time_budget_s=5.0, trunk_batch=16, epochs=1),
                search=SearchConfig(strategy="best_of_n", n=4, temperature=1.0),
                # a floor this tiny judge passes (what a floor keeps and drops: tests/test_value.py)

@@ -294,3 +294,48 @@ def test_demonstrations_are_the_right_answers_and_the_policys_different_ones_the
     # an untrained policy's samples state other answers: the wrong completions the judge learns from
     assert len(rows) > 3 and any(not r["label"] for r in rows)
     assert demonstration_candidates(tiny_policy, demos, Task(), cfg, seed=0) == rows  # seeded
+
+
+def test_the_current_judge_is_kept_where_training_it_would_not_pay_and_trains_on_where_it_would(tiny_policy, trained):
+    """train_cycle_value: the current version's tuned judge is carried to the candidate (recalibrated, not trained)
+    while its AUROC on the cycle's labelled candidates reaches value_refresh_auroc, or stays under
+    value_learning_auroc, or when they are all of one kind; in between it trains on, continuing from the current one."""
+    import copy
+    import random
+    from dataclasses import replace
+
+    from agent.config import LoopConfig
+    from agent.value_cycle import judged_auroc, train_cycle_value
+
+    torch.set_num_threads(1)
+    _, labelled, _ = trained
+    base = replace(LoopConfig(), value_model=True,
+                   value=ValueConfig(trunk="tuned", time_budget_s=10.0, trunk_batch=16, epochs=8))
+    judge = train_value(tiny_policy, labelled, base.value)
+    current = copy.copy(tiny_policy)
+    current.version, current.value_model = "v1", judge
+    # the same candidates with a third of them also under the other label: the judge ranks them only fairly well
+    labelled = labelled + [dict(row, label=not row["label"]) for row in labelled[::3]]
+    fit = judged_auroc(judge, labelled, random.Random(0))
+    assert 0.55 < fit < 0.95
+
+    def cycle(newest, refresh, learning, policy=current):
+        cfg = replace(base, value_refresh_auroc=refresh, value_learning_auroc=learning)
+        return train_cycle_value(policy, tiny_policy, newest, [], cfg, random.Random(0), [], 8)
+
+    kept = cycle(labelled, refresh=fit - 0.01, learning=0.5)
+    assert kept.record["auroc_before"] == pytest.approx(fit, abs=1e-4) and kept.record["steps"] == 0
+    assert kept.record["kept_from"] == "v1" and kept.record["kept_because"] == "still judges well"
+    assert kept.model.trunk is judge.trunk and kept.model.meta is not judge.meta  # calibrating it leaves v1's alone
+    stuck = cycle(labelled, refresh=1.0 - 1e-9, learning=fit + 0.01)
+    assert stuck.record["kept_because"] == "its training does not carry to new candidates"
+    retrained = cycle(labelled, refresh=fit + 0.01, learning=fit - 0.01)
+    assert retrained.record["kept_from"] is None and retrained.record["continued_from"] == "v1"
+    assert retrained.record["steps"] > 0 and retrained.model.trunk is not judge.trunk
+    every = cycle(labelled, refresh=1.0, learning=0.5)  # 1: trained every cycle, the judge not even checked
+    assert every.record["auroc_before"] is None and every.record["steps"] > 0
+
+    # nothing to tell apart: the current judge stays rather than the candidate going without one
+    right = [row for row in labelled if row["label"]]
+    assert cycle(right, 0.9, 0.6).record["kept_because"] == "one kind of label"
+    assert cycle(right, 0.9, 0.6, policy=copy.copy(tiny_policy)).model is None

@@ -71,11 +71,14 @@ def run(
     adapter: str = option(LOOP.train, "adapter"),
     lora_rank: int = option(LOOP.train, "lora_rank"),
     lora_dora: bool = option(LOOP.train, "lora_dora"),
+    lora_plus_ratio: float = option(LOOP.train, "lora_plus_ratio"),
     gradient_checkpointing: bool = option(LOOP.train, "gradient_checkpointing"),
     gradient_accumulation_steps: int = option(LOOP.train, "gradient_accumulation_steps"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
     value_model: bool = option(LOOP, "value_model"),
     value_seconds: float = option(LOOP.value, "time_budget_s", "--value-seconds"),
+    value_refresh_auroc: float = option(LOOP, "value_refresh_auroc"),
+    value_learning_auroc: float = option(LOOP, "value_learning_auroc"),
     min_value: Optional[float] = option(LOOP.select, "min_value"),
     prompt_format: Optional[str] = option(LOOP, "prompt_format"),
     system_prompt: Optional[str] = option(LOOP, "system_prompt"),
@@ -106,7 +109,7 @@ def run(
             raise typer.Exit(2)
         when = (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
         changes = {field: value for name, field, value in when if name in given}
-    fine_tune = dict(adapter=adapter, lora_rank=lora_rank, lora_dora=lora_dora,
+    fine_tune = dict(adapter=adapter, lora_rank=lora_rank, lora_dora=lora_dora, lora_plus_ratio=lora_plus_ratio,
                      gradient_checkpointing=gradient_checkpointing,
                      gradient_accumulation_steps=gradient_accumulation_steps)
     try:
@@ -122,6 +125,8 @@ def run(
             prompt_format=prompt_format,
             system_prompt=system_prompt,
             value_model=value_model,
+            value_refresh_auroc=value_refresh_auroc,
+            value_learning_auroc=value_learning_auroc,
             value=replace(LOOP.value, time_budget_s=value_seconds),
             search=replace(LOOP.search, strategy=strategy, n=samples),
             select=replace(LOOP.select, mode=select or LOOP.select.mode, min_value=min_value),
