@@ -125,13 +125,12 @@ def train_cycle_value(current: Policy, candidate: Policy, newest: list[dict], ol
     calibration = (calibrate(vm, candidate, answered, max_new_tokens=max_new_tokens) if answered
                    else {"accept_score": None, "problems": 0})
     trained = kept_from is None
-    record = {"completions": len(data) if not trained else vm.meta["completions"], "replayed": len(replay),
-              "right": sum(row["label"] for row in data), "steps": vm.meta["steps"] if trained else 0,
-              "loss": vm.meta["final_loss"] if trained else None,
+    record = {"completions": len(data), "replayed": len(replay), "right": sum(row["label"] for row in data),
+              "steps": vm.meta["steps"] if trained else 0, "loss": vm.meta["final_loss"] if trained else None,
               "continued_from": current.version if trained and start is not None else None,
-              "kept_from": kept_from, "kept_because": kept, "auroc_before": _rounded(fit), "steps_in_all": vm.meta["steps_in_all"],
-              "accept_score": calibration["accept_score"], "auroc": _rounded(calibration.get("auroc")),
-              "calibrated_on": calibration["problems"]}
+              "kept_from": kept_from, "kept_because": kept, "auroc_before": _rounded(fit),
+              "steps_in_all": vm.meta["steps_in_all"], "accept_score": calibration["accept_score"],
+              "auroc": _rounded(calibration.get("auroc")), "calibrated_on": calibration["problems"]}
     return ValueCycle(vm, record)
 
 
