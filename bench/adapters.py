@@ -67,6 +67,7 @@ class BenchConfig:
     # 0.66 and full fine-tuning's 0.85, but in the loop 71% of full's gain against plain LoRA's 66% (docs/benchmarks.md)
     lora_dora: bool = False
     lora_plus_ratio: float = 1.0  # --lora-plus-ratio: LoRA+, B matrices at this many times A's rate
+    lora_learning_rate_scale: float = 10.0  # --lora-learning-rate-scale: the adapters' rate over full fine-tuning's
     switch_repeats: int = 7
     heldout: int = 96  # of the 416 runs; the other 320 are train problems
     memory_steps: int = 3  # optimizer steps of the training-only memory measurement (the peak comes at the first)
@@ -209,6 +210,7 @@ def run_arm(arm: str, model_dir: Path, problems: Path, home: Path, cfg: BenchCon
     command = [sys.executable, "-m", "arbor", "run", "--model", str(model_dir), "--problems", str(problems),
                "--adapter", arm, "--lora-rank", str(cfg.lora_rank), "--time-budget", str(cfg.arm_budget_s),
                "--lora-dora" if cfg.lora_dora else "--no-lora-dora", "--lora-plus-ratio", str(cfg.lora_plus_ratio),
+               "--lora-learning-rate-scale", str(cfg.lora_learning_rate_scale),
                "--cycles", "1000", "--strategy", "greedy", "--train-seconds", str(cfg.train_seconds),
                "--problems-per-cycle", str(cfg.problems_per_cycle), "--seed", str(seed),
                "--run-name", f"adapters-{arm}", "--home", str(home), "--device", "cpu", "--json"]
@@ -399,6 +401,8 @@ def main() -> None:
     parser.add_argument("--dora", action="store_true", help="the LoRA arm trains DoRA adapters (arbor run --lora-dora)")
     parser.add_argument("--lora-plus-ratio", type=float, help="the LoRA arm trains with LoRA+ at this ratio of B's "
                         "rate to A's (arbor run --lora-plus-ratio)")
+    parser.add_argument("--lora-learning-rate-scale", type=float, help="the LoRA arm's rate over full fine-tuning's "
+                        "(arbor run --lora-learning-rate-scale)")
     parser.add_argument("--pretrain-seconds", type=float)
     parser.add_argument("--work", type=Path, default=Path("/tmp/arbor-bench-adapters"))
     parser.add_argument("--out", type=Path)
@@ -415,7 +419,7 @@ def main() -> None:
 
     cfg = BenchConfig(**(QUICK if args.quick else {}), lora_dora=args.dora)
     overrides = {"budget": "arm_budget_s", "lora_rank": "lora_rank", "pretrain_seconds": "pretrain_s",
-                 "lora_plus_ratio": "lora_plus_ratio"}
+                 "lora_plus_ratio": "lora_plus_ratio", "lora_learning_rate_scale": "lora_learning_rate_scale"}
     for flag, field_name in overrides.items():
         if getattr(args, flag) is not None:
             setattr(cfg, field_name, getattr(args, flag))
@@ -464,7 +468,7 @@ def main() -> None:
         "task": "letter runs (steps 1-4, 2-5 letters given, 2 to write)", "budget_s": cfg.arm_budget_s,
         "train_seconds": cfg.train_seconds,
         "problems_per_cycle": cfg.problems_per_cycle, "lora_rank": cfg.lora_rank, "lora_dora": cfg.lora_dora,
-        "lora_plus_ratio": cfg.lora_plus_ratio,
+        "lora_plus_ratio": cfg.lora_plus_ratio, "lora_learning_rate_scale": cfg.lora_learning_rate_scale,
         "arms": {arm: {"start_heldout": a["curve"][0]["heldout"], "final_heldout": a["curve"][-1]["heldout"],
                        "best_heldout": max(c["heldout"] for c in a["curve"]), "gain": gains[arm],
                        "cycles": len(a["curve"]) - 1, "end_s": a["curve"][-1]["elapsed_s"],

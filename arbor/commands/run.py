@@ -72,6 +72,7 @@ def run(
     lora_rank: int = option(LOOP.train, "lora_rank"),
     lora_dora: bool = option(LOOP.train, "lora_dora"),
     lora_plus_ratio: float = option(LOOP.train, "lora_plus_ratio"),
+    lora_learning_rate_scale: float = option(LOOP.train, "lora_learning_rate_scale"),
     gradient_checkpointing: bool = option(LOOP.train, "gradient_checkpointing"),
     gradient_accumulation_steps: int = option(LOOP.train, "gradient_accumulation_steps"),
     warm_start_seconds: float = option(LOOP.warm_start.train, "time_budget_s", "--warm-start-seconds"),
@@ -110,6 +111,7 @@ def run(
         when = (("cycles", "cycles", cycles), ("time_budget", "time_budget_s", time_budget))
         changes = {field: value for name, field, value in when if name in given}
     fine_tune = dict(adapter=adapter, lora_rank=lora_rank, lora_dora=lora_dora, lora_plus_ratio=lora_plus_ratio,
+                     lora_learning_rate_scale=lora_learning_rate_scale,
                      gradient_checkpointing=gradient_checkpointing,
                      gradient_accumulation_steps=gradient_accumulation_steps)
     try:
