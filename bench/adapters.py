@@ -404,6 +404,8 @@ def main() -> None:
     parser.add_argument("--lora-learning-rate-scale", type=float, help="the LoRA arm's rate over full fine-tuning's "
                         "(arbor run --lora-learning-rate-scale)")
     parser.add_argument("--pretrain-seconds", type=float)
+    parser.add_argument("--problems-per-cycle", type=int, help="train problems each cycle draws, both arms "
+                        "(arbor run --problems-per-cycle)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/arbor-bench-adapters"))
     parser.add_argument("--out", type=Path)
     parser.add_argument("--fixed-steps", type=int, help="instead of the two runs: fine-tune the user's model this many "
@@ -419,7 +421,8 @@ def main() -> None:
 
     cfg = BenchConfig(**(QUICK if args.quick else {}), lora_dora=args.dora)
     overrides = {"budget": "arm_budget_s", "lora_rank": "lora_rank", "pretrain_seconds": "pretrain_s",
-                 "lora_plus_ratio": "lora_plus_ratio", "lora_learning_rate_scale": "lora_learning_rate_scale"}
+                 "lora_plus_ratio": "lora_plus_ratio", "lora_learning_rate_scale": "lora_learning_rate_scale",
+                 "problems_per_cycle": "problems_per_cycle"}
     for flag, field_name in overrides.items():
         if getattr(args, flag) is not None:
             setattr(cfg, field_name, getattr(args, flag))
