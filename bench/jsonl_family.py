@@ -1,6 +1,6 @@
 """A task given only as JSONL files, as a new user would bring one: no plugin, no generator, no label checks.
 
-Two families, built here for the benchmark (neither addition nor reversal), prompt "word|":
+Three families, built here for the benchmark (neither addition nor reversal), prompt "word|":
 
   mirror   each letter replaced by its mirror in the alphabet (a<->z, b<->y, ...): 1,500 demonstrations of 1-4
            letters, 1,500 train and 300 held-out problems of 2-8 letters. Each answer letter comes from the prompt
@@ -9,6 +9,8 @@ Two families, built here for the benchmark (neither addition nor reversal), prom
            2-10. No answer letter sits at its source letter's place, so the policy numbers tokens in sequence and
            has to learn each length's distance from examples of it: past the demonstrations only the problems'
            answers teach it.
+  rotate-distinct  the same on words that never repeat a letter: the letter to write next is always the one after
+           the letter just written, which a word like "abca" leaves ambiguous.
 
 Problems carry answers and their difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from a
 fresh built-in policy:
@@ -61,11 +63,13 @@ class Family:
     answer: Callable[[str], str]
     demo_lengths: tuple[int, int]  # shortest and longest word of the demonstrations
     problem_lengths: tuple[int, int]  # ... of the train and held-out problems
+    distinct_letters: bool = False  # words never repeat a letter
 
 
 FAMILIES = {
     "mirror": Family("mirror letters", lambda w: w.translate(MIRROR), (1, 4), (2, 8)),
     "rotate": Family("rotate left by one", lambda w: w[1:] + w[:1], (2, 5), (2, 10)),
+    "rotate-distinct": Family("rotate left by one, no letter twice", lambda w: w[1:] + w[:1], (2, 5), (2, 10), True),
 }
 
 
@@ -81,7 +85,11 @@ def write_family(folder: Path, seed: int = 0, name: str = "mirror") -> tuple[Pat
     family's ranges equally often."""
     family = FAMILIES[name]
     rng = random.Random(f"{name}/{seed}")
-    word = lambda n: "".join(rng.choice(string.ascii_lowercase) for _ in range(n))  # noqa: E731
+
+    def word(n: int) -> str:
+        if family.distinct_letters:
+            return "".join(rng.sample(string.ascii_lowercase, n))
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
     folder.mkdir(parents=True, exist_ok=True)
     demos, problems = folder / "demos.jsonl", folder / "problems.jsonl"
     low, high = family.demo_lengths
