@@ -45,11 +45,13 @@ class FineTuneConfig:
         "help": "lora: DoRA, a trained magnitude per output row beside the low-rank direction update (closer to full "
                 "fine-tuning per step; a version is about 14% larger and decodes about 2x slower unmerged; "
                 "docs/models.md)"})
-    lora_plus_ratio: float = field(default=1.0, metadata={
+    # LoRA+ with A at 2.5x full fine-tuning's rate and B at 20x: in bench/adapters.py's loop 103% of full fine-tuning's
+    # held-out gain, where one rate for both at 10x reached 88% (docs/benchmarks.md)
+    lora_plus_ratio: float = field(default=8.0, metadata={
         "help": "lora: LoRA+, the B matrices train at this many times the A matrices' rate (1: one rate for both)"})
-    lora_learning_rate_scale: float = field(default=10.0, metadata={
-        "help": "lora: the adapters train at learning_rate times this (they start at zero and are few: at the full "
-                "rate they barely move; docs/models.md)"})
+    lora_learning_rate_scale: float = field(default=2.5, metadata={
+        "help": "lora: the adapters (their A matrices, under LoRA+) train at learning_rate times this (they start at "
+                "zero and are few: at the full rate they barely move; docs/models.md)"})
     lora_target_modules: tuple[str, ...] | None = field(default=None, metadata={
         "help": "lora: names of the linear layers that get adapters (unset: every nn.Linear inside the model's "
                 "decoder layers, e.g. q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for Llama; never "

@@ -61,13 +61,13 @@ class BenchConfig:
     pretrain_lr: float = 3e-3
     arm_budget_s: float = 480.0  # each arm's --time-budget
     train_seconds: float = 120.0  # one cycle's fine-tune
-    problems_per_cycle: int = 64
+    problems_per_cycle: int = 320  # every train answer each cycle, as `arbor run`'s default of 3,000 would draw
     lora_rank: int = 4
     # DoRA (--dora): in one 120 s fine-tune of this model on every train answer, held-out 0.77 against plain LoRA's
     # 0.66 and full fine-tuning's 0.85, but in the loop 71% of full's gain against plain LoRA's 66% (docs/benchmarks.md)
     lora_dora: bool = False
-    lora_plus_ratio: float = 1.0  # --lora-plus-ratio: LoRA+, B matrices at this many times A's rate
-    lora_learning_rate_scale: float = 10.0  # --lora-learning-rate-scale: the adapters' rate over full fine-tuning's
+    lora_plus_ratio: float = 8.0  # --lora-plus-ratio: LoRA+, B matrices at this many times A's rate
+    lora_learning_rate_scale: float = 2.5  # --lora-learning-rate-scale: the adapters' rate over full fine-tuning's
     switch_repeats: int = 7
     heldout: int = 96  # of the 416 runs; the other 320 are train problems
     memory_steps: int = 3  # optimizer steps of the training-only memory measurement (the peak comes at the first)

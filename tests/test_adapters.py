@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = BuiltinConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, seed=1)
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 EXAMPLES = [{"prompt": f"{a}+{b}=", "completion": str(a + b)[::-1]} for a in range(10) for b in range(0, 10, 3)]
-# a high rate (ten times this: lora_learning_rate_scale) so that a few steps move the adapter far enough to change
-# what the model decodes
+# a high rate (A at 2.5 times this, B at 20 times: lora_learning_rate_scale and lora_plus_ratio) so that a few steps
+# move the adapter far enough to change what the model decodes
 LORA = TrainConfig(adapter="lora", lora_rank=2, lora_alpha=8, lora_dropout=0.0, learning_rate=0.005, max_steps=6,
                    batch_size=8, time_budget_s=60)
 MAX_NEW = 6
@@ -287,7 +287,7 @@ def test_lora_trains_at_its_own_rate():
     model, _ = build_builtin_policy(TINY)
     cfg = TrainConfig(learning_rate=5e-4)
     assert _at_adapter_rate(cfg, model).learning_rate == 5e-4  # auto on a 1M model: full, at the full rate
-    assert _at_adapter_rate(replace(cfg, adapter="lora"), model).learning_rate == pytest.approx(5e-3)
+    assert _at_adapter_rate(replace(cfg, adapter="lora"), model).learning_rate == pytest.approx(1.25e-3)  # 2.5x
     assert _at_adapter_rate(replace(cfg, adapter="lora", lora_learning_rate_scale=2.0), model).learning_rate == 1e-3
     with pytest.raises(ValueError, match="lora_learning_rate_scale must be positive"):
         TrainConfig(lora_learning_rate_scale=0)
