@@ -90,6 +90,7 @@ def write_family(folder: Path, seed: int = 0, name: str = "mirror") -> tuple[Pat
         if family.distinct_letters:
             return "".join(rng.sample(string.ascii_lowercase, n))
         return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
     folder.mkdir(parents=True, exist_ok=True)
     demos, problems = folder / "demos.jsonl", folder / "problems.jsonl"
     low, high = family.demo_lengths
