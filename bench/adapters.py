@@ -66,8 +66,10 @@ class BenchConfig:
     # DoRA (--dora): in one 120 s fine-tune of this model on every train answer, held-out 0.77 against plain LoRA's
     # 0.66 and full fine-tuning's 0.85, but in the loop 71% of full's gain against plain LoRA's 66% (docs/benchmarks.md)
     lora_dora: bool = False
-    lora_plus_ratio: float = 8.0  # --lora-plus-ratio: LoRA+, B matrices at this many times A's rate
-    lora_learning_rate_scale: float = 2.5  # --lora-learning-rate-scale: the adapters' rate over full fine-tuning's
+    # --lora-plus-ratio (LoRA+, B matrices at this many times A's rate) and --lora-learning-rate-scale (the adapters'
+    # rate over full fine-tuning's); unset: `arbor run`'s defaults, read in main()
+    lora_plus_ratio: float | None = None
+    lora_learning_rate_scale: float | None = None
     switch_repeats: int = 7
     heldout: int = 96  # of the 416 runs; the other 320 are train problems
     memory_steps: int = 3  # optimizer steps of the training-only memory measurement (the peak comes at the first)
@@ -351,10 +353,10 @@ def fixed_step_comparison(model_dir: Path, problems: Path, steps: int) -> list[d
     rows = []
     for adapter, rank, alpha, lr in FIXED_STEP_ARMS:
         model, tokenizer = load_policy(model_dir)
-        # each arm trains at exactly its own rate (no LoRA scaling of it)
+        # each arm trains at exactly its own rate (no LoRA scaling of it, one rate for A and B)
         tuner = SFTFineTuner(TrainConfig(adapter=adapter, lora_rank=rank, lora_alpha=alpha, learning_rate=lr,
-                                         max_steps=steps,
-                                         time_budget_s=3600.0, lora_learning_rate_scale=1.0))
+                                         max_steps=steps, time_budget_s=3600.0, lora_learning_rate_scale=1.0,
+                                         lora_plus_ratio=1.0))
         stats = tuner.train(model, tokenizer, train)
         accuracy = evaluate_policy(Policy(tuner.trained.eval(), tokenizer), heldout, LoopConfig().eval_search).accuracy
         rows.append({"adapter": adapter, "rank": rank if adapter == "lora" else None,
@@ -426,6 +428,13 @@ def main() -> None:
     for flag, field_name in overrides.items():
         if getattr(args, flag) is not None:
             setattr(cfg, field_name, getattr(args, flag))
+    from agent.config import TrainConfig
+
+    product = TrainConfig()
+    if cfg.lora_plus_ratio is None:
+        cfg.lora_plus_ratio = product.lora_plus_ratio
+    if cfg.lora_learning_rate_scale is None:
+        cfg.lora_learning_rate_scale = product.lora_learning_rate_scale
     out = args.out or RESULTS / ("adapters-quick.json" if args.quick else "adapters-dora.json" if args.dora
                                  else "adapters.json")
     shutil.rmtree(args.work, ignore_errors=True)

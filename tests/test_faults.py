@@ -230,8 +230,8 @@ def test_a_stopped_worker_puts_its_running_job_back_at_once(tmp_path):
         dep["workers"].append(w1)
         w1.wait_ready()
         (pid,) = store.add_problems([Problem("123+456=", None, id="stop1")])
-        # long enough to outlast the soft shutdown on an idle machine (512 samples have finished within it)
-        job = store.create_job("solve", problem_id=pid, params={"search": {**SEARCH, "n": 2048}})
+        samples = 2048  # long enough to outlast the soft shutdown on an idle machine (512 have finished within it)
+        job = store.create_job("solve", problem_id=pid, params={"search": {**SEARCH, "n": samples}})
         point_celery_app_at(dep["redis"].url).send_task("arbor.solve", args=[job], task_id=job)
         wait_for(lambda: store.get_job(job).status == "running", 60, "the job to start", interval=0.05)
         w1.proc.terminate()  # what `docker compose stop` sends to the container's first process
@@ -245,7 +245,7 @@ def test_a_stopped_worker_puts_its_running_job_back_at_once(tmp_path):
         wait_for(lambda: store.get_job(job).status == "done", 120, "the job to finish on the second worker", interval=0.5)
         row = store.get_job(job)
         assert row.attempts == 2 and row.worker.endswith(f":{w2.children()[0]}")
-        assert len(store.trajectories(job_id=job)) == 2048
+        assert len(store.trajectories(job_id=job)) == samples
 
 
 def test_a_train_cycle_whose_worker_died_is_sent_again(pg_url, tmp_path):
