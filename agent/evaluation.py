@@ -38,6 +38,8 @@ class Evaluation:
     # the mean token log-prob of each greedy answer: what calibrates label-free selection for tasks without checks
     confidence: dict[str, list[float]] = field(default_factory=dict)
     generated_tokens: int = 0
+    # each problem's greedy answer (problem id -> Candidate), for reuse in the same cycle; never stored
+    answers: dict = field(default_factory=dict, compare=False, repr=False)
     metric: dict[str, float] = field(init=False, compare=False)
 
     def __post_init__(self):
@@ -52,7 +54,8 @@ class Evaluation:
     def merged(self, other: Evaluation) -> Evaluation:
         """This evaluation with `other`'s keys added (the same policy, evaluated at more keys)."""
         return Evaluation(self.mode, {**self.accuracy, **other.accuracy}, {**self.self_verified, **other.self_verified},
-                          {**self.confidence, **other.confidence}, self.generated_tokens + other.generated_tokens)
+                          {**self.confidence, **other.confidence}, self.generated_tokens + other.generated_tokens,
+                          {**self.answers, **other.answers})
 
     def stored(self) -> dict:
         """The form a run's store keeps (and `Evaluation(**stored)` rebuilds): everything but the derived metric."""
@@ -93,4 +96,5 @@ def evaluate_policy(policy, by_key: dict[str, list[Problem]], cfg: SearchConfig,
             passed[key] = passed.get(key, 0) + 1
         self_verified = {key: passed.get(key, 0) / len(rs) for key, rs in by_result_key.items() if wanted(key)}
     confidence = {key: [r.best.mean_logprob for r in rs] for key, rs in by_result_key.items()}
-    return Evaluation(mode, accuracy, self_verified, confidence, sum(r.generated_tokens for r in results))
+    return Evaluation(mode, accuracy, self_verified, confidence, sum(r.generated_tokens for r in results),
+                      {r.problem.id: r.best for r in results})

@@ -293,7 +293,7 @@ class SelfImprovementLoop:
             t = time.monotonic()
             if self._from_demonstrations():  # the candidate's own answers are the negatives of the judge it gets
                 work.value_rows = self._demonstration_rows(candidate, cycle)
-            value = self._train_value(current, candidate, work.value_rows, cycle, evaluation)
+            value = self._train_value(current, candidate, work.value_rows, cycle, evaluation, verdict.candidate.answers)
             seconds["value"] = seconds.get("value", 0.0) + time.monotonic() - t
         self.value_rows += work.value_rows
         trained_on = {"cycle": cycle, "frontier": self.curriculum.key(frontier_index), "examples": len(work.examples),
@@ -353,9 +353,10 @@ class SelfImprovementLoop:
                                         cycle_seed(self.cfg.seed, cycle))
 
     def _train_value(self, current: Policy, candidate: Policy, newest: list[dict], cycle: int,
-                     evaluation: Evaluation) -> ValueCycle:
+                     evaluation: Evaluation, greedy: dict | None = None) -> ValueCycle:
         """The candidate's value model from `newest` and a replay share of earlier cycles' rows, continuing the current
-        version's and calibrated for adaptive search on the held-out problems the policy does not master yet."""
+        version's and calibrated for adaptive search on the held-out problems the policy does not master yet (with
+        the candidate's greedy answers the gate decoded, `greedy`, where it has them)."""
         frontier_index = self.curriculum.frontier_index
         heldout = self.plan.heldout_problems(frontier_index)
         keys = self.plan.gate_keys(frontier_index)
@@ -365,7 +366,7 @@ class SelfImprovementLoop:
         return train_cycle_value(current, candidate, newest, self.value_rows, self.cfg,
                                  random.Random(cycle_seed(self.cfg.seed, cycle)),
                                  [p for key in unmastered for p in heldout.get(key, [])],
-                                 self.eval_search(heldout).max_new_tokens)
+                                 self.eval_search(heldout).max_new_tokens, greedy)
 
     def _state(self, evaluation: Evaluation) -> dict:
         """What a resume needs besides the record: the curriculum's metrics and the current policy's evaluation."""

@@ -92,10 +92,12 @@ class ValueCycle:
 
 
 def train_cycle_value(current: Policy, candidate: Policy, newest: list[dict], older: list[dict], cfg: LoopConfig,
-                      rng: random.Random, calibration_problems: list[Problem], max_new_tokens: int) -> ValueCycle:
+                      rng: random.Random, calibration_problems: list[Problem], max_new_tokens: int,
+                      greedy: dict | None = None) -> ValueCycle:
     """Train the candidate's value model on this cycle's labelled candidates and a replay share of earlier ones,
     continuing from the current version's (a first one starts from a copy of the policy), then calibrate its accept
-    threshold on held-out problems with answers (when there are any) with the candidate's greedy answers.
+    threshold on held-out problems with answers (when there are any) with the candidate's greedy answers (`greedy`:
+    those the gate already decoded, problem id -> Candidate; the rest are decoded here).
 
     The current version's model is kept instead, recalibrated, where training it would not pay: when it still
     tells this cycle's right candidates from wrong ones at cfg.value_refresh_auroc or better, when it does so at
@@ -122,7 +124,7 @@ def train_cycle_value(current: Policy, candidate: Policy, newest: list[dict], ol
     else:
         vm, kept_from, kept = train_value(current, data, cfg.value, start=start), None, None
     answered = [p for p in calibration_problems if p.answer is not None][:CALIBRATION_PROBLEMS]
-    calibration = (calibrate(vm, candidate, answered, max_new_tokens=max_new_tokens) if answered
+    calibration = (calibrate(vm, candidate, answered, max_new_tokens=max_new_tokens, greedy=greedy) if answered
                    else {"accept_score": None, "problems": 0})
     trained = kept_from is None
     record = {"completions": len(data), "replayed": len(replay), "right": sum(row["label"] for row in data),

@@ -16,6 +16,8 @@ accuracy and pseudo-label precision. The baseline in the same run is the warm-st
 best-of-4, beam, diverse beam and MCTS, each sized to generate about as many tokens per problem. All arms of a
 seed start from one shared warm start (its seconds are reported apart, not in the arms' clocks), and every
 cycle records the tokens its search generated (`search_tokens`), so the comparison shows what each arm spent.
+`--value-model both` also starts both arms of a seed from one shared warm start, whose seconds count in each
+arm's time to the target (`value_comparison`), beside the seconds the judge itself took (`judge_s`).
 
 Prints one JSON object (last line) and writes bench/results/selfimprove-<task>-<mode>.json plus each seed's
 report (.md) and learning curve (.png) beside it.
@@ -146,7 +148,8 @@ def main() -> None:
                         help="with --sources and one seed: start every arm from this warm-started policy folder instead of "
                              "a new warm start; runs of other sources already recorded from the same folder are kept")
     parser.add_argument("--value-model", choices=["off", "on", "both"], default="off",
-                        help="train a value model in the loop: off, on, or both (each seed without, then with)")
+                        help="train a value model in the loop: off, on, or both (each seed without, then with, from one warm "
+                             "start)")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-selfimprove"))
     args = parser.parse_args()
     if args.policy is not None and (args.sources is None or len(args.seeds) != 1):
@@ -165,10 +168,15 @@ def main() -> None:
             warm_seconds = {int(k): v for k, v in kept.get("shared_warm_start_s", {}).items()}
     for seed in args.seeds:  # the summary is rewritten after every run: a stopped benchmark keeps what it finished
         if args.sources is None:
+            shared = None
+            if args.value_model == "both":  # both arms from one warm start: its spread is not the judge's
+                warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
+                shared, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg,
+                                                               args.task)
             for value_model in {"off": [False], "on": [True], "both": [False, True]}[args.value_model]:
                 runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
                                      args.home / f"{args.task}-{args.mode}-s{seed}{'-value' if value_model else ''}",
-                                     value_model=value_model))
+                                     policy=shared, value_model=value_model))
                 (RESULTS / f"{stem}.json").write_text(json.dumps(summarize(args, runs, warm_seconds), indent=2))
         else:
             if args.policy is None:
@@ -212,11 +220,20 @@ def summarize(args, runs: list[dict], warm_seconds: dict, policy: Path | None = 
              "search_tokens_per_cycle": round(r["search_tokens"] / max(1, r["cycles_run"]))}
             for r in runs]
     if args.value_model == "both":  # one table: each seed's time to the target without and with the value model
+        # both arms adopt the seed's shared warm start, whose seconds count in each arm's time to the target
+        summary["shared_warm_start_s"] = {str(k): round(v, 1) for k, v in warm_seconds.items()}
         by_seed: dict[int, dict] = {}
         for r in runs:
-            by_seed.setdefault(r["seed"], {})["with" if r["value_model"] else "without"] = r["seconds_to_target"]
-        summary["value_comparison"] = [{"seed": seed, "without_s": t.get("without"), "with_s": t.get("with")}
-                                       for seed, t in sorted(by_seed.items())]
+            warm = warm_seconds.get(r["seed"], 0.0)
+            arm = r["seconds_to_target"]
+            by_seed.setdefault(r["seed"], {})["with" if r["value_model"] else "without"] = (
+                round(warm + arm, 1) if arm is not None else None)
+            judge = sum(c["seconds"].get("value", 0.0) for c in r["curve"]
+                        if arm is not None and c["elapsed_s"] <= arm)
+            if r["value_model"]:
+                by_seed[r["seed"]]["judge_s"] = round(judge, 1)
+        summary["value_comparison"] = [{"seed": seed, "without_s": t.get("without"), "with_s": t.get("with"),
+                                        "judge_s": t.get("judge_s")} for seed, t in sorted(by_seed.items())]
     return summary
 
 if __name__ == "__main__":

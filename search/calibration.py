@@ -11,12 +11,13 @@ from search.strategies import run_search
 
 
 def calibrate(value_model, policy, problems: list, precision: float = 0.95, max_new_tokens: int = 64,
-              budget_share: float | None = None, cfg: SearchConfig | None = None) -> dict:
+              budget_share: float | None = None, cfg: SearchConfig | None = None, greedy: dict | None = None) -> dict:
     """Set the value model's thresholds for adaptive search (search/adaptive.py) from `problems` with answers
     (held-out ones), kept in its meta and so saved with it. Two rules:
 
     - budget_share None: the policy's greedy answers are scored and checked, and accept_score is the lowest value
-      at which the answers scoring at least that are right at `precision` (none reaches it: stays unset);
+      at which the answers scoring at least that are right at `precision` (none reaches it: stays unset); `greedy`
+      (problem id -> Candidate) gives answers the caller already decoded greedily, and only the missing ones are;
     - budget_share (e.g. 1/3): every adaptive stage runs on every problem (`cfg`'s n, simulations, ...), and the
       accept and give-up scores are the pair with which adaptive search, replayed on those candidates, is right
       most often while generating at most that share of best-of-n's tokens (compute-optimal by the value model)."""
@@ -30,8 +31,11 @@ def calibrate(value_model, policy, problems: list, precision: float = 0.95, max_
         value_model.meta.update(accept_score=report["accept_score"], give_up_score=report["give_up_score"],
                                 calibration=report)
         return report
-    results = run_search(answered, SearchConfig(strategy="greedy", max_new_tokens=max_new_tokens), policy)
-    best = [r.best for r in results]
+    greedy = greedy or {}
+    missing = [p for p in answered if p.id not in greedy]
+    decoded = run_search(missing, SearchConfig(strategy="greedy", max_new_tokens=max_new_tokens), policy) if missing else []
+    greedy = {**greedy, **{r.problem.id: r.best for r in decoded}}
+    best = [greedy[p.id] for p in answered]
     values = _final_values(value_model, policy, answered, [[c] for c in best])
     right = [bool(c.verified) for c in best]
     threshold = calibrate_accept_score([v[0] for v in values], right, precision)

@@ -4,6 +4,8 @@ one."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent.config import BuiltinConfig, TrainConfig
@@ -131,6 +133,25 @@ def test_calibration_sets_the_threshold_the_version_keeps(judged):
     value_model, report = judged
     assert report["problems"] == 40 and report["accept_score"] is not None, report
     assert value_model.accept_score == report["accept_score"] and 0 < report["kept_share"] <= 1
+
+
+def test_calibration_reuses_greedy_answers_it_is_given_and_decodes_only_the_rest(policy, judged):
+    """The loop calibrates on the held-out answers its gate already decoded: given answers are scored as they are
+    (here every one marked wrong, which no decoding would give), and only problems without one are decoded."""
+    import copy
+
+    from search.calibration import calibrate
+
+    value_model = copy.deepcopy(judged[0])
+    problems = get_task("addition").generate(1, 40, seed=12, split="heldout")
+    decoded = run_search(problems, SearchConfig(strategy="greedy", max_new_tokens=6), policy)
+    assert sum(bool(r.best.verified) for r in decoded) > 10  # the policy adds 1 digit: most of its answers are right
+    all_wrong = {r.problem.id: replace(r.best, verified=False) for r in decoded}
+    given = calibrate(value_model, policy, problems, precision=0.8, max_new_tokens=6, greedy=all_wrong)
+    assert given["greedy_accuracy"] == 0.0 and given["accept_score"] is None
+    half = dict(list(all_wrong.items())[:20])  # the other 20 decoded here, as before
+    mixed = calibrate(value_model, policy, problems, precision=0.8, max_new_tokens=6, greedy=half)
+    assert mixed["greedy_accuracy"] == pytest.approx(sum(bool(r.best.verified) for r in decoded[20:]) / 40)
 
 
 def test_auto_is_beam_without_a_calibrated_value_model_and_adaptive_with_one(policy, judged, tmp_path):

@@ -529,11 +529,15 @@ def test_the_default_report_reaches_100_digits_and_the_builtin_policy_decodes_th
     assert loop.plan.training_keys(loop.curriculum.frontier_index, {}) == ["101", "121", "141"]
 
 
-def test_a_value_model_trains_with_every_promoted_candidate_and_continues_the_last(setup):
+def test_a_value_model_trains_with_every_promoted_candidate_and_continues_the_last(setup, monkeypatch):
+    import search.calibration
     from agent.config import ValueConfig
     from agent.registry import value_folder
 
     settings, store, registry = setup
+    # the calibration scores the candidate's greedy answers the gate decoded: it decodes none again
+    monkeypatch.setattr(search.calibration, "run_search",
+                        lambda *a, **k: pytest.fail("calibration decoded answers the gate had decoded"))
     # promote_margin -1: every candidate is promoted, so each cycle's value model is kept beside it
     cfg = tiny_config(cycles=2, value_model=True, promote_margin=-1.0, value_refresh_auroc=1.0,
                       value=ValueConfig(time_budget_s=5.0, trunk_batch=32, epochs=2),
