@@ -228,8 +228,8 @@ def summarize(args, runs: list[dict], warm_seconds: dict, policy: Path | None = 
             arm = r["seconds_to_target"]
             by_seed.setdefault(r["seed"], {})["with" if r["value_model"] else "without"] = (
                 round(warm + arm, 1) if arm is not None else None)
-            judge = sum(c["seconds"].get("value", 0.0) for c in r["curve"]
-                        if arm is not None and c["elapsed_s"] <= arm)
+            judge = sum(c["seconds"].get("value", 0.0) for c in r["curve"]  # to the target, or in all
+                        if arm is None or c["elapsed_s"] <= arm)
             if r["value_model"]:
                 by_seed[r["seed"]]["judge_s"] = round(judge, 1)
         summary["value_comparison"] = [{"seed": seed, "without_s": t.get("without"), "with_s": t.get("with"),
