@@ -62,10 +62,15 @@ def evaluate(policy, threads: int, problems) -> float:
     return time.monotonic() - began
 
 
-def judge_alone(ctx, args, threads: int) -> dict:
+def start_judge(ctx, args, threads: int):
+    """The judge's training started in its own process: (the process, the queue its steps come back on)."""
     out = ctx.Queue()
     child = ctx.Process(target=train_judge, args=(threads, args.judge_seconds, args.seed, args.rows, args.digits, out))
     child.start()
+    return child, out
+
+
+def finished(child, out) -> dict:
     result = out.get()
     child.join()
     return result
@@ -85,17 +90,13 @@ def main() -> None:
     evaluate(policy, 2, problems[:64])  # first-call costs out of the timings
     eval_all_threads = evaluate(policy, 2, problems)
     eval_one_thread = evaluate(policy, 1, problems)
-    alone = judge_alone(ctx, args, 2)
+    alone = finished(*start_judge(ctx, args, 2))
     alone_rate = alone["steps"] / alone["seconds"]
 
-    out = ctx.Queue()
-    child = ctx.Process(target=train_judge,
-                        args=(1, args.judge_seconds, args.seed, args.rows, args.digits, out))
-    child.start()
+    judge = start_judge(ctx, args, 1)
     time.sleep(args.judge_seconds / 4)  # the child's imports and model, before its training starts
     eval_beside = evaluate(policy, 1, problems)
-    beside = out.get()
-    child.join()
+    beside = finished(*judge)
     # the judge steps that ran while the evaluation did, at the judge's own rate beside it
     overlapped_steps = min(beside["steps"], beside["steps"] / beside["seconds"] * eval_beside)
     judge_work_s = overlapped_steps / alone_rate

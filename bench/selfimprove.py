@@ -166,24 +166,24 @@ def main() -> None:
         if kept.get("policy") == str(args.policy.resolve()):
             runs = [r for r in kept["runs"] if r["source"] not in (args.sources or list(DATA_SOURCES))]
             warm_seconds = {int(k): v for k, v in kept.get("shared_warm_start_s", {}).items()}
+
+    def seed_warm_start(seed: int) -> Path:
+        """One warm start for all of a seed's arms; its seconds are kept in warm_seconds."""
+        warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
+        folder, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg, args.task)
+        return folder
+
     for seed in args.seeds:  # the summary is rewritten after every run: a stopped benchmark keeps what it finished
         if args.sources is None:
-            shared = None
-            if args.value_model == "both":  # both arms from one warm start: its spread is not the judge's
-                warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
-                shared, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg,
-                                                               args.task)
+            # --value-model both: both arms from one warm start, so its spread is not the judge's
+            shared = seed_warm_start(seed) if args.value_model == "both" else None
             for value_model in {"off": [False], "on": [True], "both": [False, True]}[args.value_model]:
                 runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
                                      args.home / f"{args.task}-{args.mode}-s{seed}{'-value' if value_model else ''}",
                                      policy=shared, value_model=value_model))
                 (RESULTS / f"{stem}.json").write_text(json.dumps(summarize(args, runs, warm_seconds), indent=2))
         else:
-            if args.policy is None:
-                warm_cfg = bench_config(args.mode, seed, args.target, args.accuracy, args.budget)
-                policy, warm_seconds[seed] = shared_warm_start(args.home / f"{args.task}-warm-s{seed}", warm_cfg, args.task)
-            else:
-                policy = args.policy
+            policy = seed_warm_start(seed) if args.policy is None else args.policy
             for source in args.sources or list(DATA_SOURCES):
                 runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
                                      args.home / f"{args.task}-{args.mode}-{source}-s{seed}", source, policy))
