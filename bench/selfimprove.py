@@ -11,6 +11,7 @@ accuracy and pseudo-label precision. The baseline in the same run is the warm-st
     python -m bench.selfimprove --mode verifier --target 20 --seeds 0
     python -m bench.selfimprove --sources --target 8 --budget 420 --seeds 0   # the data-source comparison
     python -m bench.selfimprove --value-model both --seeds 0 1 2       # each seed without, then with a value model
+    python -m bench.selfimprove --schedule both --seeds 0 1 2          # each cycle's fine-tune: constant rate, then cosine
 
 `--sources` compares the loop's data sources (the search that finds each cycle's trajectories, DATA_SOURCES):
 best-of-4, beam, diverse beam and MCTS, each sized to generate about as many tokens per problem. All arms of a
@@ -18,6 +19,8 @@ seed start from one shared warm start (its seconds are reported apart, not in th
 cycle records the tokens its search generated (`search_tokens`), so the comparison shows what each arm spent.
 `--value-model both` also starts both arms of a seed from one shared warm start, whose seconds count in each
 arm's time to the target (`value_comparison`), beside the seconds the judge itself took (`judge_s`).
+`--schedule both` does the same for each cycle's learning-rate schedule (`schedule_comparison`): the default
+constant rate against warm-up and cosine decay over the fine-tune's time budget (`TrainConfig.schedule`).
 
 Prints one JSON object (last line) and writes bench/results/selfimprove-<task>-<mode>.json plus each seed's
 report (.md) and learning curve (.png) beside it.
@@ -62,11 +65,14 @@ def format_filters(filters: list[dict]) -> str:
                     for f in filters)
 
 
-def bench_config(mode: str, seed: int, target: int, accuracy: float, budget: float, source: str | None = None) -> LoopConfig:
-    """`arbor run`'s defaults plus the benchmark's stop at the target, its budget and (optionally) a data source."""
+def bench_config(mode: str, seed: int, target: int, accuracy: float, budget: float, source: str | None = None,
+                 schedule: str | None = None) -> LoopConfig:
+    """`arbor run`'s defaults plus the benchmark's stop at the target, its budget and (optionally) a data source and
+    each cycle's learning-rate schedule."""
     base = LoopConfig()
     return replace(base, seed=seed, time_budget_s=budget,
                    select=replace(base.select, mode=mode), search=DATA_SOURCES[source] if source else base.search,
+                   train=replace(base.train, schedule=schedule) if schedule else base.train,
                    report_difficulties=tuple(sorted(set(base.report_difficulties) | {target})))
 
 
@@ -88,11 +94,13 @@ def shared_warm_start(home: Path, cfg: LoopConfig, task: str) -> tuple[Path, flo
 
 
 def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budget: float, home: Path,
-             source: str | None = None, policy: Path | None = None, value_model: bool = False) -> dict:
+             source: str | None = None, policy: Path | None = None, value_model: bool = False,
+             schedule: str | None = None) -> dict:
     """One run; from a fresh policy (its warm start in the clock) unless `policy` (a shared warm start) is given.
-    `value_model`: the run trains a value model with every promoted candidate (`arbor run --value-model`)."""
+    `value_model`: the run trains a value model with every promoted candidate (`arbor run --value-model`);
+    `schedule`: each cycle's learning-rate schedule (unset: the default)."""
     shutil.rmtree(home, ignore_errors=True)
-    cfg = replace(bench_config(mode, seed, target, accuracy, budget, source), value_model=value_model)
+    cfg = replace(bench_config(mode, seed, target, accuracy, budget, source, schedule), value_model=value_model)
 
     def on_event(kind, payload):
         if kind == "cycle":
@@ -110,7 +118,8 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
                       target_reached(target, accuracy))
     cycles = report["cycles"]
     reached = next((c for c in cycles if c["heldout"].get(str(target), 0.0) >= accuracy), None)
-    stem = f"selfimprove-{task}-{mode}" + (f"-{source}" if source else "") + ("-value" if value_model else "") + f"-s{seed}"
+    stem = (f"selfimprove-{task}-{mode}" + (f"-{source}" if source else "") + ("-value" if value_model else "")
+            + (f"-{schedule}" if schedule else "") + f"-s{seed}")
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(Path(report["run_dir"]) / "learning_curve.png", RESULTS / f"{stem}.png")
     shutil.copy(Path(report["run_dir"]) / "report.md", RESULTS / f"{stem}.md")
@@ -118,6 +127,7 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
         "seed": seed,
         "source": source or "best_of_n",
         "value_model": value_model,
+        "schedule": cfg.train.schedule,
         "baseline_warm_start_accuracy_at_target": cycles[0]["heldout"].get(str(target)),
         "final_accuracy_at_target": cycles[-1]["heldout"].get(str(target)),
         "reached": reached is not None,
@@ -150,15 +160,21 @@ def main() -> None:
     parser.add_argument("--value-model", choices=["off", "on", "both"], default="off",
                         help="train a value model in the loop: off, on, or both (each seed without, then with, from one warm "
                              "start)")
+    parser.add_argument("--schedule", choices=["default", "time_cosine", "both"], default="default",
+                        help="each cycle's learning-rate schedule: the default (constant), time_cosine, or both (each seed "
+                             "constant, then cosine, from one warm start)")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-selfimprove"))
     args = parser.parse_args()
     if args.policy is not None and (args.sources is None or len(args.seeds) != 1):
         parser.error("--policy goes with --sources and a single seed")
-    if args.value_model != "off" and args.sources is not None:
-        parser.error("--value-model compares runs of the default data source: leave out --sources")
+    if (args.value_model != "off" or args.schedule != "default") and args.sources is not None:
+        parser.error("--value-model and --schedule compare runs of the default data source: leave out --sources")
+    if args.value_model == "both" and args.schedule == "both":
+        parser.error("compare one thing at a time: --value-model both or --schedule both")
 
     stem = (f"selfimprove-{args.task}-{args.mode}" + ("-sources" if args.sources is not None else "")
-            + {"off": "", "on": "-value", "both": "-value-vs-none"}[args.value_model])
+            + {"off": "", "on": "-value", "both": "-value-vs-none"}[args.value_model]
+            + {"default": "", "time_cosine": "-time_cosine", "both": "-schedules"}[args.schedule])
     runs, warm_seconds = [], {}
     earlier = RESULTS / f"{stem}.json"
     if args.policy is not None and earlier.exists():  # arms measured before from the same warm start stay in the summary
@@ -175,13 +191,17 @@ def main() -> None:
 
     for seed in args.seeds:  # the summary is rewritten after every run: a stopped benchmark keeps what it finished
         if args.sources is None:
-            # --value-model both: both arms from one warm start, so its spread is not the judge's
-            shared = seed_warm_start(seed) if args.value_model == "both" else None
+            # a comparison's arms start from one warm start, so its spread is not the compared setting's
+            shared = seed_warm_start(seed) if "both" in (args.value_model, args.schedule) else None
             for value_model in {"off": [False], "on": [True], "both": [False, True]}[args.value_model]:
-                runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget,
-                                     args.home / f"{args.task}-{args.mode}-s{seed}{'-value' if value_model else ''}",
-                                     policy=shared, value_model=value_model))
-                (RESULTS / f"{stem}.json").write_text(json.dumps(summarize(args, runs, warm_seconds), indent=2))
+                for schedule in {"default": [None], "time_cosine": ["time_cosine"],
+                                 "both": [None, "time_cosine"]}[args.schedule]:
+                    home = args.home / (f"{args.task}-{args.mode}-s{seed}" + ("-value" if value_model else "")
+                                        + (f"-{schedule}" if schedule else ""))
+                    runs.append(run_seed(args.task, args.mode, seed, args.target, args.accuracy, args.budget, home,
+                                         policy=shared, value_model=value_model, schedule=schedule))
+                    RESULTS.mkdir(exist_ok=True)
+                    (RESULTS / f"{stem}.json").write_text(json.dumps(summarize(args, runs, warm_seconds), indent=2))
         else:
             policy = seed_warm_start(seed) if args.policy is None else args.policy
             for source in args.sources or list(DATA_SOURCES):
@@ -220,21 +240,27 @@ def summarize(args, runs: list[dict], warm_seconds: dict, policy: Path | None = 
              "search_tokens_per_cycle": round(r["search_tokens"] / max(1, r["cycles_run"]))}
             for r in runs]
     if args.value_model == "both":  # one table: each seed's time to the target without and with the value model
-        # both arms adopt the seed's shared warm start, whose seconds count in each arm's time to the target
         summary["shared_warm_start_s"] = {str(k): round(v, 1) for k, v in warm_seconds.items()}
-        by_seed: dict[int, dict] = {}
-        for r in runs:
-            warm = warm_seconds.get(r["seed"], 0.0)
-            arm = r["seconds_to_target"]
-            by_seed.setdefault(r["seed"], {})["with" if r["value_model"] else "without"] = (
-                round(warm + arm, 1) if arm is not None else None)
-            judge = sum(c["seconds"].get("value", 0.0) for c in r["curve"]  # to the target, or in all
-                        if arm is None or c["elapsed_s"] <= arm)
-            if r["value_model"]:
-                by_seed[r["seed"]]["judge_s"] = round(judge, 1)
-        summary["value_comparison"] = [{"seed": seed, "without_s": t.get("without"), "with_s": t.get("with"),
-                                        "judge_s": t.get("judge_s")} for seed, t in sorted(by_seed.items())]
+        summary["value_comparison"] = arm_comparison(runs, warm_seconds, lambda r: "with" if r["value_model"] else "without")
+    if args.schedule == "both":  # each seed's time to the target at a constant rate and on the cosine schedule
+        summary["shared_warm_start_s"] = {str(k): round(v, 1) for k, v in warm_seconds.items()}
+        summary["schedule_comparison"] = arm_comparison(runs, warm_seconds, lambda r: r["schedule"])
     return summary
+
+
+def arm_comparison(runs: list[dict], warm_seconds: dict, arm_of) -> list[dict]:
+    """Per seed, each arm's time to the target as `<arm>_s`: the arms adopt the seed's shared warm start, whose
+    seconds count in each arm's time. An arm with a value model also gives the seconds its judge took (`judge_s`: to
+    the target, or in all where it was not reached)."""
+    by_seed: dict[int, dict] = {}
+    for r in runs:
+        arm = r["seconds_to_target"]
+        row = by_seed.setdefault(r["seed"], {"seed": r["seed"]})
+        row[f"{arm_of(r)}_s"] = round(warm_seconds.get(r["seed"], 0.0) + arm, 1) if arm is not None else None
+        if r["value_model"]:
+            row["judge_s"] = round(sum(c["seconds"].get("value", 0.0) for c in r["curve"]
+                                       if arm is None or c["elapsed_s"] <= arm), 1)
+    return [row for _, row in sorted(by_seed.items())]
 
 if __name__ == "__main__":
     main()
