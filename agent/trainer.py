@@ -3,7 +3,8 @@ preference pairs (agent/preference.py), of every parameter or (FineTuneConfig.ad
 frozen weights (agent/adapters.py).
 
 A fresh trainer per cycle, bounded by wall-clock time rather than epochs so that a cycle's cost is
-predictable on a CPU; the learning rate is constant because the number of steps is not known ahead.
+predictable on a CPU. The number of steps is not known ahead, so TRL's scheduler keeps the rate constant and a
+schedule over time (TrainConfig.schedule "time_cosine": warm-up, then cosine decay) is applied by _TimeBudget.
 """
 
 from __future__ import annotations
