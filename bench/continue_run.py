@@ -1,0 +1,76 @@
+"""Continue a bench.selfimprove run past the target it stopped at: the same run, resumed (`arbor run --resume`),
+until a longer target's held-out accuracy reaches the bar or the run's budget ends.
+
+A benchmark run stops once it reaches its target; the run itself would have gone on learning longer lengths. This
+resumes it with its own settings, policy, replay buffer and clock (a resumed run's clock counts its recorded
+cycles, not the time in between), so the seconds it reports are those of one uninterrupted run.
+
+    python -m bench.continue_run /tmp/arbor-sched/addition-label_free-s0-time_cosine bench-addition-label_free-s0 \\
+        --target 100 --budget 1614 --name addition-label_free-time_cosine-to100-s0
+
+`--budget` is the run's time budget, which a resume may change: an arm that adopted a shared warm start of W
+seconds gets 1800 - W to stay within the headline's 1800 s. Prints one JSON object (last line) and copies the run's
+report, learning curve and time plot to bench/results/selfimprove-<name>.md/.png/-time.png beside its .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from agent.config import LoopConfig
+from agent.runner import RunInputs, run_main
+from agent.settings import Settings
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("home", type=Path, help="the run's ARBOR home (a bench.selfimprove arm's folder)")
+    parser.add_argument("run", help="the run's name in that home")
+    parser.add_argument("--target", type=int, default=100)
+    parser.add_argument("--accuracy", type=float, default=0.9)
+    parser.add_argument("--budget", type=float, default=None, help="the run's new time budget in seconds")
+    parser.add_argument("--name", required=True, help="the result files are bench/results/selfimprove-<name>.*")
+    args = parser.parse_args()
+
+    def on_event(kind, r):
+        if kind != "cycle":
+            print(f"[{kind}] {r}", flush=True)
+            return
+        shown = {k: round(v, 2) for k, v in r.heldout.items() if int(k) % 20 == 0 or k == str(r.frontier)}
+        print(f"[{r.elapsed_s:7.1f}s] cycle {r.cycle} {r.policy_version} frontier={r.frontier} promoted={r.promoted} "
+              f"accepted={r.accepted} acc={shown} t={ {k: round(v, 1) for k, v in r.seconds.items()} }", flush=True)
+
+    target = str(args.target)
+    changes = {"time_budget_s": args.budget} if args.budget is not None else {}
+    report = run_main(Settings(home=args.home, device="cpu"), LoopConfig(), RunInputs(resume=args.run, changes=changes),
+                      on_event, lambda record: record.heldout.get(target, 0.0) >= args.accuracy)
+    cycles = report["cycles"]
+    reached = next((c for c in cycles if c["heldout"].get(target, 0.0) >= args.accuracy), None)
+    stem = f"selfimprove-{args.name}"
+    run_dir = Path(report["run_dir"])
+    RESULTS.mkdir(exist_ok=True)
+    for source, suffix in (("report.md", ".md"), ("learning_curve.png", ".png"), ("time_per_cycle.png", "-time.png")):
+        shutil.copy(run_dir / source, RESULTS / f"{stem}{suffix}")
+    summary = {
+        "benchmark": "continue_run",
+        "run": args.run,
+        "target_difficulty": args.target,
+        "target_accuracy": args.accuracy,
+        "reached": reached is not None,
+        "seconds_to_target": reached["elapsed_s"] if reached else None,
+        "final_accuracy_at_target": cycles[-1]["heldout"].get(target),
+        "cycles": [{"cycle": c["cycle"], "elapsed_s": c["elapsed_s"], "frontier": c["frontier"],
+                    "heldout": {k: c["heldout"].get(k) for k in ("40", "60", "80", target)}, "seconds": c["seconds"]}
+                   for c in cycles],
+    }
+    (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k != "cycles"}))
+
+
+if __name__ == "__main__":
+    main()
