@@ -319,12 +319,11 @@ class LoopConfig:
     eval_search: SearchConfig = field(default_factory=lambda: SearchConfig(strategy="greedy"),
                                       metadata={"help": "the search of the held-out evaluation"})
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "which trajectories become labels"})
-    # warm-up and cosine decay, not a constant rate: each cycle's fine-tune starts a fresh AdamW, and a full-rate first
-    # step knocked a version off lengths it had mastered (40 digits at 1,415 s against 1,000 s on the cosine schedule
-    # from the same warm start; docs/benchmarks.md)
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0, schedule="time_cosine"),
-        metadata={"help": "each cycle's fine-tune"})
+    # a constant rate, not warm-up and cosine decay: on addition the cosine schedule was never slower (the slow seed
+    # 1,187 s against 1,601 s to 40 digits), but on reversal it settled the weights until no 11-letter answer was even
+    # well formed and the run stalled, where the constant rate reached 40 letters in 875 s (docs/benchmarks.md)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(learning_rate=5e-4, time_budget_s=50.0),
+                               metadata={"help": "each cycle's fine-tune"})
     train_method: str = field(default="sft", metadata={
         "help": "sft (the replay mix), dpo (this cycle's preference pairs) or sft+dpo (DPO after SFT, on the same "
                 "candidate)"})
