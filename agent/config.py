@@ -146,6 +146,9 @@ class SelectConfig:
     proposal_mastery: float = field(default=0.98, metadata={
         "help": "label_free: a proposal may use the policy's answers only at difficulties whose gate metric "
                 "reaches this"})
+    verify_proposal_parts: bool = field(default=True, metadata={
+        "help": "label_free: past the lengths mastered to proposal_mastery, a proposal may use an answer of the "
+                "policy's that passes the task's label checks (their parts checked the same way)"})
     min_value: float | None = field(default=None, metadata={
         "help": "label_free: keep a label only if the current version's value model gives it at least this "
                 "probability of being right (needs --value-model; unset: filter off)"})

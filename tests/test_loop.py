@@ -328,14 +328,44 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits).examples == []
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(use_task_proposals=False),
                   masters_shorter).examples == []
-    # the policy's answers write labels only at lengths it masters to proposal_mastery, from the easiest up
+    # unchecked, the policy's answers write labels only at lengths it masters to proposal_mastery, from the easiest up
+    unchecked = SelectConfig(verify_proposal_parts=False)
     mastered = {"1": 1.0, "2": 0.99, "3": 0.985}
-    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, unchecked, masters_shorter,
                   gate_metric=mastered).examples[0]["completion"] == right
-    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, unchecked, masters_shorter,
                   gate_metric={**mastered, "2": 0.95}).examples == []  # 3 digits' older value is not trusted past it
-    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(proposal_mastery=0.99), masters_shorter,
-                  gate_metric=mastered).examples == []
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, replace(unchecked, proposal_mastery=0.99),
+                  masters_shorter, gate_metric=mastered).examples == []
+    # by default an answer past the mastered lengths counts where the split check, its halves checked alike, holds
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
+                  gate_metric={**mastered, "2": 0.95}).examples[0]["completion"] == right
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits,
+                  gate_metric={"1": 1.0, "2": 0.95}).examples == []  # the wrong 3-digit sums fail their own halves
+
+
+def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted_lengths():
+    """An answer past the trusted length stands only where its halves compose to it and each half, if itself past
+    that length, passes the same check: one wrong quarter-length answer sinks the 8-digit answer built on it."""
+    from agent.select import verified_past
+    from tasks.addition import make_problem
+
+    addition = get_task("addition")
+    problem = make_problem("12345678", "87654321")
+    asked = []
+
+    def solver(wrong_at: int | None):
+        def solve(problems):
+            asked.extend(p.difficulty for p in problems)
+            return [p.answer if p.difficulty != wrong_at else "0" * len(p.answer) for p in problems]
+        return solve
+
+    checks = addition.label_checks()
+    assert verified_past(solver(None), checks, up_to=2)([problem]) == [problem.answer]
+    assert min(asked) == 2 and set(asked) == {8, 4, 2}  # checked down to the trusted 2 digits, no further
+    assert verified_past(solver(2), checks, up_to=1)([problem]) == [""]  # a wrong 2-digit part, checked from 1
+    assert verified_past(solver(2), checks, up_to=2)([problem]) == [""]  # trusted but wrong: the 4-digit check fails
+    assert verified_past(solver(None), {}, up_to=2)([problem]) == [""]  # no check: nothing past the trusted lengths
 
 
 def test_label_free_cycles_train_past_the_frontier_only_where_labels_can_be_found(setup):
@@ -420,9 +450,11 @@ def test_proposals_trust_a_prefix_of_the_lengths_the_cycle_evaluated():
     chosen = select([samples], get_task("addition"), SelectConfig(), solve, gate_metric=evaluated)
     assert [e["completion"] for e in chosen.examples] == [problem.answer]
     assert chosen.filters[-1]["trusted_up_to"] == 20 and {5, 6} <= set(asked)
-    # a shorter bound than the halves: nothing is asked of the policy there, and the problem stays unlabelled
-    assert select([samples], get_task("addition"), SelectConfig(), solve,
+    # a shorter bound than the halves, unchecked: nothing is asked of the policy there, the problem stays unlabelled
+    asked.clear()
+    assert select([samples], get_task("addition"), SelectConfig(verify_proposal_parts=False), solve,
                   gate_metric={"4": 1.0, "5": 0.9, "17": 1.0}).examples == []
+    assert asked == [5, 5, 4]  # the split check's halves, and of the proposals' parts only the trusted 4 digits
 
 
 def test_a_cycle_trusts_its_own_evaluation_over_older_scores_of_lengths_it_no_longer_evaluates(setup):
