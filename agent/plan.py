@@ -79,8 +79,11 @@ class CyclePlan:
         sample = self.cfg.heldout_past_window
         if sample is None or not window:
             return heldout
-        past = set(self.curriculum.keys[self.curriculum.keys.index(window[-1]) + 1:])
-        return {k: problems[:sample] if k in past else problems for k, problems in heldout.items()}
+        first_sampled = self.curriculum.keys.index(window[-1]) + 1
+        if self.cfg.full_heldout_ahead is not None and frontier_index is not None:
+            first_sampled = min(first_sampled, frontier_index + self.cfg.full_heldout_ahead + 1)
+        sampled = set(self.curriculum.keys[first_sampled:])
+        return {k: problems[:sample] if k in sampled else problems for k, problems in heldout.items()}
 
     def gate_keys(self, frontier_index: int | None) -> list[str]:
         """The held-out keys promotion and the curriculum judge by: the window around the frontier and the report's

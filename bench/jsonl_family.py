@@ -11,6 +11,10 @@ Three families, built here for the benchmark (neither addition nor reversal), pr
            answers teach it.
   rotate-distinct  the same on words that never repeat a letter: the letter to write next is always the one after
            the letter just written, which a word like "abca" leaves ambiguous.
+  sort     the word's letters in alphabetical order ("banana" -> "aaabnn"): demonstrations of 2-5 letters, problems
+           of 2-10. Which letter comes next depends on the letters' values, not on where they stand, so positions
+           are numbered in sequence here too.
+  sort-distinct  the same on words that never repeat a letter (no letter counts to keep).
 
 Problems carry answers and their difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from a
 fresh built-in policy:
@@ -70,6 +74,8 @@ FAMILIES = {
     "mirror": Family("mirror letters", lambda w: w.translate(MIRROR), (1, 4), (2, 8)),
     "rotate": Family("rotate left by one", lambda w: w[1:] + w[:1], (2, 5), (2, 10)),
     "rotate-distinct": Family("rotate left by one, no letter twice", lambda w: w[1:] + w[:1], (2, 5), (2, 10), True),
+    "sort": Family("letters sorted", lambda w: "".join(sorted(w)), (2, 5), (2, 10)),
+    "sort-distinct": Family("letters sorted, no letter twice", lambda w: "".join(sorted(w)), (2, 5), (2, 10), True),
 }
 
 
@@ -212,7 +218,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-jsonl"))
-    parser.add_argument("--out", type=Path, help="default: bench/results/jsonl-family.json, -rotate.json for rotate")
+    parser.add_argument("--out", type=Path, help="default: bench/results/jsonl-family.json, -<family>.json for the others")
     args = parser.parse_args()
 
     family = FAMILIES[args.family]

@@ -42,6 +42,7 @@ from agent.registry import PolicyRegistry
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
 from agent.store import Store
+from bench.confirm_target import confirm
 from search import SearchConfig
 from tasks import get_task
 
@@ -123,6 +124,7 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(Path(report["run_dir"]) / "learning_curve.png", RESULTS / f"{stem}.png")
     shutil.copy(Path(report["run_dir"]) / "report.md", RESULTS / f"{stem}.md")
+    confirmed = confirm(home, cycles[-1]["policy_version"], task, target)
     return {
         "seed": seed,
         "source": source or "best_of_n",
@@ -130,6 +132,8 @@ def run_seed(task: str, mode: str, seed: int, target: int, accuracy: float, budg
         "schedule": cfg.train.schedule,
         "baseline_warm_start_accuracy_at_target": cycles[0]["heldout"].get(str(target)),
         "final_accuracy_at_target": cycles[-1]["heldout"].get(str(target)),
+        # the last policy on 200 fresh held-out problems at the target (the loop may have read it from 25)
+        "confirmed_accuracy_at_target": confirmed["accuracy"],
         "reached": reached is not None,
         "seconds_to_target": reached["elapsed_s"] if reached else None,
         "cycles_run": len(cycles) - 1,

@@ -229,6 +229,13 @@ def test_report_difficulties_past_the_window_are_scored_on_a_sample(setup):
     everything = _loop(replace(cfg, heldout_past_window=None), store, registry)
     everything.curriculum.update({str(d): 1.0 for d in range(1, 20)})
     assert len(everything.plan.heldout_problems(everything.curriculum.frontier_index)["40"]) == 40
+    # the window's far end sampled too: the frontier and three past it keep all their problems
+    near = _loop(replace(cfg, full_heldout_ahead=3), store, registry)
+    near.curriculum.update({str(d): 1.0 for d in range(1, 20)})
+    sizes = {k: len(v) for k, v in near.plan.heldout_problems(near.curriculum.frontier_index).items()}
+    assert sizes == {"4": 40, "8": 40, **{str(d): 40 for d in range(17, 24)}, **{str(d): 10 for d in range(24, 29)},
+                     "40": 10}
+    assert near.plan.gate_keys(near.curriculum.frontier_index) == loop.plan.gate_keys(loop.curriculum.frontier_index)
 
 
 def test_the_gate_evaluates_the_current_policy_only_where_the_scores_compare(setup, monkeypatch):
@@ -337,7 +344,7 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
                   gate_metric={**mastered, "2": 0.95}).examples == []  # 3 digits' older value is not trusted past it
     assert select([samples(wrong, wrong, wrong, wrong)], addition, replace(unchecked, proposal_mastery=0.99),
                   masters_shorter, gate_metric=mastered).examples == []
-    # by default an answer past the mastered lengths counts where the split check, its halves checked alike, holds
+    # by default no length is trusted as it is: a part counts where the split check, its halves checked alike, holds
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
                   gate_metric={**mastered, "2": 0.95}).examples[0]["completion"] == right
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits,
@@ -365,6 +372,9 @@ def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted
     assert min(asked) == 2 and set(asked) == {8, 4, 2}  # checked down to the trusted 2 digits, no further
     assert verified_past(solver(2), checks, up_to=1)([problem]) == [""]  # a wrong 2-digit part, checked from 1
     assert verified_past(solver(2), checks, up_to=2)([problem]) == [""]  # trusted but wrong: the 4-digit check fails
+    asked.clear()
+    assert verified_past(solver(None), checks, up_to=float("-inf"))([problem]) == [problem.answer]
+    assert set(asked) == {8, 4, 2, 1}  # nothing trusted: down to single digits, which the split check passes
     assert verified_past(solver(None), {}, up_to=2)([problem]) == [""]  # no check: nothing past the trusted lengths
 
 
@@ -447,12 +457,13 @@ def test_proposals_trust_a_prefix_of_the_lengths_the_cycle_evaluated():
         asked.extend(p.difficulty for p in problems)
         return [p.answer for p in problems]
 
-    chosen = select([samples], get_task("addition"), SelectConfig(), solve, gate_metric=evaluated)
+    unchecked = SelectConfig(verify_proposal_parts=False)  # the prefix is what parts are trusted by only then
+    chosen = select([samples], get_task("addition"), unchecked, solve, gate_metric=evaluated)
     assert [e["completion"] for e in chosen.examples] == [problem.answer]
     assert chosen.filters[-1]["trusted_up_to"] == 20 and {5, 6} <= set(asked)
     # a shorter bound than the halves, unchecked: nothing is asked of the policy there, the problem stays unlabelled
     asked.clear()
-    assert select([samples], get_task("addition"), SelectConfig(verify_proposal_parts=False), solve,
+    assert select([samples], get_task("addition"), unchecked, solve,
                   gate_metric={"4": 1.0, "5": 0.9, "17": 1.0}).examples == []
     assert asked == [5, 5, 4]  # the split check's halves, and of the proposals' parts only the trusted 4 digits
 
@@ -465,7 +476,7 @@ def test_a_cycle_trusts_its_own_evaluation_over_older_scores_of_lengths_it_no_lo
 
     _, store, registry = setup
     cfg = tiny_config(max_difficulty=40, report_difficulties=(4, 8), problems_per_cycle=8,
-                      select=SelectConfig(mode="label_free"))
+                      select=SelectConfig(mode="label_free", verify_proposal_parts=False))  # trusting by the bar
     loop = _loop(cfg, store, registry)
     loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})
     loop.curriculum.update({"5": 0.95})  # an early cycle's score: still "mastered" for the curriculum's 0.9
