@@ -34,11 +34,16 @@ def confirm(home: Path, version: str, task_name: str, target: int, n: int = 200)
     return {"policy": version, "target": target, "problems": n, "accuracy": round(accuracy, 3)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("home", type=Path, help="the run's ARBOR home")
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The recorded run a benchmark tool works on, and the length it aims at."""
+    parser.add_argument("home", type=Path, help="the run's ARBOR home (a bench.selfimprove arm's folder)")
     parser.add_argument("run", help="the run's name in that home")
     parser.add_argument("--target", type=int, default=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    run_arguments(parser)
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--task", default="addition")
     args = parser.parse_args()

@@ -31,7 +31,7 @@ from agent.run_store import RunStore
 from agent.runner import RunInputs, run_main
 from agent.settings import Settings
 from agent.store import Store
-from bench.confirm_target import confirm
+from bench.confirm_target import confirm, run_arguments
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -49,9 +49,7 @@ def change_settings(home: Path, run: str, values: dict[str, str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("home", type=Path, help="the run's ARBOR home (a bench.selfimprove arm's folder)")
-    parser.add_argument("run", help="the run's name in that home")
-    parser.add_argument("--target", type=int, default=100)
+    run_arguments(parser)
     parser.add_argument("--accuracy", type=float, default=0.9)
     parser.add_argument("--budget", type=float, default=None, help="the run's new time budget in seconds")
     parser.add_argument("--name", required=True, help="the result files are bench/results/selfimprove-<name>.*")

@@ -32,6 +32,7 @@ greedily on all 300 held-out problems, so each arm's curve is over the same prob
     python -m bench.jsonl_family --family rotate --budget 1200
     python -m bench.jsonl_family --arms label_free --budget 300
     python -m bench.jsonl_family --arms label_free value_filter --out bench/results/jsonl-family-value.json
+    python -m bench.jsonl_family --family sort --budget 1200 --arms answers --train-problems 4500
 
 Prints one JSON object (last line) and writes bench/results/jsonl-family.json and a plot of both curves.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import string
@@ -86,8 +88,8 @@ def family_record(family: Family, word: str, split: str | None) -> dict:
     return record
 
 
-def write_family(folder: Path, seed: int = 0, name: str = "mirror") -> tuple[Path, Path]:
-    """demos.jsonl (1,500 demonstrations) and problems.jsonl (1,500 train, 300 held-out), every length of the
+def write_family(folder: Path, seed: int = 0, name: str = "mirror", train: int = 1500) -> tuple[Path, Path]:
+    """demos.jsonl (1,500 demonstrations) and problems.jsonl (`train` train, 300 held-out), every length of the
     family's ranges equally often."""
     family = FAMILIES[name]
     rng = random.Random(f"{name}/{seed}")
@@ -106,8 +108,13 @@ def write_family(folder: Path, seed: int = 0, name: str = "mirror") -> tuple[Pat
             f.write(json.dumps({"prompt": f"{w}|", "completion": family.answer(w)}) + "\n")
     seen: set[str] = set()  # every problem's word is distinct, so held-out words never appear among train ones
     low, high = family.problem_lengths
+    per_length = -(-(300 + train) // (high - low + 1))
+    words = math.perm(26, low) if family.distinct_letters else 26 ** low
+    if per_length > words:
+        raise SystemExit(f"--train-problems {train}: {per_length} distinct words of {low} letters needed, "
+                         f"{words} exist; ask for fewer")
     with problems.open("w") as f:
-        for split, n in (("heldout", 300), ("train", 1500)):
+        for split, n in (("heldout", 300), ("train", train)):
             written = 0
             while written < n:
                 w = word(low + written % (high - low + 1))
@@ -217,16 +224,18 @@ def main() -> None:
     parser.add_argument("--family", choices=sorted(FAMILIES), default="mirror")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per arm, warm start included")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-problems", type=int, default=1500, help="answered train problems in the file")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-jsonl"))
     parser.add_argument("--out", type=Path, help="default: bench/results/jsonl-family.json, -<family>.json for the others")
     args = parser.parse_args()
 
     family = FAMILIES[args.family]
     out = args.out or RESULTS / ("jsonl-family.json" if args.family == "mirror" else f"jsonl-family-{args.family}.json")
-    demos, problems = write_family(args.home / "files", args.seed, args.family)
+    demos, problems = write_family(args.home / "files", args.seed, args.family, args.train_problems)
     arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed, args.min_value, args.learning_rate)
             for arm in args.arms]
     summary = {"benchmark": "jsonl_family", "family": family.title, "budget_s": args.budget,
+               "train_problems": args.train_problems,
                "arms": {a["arm"]: {k: v for k, v in a.items() if k not in ("curve", "arm")} for a in arms}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**summary, "curves": {a["arm"]: a["curve"] for a in arms}}, indent=2))
