@@ -140,17 +140,13 @@ class SelectConfig:
     use_task_proposals: bool = field(default=True, metadata={
         "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
                 "with the answer all of the task's proposals agree on"})
-    # a decomposition repeats its parts' mistakes, and the problems the search gets wrong are those whose parts are
-    # hard too: with parts at lengths self-verified at 0.90-0.98, added labels were 74-88% right and the run's
-    # shorter lengths degraded with them; parts trusted where their length self-verifies at 0.98 still gave labels
-    # 0.92-0.985 right at 30-90 digits, where parts checked all the way down gave 1.000 (bench/proposal_parts.py)
+    # a decomposition repeats its parts' mistakes: parts trusted where their length self-verifies at 0.98 gave labels
+    # 0.92-0.985 right at 30-90 digits, parts checked all the way down 1.000 (bench/proposal_parts.py)
     verify_proposal_parts: bool = field(default=True, metadata={
-        "help": "label_free: a proposal uses the policy's answer to a part only where it passes the task's label "
-                "checks, the checks' own parts judged alike down to lengths too short to split (off: answers as they "
-                "are, at lengths mastered to proposal_mastery)"})
+        "help": "label_free: a proposal uses a part's answer only where it passes the task's label checks, checked "
+                "alike down to lengths too short to split (off: as it is, at lengths mastered to proposal_mastery)"})
     proposal_mastery: float = field(default=0.98, metadata={
-        "help": "label_free with verify_proposal_parts off: a proposal may use the policy's answers only at "
-                "difficulties whose gate metric reaches this"})
+        "help": "label_free, verify_proposal_parts off: difficulties whose gate metric reaches this are trusted"})
     min_value: float | None = field(default=None, metadata={
         "help": "label_free: keep a label only if the current version's value model gives it at least this "
                 "probability of being right (needs --value-model; unset: filter off)"})
@@ -293,8 +289,6 @@ class LoopConfig:
     heldout_past_window: int | None = field(default=25, metadata={
         "help": "report difficulties past the evaluated window around the frontier are scored on this many of their "
                 "held-out problems (unset: all); the window and everything below it always use all"})
-    # at 60-90 digits the window (three below the frontier to two training strides past it, 100 problems each)
-    # took 134-154 s of a 220-231 s cycle
     full_heldout_ahead: int | None = field(default=None, metadata={
         "help": "window difficulties more than this many past the frontier are scored on heldout_past_window of "
                 "their held-out problems, as the report's difficulties past the window are (unset: all of them)"})

@@ -258,13 +258,9 @@ def trusted_only(solve: Solve, up_to: float) -> Solve:
 
 
 def verified_past(solve: Solve, checks: dict, up_to: float) -> Solve:
-    """`solve` whose answers past difficulty `up_to` stand only where they pass every one of the task's label checks,
-    the checks' own sub-problems answered by this same solver: a part of a decomposition is then checked by its own
-    parts, down to `up_to` or to a length too short to split (which a check passes without asking). For addition an
-    answer that equals the sum of its verified halves is right whenever they are. Measured on one run's policies
-    (bench/proposal_parts.py, 200 problems a length): with no length trusted as it is (`up_to` -inf) the proposals'
-    labels were right 1.000 of the time, 86-97% of problems labelled at 30-90 digits; trusting the lengths mastered
-    to 0.98 gave 0.92-0.985. Failures get an empty answer."""
+    """`solve` whose answers past difficulty `up_to` stand only where they pass all the task's label checks, whose
+    own sub-problems this solver answers, down to `up_to` or to lengths too short to split; failures get "". For
+    addition an answer equal to the sum of its verified halves is right whenever they are (bench/proposal_parts.py)."""
 
     def run(problems):
         answers = list(solve(problems))
@@ -311,9 +307,9 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
            value_model=None) -> Selection:
     """`mastered_confidences`: the current policy's greedy confidences on held-out problems of mastered difficulties,
     which calibrate the confidence filter of tasks without label checks (SelectConfig.calibration_quantile).
-    `gate_metric`: the current policy's gate metric per difficulty, from its latest evaluation only; with
-    cfg.verify_proposal_parts off, label proposals use its answers only up to the first evaluated difficulty where it
-    falls short of cfg.proposal_mastery (None: anywhere); on, they use those that pass the task's checks. `value_model`: the current version's, which cfg.min_value filters by (None: that filter is off)."""
+    `gate_metric`: the current policy's, from its latest evaluation only; with cfg.verify_proposal_parts off, label
+    proposals use its answers up to the first difficulty below cfg.proposal_mastery (None: anywhere).
+    `value_model`: the current version's, which cfg.min_value filters by (None: that filter is off)."""
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
     items = [Pseudo(r) for r in results]
