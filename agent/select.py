@@ -209,7 +209,7 @@ class ProposedLabels:
             return []
         problems = [p.result.problem for p in dropped]
         if verify_parts:
-            solve = verified_past(solve, task.label_checks(), float("-inf"))
+            solve = verified_past(solve, task, float("-inf"))
         elif trusted_up_to is not None:
             solve = trusted_only(solve, trusted_up_to)
         proposed = [propose(problems, solve) for propose in self.proposals.values()]
@@ -257,21 +257,21 @@ def trusted_only(solve: Solve, up_to: float) -> Solve:
     return run
 
 
-def verified_past(solve: Solve, checks: dict, up_to: float) -> Solve:
+def verified_past(solve: Solve, task: Task, up_to: float) -> Solve:
     """`solve` whose answers past difficulty `up_to` stand only where they pass all the task's label checks, whose
     own sub-problems this solver answers, down to `up_to` or to lengths too short to split; failures get "". For
     addition an answer equal to the sum of its verified halves is right whenever they are (bench/proposal_parts.py)."""
+    checks = task.label_checks()
 
     def run(problems):
         answers = list(solve(problems))
-        unsure = [i for i, p in enumerate(problems) if p.difficulty is None or p.difficulty > up_to]
-        if unsure:
-            asked, given = [problems[i] for i in unsure], [answers[i] for i in unsure]
-            verdicts = [check(asked, given, checked) for check in checks.values()] if checks else [[False] * len(asked)]
-            for i, passed in zip(unsure, zip(*verdicts)):
-                if not all(passed):
-                    answers[i] = ""
-        return answers
+        unsure = {i for i, p in enumerate(problems) if p.difficulty is None or p.difficulty > up_to}
+        # an answer that does not parse fails at once, without its checks asking its parts
+        parsed = [i for i in sorted(unsure) if task.extract(problems[i], answers[i]) is not None]
+        asked, given = [problems[i] for i in parsed], [answers[i] for i in parsed]
+        verdicts = [check(asked, given, checked) for check in checks.values()] if checks and parsed else []
+        passed = {i for i, ok in zip(parsed, zip(*verdicts)) if all(ok)}
+        return [a if i not in unsure or i in passed else "" for i, a in enumerate(answers)]
 
     checked = memoized(run)
     return checked

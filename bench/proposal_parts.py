@@ -44,13 +44,13 @@ def label_with(parts: Solve, problems, task) -> tuple[list, float]:
     return [labelled.get(id(p)) for p in dropped], seconds
 
 
-def rules(solve: Solve, checks: dict, trusted: float) -> dict[str, Solve]:
+def rules(solve: Solve, task, trusted: float) -> dict[str, Solve]:
     """trusted_only: answers as they are up to the bound (verify_proposal_parts off); verified_parts: past the bound
     answers that pass the checks (this run's rule, since dropped); verified_all: every answer checked, down to lengths
     too short to split (verify_proposal_parts on)."""
     return {"trusted_only": trusted_only(memoized(solve), trusted),
-            "verified_parts": verified_past(memoized(solve), checks, trusted),
-            "verified_all": verified_past(memoized(solve), checks, float("-inf"))}
+            "verified_parts": verified_past(memoized(solve), task, trusted),
+            "verified_all": verified_past(memoized(solve), task, float("-inf"))}
 
 
 def main() -> None:
@@ -80,7 +80,7 @@ def main() -> None:
             solve = greedy_solver(policy, replace(LoopConfig().search, max_new_tokens=task.max_new_tokens(difficulty)))
             row = {"cycle": cycle, "policy": before["policy_version"], "difficulty": difficulty,
                    "trusted_up_to": trusted if trusted != float("-inf") else None}
-            for name, parts in rules(solve, task.label_checks(), trusted).items():
+            for name, parts in rules(solve, task, trusted).items():
                 labels, seconds = label_with(parts, problems, task)
                 given = [(label, p.answer) for label, p in zip(labels, problems) if label is not None]
                 row[name] = {"labelled": round(len(given) / len(problems), 3),

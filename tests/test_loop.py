@@ -355,6 +355,7 @@ def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted
     """An answer past the trusted length stands only where its halves compose to it and each half, if itself past
     that length, passes the same check: one wrong quarter-length answer sinks the 8-digit answer built on it."""
     from agent.select import verified_past
+    from tasks import Task
     from tasks.addition import make_problem
 
     addition = get_task("addition")
@@ -367,15 +368,22 @@ def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted
             return [p.answer if p.difficulty != wrong_at else "0" * len(p.answer) for p in problems]
         return solve
 
-    checks = addition.label_checks()
-    assert verified_past(solver(None), checks, up_to=2)([problem]) == [problem.answer]
+    assert verified_past(solver(None), addition, up_to=2)([problem]) == [problem.answer]
     assert min(asked) == 2 and set(asked) == {8, 4, 2}  # checked down to the trusted 2 digits, no further
-    assert verified_past(solver(2), checks, up_to=1)([problem]) == [""]  # a wrong 2-digit part, checked from 1
-    assert verified_past(solver(2), checks, up_to=2)([problem]) == [""]  # trusted but wrong: the 4-digit check fails
+    assert verified_past(solver(2), addition, up_to=1)([problem]) == [""]  # a wrong 2-digit part, checked from 1
+    assert verified_past(solver(2), addition, up_to=2)([problem]) == [""]  # trusted but wrong: the 4-digit check fails
     asked.clear()
-    assert verified_past(solver(None), checks, up_to=float("-inf"))([problem]) == [problem.answer]
+    assert verified_past(solver(None), addition, up_to=float("-inf"))([problem]) == [problem.answer]
     assert set(asked) == {8, 4, 2, 1}  # nothing trusted: down to single digits, which the split check passes
-    assert verified_past(solver(None), {}, up_to=2)([problem]) == [""]  # no check: nothing past the trusted lengths
+    asked.clear()
+
+    def malformed(problems):
+        asked.extend(p.difficulty for p in problems)
+        return ["12"] * len(problems)
+
+    assert verified_past(malformed, addition, up_to=float("-inf"))([problem]) == [""]
+    assert asked == [8]  # a malformed answer fails at once: its parts are never asked
+    assert verified_past(solver(None), Task(), up_to=2)([problem]) == [""]  # no check: nothing past the trusted lengths
 
 
 def test_label_free_cycles_train_past_the_frontier_only_where_labels_can_be_found(setup):
