@@ -292,6 +292,11 @@ class LoopConfig:
     full_heldout_ahead: int | None = field(default=None, metadata={
         "help": "window difficulties more than this many past the frontier are scored on heldout_past_window of "
                 "their held-out problems, as the report's difficulties past the window are (unset: all of them)"})
+    # the window moves with the frontier (17 new lengths at 84 digits): the current policy had no score there, and
+    # decoding all their problems a second time for it was about 40% of a late cycle's evaluation
+    gate_current_sample: int | None = field(default=25, metadata={
+        "help": "the gate scores the current policy at lengths it was not evaluated at on this many of their held-out "
+                "problems (unset: all); the candidate is scored on all"})
     eval_ahead: int = field(default=3, metadata={
         "help": "also evaluate this many difficulties past the frontier (at least as far as the cycle trains)"})
     # 160-digit addition (prompt, answer and end: 485 tokens) still fits the built-in policy's 512 positions and a

@@ -85,14 +85,17 @@ def judge(
     margin: float,
     keys: list[str] | None = None,
     current_eval: Evaluation | None = None,
+    current_sample: int | None = None,
 ) -> Verdict:
     """Evaluate the candidate and compare gate scores over `keys` (default: every held-out key). `current_eval` is what
-    the current policy already scored (the loop keeps it between cycles): it is evaluated only at the keys missing."""
+    the current policy already scored (the loop keeps it between cycles): it is evaluated only at the keys missing,
+    on the first `current_sample` of their problems where set (an unbiased score per key, for a fraction of the
+    decoding: the candidate is always scored on all of them)."""
     t = time.monotonic()
     cand = evaluate_policy(candidate, heldout, search, task, keys, mode)
     keys = [k for k in (keys if keys is not None else sorted(heldout)) if k in cand.metric]
     cur = current_eval if current_eval is not None else Evaluation(mode)
-    missing = {k: heldout[k] for k in keys if k not in cur.metric}
+    missing = {k: heldout[k][:current_sample] for k in keys if k not in cur.metric}
     if missing:
         cur = cur.merged(evaluate_policy(current, missing, search, task, keys, mode))
     cand_score, cur_score = cand.score(keys), cur.score(keys)

@@ -286,6 +286,7 @@ class SelfImprovementLoop:
             cfg.promote_margin,
             self.plan.gate_keys(frontier_index),
             evaluation,
+            cfg.gate_current_sample,
         )
         seconds["eval"] = verdict.seconds
         value = None

@@ -254,15 +254,23 @@ def test_the_gate_evaluates_the_current_policy_only_where_the_scores_compare(set
     heldout = {str(d): task.generate(d, 6, seed=0, split="heldout") for d in (2, 3, 4)}
     calls, real = [], agent.gate.evaluate_policy
     monkeypatch.setattr(agent.gate, "evaluate_policy",
-                        lambda policy, by, *a, **k: calls.append((policy.version, sorted(by))) or real(policy, by, *a, **k))
+                        lambda policy, by, *a, **k: calls.append((policy.version, {key: len(ps) for key, ps in by.items()}))
+                        or real(policy, by, *a, **k))
     current_eval = Evaluation("label_free", {"2": 1.0, "3": 0.5, "4": 0.0}, {"2": 1.0})
     examples = [{"prompt": p.prompt, "completion": p.answer} for p in task.generate(2, 8, seed=1)]
     model, _ = train_candidate(current, examples, [], cfg.train, "sft", cfg.preference)
     verdict = judge(Policy(model, current.tokenizer, "candidate"), current, heldout, cfg.eval_search, task, "label_free",
                     0.0, ["2", "3"], current_eval)
-    assert calls == [("candidate", ["2", "3", "4"]), (v0, ["3"])]
+    assert calls == [("candidate", {"2": 6, "3": 6, "4": 6}), (v0, {"3": 6})]
     assert verdict.keys == ["2", "3"] and set(verdict.current.self_verified) == {"2", "3"}
     assert current_eval.self_verified == {"2": 1.0}  # the caller's evaluation is not changed in place
+    # a length new to the current policy scored on a sample of its problems: the same first ones, the candidate's all
+    calls.clear()
+    sampled = judge(Policy(model, current.tokenizer, "candidate"), current, heldout, cfg.eval_search, task,
+                    "label_free", 0.0, ["2", "3"], current_eval, current_sample=2)
+    assert calls == [("candidate", {"2": 6, "3": 6, "4": 6}), (v0, {"3": 2})]
+    assert sampled.current.self_verified["3"] in (0.0, 0.5, 1.0)
+    assert sampled.candidate.metric == verdict.candidate.metric  # greedy: the candidate's scores do not change
 
 
 def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
