@@ -141,12 +141,14 @@ class SelectConfig:
         "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
                 "with the answer all of the task's proposals agree on"})
     # a decomposition repeats its parts' mistakes: parts trusted where their length self-verifies at 0.98 gave labels
-    # 0.92-0.985 right at 30-90 digits, parts checked all the way down 1.000 (bench/proposal_parts.py)
+    # 0.92-0.985 right at 30-90 digits, parts checked all the way down 1.000 (bench/proposal_parts.py), but every
+    # run with the full check was slower to 100 digits (docs/benchmarks.md): checked past the trusted lengths
     verify_proposal_parts: bool = field(default=True, metadata={
-        "help": "label_free: a proposal uses a part's answer only where it passes the task's label checks, checked "
-                "alike down to lengths too short to split (off: as it is, at lengths mastered to proposal_mastery)"})
-    proposal_mastery: float = field(default=0.98, metadata={
-        "help": "label_free, verify_proposal_parts off: difficulties whose gate metric reaches this are trusted"})
+        "help": "label_free: past the lengths trusted by proposal_mastery, a proposal uses a part's answer only where "
+                "it passes the task's label checks, its own parts checked alike (off: such parts are not used)"})
+    proposal_mastery: float | None = field(default=0.98, metadata={
+        "help": "label_free: difficulties whose gate metric reaches this, from the easiest up, are trusted as they "
+                "are in label proposals (unset: none; with verify_proposal_parts every part is checked)"})
     min_value: float | None = field(default=None, metadata={
         "help": "label_free: keep a label only if the current version's value model gives it at least this "
                 "probability of being right (needs --value-model; unset: filter off)"})
@@ -289,7 +291,9 @@ class LoopConfig:
     heldout_past_window: int | None = field(default=25, metadata={
         "help": "report difficulties past the evaluated window around the frontier are scored on this many of their "
                 "held-out problems (unset: all); the window and everything below it always use all"})
-    full_heldout_ahead: int | None = field(default=None, metadata={
+    # the window spans 40% of the frontier past it (17 lengths at 84 digits), all decoded in full every cycle: past the
+    # frontier's next three, 25 problems a length took 34-69% off a late cycle's evaluation (docs/benchmarks.md)
+    full_heldout_ahead: int | None = field(default=3, metadata={
         "help": "window difficulties more than this many past the frontier are scored on heldout_past_window of "
                 "their held-out problems, as the report's difficulties past the window are (unset: all of them)"})
     # the window moves with the frontier (17 new lengths at 84 digits): the current policy had no score there, and

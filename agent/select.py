@@ -202,14 +202,14 @@ class ProposedLabels:
         self, dropped: list[Pseudo], task: Task, solve: Solve, trusted_up_to: float | None = None,
         verify_parts: bool = False,
     ) -> list[Pseudo]:
-        """`verify_parts`: the policy's answers to the parts count only where they pass the task's label checks, down
-        to lengths too short to split (verified_past). Otherwise `trusted_up_to`: the longest difficulty at which
-        its answers may write a label as they are (None: any)."""
+        """`trusted_up_to`: the longest difficulty at which the policy's answers to the parts may write a label as
+        they are (None: any; with `verify_parts`: none). `verify_parts`: past it, an answer counts only where it
+        passes the task's label checks, its own parts checked alike (verified_past)."""
         if not dropped:
             return []
         problems = [p.result.problem for p in dropped]
         if verify_parts:
-            solve = verified_past(solve, task, float("-inf"))
+            solve = verified_past(solve, task, float("-inf") if trusted_up_to is None else trusted_up_to)
         elif trusted_up_to is not None:
             solve = trusted_only(solve, trusted_up_to)
         proposed = [propose(problems, solve) for propose in self.proposals.values()]
@@ -307,8 +307,9 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
            value_model=None) -> Selection:
     """`mastered_confidences`: the current policy's greedy confidences on held-out problems of mastered difficulties,
     which calibrate the confidence filter of tasks without label checks (SelectConfig.calibration_quantile).
-    `gate_metric`: the current policy's, from its latest evaluation only; with cfg.verify_proposal_parts off, label
-    proposals use its answers up to the first difficulty below cfg.proposal_mastery (None: anywhere).
+    `gate_metric`: the current policy's, from its latest evaluation only: label proposals use its answers as they are
+    up to the first difficulty below cfg.proposal_mastery (None: nowhere with cfg.verify_proposal_parts, else
+    anywhere).
     `value_model`: the current version's, which cfg.min_value filters by (None: that filter is off)."""
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
@@ -347,7 +348,7 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
     if proposals_in_use(task, cfg):
         proposals = ProposedLabels(task.label_proposals())
         kept_ids = {id(p) for p in items}
-        trusted = (None if gate_metric is None or cfg.verify_proposal_parts
+        trusted = (None if gate_metric is None or cfg.proposal_mastery is None
                    else mastered_up_to(gate_metric, cfg.proposal_mastery))
         added = proposals([p for p in everything if id(p) not in kept_ids], task, solve, trusted,
                           cfg.verify_proposal_parts)

@@ -220,7 +220,7 @@ def test_the_gate_and_curriculum_judge_the_reported_easier_difficulties_too(setu
 def test_report_difficulties_past_the_window_are_scored_on_a_sample(setup):
     _, store, registry = setup
     cfg = tiny_config(max_difficulty=40, report_difficulties=(4, 8, 40), eval_ahead=3, frontier_stride=0.2,
-                      heldout_per_difficulty=40, heldout_past_window=10)
+                      heldout_per_difficulty=40, heldout_past_window=10, full_heldout_ahead=None)
     loop = _loop(cfg, store, registry)
     loop.curriculum.update({str(d): 1.0 for d in range(1, 20)})  # frontier 20: window 17..28
     heldout = loop.plan.heldout_problems(loop.curriculum.frontier_index)
@@ -229,8 +229,8 @@ def test_report_difficulties_past_the_window_are_scored_on_a_sample(setup):
     everything = _loop(replace(cfg, heldout_past_window=None), store, registry)
     everything.curriculum.update({str(d): 1.0 for d in range(1, 20)})
     assert len(everything.plan.heldout_problems(everything.curriculum.frontier_index)["40"]) == 40
-    # the window's far end sampled too: the frontier and three past it keep all their problems
-    near = _loop(replace(cfg, full_heldout_ahead=3), store, registry)
+    # by default the window's far end is sampled too: the frontier and three past it keep all their problems
+    near = _loop(replace(cfg, full_heldout_ahead=LoopConfig().full_heldout_ahead), store, registry)
     near.curriculum.update({str(d): 1.0 for d in range(1, 20)})
     sizes = {k: len(v) for k, v in near.plan.heldout_problems(near.curriculum.frontier_index).items()}
     assert sizes == {"4": 40, "8": 40, **{str(d): 40 for d in range(17, 24)}, **{str(d): 10 for d in range(24, 29)},
