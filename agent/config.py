@@ -125,9 +125,8 @@ class SelectConfig:
     min_confidence: float | None = field(default=None, metadata={
         "help": "least mean token log-prob of the chosen candidate (unset: filter off)"})
     use_task_filters: bool = field(default=True, metadata={"help": "apply the task's own label checks"})
-    # off by default: checking every sampled answer raised the kept fraction a little (0.68 -> 0.72 at 5 digits, 0.11
-    # -> 0.14 at 6 from a warm start) but let the policy's correlated mistakes through (split's precision in the loop
-    # 0.96-0.99, against 0.99-1.00 for the majority answer alone)
+    # off by default: checking every sampled answer kept a little more (0.68 -> 0.72 at 5 digits) but let correlated
+    # mistakes through (split's precision in the loop 0.96-0.99, against 0.99-1.00 for the majority answer alone)
     checked_min_share: float | None = field(default=None, metadata={
         "help": "label_free, tasks with label checks or a min_value: every answer with at least this support goes to "
                 "the checks, most supported first, and the first that passes all of them is the label (unset: the "
@@ -135,8 +134,7 @@ class SelectConfig:
     calibration_quantile: float | None = field(default=0.1, metadata={
         "help": "label_free, tasks without label checks: keep a label only if its confidence reaches this quantile of "
                 "the policy's greedy confidence on difficulties it has mastered (unset: filter off)"})
-    # the search's agreeing answers are labels only where the policy already solves a problem; the problems it gets
-    # wrong are what it must learn (true labels for them took a warm start from 7 to 9 digits in one cycle)
+    # agreeing answers label only what the policy already solves; what it gets wrong is what it must learn
     use_task_proposals: bool = field(default=True, metadata={
         "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
                 "with the answer all of the task's proposals agree on"})
@@ -264,8 +262,7 @@ class LoopConfig:
     answer_tokens_per_cycle: int | None = field(default=45_000, metadata={
         "help": "built-in tasks: at most this many problems x answer tokens (max_new_tokens) a cycle: 3000 "
                 "problems up to 12 digits, 1000 at 40 (unset: always problems_per_cycle)"})
-    # labels one or two lengths ahead keep their precision under the decomposition check and teach longer
-    # lengths sooner
+    # labels one or two lengths ahead stay exact under the decomposition check and teach longer lengths sooner
     frontier_spread: tuple[float, ...] = field(default=(0.5, 0.3, 0.2), metadata={
         "help": "share of each cycle's problems at the frontier and at the difficulties past it (frontier_stride "
                 "apart)"})
@@ -273,16 +270,13 @@ class LoopConfig:
     # teach longer lengths sooner, and the decomposition check keeps them exact while the halves are mastered
     frontier_stride: float = field(default=0.2, metadata={
         "help": "spacing of the difficulties past the frontier, as a share of the frontier's (at least one apart)"})
-    # label-free labels exist only where the policy is already sometimes right: problems at a length where it
-    # self-verifies nothing are searched for nothing
+    # label-free labels exist only where the policy is already sometimes right
     min_label_yield: float | None = field(default=0.1, metadata={
         "help": "label_free without label proposals: a difficulty past the frontier is trained on only where the "
                 "current policy's self-verified rate reaches this; a share aimed further falls back to the "
                 "furthest one that does (unset: no fallback)"})
     heldout_per_difficulty: int = field(default=100, metadata={
         "help": "held-out problems per difficulty (built-in task)"})
-    # past the frontier's window a report length costs its 25 sampled answers (heldout_past_window): 60, 80 and 100
-    # digits decode in about half the time of 50-100 in steps of 10
     report_difficulties: tuple[int, ...] = field(default=(4, 8, 12, 16, 20, 24, 32, 40, 60, 80, 100), metadata={
         "help": "difficulties always evaluated for the report; the longest is also how far the curriculum trains and "
                 "evaluates ahead of a frontier below it"})
@@ -296,8 +290,7 @@ class LoopConfig:
     full_heldout_ahead: int | None = field(default=3, metadata={
         "help": "window difficulties more than this many past the frontier are scored on heldout_past_window of "
                 "their held-out problems, as the report's difficulties past the window are (unset: all of them)"})
-    # the window moves with the frontier (17 new lengths at 84 digits): the current policy had no score there, and
-    # decoding all their problems a second time for it was about 40% of a late cycle's evaluation
+    # lengths new to the moving window, decoded in full a second time for the current policy: 40% of a late evaluation
     gate_current_sample: int | None = field(default=25, metadata={
         "help": "the gate scores the current policy at lengths it was not evaluated at on this many of their held-out "
                 "problems (unset: all); the candidate is scored on all"})
@@ -322,8 +315,7 @@ class LoopConfig:
     replay_seed_fraction: float = field(default=0.3, metadata={"help": "warm-start (true-labelled) data in every mix"})
     replay_newest_fraction: float = field(default=0.35, metadata={
         "help": "this cycle's labels in the mix; the rest are earlier cycles' labels"})
-    # refinement is learned from the search's own siblings (a wrong candidate shown as an attempt, completed by the
-    # label), so that a refinement job's later rounds have been trained on before any of them has to succeed
+    # learned from the search's own siblings, so that a refinement job's rounds are trained on before they must succeed
     replay_refine_fraction: float = field(default=0.05, metadata={
         "help": "refinement examples (this cycle's wrong candidates and their verdicts, completed by the label) in "
                 "the mix, taken from the newest labels' share; none for a policy shown no history (position-coupled)"})
@@ -343,8 +335,7 @@ class LoopConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig, metadata={
         "help": "each cycle's preference fine-tune (train_method dpo or sft+dpo; an sft+dpo cycle without pairs gives "
                 "its time to SFT)"})
-    # a judge of the policy's answers that lives with it (agent/value.py, agent/value_cycle.py): trained each cycle on
-    # the cycle's labelled candidates, continuing the current version's, saved beside the candidate and promoted with it
+    # a judge that lives with the policy (agent/value_cycle.py): trained on each cycle's labels, promoted with it
     value_model: bool = field(default=False, metadata={
         "help": "train a value model every cycle and keep it beside the version (the 'value' scorer, and adaptive "
                 "search as queue jobs' default once one is calibrated)"})
