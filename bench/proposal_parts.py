@@ -46,8 +46,8 @@ def label_with(parts: Solve, problems, task) -> tuple[list, float]:
 
 def rules(solve: Solve, task, trusted: float) -> dict[str, Solve]:
     """trusted_only: answers as they are up to the bound (verify_proposal_parts off); verified_parts: past the bound
-    answers that pass the checks (this run's rule, since dropped); verified_all: every answer checked, down to lengths
-    too short to split (verify_proposal_parts on)."""
+    answers that pass the checks (the default); verified_all: every answer checked, down to lengths too short to
+    split (proposal_mastery unset)."""
     return {"trusted_only": trusted_only(memoized(solve), trusted),
             "verified_parts": verified_past(memoized(solve), task, trusted),
             "verified_all": verified_past(memoized(solve), task, float("-inf"))}
