@@ -352,11 +352,17 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
                   gate_metric={**mastered, "2": 0.95}).examples == []  # 3 digits' older value is not trusted past it
     assert select([samples(wrong, wrong, wrong, wrong)], addition, replace(unchecked, proposal_mastery=0.99),
                   masters_shorter, gate_metric=mastered).examples == []
-    # by default no length is trusted as it is: a part counts where the split check, its halves checked alike, holds
+    # by default a part past the trusted lengths counts where the split check, its halves checked alike, holds
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), masters_shorter,
                   gate_metric={**mastered, "2": 0.95}).examples[0]["completion"] == right
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits,
                   gate_metric={"1": 1.0, "2": 0.95}).examples == []  # the wrong 3-digit sums fail their own halves
+    # trusted lengths are answered as they are; with no bar (proposal_mastery unset) every part is checked down to 1
+    for bar, deepest in ((SelectConfig().proposal_mastery, 2), (None, 1)):
+        asked = []
+        chosen = select([samples(wrong, wrong, wrong, wrong)], addition, replace(SelectConfig(), proposal_mastery=bar),
+                        lambda ps: asked.extend(p.difficulty for p in ps) or masters_shorter(ps), gate_metric=mastered)
+        assert chosen.examples[0]["completion"] == right and min(asked) == deepest
 
 
 def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted_lengths():
