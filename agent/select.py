@@ -307,9 +307,8 @@ def select(results: list[SearchResult], task: Task, cfg: SelectConfig, solve: So
            value_model=None) -> Selection:
     """`mastered_confidences`: the current policy's greedy confidences on held-out problems of mastered difficulties,
     which calibrate the confidence filter of tasks without label checks (SelectConfig.calibration_quantile).
-    `gate_metric`: the current policy's, from its latest evaluation only: label proposals use its answers as they are
-    up to the first difficulty below cfg.proposal_mastery (None: nowhere with cfg.verify_proposal_parts, else
-    anywhere).
+    `gate_metric`: the current policy's, from its latest evaluation only: label proposals trust its answers up to the
+    first difficulty below cfg.proposal_mastery (None: trusted nowhere if cfg.verify_proposal_parts, else anywhere).
     `value_model`: the current version's, which cfg.min_value filters by (None: that filter is off)."""
     if cfg.mode == "verifier":
         return _select_verified(results, cfg.given_answers)
