@@ -138,15 +138,15 @@ class SelectConfig:
     use_task_proposals: bool = field(default=True, metadata={
         "help": "label_free, tasks with label proposals (decompositions): a problem the filters dropped is labelled "
                 "with the answer all of the task's proposals agree on"})
-    # a decomposition repeats its parts' mistakes: parts trusted where their length self-verifies at 0.98 gave labels
-    # 0.92-0.985 right at 30-90 digits, parts checked all the way down 1.000 (bench/proposal_parts.py), but every
-    # run with the full check was slower to 100 digits (docs/benchmarks.md): checked past the trusted lengths
+    # a decomposition repeats its parts' mistakes: trusted parts as they are gave labels 0.92-0.985 right at 30-90
+    # digits; checked all the way down, slower runs; trusted parts checked once 1.000 (docs/benchmarks.md)
     verify_proposal_parts: bool = field(default=True, metadata={
-        "help": "label_free: past the lengths trusted by proposal_mastery, a proposal uses a part's answer only where "
-                "it passes the task's label checks, its own parts checked alike (off: such parts are not used)"})
+        "help": "label_free: a proposal uses a part's answer only where it passes the task's label checks: at the "
+                "lengths trusted by proposal_mastery one level deep, past them with its own parts checked alike (off: "
+                "trusted parts as they are, no others)"})
     proposal_mastery: float | None = field(default=0.98, metadata={
-        "help": "label_free: difficulties whose gate metric reaches this, from the easiest up, are trusted as they "
-                "are in label proposals (unset: none; with verify_proposal_parts every part is checked)"})
+        "help": "label_free: difficulties whose gate metric reaches this, from the easiest up, are trusted in label "
+                "proposals (unset: none; with verify_proposal_parts every part is checked all the way down)"})
     min_value: float | None = field(default=None, metadata={
         "help": "label_free: keep a label only if the current version's value model gives it at least this "
                 "probability of being right (needs --value-model; unset: filter off)"})

@@ -80,7 +80,7 @@ def evaluate_policy(policy, by_key: dict[str, list[Problem]], cfg: SearchConfig,
         if judged:
             accuracy[key] = sum(bool(r.best.verified) for r in judged) / len(judged)
     self_verified = {}
-    if task is not None and task.label_checks():
+    if task is not None and task.self_verification_checks():
         wanted = lambda key: verify_keys is None or key in verify_keys  # noqa: E731
         items = []
         for r in results:
@@ -88,7 +88,7 @@ def evaluate_policy(policy, by_key: dict[str, list[Problem]], cfg: SearchConfig,
             if answer is not None and wanted(key_of[r.problem.id]):
                 items.append(Pseudo(r, answer=answer, completion=r.best.completion))
         solve = greedy_solver(policy, cfg)
-        for f in task_filters(task):
+        for f in task_filters(task, task.self_verification_checks()):
             items = f(items, task, solve)
         passed: dict[str, int] = {}
         for p in items:

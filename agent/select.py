@@ -202,9 +202,9 @@ class ProposedLabels:
         self, dropped: list[Pseudo], task: Task, solve: Solve, trusted_up_to: float | None = None,
         verify_parts: bool = False,
     ) -> list[Pseudo]:
-        """`trusted_up_to`: the longest difficulty at which the policy's answers to the parts may write a label as
-        they are (None: any; with `verify_parts`: none). `verify_parts`: past it, an answer counts only where it
-        passes the task's label checks, its own parts checked alike (verified_past)."""
+        """`trusted_up_to`: the longest difficulty at which the policy's answers to the parts are trusted (None: any;
+        with `verify_parts`: none). `verify_parts`: an answer counts only where it passes the task's label checks
+        (verified_past: one level deep where trusted, its own parts checked alike past it)."""
         if not dropped:
             return []
         problems = [p.result.problem for p in dropped]
@@ -258,20 +258,37 @@ def trusted_only(solve: Solve, up_to: float) -> Solve:
 
 
 def verified_past(solve: Solve, task: Task, up_to: float) -> Solve:
-    """`solve` whose answers past difficulty `up_to` stand only where they pass all the task's label checks, whose
-    own sub-problems this solver answers, down to `up_to` or to lengths too short to split; failures get "". For
-    addition an answer equal to the sum of its verified halves is right whenever they are (bench/proposal_parts.py)."""
+    """`solve` whose answers stand only where they pass all the task's label checks; failures get "". Past
+    difficulty `up_to` the checks' shorter sub-problems are answered by this solver, down to `up_to` or to lengths
+    too short to split; up to it, and for a check's problem as long as the one it checks (addition's same-sum twin),
+    by the policy as it is: one level of checks. For addition an answer equal to the sum of its verified halves is
+    right whenever they are (bench/proposal_parts.py); a trusted length's answers are 1-3% wrong, and two splits'
+    parts agreed on such mistakes (proposals 0.965 precise on a 43-digit policy, docs/benchmarks.md)."""
     checks = task.label_checks()
+
+    def shorter_checked(length: float) -> Solve:
+        if length <= up_to:
+            return solve
+
+        def route(problems):
+            short = [p.difficulty is not None and p.difficulty < length for p in problems]
+            answers = iter(checked([p for p, s in zip(problems, short) if s]) if any(short) else [])
+            plain = iter(solve([p for p, s in zip(problems, short) if not s]) if not all(short) else [])
+            return [next(answers) if s else next(plain) for s in short]
+        return route
 
     def run(problems):
         answers = list(solve(problems))
-        unsure = {i for i, p in enumerate(problems) if p.difficulty is None or p.difficulty > up_to}
         # an answer that does not parse fails at once, without its checks asking its parts
-        parsed = [i for i in sorted(unsure) if task.extract(problems[i], answers[i]) is not None]
-        asked, given = [problems[i] for i in parsed], [answers[i] for i in parsed]
-        verdicts = [check(asked, given, checked) for check in checks.values()] if checks and parsed else []
-        passed = {i for i, ok in zip(parsed, zip(*verdicts)) if all(ok)}
-        return [a if i not in unsure or i in passed else "" for i, a in enumerate(answers)]
+        parsed = [i for i, p in enumerate(problems) if task.extract(p, answers[i]) is not None]
+        length_of = {i: math.inf if problems[i].difficulty is None else problems[i].difficulty for i in parsed}
+        passed = set()
+        for length in set(length_of.values()):
+            group = [i for i in parsed if length_of[i] == length]
+            asked, given = [problems[i] for i in group], [answers[i] for i in group]
+            verdicts = [check(asked, given, shorter_checked(length)) for check in checks.values()]
+            passed |= {i for i, ok in zip(group, zip(*verdicts)) if all(ok)}
+        return [a if i in passed else "" for i, a in enumerate(answers)]
 
     checked = memoized(run)
     return checked
@@ -289,8 +306,8 @@ def memoized(solve: Solve) -> Solve:
     return run
 
 
-def task_filters(task: Task) -> list[TaskCheck]:
-    return [TaskCheck(name, check) for name, check in task.label_checks().items()]
+def task_filters(task: Task, checks: dict | None = None) -> list[TaskCheck]:
+    return [TaskCheck(name, check) for name, check in (task.label_checks() if checks is None else checks).items()]
 
 
 def calibrated_floor(mastered_confidences: list[float], quantile: float | None) -> float | None:

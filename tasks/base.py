@@ -133,6 +133,12 @@ class Task:
         """The task's own label checks by name, run in this order (none for a generic task)."""
         return {}
 
+    def self_verification_checks(self) -> dict[str, LabelCheck]:
+        """The checks of the self-verified rate, label-free runs' estimate of held-out accuracy (default: all the
+        label checks). A task may leave out a check that makes labels more precise but holds the rate well below
+        accuracy."""
+        return self.label_checks()
+
     def label_proposals(self) -> dict[str, LabelProposal]:
         """Decompositions that write a label for a problem the search got wrong, from the policy's answers to
         smaller problems it has mastered. A label needs every proposal to state the same answer, so they should

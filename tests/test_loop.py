@@ -280,7 +280,7 @@ def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
     from agent.select import select
     from search import Candidate, SearchResult
     from tasks import get_task
-    from tasks.addition import make_problem
+    from tasks.addition import make_problem, same_sum_twin
 
     addition = get_task("addition")
     problem = make_problem("1234", "5678")  # least significant digit first
@@ -301,8 +301,10 @@ def test_a_minority_answer_that_passes_the_task_checks_is_the_label():
     chosen = select([result], addition, SelectConfig(checked_min_share=0.25), solve)
     assert [e["completion"] for e in chosen.examples] == [right]
     assert [(f["name"], f["kept"], f["precision"]) for f in chosen.filters] == [
-        ("format", 1, 0.0), ("vote_share", 1, 0.0), ("split", 1, 1.0), ("proposed", 1, 1.0)]
-    assert len(asked) == len(set(asked)) == 2  # the two halves, once for both answers
+        ("format", 1, 0.0), ("vote_share", 1, 0.0), ("split", 1, 1.0), ("same_sum", 1, 1.0),
+        ("proposed", 1, 1.0)]
+    # the two halves, once for both answers, then the same-sum twin of the one answer that passed them
+    assert len(asked) == len(set(asked)) == 3 and asked[-1] == same_sum_twin(problem).prompt
     # the majority answer alone (the default) loses the problem to the checks (the proposals are tested on their own)
     assert select([result], addition, SelectConfig(use_task_proposals=False), solve).examples == []
     # an answer below the contender share is never checked
@@ -357,12 +359,17 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
                   gate_metric={**mastered, "2": 0.95}).examples[0]["completion"] == right
     assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits,
                   gate_metric={"1": 1.0, "2": 0.95}).examples == []  # the wrong 3-digit sums fail their own halves
-    # trusted lengths are answered as they are; with no bar (proposal_mastery unset) every part is checked down to 1
-    for bar, deepest in ((SelectConfig().proposal_mastery, 2), (None, 1)):
-        asked = []
+    # a trusted length's parts pass the task's checks one level deep: a wrong 3-digit part fails against its halves
+    assert select([samples(wrong, wrong, wrong, wrong)], addition, SelectConfig(), errs_on_three_digits,
+                  gate_metric=mastered).examples == []
+    # one level, not all the way down as with no bar (proposal_mastery unset): fewer sub-problems asked
+    asked_with = {}
+    for bar in (SelectConfig().proposal_mastery, None):
+        asked = asked_with.setdefault(bar, [])
         chosen = select([samples(wrong, wrong, wrong, wrong)], addition, replace(SelectConfig(), proposal_mastery=bar),
-                        lambda ps: asked.extend(p.difficulty for p in ps) or masters_shorter(ps), gate_metric=mastered)
-        assert chosen.examples[0]["completion"] == right and min(asked) == deepest
+                        lambda ps: asked.extend(p.prompt for p in ps) or masters_shorter(ps), gate_metric=mastered)
+        assert chosen.examples[0]["completion"] == right
+    assert set(asked_with[SelectConfig().proposal_mastery]) < set(asked_with[None])
 
 
 def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted_lengths():
@@ -383,7 +390,8 @@ def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted
         return solve
 
     assert verified_past(solver(None), addition, up_to=2)([problem]) == [problem.answer]
-    assert min(asked) == 2 and set(asked) == {8, 4, 2}  # checked down to the trusted 2 digits, no further
+    assert set(asked) == {8, 4, 2, 1}  # checked down to the trusted 2 digits, and those once against their halves
+    assert verified_past(solver(1), addition, up_to=2)([problem]) == [""]  # whose wrong halves sink them
     assert verified_past(solver(2), addition, up_to=1)([problem]) == [""]  # a wrong 2-digit part, checked from 1
     assert verified_past(solver(2), addition, up_to=2)([problem]) == [""]  # trusted but wrong: the 4-digit check fails
     asked.clear()

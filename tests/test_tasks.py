@@ -104,3 +104,36 @@ def test_addition_decompositions_write_every_answer_from_the_policys_shorter_sum
     assert compose([carried], lambda ps: ["x"] * len(ps), lambda d: d // 2) == [None]
     assert compose([carried], lambda ps: [p.answer[:-1] + "7" for p in ps], lambda d: d // 2) == [None]  # no carry is 7
     assert compose([make_problem("5", "4")], oracle, lambda d: d // 2) == [None]  # nothing shorter to ask
+
+
+def test_addition_checks_a_label_against_a_twin_with_other_digits_and_the_same_sum():
+    """same_sum asks the solver a problem of the same length with the same sum and other operands (the same twin
+    every time), so it passes right answers and fails a mistake the solver does not repeat on the twin; the
+    self-verified rate uses split alone."""
+    from tasks.addition import _value, operands, same_sum_check, same_sum_twin
+
+    addition = get_task("addition")
+    problems = [p for d in (1, 3, 8, 20) for p in addition.generate(d, 25, seed=d)]
+    twins = [same_sum_twin(p) for p in problems]
+    assert twins == [same_sum_twin(p) for p in problems]
+    for p, t in zip(problems, twins):
+        assert t.difficulty == p.difficulty and t.answer == p.answer
+        assert sum(map(_value, operands(t))) == sum(map(_value, operands(p)))
+    assert sum(t.prompt != p.prompt for p, t in zip(problems, twins)) >= 70  # a twin is another problem
+    asked = []
+
+    def oracle(ps):
+        asked.extend(ps)
+        return [p.answer for p in ps]
+
+    right = [p.answer for p in problems]
+    wrong = [a[:-1] + str((int(a[-1]) + 1) % 10) for a in right]  # the most significant digit off by one
+    assert same_sum_check(problems, right, oracle) == [True] * len(problems)
+    assert [p.prompt for p in asked] == [t.prompt for t in twins]
+    assert same_sum_check(problems, wrong, oracle) == [False] * len(problems)
+    # a solver that repeats its own mistake on every problem of that sum passes it: what the check cannot see
+    repeat = lambda ps: [a[:-1] + str((int(a[-1]) + 1) % 10) for a in (p.answer for p in ps)]  # noqa: E731
+    assert same_sum_check(problems, wrong, repeat) == [True] * len(problems)
+    assert list(addition.label_checks()) == ["split", "same_sum"]
+    assert list(addition.self_verification_checks()) == ["split"]
+    assert get_task("reversal").self_verification_checks().keys() == get_task("reversal").label_checks().keys()
