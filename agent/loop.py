@@ -25,7 +25,8 @@ from agent.preference import preference_pairs
 from agent.registry import PolicyRegistry, save_value
 from agent.run_store import RunStore
 from agent.refine import shows_history, sibling_examples
-from agent.select import memoized, select
+from agent.proposals import memoized
+from agent.select import select
 from agent.job_search import trajectory_rows
 from agent.store import Store
 from agent.value_cycle import (ValueCycle, demonstration_candidates, labelled_candidates, learns_from_demonstrations,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from agent.config import LoopConfig
 from agent.curriculum import Curriculum, ProblemSource
-from agent.select import proposals_in_use
+from agent.proposals import proposals_in_use
 from tasks import Problem
 
 

@@ -27,7 +27,8 @@ from agent.loop import replay_mix
 from agent.policy import Policy
 from agent.refine import refinement_examples, shows_history, sibling_examples
 from agent.schema import JOB_FINISHED, store_buffer
-from agent.select import memoized, select
+from agent.proposals import memoized
+from agent.select import select
 from agent.registry import save_value
 from agent.store import Store
 from agent.value_cycle import labelled_candidates, train_cycle_value

@@ -24,7 +24,8 @@ from pathlib import Path
 from agent.config import LoopConfig, SelectConfig
 from agent.evaluation import greedy_solver
 from agent.registry import PolicyRegistry
-from agent.select import ProposedLabels, Pseudo, mastered_up_to, memoized, trusted_only, verified_past
+from agent.proposals import ProposedLabels, mastered_up_to, memoized, trusted_only, verified_past
+from agent.select import Pseudo
 from agent.settings import Settings
 from agent.store import Store
 from search import SearchResult

@@ -36,7 +36,7 @@ from agent.evaluation import greedy_solver
 from agent.policy import Policy
 from agent.refine import answer_key, best_of_rounds, judge_attempts, refine_many
 from agent.runner import RunInputs, run_main
-from agent.select import memoized
+from agent.proposals import memoized
 from agent.settings import Settings
 from bench.selfimprove import shared_warm_start
 from search import SearchConfig, run_search

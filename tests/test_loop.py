@@ -375,7 +375,7 @@ def test_a_problem_the_search_gets_wrong_is_labelled_where_both_decompositions_a
 def test_verified_past_checks_every_level_of_a_decomposition_down_to_the_trusted_lengths():
     """An answer past the trusted length stands only where its halves compose to it and each half, if itself past
     that length, passes the same check: one wrong quarter-length answer sinks the 8-digit answer built on it."""
-    from agent.select import verified_past
+    from agent.proposals import verified_past
     from tasks import Task
     from tasks.addition import make_problem
 
@@ -469,7 +469,8 @@ def test_proposals_trust_a_prefix_of_the_lengths_the_cycle_evaluated():
     lengths, below the window) neither stop it nor extend it, and the first evaluated length that falls short ends
     it."""
     from agent.config import SelectConfig
-    from agent.select import mastered_up_to, select
+    from agent.proposals import mastered_up_to
+    from agent.select import select
     from search import Candidate, SearchResult
     from tasks.addition import make_problem
 
