@@ -66,16 +66,15 @@ class Addition(Task):
         # Commutativity (b+a must agree) was dropped: after split it removed a median 3% (at most 19%) of the labels
         # and raised their precision by at most 0.010 (33 measured cycles), yet cost a full-length greedy solve per
         # label in selection and in every self-verified evaluation, and held the self-verified rate near accuracy squared.
-        # same_sum after split: a wrong answer that passes split reproduces the policy's own mistake in a half (the
-        # low half is the same first digits at the same positions); one whose twin problem (other digits, the same
-        # sum) gets the same wrong answer is rarer still, and the two rarely coincide. On a 43-digit frontier
-        # policy, 300 problems a length: 44 digits, split alone passed 5 of 61 wrong answers, both checks 0
-        # (kept 0.68 of the problems against 0.81); 48 digits 2 of 263 against 0 (docs/benchmarks.md)
+        # same_sum after split: a wrong answer that passes split repeats the policy's own mistake in a half (the low
+        # half is the same first digits at the same positions); its twin (other digits, the same sum) rarely gets
+        # the same wrong answer too. On one 43-digit policy split alone passed 5 of 61 wrong answers at 44 digits,
+        # both checks none; on another split alone passed none (bench/label_checks.py, docs/benchmarks.md)
         return {"split": split_check, "same_sum": same_sum_check}
 
     def self_verification_checks(self) -> dict[str, LabelCheck]:
-        # the self-verified rate estimates accuracy: split alone kept it within 0.02 of it at the frontier, where
-        # a second full-length answer holds it near accuracy squared (0.68 against 0.80 at 44 digits)
+        # the self-verified rate estimates accuracy: split alone kept it within 0.02 of it at 44 digits, where a
+        # second full-length answer holds it near accuracy squared (0.68 against 0.80)
         return {"split": split_check}
 
     def label_proposals(self) -> dict[str, LabelProposal]:
