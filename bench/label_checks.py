@@ -19,7 +19,6 @@ Prints one JSON object (last line) and writes bench/results/label-checks.json (o
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -31,10 +30,8 @@ import agent.proposals as proposals
 from agent.config import LoopConfig, SelectConfig
 from agent.evaluation import greedy_solver
 from agent.proposals import mastered_up_to, memoized
-from agent.registry import PolicyRegistry
 from agent.select import select
-from agent.settings import Settings
-from agent.store import Store
+from bench.proposal_parts import run_arguments, run_records
 from search import run_search
 from tasks import Solve, get_task
 from tasks.addition import _answer, compose, make_problem, operands, same_sum_check
@@ -121,19 +118,16 @@ def selection_both_ways(policy, task, metric: dict, difficulties: list[int], n: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("home", type=Path, help="the run's ARBOR home")
-    parser.add_argument("run", help="the run's name in that home")
+    parser = run_arguments(__doc__.splitlines()[0])
     parser.add_argument("--cycle", type=int, required=True, help="the cycle whose policy and evaluation are probed")
     parser.add_argument("--difficulties", type=int, nargs="+", required=True)
     parser.add_argument("--problems", type=int, default=300, help="fresh problems per difficulty")
     parser.add_argument("--out", type=Path, default=RESULTS / "label-checks.json")
     args = parser.parse_args()
 
-    settings = Settings(home=args.home, device="cpu")
-    report = json.loads((settings.runs_dir / args.run / "report.json").read_text())
-    record = {c["cycle"]: c for c in report["cycles"]}[args.cycle]
-    policy = PolicyRegistry(settings.policies_dir, Store(settings.db_url)).load(record["policy_version"], "cpu")
+    records, registry = run_records(args.home, args.run)
+    record = records[args.cycle]
+    policy = registry.load(record["policy_version"], "cpu")
     task = get_task("addition")
     trusted = mastered_up_to(record["self_verified"], SelectConfig().proposal_mastery)
     summary = {"benchmark": "label_checks", "run": args.run, "cycle": args.cycle, "policy": record["policy_version"],

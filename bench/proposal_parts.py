@@ -54,10 +54,23 @@ def rules(solve: Solve, task, trusted: float) -> dict[str, Solve]:
             "verified_all": verified_past(memoized(solve), task, float("-inf"))}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """A probe's parser, starting with the finished run it reads (its ARBOR home and name)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("home", type=Path, help="the run's ARBOR home")
     parser.add_argument("run", help="the run's name in that home")
+    return parser
+
+
+def run_records(home: Path, run: str) -> tuple[dict, PolicyRegistry]:
+    """A finished run's cycle records by cycle, and the registry that holds its policies."""
+    settings = Settings(home=home, device="cpu")
+    report = json.loads((settings.runs_dir / run / "report.json").read_text())
+    return {c["cycle"]: c for c in report["cycles"]}, PolicyRegistry(settings.policies_dir, Store(settings.db_url))
+
+
+def main() -> None:
+    parser = run_arguments(__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, nargs="+", required=True,
                         help="cycles whose search policy and trust bound are probed")
     parser.add_argument("--difficulties", type=int, nargs="+", required=True)
@@ -65,10 +78,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "proposal-parts.json")
     args = parser.parse_args()
 
-    settings = Settings(home=args.home, device="cpu")
-    report = json.loads((settings.runs_dir / args.run / "report.json").read_text())
-    records = {c["cycle"]: c for c in report["cycles"]}
-    registry = PolicyRegistry(settings.policies_dir, Store(settings.db_url))
+    records, registry = run_records(args.home, args.run)
     task = get_task("addition")
     bar = SelectConfig().proposal_mastery
     rows = []
