@@ -154,7 +154,7 @@ def test_the_graph_resolves_submodules_packages_and_function_level_imports(tmp_p
 # it imports and before every one that imports it.
 AGENT_ORDER = [
     "settings", "config", "schema", "files", "versions", "locks", "allocator", "promotion", "store", "run_store", "policy",
-    "adapters", "value", "process_group", "trainer", "distributed", "registry", "job_search", "select", "evaluation", "preference", "refine",
+    "adapters", "value", "process_group", "trainer", "distributed", "registry", "job_search", "proposals", "select", "evaluation", "preference", "refine",
     "curriculum", "plan", "report", "warm_start", "gate", "value_cycle", "jobs", "loop", "train_cycle", "runner",
 ]
 

@@ -144,13 +144,15 @@ def test_run_job_twice_writes_once_and_cache_reloads_between_jobs(store_registry
 
 def test_a_label_free_refinement_job_is_told_which_check_failed_and_stops_when_they_pass(store_registry, monkeypatch):
     from agent.jobs import run_job, submit_jobs
+    from tasks.addition import make_problem, same_sum_twin
     from workers.cache import PolicyCache
 
     store, registry = store_registry
-    # the policy's answers to the split check's halves (21 + 43 split as 1 + 3 and 2 + 4): right, as a policy that
-    # masters one digit gives them (the untrained v0 does not)
+    # the policy's answers to the split check's halves (21 + 43 split as 1 + 3 and 2 + 4) and to the same-sum twin:
+    # right, as a policy that masters them gives them (the untrained v0 does not)
+    twin = same_sum_twin(make_problem("12", "34")).prompt
     monkeypatch.setattr("agent.evaluation.greedy_solver", lambda policy, cfg: (
-        lambda problems: [{"1+3=": "40", "2+4=": "60"}.get(p.prompt, "00") for p in problems]))
+        lambda problems: [{"1+3=": "40", "2+4=": "60", twin: "460"}.get(p.prompt, "00") for p in problems]))
     # the malformed "4+0" lands in the next round's prompt: answers are still read against the problem itself. The
     # rounds are the scripted searches, shown their history as a policy that reads one is (v0 is position-coupled,
     # whose rounds would repair instead: tests/test_refine.py)
@@ -161,7 +163,8 @@ def test_a_label_free_refinement_job_is_told_which_check_failed_and_stops_when_t
                          search={"strategy": "greedy", "max_new_tokens": 4})
     out = run_job(store, job, PolicyCache(registry).get, "t")
     assert [t["verdict"] for t in out["result"]["tried"]] == [
-        "rejected by the split check", "rejected: not an answer of the expected form", "passes the split check"]
+        "rejected by the split check", "rejected: not an answer of the expected form",
+        "passes the split and same_sum checks"]
     assert out["result"]["stopped"] == "accepted" and out["result"]["best"]["completion"] == "460"
     assert search.prompts[2] == ("# attempt: 470\n# feedback: rejected by the split check\n# attempt: 4+0\n"
                                  "# feedback: rejected: not an answer of the expected form\n12+34=")
