@@ -107,9 +107,13 @@ def verified_past(solve: Solve, task: Task, up_to: float) -> Solve:
         passed = set()
         for length in set(length_of.values()):
             group = [i for i in parsed if length_of[i] == length]
-            asked, given = [problems[i] for i in group], [answers[i] for i in group]
-            verdicts = [check(asked, given, shorter_checked(length)) for check in checks.values()]
-            passed |= {i for i, ok in zip(group, zip(*verdicts)) if all(ok)}
+            # in order, each check on the answers the ones before it passed: a failed answer asks no more parts
+            for check in checks.values():
+                if not group:
+                    break
+                verdicts = check([problems[i] for i in group], [answers[i] for i in group], shorter_checked(length))
+                group = [i for i, ok in zip(group, verdicts) if ok]
+            passed |= set(group) if checks else set()
         return [a if i in passed else "" for i, a in enumerate(answers)]
 
     checked = memoized(run)

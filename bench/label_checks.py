@@ -34,7 +34,7 @@ from agent.select import select
 from bench.proposal_parts import run_arguments, run_records
 from search import run_search
 from tasks import Solve, get_task
-from tasks.addition import _answer, compose, make_problem, operands, same_sum_check
+from tasks.addition import _answer, compose, make_problem, operands, same_sum_check, split_check
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,7 +51,7 @@ def cut_check(split_at):
     return check
 
 
-CHECKS = {"split": cut_check(lambda d: d // 2), "split_third": cut_check(lambda d: max(1, d // 3)),
+CHECKS = {"split": split_check, "split_third": cut_check(lambda d: max(1, d // 3)),
           "same_sum": same_sum_check, "swap": swap_check}
 
 
