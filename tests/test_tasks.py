@@ -37,6 +37,28 @@ def test_reversal_is_builtin_with_checks_of_its_own_kind():
     assert task.extract(problems[0], " " + right[0] + "\n") == right[0] and task.extract(problems[0], "ab1") is None
 
 
+def test_reversal_proposes_a_label_from_its_halves_only_where_both_cuts_agree():
+    proposals = get_task("reversal").label_proposals()
+    assert list(proposals) == ["halves", "halves_plus_one"]
+    words = [make_problem("abcde"), make_problem("xy"), make_problem("q")]
+    asked = []
+
+    def solver(ps):
+        asked.append([p.prompt for p in ps])
+        return _perfect(ps)
+
+    assert proposals["halves"](words, solver) == ["edcba", "yx", None]  # one letter: nothing shorter to ask
+    assert asked == [["ab<", "cde<", "x<", "y<"]]
+    assert proposals["halves_plus_one"](words, _perfect) == ["edcba", None, None]  # "xy" cut after 2: no second part
+
+    # a part the policy gets wrong writes a wrong label at one cut only; a malformed part writes none
+    def wrong_on_cde(ps):
+        return ["xdc" if p.prompt == "cde<" else "9" if p.prompt == "de<" else a for p, a in zip(ps, _perfect(ps))]
+
+    assert proposals["halves"](words[:1], wrong_on_cde) == ["xdcba"]
+    assert proposals["halves_plus_one"](words[:1], wrong_on_cde) == [None]
+
+
 PACKAGE = Path(__file__).parent / "plugins" / "rot13_package"  # a task package outside Arbor
 
 
