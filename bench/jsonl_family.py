@@ -1,6 +1,6 @@
 """A task given only as JSONL files, as a new user would bring one: no plugin, no generator, no label checks.
 
-Three families, built here for the benchmark (neither addition nor reversal), prompt "word|":
+Families built here for the benchmark (neither addition nor reversal), prompt "word|":
 
   mirror   each letter replaced by its mirror in the alphabet (a<->z, b<->y, ...): 1,500 demonstrations of 1-4
            letters, 1,500 train and 300 held-out problems of 2-8 letters. Each answer letter comes from the prompt
@@ -15,6 +15,13 @@ Three families, built here for the benchmark (neither addition nor reversal), pr
            of 2-10. Which letter comes next depends on the letters' values, not on where they stand, so positions
            are numbered in sequence here too.
   sort-distinct  the same on words that never repeat a letter (no letter counts to keep).
+  double   each letter written twice ("abc" -> "aabbcc"): demonstrations of 2-5 letters, problems of 2-10. The
+           answer is twice the word's length, so nothing couples positions: answer letter 2i and 2i+1 sit a
+           length-dependent distance from prompt letter i, and the letter to write after a pair is the one after it
+           in the word (ambiguous where a word repeats a letter).
+  double-distinct  the same on words that never repeat a letter. A warm start on the demonstrations alone writes
+           2-5 letters and none past 5 (0.06 at 6 letters, 0.00 at 7-10): longer words are learned from the
+           problems' answers or not at all.
 
 Problems carry answers and their difficulty in `meta` only. Two arms of `arbor run --demos --problems`, each from a
 fresh built-in policy:
@@ -33,6 +40,7 @@ greedily on all 300 held-out problems, so each arm's curve is over the same prob
     python -m bench.jsonl_family --arms label_free --budget 300
     python -m bench.jsonl_family --arms label_free value_filter --out bench/results/jsonl-family-value.json
     python -m bench.jsonl_family --family sort --budget 1200 --arms answers --train-problems 4500
+    python -m bench.jsonl_family --family double-distinct --budget 1200 --arms answers label_free
 
 Prints one JSON object (last line) and writes bench/results/jsonl-family.json and a plot of both curves.
 """
@@ -78,6 +86,9 @@ FAMILIES = {
     "rotate-distinct": Family("rotate left by one, no letter twice", lambda w: w[1:] + w[:1], (2, 5), (2, 10), True),
     "sort": Family("letters sorted", lambda w: "".join(sorted(w)), (2, 5), (2, 10)),
     "sort-distinct": Family("letters sorted, no letter twice", lambda w: "".join(sorted(w)), (2, 5), (2, 10), True),
+    "double": Family("each letter twice", lambda w: "".join(c + c for c in w), (2, 5), (2, 10)),
+    "double-distinct": Family("each letter twice, no letter twice in a word", lambda w: "".join(c + c for c in w),
+                              (2, 5), (2, 10), True),
 }
 
 
