@@ -316,8 +316,10 @@ class SelfImprovementLoop:
         def written(promoted: bool) -> tuple[dict, dict]:
             """The cycle for either result of the promotion's compare-and-set (RunStore.record_cycle)."""
             after, after_eval = (promoted_policy, verdict.candidate) if promoted else (current, verdict.current)
-            if promoted:
-                self.curriculum.update(after_eval.metric)
+            # a rejected cycle still measured the current policy at the gate's lengths it had not seen: a length it
+            # already masters must move the frontier, or every next candidate ties there and is rejected (a reversal
+            # run stopped so at 21 letters with the current at 1.00 on 21 and 28)
+            self.curriculum.update(after_eval.metric)
             record = self._record(cycle, after.version, version, promoted, after_eval, work.filters, len(work.examples),
                                   train_stats, seconds, start_time, search_tokens=work.search_tokens,
                                   refinement_examples=len(work.refinements), given=work.given,

@@ -646,6 +646,29 @@ def test_a_rejected_candidate_trains_no_value_model(setup):
     assert not value_folder(registry, "v1").exists()
 
 
+def test_a_rejected_cycle_moves_the_frontier_past_lengths_the_current_policy_masters(setup, monkeypatch):
+    """The gate measures the current policy at lengths its stored evaluation lacks; where it masters them, the
+    frontier moves on though no candidate was promoted (else each next candidate ties there and is rejected)."""
+    import agent.loop
+    from agent.gate import judge
+
+    def judged_current_masters_the_gate_keys(*args, **kwargs):
+        verdict = judge(*args, **kwargs)
+        keys = verdict.keys
+        mastered = {k: (1.0 if k in keys else v) for k, v in verdict.current.metric.items()}
+        return replace(verdict, promote=False, current=replace(verdict.current, accuracy=mastered))
+
+    monkeypatch.setattr(agent.loop, "judge", judged_current_masters_the_gate_keys)
+    settings, store, registry = setup
+    cfg = tiny_config(train=TrainConfig(learning_rate=2e-3, time_budget_s=60.0, max_steps=3))
+    v0 = ensure_policy(settings, registry, cfg)
+    first, second = _run(cfg, store, registry, v0)
+    assert not second.promoted and second.policy_version == v0
+    assert first.frontier is not None and first.heldout[first.frontier] < cfg.threshold
+    assert second.heldout[first.frontier] == 1.0
+    assert second.frontier is None or int(second.frontier) > int(first.frontier)
+
+
 def test_a_run_whose_gate_keeps_rejecting_stops_and_says_which_lengths_fell(setup):
     from agent.gate import gate_keeps_rejecting
 
