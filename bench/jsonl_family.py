@@ -152,7 +152,11 @@ def heldout_curve(home: Path, report: dict, problems_path: Path) -> list[dict]:
     for c in report["cycles"]:
         version = c["policy_version"]
         if version not in scored:
-            evaluation = evaluate_policy(registry.load(version, "cpu"), by_length, replace(cfg, max_new_tokens=16))
+            policy = registry.load(version, "cpu")
+            # room for the longest answer and its end token: a fixed 16 cut the double family's 9-10 letter answers
+            room = max(len(policy.tokenizer(p.answer, add_special_tokens=False).input_ids)
+                       for ps in by_length.values() for p in ps) + 2
+            evaluation = evaluate_policy(policy, by_length, replace(cfg, max_new_tokens=room))
             scored[version] = evaluation.accuracy
         acc = scored[version]
         n = {k: len(v) for k, v in by_length.items()}
@@ -189,6 +193,11 @@ def run_arm(arm: str, demos: Path, problems: Path, home: Path, budget: float, se
             print(f"[{arm} {kind}] {payload}", flush=True)
 
     report = run_main(Settings(home=home, device="cpu"), cfg, inputs, on_event)
+    return arm_result(arm, report, phases, home, problems)
+
+
+def arm_result(arm: str, report: dict, phases: list[str], home: Path, problems: Path) -> dict:
+    """An arm's curve (every cycle's policy re-scored on all held-out problems) and its summary."""
     curve = heldout_curve(home, report, problems)
     longest = max(curve[0]["by_length"], key=int)
     reached = next((c["elapsed_s"] for c in curve if c["by_length"][longest] >= 0.9), None)
@@ -219,7 +228,7 @@ def plot(arms: list[dict], path: Path, family: Family) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"A JSONL-only task ({family.title}): answers vs label-free")
+    ax.set_title(f"A JSONL-only task ({family.title}): answers vs label-free", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -238,13 +247,19 @@ def main() -> None:
     parser.add_argument("--train-problems", type=int, default=1500, help="answered train problems in the file")
     parser.add_argument("--home", type=Path, default=Path("/tmp/arbor-bench-jsonl"))
     parser.add_argument("--out", type=Path, help="default: bench/results/jsonl-family.json, -<family>.json for the others")
+    parser.add_argument("--rescore", action="store_true",
+                        help="re-score the arms already run in --home (same family, seed and files) instead of running them")
     args = parser.parse_args()
 
     family = FAMILIES[args.family]
     out = args.out or RESULTS / ("jsonl-family.json" if args.family == "mirror" else f"jsonl-family-{args.family}.json")
     demos, problems = write_family(args.home / "files", args.seed, args.family, args.train_problems)
-    arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed, args.min_value, args.learning_rate)
-            for arm in args.arms]
+    if args.rescore:  # the arms' runs as they are in --home, re-scored (phases are not kept there)
+        arms = [arm_result(arm, json.loads((args.home / arm / "runs" / f"jsonl-{arm}" / "report.json").read_text()),
+                           [], args.home / arm, problems) for arm in args.arms]
+    else:
+        arms = [run_arm(arm, demos, problems, args.home / arm, args.budget, args.seed, args.min_value,
+                        args.learning_rate) for arm in args.arms]
     summary = {"benchmark": "jsonl_family", "family": family.title, "budget_s": args.budget,
                "train_problems": args.train_problems,
                "arms": {a["arm"]: {k: v for k, v in a.items() if k not in ("curve", "arm")} for a in arms}}
