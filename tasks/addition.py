@@ -12,7 +12,7 @@ import random
 from functools import partial
 from typing import Callable
 
-from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task
+from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task, solve_cuts
 
 
 def _rev(n: int, width: int) -> str:
@@ -100,13 +100,12 @@ def compose(problems: list[Problem], solve: Solve, split_at: Callable[[int], int
         a, b = operands(p)
         k = split_at(len(a))
         cuts.append((make_problem(a[:k], b[:k]), make_problem(a[k:], b[k:])) if 1 <= k < len(a) else None)
-    solved = iter(solve([part for cut in cuts if cut for part in cut]) if any(cuts) else [])
     out = []
-    for cut in cuts:
+    for cut, answers in zip(cuts, solve_cuts(cuts, solve)):
         if cut is None:
             out.append(None)
             continue
-        low, high = _answer(cut[0], next(solved)), _answer(cut[1], next(solved))
+        low, high = _answer(cut[0], answers[0]), _answer(cut[1], answers[1])
         if low is None or high is None or low[-1] not in "01":
             out.append(None)
             continue

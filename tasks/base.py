@@ -98,6 +98,13 @@ LabelCheck = Callable[[list[Problem], list[str], Solve], list[bool]]
 LabelProposal = Callable[[list[Problem], Solve], list[str | None]]
 
 
+def solve_cuts(cuts: list[tuple[Problem, Problem] | None], solve: Solve) -> list[tuple[str, str] | None]:
+    """The policy's answers to each problem's two parts (a decomposition's cut), asked in one batch; None where a
+    problem has no cut."""
+    solved = iter(solve([part for cut in cuts if cut for part in cut]) if any(cuts) else [])
+    return [None if cut is None else (next(solved), next(solved)) for cut in cuts]
+
+
 @dataclass(frozen=True)
 class PositionCoupling:
     """How a position-coupled built-in policy numbers this task's tokens (agent/policy.py): operand tokens

@@ -14,7 +14,7 @@ import random
 from functools import partial
 from typing import Callable
 
-from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task
+from tasks.base import LabelCheck, LabelProposal, PositionCoupling, Problem, Solve, Task, solve_cuts
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -75,13 +75,12 @@ def compose(problems: list[Problem], solve: Solve, split_at: Callable[[int], int
         word = word_of(p)
         k = split_at(len(word))
         cuts.append((make_problem(word[:k]), make_problem(word[k:])) if 1 <= k < len(word) else None)
-    solved = iter(solve([part for cut in cuts if cut for part in cut]) if any(cuts) else [])
     out = []
-    for cut in cuts:
+    for cut, answers in zip(cuts, solve_cuts(cuts, solve)):
         if cut is None:
             out.append(None)
             continue
-        low, high = (Reversal().extract(part, next(solved)) for part in cut)
+        low, high = (Reversal().extract(part, answer) for part, answer in zip(cut, answers))
         out.append(high + low if low is not None and high is not None else None)
     return out
 
